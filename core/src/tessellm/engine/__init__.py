@@ -1,0 +1,1 @@
+"""The engine: requests, blocks, scheduling, model running and the step loop."""

@@ -1,0 +1,1 @@
+"""Shared building blocks for model families: parallel linears, rotary, norms, attention."""

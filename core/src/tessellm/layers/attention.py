@@ -1,0 +1,59 @@
+"""The attention layer models use: writes this step's K/V, then calls the backend.
+
+The runner binds each layer's cache tensors explicitly (``bind_kv_cache``); nothing is
+read from hidden global state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tessellm.interfaces.attention import AttentionMetadata
+from tessellm.interfaces.model import ModelContext
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        ctx: ModelContext,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        self.sliding_window = sliding_window or None
+        self.logits_soft_cap = logits_soft_cap or None
+        self.backend = ctx.attention
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        self.k_cache, self.v_cache = k_cache, v_cache
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """``q`` ``[T, H*D]``, ``k``/``v`` ``[T, Hkv*D]`` → ``[T, H*D]``."""
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_size)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_size)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_size)
+        self.backend.write_kv(k, v, self.k_cache, self.v_cache, metadata)
+        out = self.backend.forward(
+            q,
+            self.k_cache,
+            self.v_cache,
+            metadata,
+            scale=self.scale,
+            sliding_window=self.sliding_window,
+            logits_soft_cap=self.logits_soft_cap,
+        )
+        return out.reshape(num_tokens, self.num_heads * self.head_size)

@@ -1,0 +1,90 @@
+"""Rotary position embeddings (RoPE) with the scaling variants transformers knows.
+
+The inverse frequencies come from transformers' own rope initialisers (linear, dynamic,
+yarn, longrope, llama3 ...), so every scaling type a config can name is computed exactly
+as the reference does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """The config's rope settings as one dict (transformers 5 ``rope_parameters`` or older)."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        return dict(params)
+    if isinstance(params, dict) and params:  # per-layer-type dicts (Gemma 3)
+        return dict(next(iter(params.values())))
+    legacy = dict(getattr(config, "rope_scaling", None) or {})
+    legacy.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    legacy.setdefault("rope_type", legacy.get("type", "default"))
+    return legacy
+
+
+def inverse_frequencies(
+    config: Any, rotary_dim: int, layer_type: str | None = None
+) -> tuple[torch.Tensor, float]:
+    params = getattr(config, "rope_parameters", None)
+    if layer_type is not None and isinstance(params, dict) and layer_type in params:
+        rope = dict(params[layer_type])
+    else:
+        rope = rope_parameters(config)
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default":
+        base = float(rope["rope_theta"])
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+        return 1.0 / (base**exponents), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    init = ROPE_INIT_FUNCTIONS[rope_type]
+    try:
+        inv_freq, scaling = init(config, torch.device("cpu"), layer_type=layer_type)
+    except TypeError:
+        inv_freq, scaling = init(config, torch.device("cpu"))
+    return inv_freq.float(), float(scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE (neox style: the two halves of each head rotate) to q and k."""
+
+    def __init__(
+        self,
+        config: Any,
+        head_size: int,
+        max_position: int,
+        rotary_dim: int | None = None,
+        layer_type: str | None = None,
+        interleaved: bool = False,
+    ) -> None:
+        super().__init__()
+        self.head_size = head_size
+        self.rotary_dim = rotary_dim or head_size
+        self.interleaved = interleaved
+        inv_freq, scaling = inverse_frequencies(config, self.rotary_dim, layer_type)
+        t = torch.arange(max_position, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        self.register_buffer("cos", freqs.cos() * scaling, persistent=False)
+        self.register_buffer("sin", freqs.sin() * scaling, persistent=False)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        if self.interleaved:
+            x1, x2 = rot[..., ::2], rot[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        else:
+            x1, x2 = rot.chunk(2, dim=-1)
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return torch.cat((out, rest), dim=-1) if rest.numel() else out
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q`` ``[T, Hq, D]`` and ``k`` ``[T, Hk, D]`` rotated by their ``positions``."""
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -1,0 +1,1 @@
+"""Reference paged attention in plain torch."""

@@ -1,0 +1,93 @@
+"""Paged attention written with torch operations only; runs on any torch device.
+
+It favours clarity: per sequence it gathers the context's K/V from the block table and
+computes masked attention in fp32. Faster backends are checked against this one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tessellm.interfaces.attention import (
+    AttentionBackend,
+    AttentionCapabilities,
+    AttentionMetadata,
+)
+
+
+def gather_context(
+    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> torch.Tensor:
+    """``[seq_len, Hkv, D]`` of one sequence's cached keys or values."""
+    block_size = cache.shape[1]
+    num_blocks = -(-seq_len // block_size)
+    blocks = cache.index_select(0, block_table[:num_blocks].long())
+    return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_positions: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+    logits_soft_cap: float | None,
+) -> torch.Tensor:
+    """Causal attention of ``q`` ``[Tq, H, D]`` over ``k``/``v`` ``[Tk, Hkv, D]`` (fp32)."""
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    group = num_heads // num_kv_heads
+    qf = q.float().view(q.shape[0], num_kv_heads, group, q.shape[2])
+    scores = torch.einsum("qhgd,khd->hgqk", qf, k.float()) * scale
+    if logits_soft_cap:
+        scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+    k_positions = torch.arange(k.shape[0], device=q.device)
+    allowed = k_positions[None, :] <= q_positions[:, None]
+    if sliding_window:
+        allowed &= (q_positions[:, None] - k_positions[None, :]) < sliding_window
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("hgqk,khd->qhgd", probs, v.float())
+    return out.reshape(q.shape).to(q.dtype)
+
+
+class TorchPagedAttention(AttentionBackend):
+    name = "torch"
+    capabilities = AttentionCapabilities(
+        device_types=frozenset({"*"}),
+        dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
+    )
+
+    def write_kv(self, key, value, k_cache, v_cache, metadata: AttentionMetadata) -> None:
+        slots = metadata.slot_mapping
+        keep = slots >= 0
+        if not bool(keep.all()):
+            slots, key, value = slots[keep], key[keep], value[keep]
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
+
+    def forward(
+        self,
+        query,
+        k_cache,
+        v_cache,
+        metadata: AttentionMetadata,
+        *,
+        scale: float,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
+    ) -> torch.Tensor:
+        out = torch.empty_like(query)
+        starts = metadata.query_start_loc_cpu.tolist()
+        seq_lens = metadata.seq_lens_cpu.tolist()
+        for i, seq_len in enumerate(seq_lens):
+            lo, hi = starts[i], starts[i + 1]
+            if hi == lo:
+                continue
+            k = gather_context(k_cache, metadata.block_tables[i], seq_len)
+            v = gather_context(v_cache, metadata.block_tables[i], seq_len)
+            q_positions = torch.arange(seq_len - (hi - lo), seq_len, device=query.device)
+            out[lo:hi] = attend(
+                query[lo:hi], k, v, q_positions, scale, sliding_window, logits_soft_cap
+            )
+        return out
