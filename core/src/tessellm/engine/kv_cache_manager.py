@@ -18,7 +18,9 @@ class PrefixCacheStats:
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
 
-def hash_block(parent_hash: int | None, token_ids: tuple[int, ...], extra_key: object = None) -> int:
+def hash_block(
+    parent_hash: int | None, token_ids: tuple[int, ...], extra_key: object = None
+) -> int:
     """A full block's identity: the previous block's hash, its tokens, and any extra key."""
     return hash((parent_hash, token_ids, extra_key))
 

@@ -17,9 +17,10 @@ class ScheduledSeq:
     block_ids: list[int]
     sample: bool  # this chunk reaches the end of the known tokens: sample the next one
     params: SamplingParams
-    # Generated tokens so far (penalties and min_tokens need them; empty otherwise).
+    num_output_tokens: int = 0
+    # History for penalties and min_tokens (empty when the request uses neither).
     output_token_ids: list[int] = field(default_factory=list)
-    num_prompt_tokens: int = 0
+    prompt_token_ids: list[int] = field(default_factory=list)
     eos_token_ids: frozenset[int] = frozenset()
 
 

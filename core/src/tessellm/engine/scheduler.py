@@ -173,8 +173,9 @@ class Scheduler:
             block_ids=list(request.block_ids),
             sample=end == request.num_tokens,
             params=params,
+            num_output_tokens=len(request.output_token_ids),
             output_token_ids=list(request.output_token_ids) if needs_history else [],
-            num_prompt_tokens=request.num_prompt_tokens,
+            prompt_token_ids=request.prompt_token_ids if params.repetition_penalty != 1 else [],
             eos_token_ids=request.eos_token_ids,
         )
 

@@ -16,9 +16,7 @@ from tessellm.layers.parallel import all_gather_last_dim, all_reduce, divide
 
 
 class _ParallelLinear(nn.Module):
-    def __init__(
-        self, in_features: int, out_features: int, bias: bool, ctx: ModelContext
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ModelContext) -> None:
         super().__init__()
         self.ctx = ctx
         self.parallel = ctx.parallel
@@ -140,6 +138,7 @@ class RowParallelLinear(_ParallelLinear):
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
     if param.shape != loaded.shape:
-        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)}, "
-                         f"checkpoint {tuple(loaded.shape)}")
+        raise ValueError(
+            f"shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(loaded.shape)}"
+        )
     param.data.copy_(loaded)

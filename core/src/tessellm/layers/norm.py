@@ -14,7 +14,10 @@ class RMSNorm(nn.Module):
     """
 
     def __init__(
-        self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32,
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        dtype: torch.dtype = torch.float32,
         offset: float = 0.0,
     ) -> None:
         super().__init__()

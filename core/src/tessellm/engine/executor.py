@@ -1,0 +1,41 @@
+"""The in-process executor: one model runner, no parallelism."""
+
+from __future__ import annotations
+
+from tessellm.config import EngineArgs
+from tessellm.engine.model_runner import ModelRunner
+from tessellm.engine.schedule import SchedulerOutput, StepResult
+from tessellm.model_loader import ResolvedModel
+from tessellm.plugins import PluginSet
+
+
+class UniProcExecutor:
+    name = "uniproc"
+
+    def __init__(self, args: EngineArgs, resolved: ResolvedModel, plugins: PluginSet) -> None:
+        self.runner = ModelRunner(args, resolved, plugins=plugins)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
+
+    def describe(self) -> dict[str, str]:
+        r = self.runner
+        return {
+            "platform": r.platform_choice.explain("platform"),
+            "attention": r.attention_choice.explain("attention"),
+            "dtype": str(r.dtype).removeprefix("torch."),
+            "device": str(r.device),
+        }
+
+    def available_blocks(self) -> int:
+        return self.runner.available_blocks()
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.runner.initialize_cache(num_blocks)
+
+    def execute(self, plan: SchedulerOutput) -> StepResult:
+        return self.runner.execute(plan)
+
+    def shutdown(self) -> None:
+        pass

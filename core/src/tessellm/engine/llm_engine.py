@@ -1,0 +1,207 @@
+"""The engine: requests in, ``step()`` = schedule → run → update, outputs out."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from tessellm import model_loader as ml
+from tessellm.config import EngineArgs
+from tessellm.engine.output_processor import OutputProcessor, child_id
+from tessellm.engine.request import Request, RequestStatus
+from tessellm.engine.scheduler import SchedulerConfig
+from tessellm.errors import ConfigError, InvalidRequestError
+from tessellm.outputs import RequestOutput
+from tessellm.plugins import PluginSet, get_plugins
+from tessellm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def eos_ids_of(config: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return frozenset(ids)
+
+
+def generation_eos_ids(path: Path) -> list[int]:
+    """EOS ids from ``generation_config.json`` (Llama 3 lists several there)."""
+    file = path / "generation_config.json" if path.is_dir() else None
+    if file is None or not file.exists():
+        return []
+    eos = json.loads(file.read_text()).get("eos_token_id")
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs, plugins: PluginSet | None = None) -> None:
+        self.args = args
+        self.plugins = plugins = plugins or get_plugins()
+        start = time.monotonic()
+        self.resolved = ml.resolve_model(plugins, args.model, args.cache_dir)
+        fmt = ml.weight_format(plugins, self.resolved)
+        self.model_config = fmt.load_config(self.resolved.path)
+        tok_source = (
+            self.resolved
+            if args.tokenizer is None
+            else ml.resolve_model(plugins, args.tokenizer, args.cache_dir)
+        )
+        self.tokenizer = ml.weight_format(plugins, tok_source).load_tokenizer(tok_source.path)
+        executor_name = args.distributed_executor_backend or (
+            "uniproc" if args.tensor_parallel_size == 1 else "mp"
+        )
+        self.executor = plugins.load("executors", executor_name)(args, self.resolved, plugins)
+        self.max_model_len = self.executor.max_model_len
+        num_blocks = self.executor.available_blocks()
+        # Beyond what max_num_seqs full-length sequences could hold, blocks are wasted memory.
+        needed = args.max_num_seqs * -(-self.max_model_len // args.block_size) + 1
+        num_blocks = min(num_blocks, needed) if not args.num_gpu_blocks_override else num_blocks
+        if num_blocks < 2:
+            raise ConfigError(
+                "not enough memory for the KV cache; lower max_model_len or raise "
+                "gpu_memory_utilization / kv_cache_memory_bytes"
+            )
+        capacity = num_blocks * args.block_size
+        if capacity < self.max_model_len:
+            logger.warning(
+                "max_model_len %d exceeds KV capacity %d; lowering it", self.max_model_len, capacity
+            )
+            self.max_model_len = capacity
+        self.executor.initialize_cache(num_blocks)
+        kv = plugins.load("kv_cache_managers", args.kv_cache_manager)(
+            num_blocks, args.block_size, args.enable_prefix_caching
+        )
+        batched = args.max_num_batched_tokens or max(8192, args.max_num_seqs)
+        if not args.enable_chunked_prefill:
+            batched = max(batched, self.max_model_len)
+        sched_config = SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=batched,
+            max_model_len=self.max_model_len,
+            enable_chunked_prefill=args.enable_chunked_prefill,
+            policy=args.scheduling_policy,
+        )
+        self.scheduler = plugins.load("schedulers", args.scheduler)(sched_config, kv)
+        self.kv_cache_manager = kv
+        self.num_blocks = num_blocks
+        self.eos_token_ids = eos_ids_of(self.model_config, self.tokenizer) | frozenset(
+            generation_eos_ids(self.resolved.path)
+        )
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+        self.counters = {
+            "prompt_tokens": 0,
+            "generation_tokens": 0,
+            "steps": 0,
+            "batched_seqs_max": 0,
+            "computed_tokens": 0,
+        }
+        self.startup_seconds = time.monotonic() - start
+        if plugins.manager is not None:
+            plugins.manager.hook.engine_started(engine=self)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(args)
+
+    # -- requests ------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = len(self.tokenizer)
+        if any((not isinstance(t, int)) or t < 0 or t >= max(vocab, 1) for t in token_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(token_ids)} tokens; this model's context is "
+                f"{self.max_model_len} tokens, leaving no room to generate"
+            )
+        if params.logprobs is not None and params.logprobs > self.args.max_logprobs:
+            raise InvalidRequestError(f"logprobs must be at most {self.args.max_logprobs}")
+
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+    ) -> str:
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.output_processor.parents:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self.validate_prompt(token_ids, params)
+        children = []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = replace(params, seed=params.seed + i, n=1)
+            children.append(
+                Request(
+                    child_id(request_id, i, params.n),
+                    token_ids,
+                    child_params,
+                    eos_token_ids=self.eos_token_ids,
+                    priority=priority,
+                )
+            )
+        for child in children:
+            self.scheduler.add_request(child)
+        self.output_processor.add(request_id, text, children)
+        self.counters["prompt_tokens"] += len(token_ids)
+        return request_id
+
+    def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        outputs = []
+        for parent_id in ids:
+            self.scheduler.abort_requests(self.output_processor.child_ids(parent_id))
+            out = self.output_processor.abort(parent_id)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self.output_processor.parents)
+
+    # -- the step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        result = self.executor.execute(plan)
+        changed = self.scheduler.update(plan, result)
+        logprobs: dict[str, Any] = {}
+        if result.logprobs is not None:
+            sampled_ids = [s.request_id for s in plan.seqs if s.sample]
+            logprobs = dict(zip(sampled_ids, result.logprobs, strict=True))
+        outputs, stopped = self.output_processor.process(changed, logprobs)
+        if stopped:
+            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        c = self.counters
+        c["steps"] += 1
+        c["generation_tokens"] += len(result.sampled_token_ids)
+        c["computed_tokens"] += plan.num_batched_tokens
+        c["batched_seqs_max"] = max(c["batched_seqs_max"], len(plan.seqs))
+        return outputs
+
+    def stats(self) -> dict[str, float]:
+        return {**self.scheduler.stats(), **self.counters, "num_blocks": self.num_blocks}
+
+    def describe(self) -> dict[str, str]:
+        return self.executor.describe()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

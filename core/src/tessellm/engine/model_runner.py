@@ -1,0 +1,140 @@
+"""Builds the model on its device, owns the KV cache, and runs one step's batch."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from tessellm import model_loader as ml
+from tessellm.config import EngineArgs
+from tessellm.engine.sampler import Sampler
+from tessellm.engine.schedule import SchedulerOutput, StepResult
+from tessellm.interfaces.attention import AttentionMetadata
+from tessellm.interfaces.model import ModelContext, ParallelInfo
+from tessellm.layers.attention import Attention
+from tessellm.plugins import PluginSet, get_plugins
+from tessellm.selection import choose_attention_backend, choose_platform
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        args: EngineArgs,
+        resolved: ml.ResolvedModel,
+        parallel: ParallelInfo | None = None,
+        plugins: PluginSet | None = None,
+    ) -> None:
+        self.args = args
+        self.parallel = parallel or ParallelInfo()
+        plugins = plugins or get_plugins()
+        self.platform, self.platform_choice = choose_platform(plugins, args.device)
+        self.platform.set_up_process()
+        self.device = self.platform.device(self.parallel.rank)
+        torch.manual_seed(args.seed)
+        fmt = ml.weight_format(plugins, resolved)
+        self.config = fmt.load_config(resolved.path)
+        self.dtype = ml.resolve_dtype(args.dtype, self.platform.default_dtype())
+        self.max_model_len = ml.max_model_len_of(self.config, args.max_model_len)
+        spec = ml.attention_spec(
+            self.config, self.device.type, self.dtype, args.block_size, self.parallel.world_size
+        )
+        backend_cls, self.attention_choice = choose_attention_backend(
+            plugins, self.platform, spec, args.attention_backend
+        )
+        self.attention = backend_cls(spec)
+        quant = plugins.load("quantization_methods", args.quantization or "none")()
+        ctx = ModelContext(self.dtype, self.device, self.attention, quant, self.parallel)
+        self.model = ml.build_model(plugins, self.config, ctx)
+        with torch.inference_mode():
+            ml.load_weights(self.model, fmt.iter_weights(resolved.path, self.config, self.dtype))
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.sampler = Sampler(args.seed)
+        self.block_size = args.block_size
+        self.num_blocks = 0
+
+    # -- KV cache ------------------------------------------------------------------------
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        per_layer = sum(2 * a.num_kv_heads * a.head_size for a in self.attn_layers)
+        return per_layer * self.block_size * elem
+
+    def available_blocks(self) -> int:
+        """How many KV blocks fit this rank's memory budget."""
+        args = self.args
+        if args.num_gpu_blocks_override:
+            return args.num_gpu_blocks_override
+        if args.kv_cache_memory_bytes:
+            budget = args.kv_cache_memory_bytes
+        else:
+            budget = self.platform.available_kv_cache_bytes(
+                args.gpu_memory_utilization, ml.model_bytes(self.model)
+            )
+        return max(0, budget // self.bytes_per_block())
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        for layer in self.attn_layers:
+            shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_size)
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.bind_kv_cache(k, v)
+
+    # -- one step ------------------------------------------------------------------------
+    def prepare_inputs(
+        self, plan: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        seqs = plan.seqs
+        bs = self.block_size
+        q_lens = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=len(seqs))
+        starts = np.fromiter((s.start_pos for s in seqs), dtype=np.int64, count=len(seqs))
+        cu = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=cu[1:])
+        total = int(cu[-1])
+        input_ids = np.fromiter((t for s in seqs for t in s.token_ids), dtype=np.int64, count=total)
+        seq_index = np.repeat(np.arange(len(seqs)), q_lens)
+        positions = np.arange(total, dtype=np.int64) - cu[seq_index] + starts[seq_index]
+        max_blocks = max(len(s.block_ids) for s in seqs)
+        table = np.zeros((len(seqs), max_blocks), dtype=np.int32)
+        for i, s in enumerate(seqs):
+            table[i, : len(s.block_ids)] = s.block_ids
+        slots = table[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
+        seq_lens = (starts + q_lens).astype(np.int32)
+        sample_rows = np.asarray([cu[i + 1] - 1 for i, s in enumerate(seqs) if s.sample])
+
+        dev = self.device
+        qsl_cpu = torch.from_numpy(cu.astype(np.int32))
+        seq_lens_cpu = torch.from_numpy(seq_lens)
+        metadata = AttentionMetadata(
+            query_start_loc=qsl_cpu.to(dev, non_blocking=True),
+            seq_lens=seq_lens_cpu.to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(table).to(dev, non_blocking=True),
+            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
+            max_query_len=int(q_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+            query_start_loc_cpu=qsl_cpu,
+            seq_lens_cpu=seq_lens_cpu,
+        )
+        return (
+            torch.from_numpy(input_ids).to(dev, non_blocking=True),
+            torch.from_numpy(positions).to(dev, non_blocking=True),
+            metadata,
+            torch.from_numpy(sample_rows.astype(np.int64)).to(dev, non_blocking=True),
+        )
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> StepResult:
+        if plan.empty:
+            return StepResult([])
+        input_ids, positions, metadata, sample_rows = self.prepare_inputs(plan)
+        self.attention.prepare(metadata)
+        hidden = self.model(input_ids, positions, metadata)
+        sampled = [s for s in plan.seqs if s.sample]
+        if not sampled:
+            return StepResult([])
+        logits = self.model.compute_logits(hidden[sample_rows])
+        tokens, logprobs = self.sampler(logits, sampled)
+        return StepResult(tokens, logprobs)

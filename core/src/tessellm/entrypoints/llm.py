@@ -1,0 +1,131 @@
+"""The offline API: ``LLM(model=...).generate(prompts, params)``, as in vLLM."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from tessellm.config import EngineArgs
+from tessellm.engine.llm_engine import LLMEngine
+from tessellm.errors import InvalidRequestError
+from tessellm.outputs import RequestOutput
+from tessellm.sampling_params import SamplingParams
+
+Prompt = str | list[int] | dict[str, Any]
+Message = dict[str, str]
+
+
+class LLM:
+    """Offline batched generation. Keyword arguments are ``EngineArgs`` fields."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        if model is not None:
+            kwargs["model"] = model
+        self.engine = LLMEngine(EngineArgs.from_kwargs(**kwargs))
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """One output per prompt, in order. A prompt is text, token ids or
+        ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}``."""
+        batch = _as_batch(prompts)
+        params = sampling_params or SamplingParams()
+        params_list = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
+        if len(params_list) != len(batch):
+            raise InvalidRequestError("give one SamplingParams, or one per prompt")
+        ids = []
+        try:
+            for i, (prompt, p) in enumerate(zip(batch, params_list, strict=True)):
+                rank = priority[i] if priority else 0
+                ids.append(self.engine.add_request(None, _prompt_input(prompt), p, priority=rank))
+        except Exception:
+            self.engine.abort_request(ids)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts: list[Prompt] = [
+            apply_chat_template(self.engine.tokenizer, conv, chat_template, add_generation_prompt)
+            for conv in conversations  # type: ignore[union-attr]
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        pending = set(ids)
+        results: dict[str, RequestOutput] = {}
+        bar = _progress(len(ids)) if use_tqdm else None
+        while pending:
+            for out in self.engine.step():
+                if out.finished and out.request_id in pending:
+                    results[out.request_id] = out
+                    pending.discard(out.request_id)
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [results[i] for i in ids]
+
+
+def apply_chat_template(
+    tokenizer: Any,
+    messages: list[Message],
+    chat_template: str | None = None,
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    if not messages:
+        raise InvalidRequestError("messages must not be empty")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+            raise InvalidRequestError(f"invalid message {m!r}: role must be system/user/assistant")
+    if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+        raise InvalidRequestError("this model has no chat template; use generate() instead")
+    ids = tokenizer.apply_chat_template(
+        messages,
+        chat_template=chat_template,
+        add_generation_prompt=add_generation_prompt,
+        tokenize=True,
+    )
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if prompts and isinstance(prompts, list) and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    return list(prompts)
+
+
+def _prompt_input(prompt: Prompt) -> str | list[int]:
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        return str(prompt["prompt"])
+    return prompt
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="generating", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""Core's checkpoint formats (safetensors); others come from plugins."""

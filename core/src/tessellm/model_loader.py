@@ -1,0 +1,160 @@
+"""From the user's ``model=`` string to a built model with its weights loaded."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tessellm.errors import ModelLoadError
+from tessellm.interfaces.attention import AttentionSpec
+from tessellm.interfaces.model import ModelContext
+from tessellm.interfaces.weights import WeightFormat
+from tessellm.plugins import PluginSet
+
+
+@dataclass(slots=True)
+class ResolvedModel:
+    path: Path
+    format_name: str
+
+
+def resolve_model(plugins: PluginSet, model: str, cache_dir: Path) -> ResolvedModel:
+    """Ask the model sources in order, then the weight formats, who handles ``model``."""
+    path: Path | None = None
+    for name in plugins.names("model_sources"):
+        source = plugins.load("model_sources", name)()
+        if source.matches(model):
+            path = source.resolve(model, cache_dir)
+            break
+    if path is None:
+        aliases = []
+        for name in plugins.names("model_sources"):
+            aliases += plugins.load("model_sources", name)().aliases()
+        raise ModelLoadError(
+            f"model {model!r} is neither a local path nor a known name "
+            f"(known names: {', '.join(sorted(aliases)) or 'none'}). No model hub is used: "
+            "pass a local HF directory (config.json + *.safetensors) or a .gguf file."
+        )
+    for name in plugins.names("weight_formats"):
+        if plugins.load("weight_formats", name)().accepts(path):
+            return ResolvedModel(path, name)
+    if path.suffix == ".gguf":
+        raise ModelLoadError(f"{path} is a GGUF file; install `tessellm-gguf` to read it")
+    raise ModelLoadError(
+        f"no installed weight format reads {path} (installed: "
+        f"{', '.join(plugins.names('weight_formats')) or 'none'})"
+    )
+
+
+def weight_format(plugins: PluginSet, resolved: ResolvedModel) -> WeightFormat:
+    return plugins.load("weight_formats", resolved.format_name)()
+
+
+def architecture_of(config: Any) -> str:
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return archs[0]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if name is None:
+        raise ModelLoadError(f"cannot tell the architecture of model type {config.model_type!r}")
+    return name
+
+
+def text_config(config: Any) -> Any:
+    """The language-model part of a config (multimodal configs nest it)."""
+    getter = getattr(config, "get_text_config", None)
+    return getter() if getter else config
+
+
+def head_size_of(config: Any) -> int:
+    cfg = text_config(config)
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def attention_spec(
+    config: Any, device_type: str, dtype: torch.dtype, block_size: int, tp: int
+) -> AttentionSpec:
+    cfg = text_config(config)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None
+    return AttentionSpec(
+        device_type=device_type,
+        dtype=dtype,
+        head_size=head_size_of(cfg),
+        num_heads=max(1, heads // tp),
+        num_kv_heads=max(1, kv_heads // tp),
+        block_size=block_size,
+        sliding_window=bool(window),
+        logits_soft_cap=bool(getattr(cfg, "attn_logit_softcapping", None)),
+    )
+
+
+def build_model(plugins: PluginSet, config: Any, ctx: ModelContext) -> nn.Module:
+    arch = architecture_of(config)
+    reg = plugins.get("models", arch)
+    if reg is None:
+        raise ModelLoadError(plugins.missing_message("models", arch))
+    model_cls = reg.load()
+    with torch.device(ctx.device):
+        model = model_cls(config, ctx)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, weights) -> None:
+    loaded = model.load_weights(weights)
+    expected = {name for name, _ in model.named_parameters()}
+    missing = sorted(expected - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ModelLoadError(f"checkpoint lacks {len(missing)} weight(s): {shown}")
+    for module in model.modules():
+        quant = getattr(module, "quant", None)
+        if quant is not None:
+            quant.process_weights_after_loading(module)
+
+
+def model_bytes(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in list(model.parameters()) + list(model.buffers()):
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+def resolve_dtype(requested: str, platform_default: torch.dtype) -> torch.dtype:
+    names = {
+        "float32": torch.float32,
+        "float": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        "half": torch.float16,
+    }
+    return platform_default if requested == "auto" else names[requested]
+
+
+def max_model_len_of(config: Any, requested: int | None) -> int:
+    cfg = text_config(config)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    limit = int(limit) if limit else 2048
+    if requested is not None and requested > limit:
+        from tessellm.errors import ConfigError
+
+        raise ConfigError(f"max_model_len {requested} exceeds the model's limit of {limit}")
+    return requested or limit
+
+
+def ceil_div(a: int, b: int) -> int:
+    return math.ceil(a / b)

@@ -1,0 +1,1 @@
+"""Core's model sources: local paths and the embedded default models."""

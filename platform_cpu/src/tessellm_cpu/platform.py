@@ -1,0 +1,81 @@
+"""The CPU: always available; bf16 where the CPU computes it natively, threads per core."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import torch
+
+from tessellm.interfaces.platform import Platform
+
+# Most a CPU KV cache takes by default, whatever the machine's memory: beyond this a
+# laptop would start swapping before the cache fills.
+DEFAULT_CPU_KV_CAP = 4 << 30
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def physical_cores() -> int:
+    """Distinct (socket, core) pairs: hyper-threads share a core's vector units."""
+    cores: set[tuple[str, str]] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            socket = ""
+            for line in f:
+                if line.startswith("physical id"):
+                    socket = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    cores.add((socket, line.split(":")[1].strip()))
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    usable = usable or os.cpu_count() or 1
+    return max(1, min(len(cores), usable) if cores else usable)
+
+
+def mem_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+class CpuPlatform(Platform):
+    name = "cpu"
+    device_type = "cpu"
+    priority = 0
+    distributed_backend = "gloo"
+    attention_backends = ("cpu", "torch")
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    def default_dtype(self) -> torch.dtype:
+        flags = cpu_flags()
+        if "avx512_bf16" in flags or "amx_bf16" in flags:
+            return torch.bfloat16
+        return torch.float32
+
+    def set_up_process(self) -> None:
+        if not os.environ.get("OMP_NUM_THREADS"):
+            torch.set_num_threads(physical_cores())
+
+    def available_kv_cache_bytes(self, utilization: float, model_bytes: int) -> int:
+        free = mem_available_bytes() * utilization - model_bytes
+        return int(max(0, min(free, DEFAULT_CPU_KV_CAP)))

@@ -1,0 +1,1 @@
+"""Paged attention in Triton: a unified prefill kernel and a split-K decode kernel."""

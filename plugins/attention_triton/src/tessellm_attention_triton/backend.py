@@ -1,0 +1,141 @@
+"""Paged attention backend built from Triton kernels (CUDA and ROCm).
+
+``prepare`` decides once per step how ``forward`` runs for every layer: a batch whose
+sequences all have a single query token goes to the decode kernel, split along the keys
+when there are too few (sequence, KV head) pairs to fill the device; anything else goes to
+the unified kernel, which handles prefill, chunked prefill and decode rows together.
+Nothing in ``forward`` reads device values on the host, so it can be graph-captured.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from tessellm.interfaces.attention import (
+    AttentionBackend,
+    AttentionCapabilities,
+    AttentionMetadata,
+)
+
+from .kernels.decode import decode_attention
+from .kernels.prefill import prefill_attention
+from .kernels.write_kv import write_kv
+
+EXTRA_KEY = "triton_attention"
+
+
+@dataclass(frozen=True, slots=True)
+class TritonPlan:
+    """Per-step launch decisions, kept in ``metadata.extra[EXTRA_KEY]``."""
+
+    decode: bool
+    num_splits: int
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type in ("cuda", "hip"):
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 16  # interpreter runs: only the split heuristic reads it
+
+
+def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
+    # The kernels address the head dimension with unit stride; every other stride is free.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class TritonPagedAttention(AttentionBackend):
+    name = "triton"
+    capabilities = AttentionCapabilities(
+        device_types=frozenset({"cuda", "hip"}),
+        dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
+        head_sizes=tuple(range(32, 257, 8)),
+        block_sizes=(16, 32, 64, 128),
+        sliding_window=True,
+        logits_soft_cap=True,
+    )
+
+    # Split-K knobs. A split should cover at least ``min_split_tokens`` keys so its fixed
+    # cost (loading q, writing a partial) stays small next to the key loop; splitting
+    # stops once about ``waves`` programs per SM are in flight.
+    min_split_tokens: int = 512
+    max_splits: int = 64
+    waves: int = 2
+
+    def plan(self, metadata: AttentionMetadata, device: torch.device) -> TritonPlan:
+        decode = metadata.max_query_len <= 1
+        if not decode:
+            return TritonPlan(decode=False, num_splits=1)
+        programs = max(1, metadata.num_seqs * self.spec.num_kv_heads)
+        by_occupancy = -(-self.waves * _num_sms(device) // programs)
+        by_length = -(-metadata.max_seq_len // self.min_split_tokens)
+        return TritonPlan(
+            decode=True, num_splits=max(1, min(by_occupancy, by_length, self.max_splits))
+        )
+
+    def prepare(self, metadata: AttentionMetadata) -> None:
+        metadata.extra[EXTRA_KEY] = self.plan(metadata, metadata.seq_lens.device)
+
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> None:
+        write_kv(
+            _contiguous_last(key),
+            _contiguous_last(value),
+            k_cache,
+            v_cache,
+            metadata.slot_mapping,
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        *,
+        scale: float,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
+    ) -> torch.Tensor:
+        query = _contiguous_last(query)
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        if query.shape[0] == 0 or metadata.num_seqs == 0:
+            return out
+        plan = metadata.extra.get(EXTRA_KEY)
+        if plan is None:
+            plan = self.plan(metadata, query.device)
+        args = (
+            out,
+            query,
+            k_cache,
+            v_cache,
+            metadata.block_tables,
+            metadata.seq_lens,
+            metadata.query_start_loc,
+        )
+        if plan.decode:
+            decode_attention(
+                *args,
+                plan.num_splits,
+                scale,
+                sliding_window or None,
+                logits_soft_cap or None,
+            )
+        else:
+            prefill_attention(
+                *args,
+                metadata.max_query_len,
+                scale,
+                sliding_window or None,
+                logits_soft_cap or None,
+            )
+        return out

@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers; every launcher is free of host-device syncs."""

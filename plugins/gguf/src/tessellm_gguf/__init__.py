@@ -1,0 +1,1 @@
+"""GGUF weight format for tessellm."""
