@@ -57,7 +57,7 @@ def save_tiny_model(config, path: Path, seed: int = 0) -> Path:
     # Wider weights than the default init give peaked logits, so fp32 rounding differences
     # between two correct implementations cannot flip a greedy argmax.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.08)
     model.save_pretrained(path, safe_serialization=True)

@@ -99,26 +99,32 @@ def _allowed() -> set[str] | None:
     return {part.strip() for part in raw.split(",") if part.strip()}
 
 
+def _registrar(result: PluginSet, kind: str, plugin: str):
+    registry = result.registries.setdefault(kind, {})
+
+    def register(name: str, target: str | object) -> None:
+        if name in registry and registry[name].plugin != plugin:
+            result.overrides.append(
+                f"{kind} {name!r}: {registry[name].plugin} overridden by {plugin}"
+            )
+        registry[name] = Registration(kind, name, target, plugin)
+        info = result.plugins.get(plugin)
+        if info is not None:
+            info.registered.append((kind, name))
+
+    return register
+
+
 def _collect(pm: pluggy.PluginManager, result: PluginSet) -> None:
     for hook_name in hookspecs.HOOK_NAMES:
         kind = hook_name.removeprefix("register_")
-        registry = result.registries.setdefault(kind, {})
-        # Call each implementation on its own so one broken plugin is skipped alone.
+        result.registries.setdefault(kind, {})
+        # Call each implementation on its own so one broken plugin is skipped alone;
+        # in registration order, so a later plugin overrides core's defaults.
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             plugin_name = pm.get_name(impl.plugin) or "?"
-
-            def register(name: str, target: str | object, _p: str = plugin_name) -> None:
-                if name in registry and registry[name].plugin != _p:
-                    result.overrides.append(
-                        f"{kind} {name!r}: {registry[name].plugin} overridden by {_p}"
-                    )
-                registry[name] = Registration(kind, name, target, _p)
-                info = result.plugins.get(_p)
-                if info is not None:
-                    info.registered.append((kind, name))
-
             try:
-                impl.function(register=register)
+                impl.function(register=_registrar(result, kind, plugin_name))
             except Exception as exc:
                 result.failures[plugin_name] = f"{hook_name} raised {exc!r}"
 

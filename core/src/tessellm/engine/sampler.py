@@ -74,7 +74,6 @@ class Sampler:
     ) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]] | None] | None]:
         logits = logits.float()
         raw = logits
-        device = logits.device
         params = [s.params for s in seqs]
         if any(p.logit_bias for p in params):
             logits = logits.clone()
