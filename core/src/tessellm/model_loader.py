@@ -111,7 +111,13 @@ def build_model(plugins: PluginSet, config: Any, ctx: ModelContext) -> nn.Module
 
 
 def load_weights(model: nn.Module, weights) -> None:
-    loaded = model.load_weights(weights)
+    """Load ``(name, tensor)`` pairs; a ``RandomWeights`` stream fills parameters instead."""
+    from tessellm.formats.random_weights import RandomWeights
+
+    if isinstance(weights, RandomWeights):
+        loaded = weights.fill(model)
+    else:
+        loaded = model.load_weights(weights)
     expected = {name for name, _ in model.named_parameters()}
     missing = sorted(expected - loaded)
     if missing:
