@@ -43,7 +43,9 @@ def register_model_sources(register):
 
 @hookimpl
 def register_commands(app):
-    from tessellm.cli import generate, plugins_cmd
+    from tessellm.cli import chat, generate, plugins_cmd, serve
 
     app.command("generate")(generate.generate)
     app.command("plugins")(plugins_cmd.plugins)
+    app.command("serve")(serve.serve)
+    app.command("chat")(chat.chat)

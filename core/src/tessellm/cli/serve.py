@@ -1,0 +1,123 @@
+"""``tessellm serve``: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tessellm.cli.common import MODEL_HELP, fail, progress_note
+from tessellm.config import DEFAULT_MODEL
+
+ENGINE = "Engine"
+SERVER = "Server"
+
+
+def serve(
+    model: Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)] = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option(help="Address to listen on.", rich_help_panel=SERVER)] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(min=0, max=65535, rich_help_panel=SERVER)] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TESSELLM_API_KEY",
+            help="Require 'Authorization: Bearer KEY' on /v1 routes.",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+    served_model_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Name(s) clients use for the model (default: --model). Repeatable.",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option(rich_help_panel=SERVER)] = "info",
+    shutdown_timeout: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="On SIGINT/SIGTERM, seconds to let in-flight requests finish before "
+            "cancelling them.",
+            rich_help_panel=SERVER,
+        ),
+    ] = 30,
+    max_model_len: Annotated[int | None, typer.Option(min=2, rich_help_panel=ENGINE)] = None,
+    max_num_seqs: Annotated[int, typer.Option(min=1, rich_help_panel=ENGINE)] = 256,
+    max_num_batched_tokens: Annotated[
+        int | None, typer.Option(min=1, rich_help_panel=ENGINE)
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="auto, float32, bfloat16 or float16.", rich_help_panel=ENGINE)
+    ] = "auto",
+    device: Annotated[
+        str, typer.Option(help="Platform: auto, cpu, cuda ...", rich_help_panel=ENGINE)
+    ] = "auto",
+    enable_prefix_caching: Annotated[
+        bool,
+        typer.Option("--enable-prefix-caching/--no-enable-prefix-caching", rich_help_panel=ENGINE),
+    ] = True,
+    block_size: Annotated[int, typer.Option(rich_help_panel=ENGINE)] = 16,
+    tensor_parallel_size: Annotated[
+        int, typer.Option("--tensor-parallel-size", "-tp", min=1, rich_help_panel=ENGINE)
+    ] = 1,
+    gpu_memory_utilization: Annotated[
+        float, typer.Option(min=0.0, max=1.0, rich_help_panel=ENGINE)
+    ] = 0.9,
+    tokenizer: Annotated[str | None, typer.Option(rich_help_panel=ENGINE)] = None,
+    seed: Annotated[int, typer.Option(rich_help_panel=ENGINE)] = 0,
+    max_logprobs: Annotated[int, typer.Option(min=0, rich_help_panel=ENGINE)] = 20,
+    attention_backend: Annotated[str | None, typer.Option(rich_help_panel=ENGINE)] = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/completions,
+    /v1/chat/completions, /v1/models) with /health, /metrics and /version."""
+    try:
+        import uvicorn
+
+        from tessellm.server.app import build_app
+    except ImportError as exc:
+        fail(f"the server needs the serve extra: pip install 'tessellm[serve]' ({exc})")
+
+    from tessellm.config import EngineArgs
+    from tessellm.engine.async_engine import AsyncLLMEngine
+    from tessellm.errors import TessellmError
+
+    names = list(served_model_name or [model])
+    try:
+        args = EngineArgs(
+            model=model,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+            block_size=block_size,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_logprobs=max_logprobs,
+            attention_backend=attention_backend,
+            served_model_name=names[0],
+        )
+        progress_note(f"tessellm serve: loading {model} ...")
+        engine = AsyncLLMEngine.from_engine_args(args)
+    except TessellmError as exc:
+        fail(str(exc))
+    app = build_app(engine, names, model_root=model, api_key=api_key)
+    progress_note(
+        f"tessellm serve: {', '.join(names)} (max_model_len {engine.max_model_len}) "
+        f"on http://{host}:{port}/v1"
+    )
+    # uvicorn handles SIGINT/SIGTERM: it stops accepting connections, lets open requests
+    # finish for up to shutdown_timeout seconds, then runs the app's shutdown (engine stop).
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=shutdown_timeout,
+    )

@@ -1,0 +1,260 @@
+"""An asyncio front for ``LLMEngine``: one engine thread steps every request together.
+
+The HTTP server handles many clients on one event loop; the engine is synchronous and not
+thread-safe. So a single background thread owns the engine: it runs queued commands (add,
+abort, tokenize ...) between steps, then calls ``step()`` while there is work, and hands
+each step's outputs to the event loop in one ``call_soon_threadsafe``. Requests from all
+clients therefore share the same steps (continuous batching across clients) and the event
+loop never waits on a forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, TypeVar
+
+from tessellm.config import EngineArgs
+from tessellm.engine.llm_engine import LLMEngine
+from tessellm.errors import TessellmError
+from tessellm.outputs import RequestOutput
+from tessellm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Command = tuple[Callable[[LLMEngine], Any], "asyncio.Future[Any] | None"]
+
+
+class EngineDeadError(TessellmError):
+    """The engine thread stopped (shut down, or a step failed); no request can run."""
+
+
+def _snapshot(out: RequestOutput) -> RequestOutput:
+    # The engine keeps mutating its CompletionOutputs on later steps; the event loop must
+    # see a consistent copy of this step's state.
+    completions = [
+        replace(
+            c,
+            token_ids=list(c.token_ids),
+            logprobs=list(c.logprobs) if c.logprobs is not None else None,
+        )
+        for c in out.outputs
+    ]
+    return replace(out, outputs=completions, metrics=dict(out.metrics))
+
+
+def _resolve(future: asyncio.Future[Any] | None, result: Any, error: BaseException | None) -> None:
+    if future is None or future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class OutputStream:
+    """The outputs of one or more engine requests added together (one HTTP request).
+
+    ``add`` submits a request (raising ``InvalidRequestError`` for bad input before any
+    output is produced); ``next_outputs`` waits for the next outputs, keeping only the
+    latest per request since outputs are cumulative. ``abort`` cancels every unfinished
+    request of the stream and is safe to call more than once.
+    """
+
+    def __init__(self, engine: AsyncLLMEngine) -> None:
+        self._engine = engine
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.request_ids: list[str] = []
+        self._unfinished: set[str] = set()
+
+    @property
+    def finished(self) -> bool:
+        return not self._unfinished
+
+    async def add(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int = 0,
+    ) -> None:
+        self._engine._register(request_id, self._queue)
+        self.request_ids.append(request_id)
+        self._unfinished.add(request_id)
+        try:
+            await self._engine.call(lambda e: e.add_request(request_id, prompt, params, priority))
+        except asyncio.CancelledError:
+            self.abort()  # the add may still run on the engine thread; the abort follows it
+            raise
+        except BaseException:
+            self._unfinished.discard(request_id)
+            self._engine._unregister(request_id)
+            raise
+
+    async def next_outputs(self) -> list[RequestOutput]:
+        """Outputs that arrived since the last call (at least one), one per request."""
+        if self.finished:
+            return []
+        items = [await self._queue.get()]
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        latest: dict[str, RequestOutput] = {}
+        for item in items:
+            if isinstance(item, BaseException):
+                self.abort()
+                raise item
+            latest[item.request_id] = item
+            if item.finished:
+                self._unfinished.discard(item.request_id)
+        return list(latest.values())
+
+    def abort(self) -> None:
+        if self._unfinished:
+            ids = sorted(self._unfinished)
+            self._unfinished.clear()
+            for request_id in ids:
+                self._engine._unregister(request_id)
+            self._engine.post(lambda e: e.abort_request(ids))
+
+
+class AsyncLLMEngine:
+    """Runs an ``LLMEngine`` on its own thread and serves it to asyncio code."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.stats: dict[str, float] = engine.stats()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._sinks: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.dead: BaseException | None = None
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> AsyncLLMEngine:
+        return cls(LLMEngine(args))
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will use this engine."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="tessellm-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Abort what is still running, stop the thread and release the engine."""
+        if self._thread is None:
+            return
+        self._stopping = True
+        self._wakeup.set()
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+        self._fail_all(EngineDeadError("the server is shutting down"))
+        self.engine.shutdown()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self.dead is None and not self._stopping
+
+    # -- API for the event loop ----------------------------------------------------------
+    def new_stream(self) -> OutputStream:
+        return OutputStream(self)
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` on the engine thread between steps and return its result."""
+        self._check_alive()
+        assert self._loop is not None, "start() the engine first"
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._commands.put((fn, future))
+        self._wakeup.set()
+        return await future
+
+    def post(self, fn: Callable[[LLMEngine], Any]) -> None:
+        """Queue ``fn(engine)`` without waiting for it (aborts from cleanup code)."""
+        if self._thread is not None:
+            self._commands.put((fn, None))
+            self._wakeup.set()
+
+    def _check_alive(self) -> None:
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self.dead}")
+        if self._stopping:
+            raise EngineDeadError("the server is shutting down")
+
+    def _register(self, request_id: str, sink: asyncio.Queue[Any]) -> None:
+        self._check_alive()
+        self._sinks[request_id] = sink
+
+    def _unregister(self, request_id: str) -> None:
+        self._sinks.pop(request_id, None)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        # Runs on the event loop.
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if sink is not None:
+                sink.put_nowait(out)
+                if out.finished:
+                    del self._sinks[out.request_id]
+
+    def _fail_all(self, error: BaseException) -> None:
+        sinks, self._sinks = self._sinks, {}
+        for sink in sinks.values():
+            sink.put_nowait(error)
+
+    # -- the engine thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        try:
+            while not self._stopping:
+                self._run_commands(loop)
+                if self.engine.has_unfinished_requests():
+                    outputs = [_snapshot(o) for o in self.engine.step()]
+                    if outputs:
+                        loop.call_soon_threadsafe(self._dispatch, outputs)
+                else:
+                    self._wakeup.wait()
+                    self._wakeup.clear()  # commands queued meanwhile run on the next pass
+                self.stats = self.engine.stats()
+            self._drain_commands(loop, EngineDeadError("the server is shutting down"))
+        except BaseException as exc:  # a bug in a step: report it to every waiting request
+            logger.exception("the engine loop failed")
+            self.dead = exc
+            error = EngineDeadError(f"the engine stopped: {exc!r}")
+            loop.call_soon_threadsafe(self._fail_all, error)
+            self._drain_commands(loop, error)
+
+    def _run_commands(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result, error = fn(self.engine), None
+            except Exception as exc:
+                result, error = None, exc
+                if future is None:
+                    logger.exception("an engine command failed")
+            if future is not None:
+                loop.call_soon_threadsafe(_resolve, future, result, error)
+
+    def _drain_commands(self, loop: asyncio.AbstractEventLoop, error: BaseException) -> None:
+        while True:
+            try:
+                _, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if future is not None:
+                loop.call_soon_threadsafe(_resolve, future, None, error)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (``tessellm serve``); needs the ``tessellm[serve]`` extra."""

@@ -1,0 +1,124 @@
+"""Every error leaves the server in OpenAI's shape: ``{"error": {message, type, param, code}}``.
+
+Bad input is always a 4xx: FastAPI's 422 validation errors become 400 as OpenAI returns,
+and the engine's ``InvalidRequestError`` becomes 400 too. Only a bug gives a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tessellm.engine.async_engine import EngineDeadError
+from tessellm.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    503: "service_unavailable_error",
+}
+
+
+class APIError(Exception):
+    """An error to return to the client as is."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.error_type = error_type or ERROR_TYPES.get(status, "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """The client-facing form of any exception raised while serving a request."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        return bad_request(str(exc))
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), error_type="service_unavailable_error")
+    logger.error("unexpected error while serving a request", exc_info=exc)
+    return APIError(500, "internal server error", error_type="server_error")
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    details = exc.errors()
+    if not details:
+        return bad_request("invalid request body")
+    parts = []
+    for item in details[:5]:
+        loc = [str(x) for x in item.get("loc", ()) if x != "body"]
+        where = ".".join(loc) or "body"
+        parts.append(f"{where}: {item.get('msg', 'invalid value')}")
+    first_loc = [str(x) for x in details[0].get("loc", ()) if x != "body"]
+    param = first_loc[0] if first_loc else None
+    return bad_request("; ".join(parts), param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()
+
+    async def on_invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
+        return bad_request(str(exc)).response()
+
+    async def on_engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
+        return to_api_error(exc).response()
+
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        try:
+            phrase = HTTPStatus(exc.status_code).phrase
+        except ValueError:
+            phrase = "error"
+        message = exc.detail if isinstance(exc.detail, str) else phrase
+        error = APIError(exc.status_code, message, error_type=ERROR_TYPES.get(exc.status_code))
+        return error.response()
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return to_api_error(exc).response()
+
+    app.add_exception_handler(APIError, on_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, on_validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(InvalidRequestError, on_invalid_request)  # type: ignore[arg-type]
+    app.add_exception_handler(EngineDeadError, on_engine_dead)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, on_http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, on_unexpected)
