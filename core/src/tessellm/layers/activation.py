@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tessellm.interfaces.ops import FusedOps
+
 _ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
@@ -27,10 +29,16 @@ def get_activation(name: str):
 class GatedActivation(nn.Module):
     """``act(gate) * up`` over the last dim split in two halves ``[gate | up]``."""
 
+    fused_ops: FusedOps | None = None  # bound by the model runner (interfaces/ops.py)
+
     def __init__(self, name: str = "silu") -> None:
         super().__init__()
         self.act = get_activation(name)
+        self.is_silu = self.act is F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = self.fused_ops
+        if self.is_silu and ops is not None and ops.silu_and_mul is not None:
+            return ops.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tessellm.interfaces.ops import FusedOps
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32; ``offset=1`` for Gemma's ``(1 + weight)`` convention.
@@ -12,6 +14,8 @@ class RMSNorm(nn.Module):
     ``forward(x, residual)`` adds the residual first and returns ``(normed, new_residual)``,
     the fused form a backend kernel can replace.
     """
+
+    fused_ops: FusedOps | None = None  # bound by the model runner (interfaces/ops.py)
 
     def __init__(
         self,
@@ -36,6 +40,12 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        ops = self.fused_ops
+        if ops is not None and x.dtype == self.weight.dtype:
+            if residual is None and ops.rms_norm is not None:
+                return ops.rms_norm(x, self.weight, self.eps, self.offset)
+            if residual is not None and ops.add_rms_norm is not None:
+                return ops.add_rms_norm(x, residual, self.weight, self.eps, self.offset)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tessellm.interfaces.ops import FusedOps
+
 
 def rope_parameters(config: Any) -> dict[str, Any]:
     """The config's rope settings as one dict (transformers 5 ``rope_parameters`` or older)."""
@@ -52,6 +54,8 @@ def inverse_frequencies(
 class RotaryEmbedding(nn.Module):
     """Applies RoPE (neox style: the two halves of each head rotate) to q and k."""
 
+    fused_ops: FusedOps | None = None  # bound by the model runner (interfaces/ops.py)
+
     def __init__(
         self,
         config: Any,
@@ -85,6 +89,14 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``q`` ``[T, Hq, D]`` and ``k`` ``[T, Hk, D]`` rotated by their ``positions``."""
+        ops = self.fused_ops
+        if (
+            ops is not None
+            and ops.rotary_neox is not None
+            and not self.interleaved
+            and self.rotary_dim == self.head_size
+        ):
+            return ops.rotary_neox(positions, q, k, self.cos, self.sin)
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

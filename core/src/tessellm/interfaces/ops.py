@@ -1,0 +1,52 @@
+"""Fused kernels a platform may offer to the shared layers, as a table of functions.
+
+The shared layers (``RMSNorm``, ``GatedActivation``, ``RotaryEmbedding``) carry a
+``fused_ops`` attribute, ``None`` by default, and use their plain torch code unless the
+table they were bound to has an entry for their operation. The model runner binds the
+platform's table once after building the model (:func:`bind_fused_ops`); nothing is
+patched and nothing is read from global state. An entry must compute the same function as
+the torch code it replaces (the same roundings to the model dtype, where it matters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class FusedOps:
+    """Each field is ``None`` (use the torch code) or a function with this contract."""
+
+    # (x [T, H], residual [T, H], weight [H], eps, offset) -> (norm(x + residual), x + residual)
+    add_rms_norm: Callable[[Tensor, Tensor, Tensor, float, float], tuple[Tensor, Tensor]] | None = (
+        None
+    )
+    # (x [T, H], weight [H], eps, offset) -> norm(x)
+    rms_norm: Callable[[Tensor, Tensor, float, float], Tensor] | None = None
+    # (x [T, 2I] laid out [gate | up]) -> silu(gate) * up  [T, I]
+    silu_and_mul: Callable[[Tensor], Tensor] | None = None
+    # (positions [T], q [T, Hq, D], k [T, Hk, D], cos [P, D/2], sin [P, D/2]) -> (q', k'),
+    # neox-style rotation of the whole head (the two halves rotate together)
+    rotary_neox: (
+        Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None
+    ) = None
+
+    def names(self) -> list[str]:
+        """The operations this table provides."""
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+
+def bind_fused_ops(model: nn.Module, ops: FusedOps | None) -> int:
+    """Give every module that declares ``fused_ops`` this table; returns how many took it."""
+    bound = 0
+    for module in model.modules():
+        if hasattr(module, "fused_ops"):
+            module.fused_ops = ops
+            bound += 1
+    return bound

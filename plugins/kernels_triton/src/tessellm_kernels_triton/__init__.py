@@ -1,0 +1,1 @@
+"""Fused Triton kernels that GPU platforms offer to the shared layers (see ``ops``)."""
