@@ -111,3 +111,15 @@ def hf_greedy(path: Path, prompt_ids: list[list[int]], max_new_tokens: int) -> l
             )
             outs.append(gen[0, len(ids) :].tolist())
     return outs
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_llama, tmp_path_factory):
+    """One real ``tessellm serve`` process on the tiny Llama, shared by the server tests."""
+    from server_harness import start_server
+
+    server = start_server(
+        tiny_llama, tmp_path_factory.mktemp("server-logs"), "--max-num-seqs", "64"
+    )
+    yield server
+    server.stop()
