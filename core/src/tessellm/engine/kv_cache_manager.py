@@ -1,28 +1,38 @@
-"""Maps requests to KV blocks, with prefix caching over chained block hashes."""
+"""Maps requests to KV blocks, with prefix caching over chained block hashes.
+
+A full block is identified by a digest of (its parent block's digest, its token ids, an
+optional extra key). The chain makes a block's identity depend on every token before it,
+which is what its KV depends on. Digests are BLAKE2b, not Python's ``hash()``: a collision
+would hand one request another's KV, so the hash must be hard to collide on purpose.
+
+Blocks are published (made findable) when they are allocated for the step that fills
+them: a request admitted later in the same step may take them as hits, because every
+attention layer writes the whole batch's KV before any sequence reads it. A block whose
+KV was never written (its owner was preempted before the step ran) is withdrawn on free.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from array import array
+from collections.abc import Sequence
 
-from tessellm.engine.block_pool import BlockPool
+from tessellm.engine.block_pool import BlockHash, BlockPool
 from tessellm.engine.request import Request
 
 
-@dataclass(slots=True)
-class PrefixCacheStats:
-    queried_tokens: int = 0
-    hit_tokens: int = 0
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
-
-
 def hash_block(
-    parent_hash: int | None, token_ids: tuple[int, ...], extra_key: object = None
-) -> int:
-    """A full block's identity: the previous block's hash, its tokens, and any extra key."""
-    return hash((parent_hash, token_ids, extra_key))
+    parent_hash: BlockHash | None, token_ids: Sequence[int], extra_key: bytes | None = None
+) -> BlockHash:
+    """A full block's identity: the previous block's hash, its tokens, and any extra key.
+
+    Every field is length-prefixed, so no two different inputs encode to the same bytes.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (parent_hash or b"", array("q", token_ids).tobytes(), extra_key or b""):
+        digest.update(len(part).to_bytes(4, "little"))
+        digest.update(part)
+    return digest.digest()
 
 
 class KVCacheManager:
@@ -33,38 +43,39 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
-        self.stats = PrefixCacheStats()
+
+    def block_extra_key(self, request: Request, block_index: int) -> bytes | None:
+        """What besides the tokens changes block ``block_index``'s KV (hook for LoRA,
+        multimodal inputs). The chain carries the first block's key to every later block."""
+        if block_index == 0 and request.cache_salt is not None:
+            return request.cache_salt.encode()
+        return None
 
     def _update_hashes(self, request: Request, num_tokens: int) -> None:
         bs = self.block_size
         hashes = request.block_hashes
-        tokens = request.all_token_ids
         while (len(hashes) + 1) * bs <= num_tokens:
-            start = len(hashes) * bs
+            index = len(hashes)
+            tokens = request.token_slice(index * bs, (index + 1) * bs)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, tuple(tokens[start : start + bs])))
+            hashes.append(hash_block(parent, tokens, self.block_extra_key(request, index)))
 
     def get_computed_blocks(self, request: Request) -> int:
         """Attach the longest cached prefix; returns how many tokens need no compute."""
         if not self.enable_prefix_caching or request.block_ids:
             return 0
         # At least one token must be computed to get logits for the next one.
-        limit = request.num_tokens - 1
-        self._update_hashes(request, request.num_tokens)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        self._update_hashes(request, max_blocks * self.block_size)
         hits: list[int] = []
-        for block_hash in request.block_hashes:
-            if (len(hits) + 1) * self.block_size > limit:
-                break
+        for block_hash in request.block_hashes[:max_blocks]:
             block_id = self.pool.lookup(block_hash)
             if block_id is None:
                 break
             hits.append(block_id)
         self.pool.touch(hits)
         request.block_ids = hits
-        num_cached = len(hits) * self.block_size
-        self.stats.queried_tokens += request.num_tokens
-        self.stats.hit_tokens += num_cached
-        return num_cached
+        return len(hits) * self.block_size
 
     def _blocks_needed(self, request: Request, num_new_tokens: int) -> int:
         total = request.num_computed_tokens + num_new_tokens
@@ -78,17 +89,19 @@ class KVCacheManager:
         if needed:
             request.block_ids.extend(self.pool.allocate(needed))
         if self.enable_prefix_caching:
-            # Publish blocks that this step fills: their KV is written before any other
-            # request of the same step reads it (writes precede attention in every layer).
             end = request.num_computed_tokens + num_new_tokens
             self._update_hashes(request, end)
-            first_full = request.num_computed_tokens // self.block_size
-            for i in range(first_full, end // self.block_size):
+            for i in range(request.num_computed_tokens // self.block_size, end // self.block_size):
                 self.pool.cache(request.block_ids[i], request.block_hashes[i])
 
     def free(self, request: Request) -> None:
+        """Release the request's blocks. ``request.num_computed_tokens`` must count only
+        tokens whose KV is written: blocks past it leave the cache table."""
+        blocks = request.block_ids
+        for block_id in blocks[request.num_computed_tokens // self.block_size :]:
+            self.pool.uncache(block_id)
         # Tail blocks first: they are the least likely to be shared by another prompt.
-        self.pool.free(list(reversed(request.block_ids)))
+        self.pool.free(reversed(blocks))
         request.block_ids = []
 
     def usage(self) -> float:

@@ -130,6 +130,8 @@ class LLMEngine:
             )
         if params.logprobs is not None and params.logprobs > self.args.max_logprobs:
             raise InvalidRequestError(f"logprobs must be at most {self.args.max_logprobs}")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > self.args.max_logprobs:
+            raise InvalidRequestError(f"prompt_logprobs must be at most {self.args.max_logprobs}")
 
     def add_request(
         self,
@@ -157,6 +159,8 @@ class LLMEngine:
                     child_params,
                     eos_token_ids=self.eos_token_ids,
                     priority=priority,
+                    # Samples of one prompt: the first computes it, the others reuse its KV.
+                    prompt_leader_id=child_id(request_id, 0, params.n) if i else None,
                 )
             )
         for child in children:
@@ -187,7 +191,7 @@ class LLMEngine:
         if result.logprobs is not None:
             sampled_ids = [s.request_id for s in plan.seqs if s.sample]
             logprobs = dict(zip(sampled_ids, result.logprobs, strict=True))
-        outputs, stopped = self.output_processor.process(changed, logprobs)
+        outputs, stopped = self.output_processor.process(changed, logprobs, result.prompt_logprobs)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         c = self.counters

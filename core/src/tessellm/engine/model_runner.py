@@ -9,7 +9,7 @@ import torch
 
 from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
-from tessellm.engine.sampler import Sampler
+from tessellm.engine.sampler import Sampler, compute_prompt_logprobs
 from tessellm.engine.schedule import SchedulerOutput, StepResult
 from tessellm.interfaces.attention import AttentionMetadata
 from tessellm.interfaces.model import ModelContext, ParallelInfo
@@ -132,9 +132,10 @@ class ModelRunner:
         input_ids, positions, metadata, sample_rows = self.prepare_inputs(plan)
         self.attention.prepare(metadata)
         hidden = self.model(input_ids, positions, metadata)
+        prompt_logprobs = compute_prompt_logprobs(hidden, plan, self.model.compute_logits)
         sampled = [s for s in plan.seqs if s.sample]
         if not sampled:
-            return StepResult([])
+            return StepResult([], prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[sample_rows])
         tokens, logprobs = self.sampler(logits, sampled)
-        return StepResult(tokens, logprobs)
+        return StepResult(tokens, logprobs, prompt_logprobs)

@@ -1,7 +1,8 @@
 """Turns sampled tokens into text, applies stop strings, and builds RequestOutputs.
 
-A parent request with ``n > 1`` fans out into ``n`` child requests (sharing the prompt's
-KV blocks through the prefix cache); their completions are gathered here.
+A parent request with ``n > 1`` fans out into ``n`` child requests ``{id}#{i}``; the
+scheduler lets them share the prompt's KV blocks through the prefix cache, and their
+completions are gathered here into one RequestOutput.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from tessellm.engine.detokenizer import IncrementalDetokenizer
 from tessellm.engine.request import Request, RequestStatus
+from tessellm.engine.schedule import TokenLogprobs
 from tessellm.outputs import CompletionOutput, Logprob, RequestOutput
 
 
@@ -22,6 +24,7 @@ class ChildState:
     completion: CompletionOutput
     stop_strings: list[str]
     include_stop: bool
+    min_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -33,6 +36,8 @@ class ParentState:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     num_cached_tokens: int = 0
+    # Aligned with the prompt; the first token has nothing to be predicted from (None).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -51,6 +56,8 @@ class OutputProcessor:
 
     def add(self, parent_id: str, prompt: str | None, children: list[Request]) -> None:
         state = ParentState(parent_id, prompt, children[0].prompt_token_ids)
+        if children[0].params.prompt_logprobs is not None:
+            state.prompt_logprobs = [None] * len(state.prompt_token_ids)
         for index, req in enumerate(children):
             params = req.params
             detok = IncrementalDetokenizer(
@@ -64,7 +71,12 @@ class OutputProcessor:
                 [] if params.logprobs is not None else None,
             )
             state.children[req.request_id] = ChildState(
-                index, detok, completion, params.stop_strings, params.include_stop_str_in_output
+                index,
+                detok,
+                completion,
+                params.stop_strings,
+                params.include_stop_str_in_output,
+                params.min_tokens,
             )
             self.child_to_parent[req.request_id] = parent_id
         self.parents[parent_id] = state
@@ -74,9 +86,14 @@ class OutputProcessor:
         return list(state.children) if state else []
 
     def process(
-        self, changed: list[Request], logprobs: dict[str, Any]
+        self,
+        changed: list[Request],
+        logprobs: dict[str, TokenLogprobs | None],
+        prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] | None = None,
     ) -> tuple[list[RequestOutput], list[str]]:
         """Returns outputs of parents that changed and child ids stopped by a stop string."""
+        for request_id, (first, entries) in (prompt_logprobs or {}).items():
+            self._add_prompt_logprobs(request_id, first, entries)
         touched: dict[str, ParentState] = {}
         stopped: list[str] = []
         now = time.monotonic()
@@ -89,8 +106,11 @@ class OutputProcessor:
             if parent.first_token_time is None:
                 parent.first_token_time = now
                 parent.num_cached_tokens = max(0, req.num_cached_tokens)
+            text_before = len(child.detok.text)
             self._append(child, req, logprobs.get(req.request_id))
-            if child.completion.finish_reason is None and self._check_stop_strings(child):
+            if child.completion.finish_reason is None and self._check_stop_strings(
+                child, text_before
+            ):
                 stopped.append(req.request_id)
             elif req.status.finished:
                 child.completion.finish_reason = req.status.value
@@ -99,19 +119,31 @@ class OutputProcessor:
         outputs = [self._output(p) for p in touched.values()]
         return outputs, stopped
 
-    def _append(self, child: ChildState, req: Request, logprob: Any) -> None:
+    def _add_prompt_logprobs(self, request_id: str, first: int, entries: list) -> None:
+        parent = self.parents.get(self.child_to_parent.get(request_id, ""))
+        if parent is None or parent.prompt_logprobs is None:
+            return
+        prompt = parent.prompt_token_ids
+        # A recompute after preemption scores the same positions again: same values.
+        for pos, (chosen, rank, top) in enumerate(entries, start=first):
+            parent.prompt_logprobs[pos] = self._logprob_entry(prompt[pos], chosen, rank, top)
+
+    def _logprob_entry(
+        self, token: int, chosen: float, rank: int, top: list[tuple[int, float]]
+    ) -> dict[int, Logprob]:
+        entry = {tid: Logprob(lp, r + 1, self._piece(tid)) for r, (tid, lp) in enumerate(top)}
+        if token not in entry:
+            entry[token] = Logprob(chosen, rank, self._piece(token))
+        return entry
+
+    def _append(self, child: ChildState, req: Request, logprob: TokenLogprobs | None) -> None:
         token = req.output_token_ids[-1]
         comp = child.completion
         comp.token_ids.append(token)
         child.detok.add(token)
         if logprob is not None and comp.logprobs is not None:
-            chosen, top = logprob
-            entry = {
-                tid: Logprob(lp, rank + 1, self._piece(tid)) for rank, (tid, lp) in enumerate(top)
-            }
-            if token not in entry:
-                entry[token] = Logprob(chosen, None, self._piece(token))
-            comp.logprobs.append(entry)
+            chosen, rank, top = logprob
+            comp.logprobs.append(self._logprob_entry(token, chosen, rank, top))
             comp.cumulative_logprob = (comp.cumulative_logprob or 0.0) + chosen
         comp.text = self._visible(child, finished=req.status.finished)
 
@@ -127,17 +159,26 @@ class OutputProcessor:
             return text[: max(0, len(text) - hold)] if hold else text
         return text
 
-    def _check_stop_strings(self, child: ChildState) -> bool:
+    @staticmethod
+    def _check_stop_strings(child: ChildState, text_before: int) -> bool:
+        """Find the earliest stop string that ends in the text added this step (it may
+        begin in text from earlier tokens). Not before ``min_tokens`` outputs, as vLLM."""
+        if not child.stop_strings or len(child.completion.token_ids) <= child.min_tokens:
+            return False
         text = child.detok.text
+        found: tuple[int, str] | None = None
         for stop in child.stop_strings:
-            index = text.find(stop)
-            if index >= 0:
-                end = index + len(stop) if child.include_stop else index
-                child.completion.text = text[:end]
-                child.completion.finish_reason = RequestStatus.FINISHED_STOPPED.value
-                child.completion.stop_reason = stop
-                return True
-        return False
+            index = text.find(stop, max(0, text_before - len(stop) + 1))
+            if index >= 0 and (found is None or index < found[0]):
+                found = (index, stop)
+        if found is None:
+            return False
+        index, stop = found
+        end = index + len(stop) if child.include_stop else index
+        child.completion.text = text[:end]
+        child.completion.finish_reason = RequestStatus.FINISHED_STOPPED.value
+        child.completion.stop_reason = stop
+        return True
 
     def _output(self, parent: ParentState) -> RequestOutput:
         finished = parent.finished
@@ -147,6 +188,7 @@ class OutputProcessor:
             prompt_token_ids=parent.prompt_token_ids,
             outputs=[c.completion for c in parent.children.values()],
             finished=finished,
+            prompt_logprobs=parent.prompt_logprobs,
             num_cached_tokens=parent.num_cached_tokens,
         )
         if parent.first_token_time is not None:

@@ -28,18 +28,24 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
-    priority: int = 0
+    priority: int = 0  # lower runs first under the "priority" policy, as in vLLM
     arrival_time: float = field(default_factory=time.monotonic)
+    # For the samples of an ``n > 1`` request: the sibling that computes the shared prompt.
+    # The others wait until its prompt blocks are cached, then take them as prefix hits.
+    prompt_leader_id: str | None = None
+    # Mixed into the first block's hash: requests with different salts never share KV.
+    cache_salt: str | None = None
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     # Tokens whose KV is in the cache (or scheduled to be written this step).
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit on first schedule; -1 before that
     block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     first_token_time: float | None = None
+    arrival_index: int = 0  # set by the scheduler: breaks ties between equal ranks
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -60,3 +66,12 @@ class Request:
     def token_at(self, index: int) -> int:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens ``start:end`` of prompt + output, without copying the whole sequence."""
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]

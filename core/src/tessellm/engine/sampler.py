@@ -1,59 +1,169 @@
-"""Vectorised sampling over the batch: penalties, temperature, top-k/top-p/min-p, seeds.
+"""Vectorised sampling over the batch: logits processors, penalties, temperature,
+min-p / top-k / top-p, per-request seeds, and logprobs.
 
-Sampling uses the exponential-race trick (``argmax(p / q)`` with ``q ~ Exp(1)``), which
-draws from ``p`` and lets seeded rows take their noise from their own generator, seeded
-by (seed, number of tokens generated so far): a seeded request gets the same tokens
-whatever else shares its batch.
+Order, as in vLLM: logit_bias and min_tokens, then penalties (greedy rows too), then
+temperature, min-p, top-k, and top-p over what top-k left. Each step is one tensor
+operation over the whole batch; Python only flattens the per-request lists into indices.
+
+Sampling uses the exponential race (``argmax(p / q)`` with ``q ~ Exp(1)``), which draws
+from ``p`` and lets seeded rows take their noise from their own generator, seeded by
+(seed, number of tokens generated so far): a seeded request gets the same tokens
+whatever else shares its batch, and again after a preemption.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from tessellm.engine.schedule import ScheduledSeq
+from tessellm.engine.schedule import ScheduledSeq, SchedulerOutput, TokenLogprobs
 
 NEG_INF = float("-inf")
 
 
+def _index_pairs(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, column) tensors for every entry of a ragged list of lists."""
+    row_ids = [i for i, cols in enumerate(rows) for _ in cols]
+    cols = [c for r in rows for c in r]
+    return (
+        torch.tensor(row_ids, dtype=torch.long, device=device),
+        torch.tensor(cols, dtype=torch.long, device=device),
+    )
+
+
+def apply_logit_bias(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Tensor:
+    """Add each request's ``logit_bias[token]`` to that token's logit."""
+    vocab = logits.shape[1]
+    items = [
+        [(int(t), float(b)) for t, b in (s.params.logit_bias or {}).items() if 0 <= int(t) < vocab]
+        for s in seqs
+    ]
+    if not any(items):
+        return logits
+    rows, cols = _index_pairs([[t for t, _ in row] for row in items], logits.device)
+    bias = torch.tensor([b for row in items for _, b in row], device=logits.device)
+    return logits.index_put((rows, cols), bias.to(logits.dtype), accumulate=True)
+
+
+def apply_min_tokens(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Tensor:
+    """Before ``min_tokens`` outputs, EOS (unless ignored) and stop_token_ids cannot win."""
+    banned = []
+    for s in seqs:
+        ids: set[int] = set()
+        if s.num_output_tokens < s.params.min_tokens:
+            ids.update(s.params.stop_token_ids or ())
+            if not s.params.ignore_eos:
+                ids.update(s.eos_token_ids)
+        banned.append(sorted(ids))
+    if not any(banned):
+        return logits
+    rows, cols = _index_pairs(banned, logits.device)
+    return logits.index_put((rows, cols), torch.tensor(NEG_INF, device=logits.device))
+
+
 def apply_penalties(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Tensor:
-    """Repetition (prompt and output, HF/vLLM form), frequency and presence penalties."""
+    """The documented formulas (vLLM's), for a token ``t`` with logit ``l``:
+
+    - repetition ``r`` (``t`` in prompt or output): ``l / r`` if ``l > 0`` else ``l * r``;
+    - frequency ``f`` and presence ``p``: ``l - f * count(t) - p * (count(t) > 0)``,
+      counting ``t`` in the output only.
+    """
+    if not any(s.output_token_ids or s.prompt_token_ids for s in seqs):
+        return logits
     n, vocab = logits.shape
     device = logits.device
-    rows = [i for i, s in enumerate(seqs) if s.output_token_ids or s.prompt_token_ids]
-    if not rows:
-        return logits
     counts = torch.zeros(n, vocab, device=device)
-    seen = torch.zeros(n, vocab, dtype=torch.bool, device=device)
-    for i in rows:
-        out = torch.tensor(seqs[i].output_token_ids, dtype=torch.long, device=device)
-        counts[i].index_add_(0, out, torch.ones(out.shape[0], device=device))
-        if seqs[i].prompt_token_ids:
-            seen[i, torch.tensor(seqs[i].prompt_token_ids, device=device)] = True
-    seen |= counts > 0
+    rows, cols = _index_pairs([s.output_token_ids for s in seqs], device)
+    counts.index_put_((rows, cols), torch.ones(len(cols), device=device), accumulate=True)
+    seen = counts > 0
+    rows, cols = _index_pairs([s.prompt_token_ids for s in seqs], device)
+    seen[rows, cols] = True
     rep = torch.tensor([s.params.repetition_penalty for s in seqs], device=device)[:, None]
     freq = torch.tensor([s.params.frequency_penalty for s in seqs], device=device)[:, None]
     pres = torch.tensor([s.params.presence_penalty for s in seqs], device=device)[:, None]
     penalised = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalised, logits)
-    return logits - freq * counts - pres * (counts > 0).float()
+    return logits - freq * counts - pres * (counts > 0).to(logits.dtype)
 
 
-def mask_top_k_top_p_min_p(
+def mask_min_p_top_k_top_p(
     logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
 ) -> torch.Tensor:
-    """Set to -inf every logit outside top-k (0 = off), the top-p nucleus, or min-p."""
+    """Set to -inf every logit that min-p, then top-k (0 = off), then top-p removes.
+
+    min-p drops tokens less likely than ``min_p`` times the top token; top-p keeps the
+    smallest set of the most likely tokens whose mass (renormalised over what min-p and
+    top-k left) reaches ``top_p``. The most likely token always survives.
+    """
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
     ranks = torch.arange(vocab, device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))[:, None]
-    remove = ranks >= k
     probs = sorted_logits.softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-    remove |= before >= top_p[:, None]
-    remove |= probs < min_p[:, None] * probs[:, :1]
-    remove[:, 0] = False  # the most likely token always survives
+    remove = probs < min_p[:, None] * probs[:, :1]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))[:, None]
+    remove |= ranks >= k
+    kept = sorted_logits.masked_fill(remove, NEG_INF).softmax(dim=-1)
+    mass_above = kept.cumsum(dim=-1) - kept
+    remove |= mass_above >= top_p[:, None]
+    remove[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(remove, NEG_INF)
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def token_logprobs(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: list[int]
+) -> list[TokenLogprobs]:
+    """Per row: the logprob and vocabulary rank of ``token_ids[row]``, and the top
+    ``num_top[row]`` tokens. ``logprobs`` is ``[rows, vocab]`` log-softmax output."""
+    chosen = logprobs.gather(1, token_ids[:, None])
+    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+    chosen_list = chosen.squeeze(1).tolist()
+    k = max(num_top, default=0)
+    top_ids: list[list[int]] = [[] for _ in num_top]
+    top_vals: list[list[float]] = [[] for _ in num_top]
+    if k:
+        vals, ids = logprobs.topk(k, dim=-1)
+        top_ids, top_vals = ids.tolist(), vals.tolist()
+    return [
+        (chosen_list[i], ranks[i], list(zip(top_ids[i][:n], top_vals[i][:n], strict=True)))
+        for i, n in enumerate(num_top)
+    ]
+
+
+def compute_prompt_logprobs(
+    hidden: torch.Tensor,
+    plan: SchedulerOutput,
+    compute_logits: Callable[[torch.Tensor], torch.Tensor],
+) -> dict[str, tuple[int, list[TokenLogprobs]]] | None:
+    """Logprobs of the prompt tokens that this step's chunks predict (raw model logits).
+
+    ``hidden`` is the packed ``[tokens, hidden]`` output of the step, in plan order."""
+    if not any(s.prompt_logprob_token_ids for s in plan.seqs):
+        return None
+    rows: list[int] = []
+    wanted: list[ScheduledSeq] = []
+    offset = 0
+    for seq in plan.seqs:
+        targets = seq.prompt_logprob_token_ids
+        if targets:
+            rows.extend(range(offset, offset + len(targets)))
+            wanted.append(seq)
+        offset += len(seq.token_ids)
+    device = hidden.device
+    logits = compute_logits(hidden[torch.tensor(rows, device=device)]).float()
+    targets = torch.tensor(
+        [t for s in wanted for t in s.prompt_logprob_token_ids], dtype=torch.long, device=device
+    )
+    num_top = [s.params.prompt_logprobs or 0 for s in wanted for _ in s.prompt_logprob_token_ids]
+    entries = token_logprobs(logits.log_softmax(dim=-1), targets, num_top)
+    out: dict[str, tuple[int, list[TokenLogprobs]]] = {}
+    start = 0
+    for seq in wanted:
+        count = len(seq.prompt_logprob_token_ids)
+        out[seq.request_id] = (seq.start_pos + 1, entries[start : start + count])
+        start += count
+    return out
 
 
 class Sampler:
@@ -71,33 +181,26 @@ class Sampler:
 
     def __call__(
         self, logits: torch.Tensor, seqs: list[ScheduledSeq]
-    ) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]] | None] | None]:
-        logits = logits.float()
-        raw = logits
-        params = [s.params for s in seqs]
-        if any(p.logit_bias for p in params):
-            logits = logits.clone()
-            for i, p in enumerate(params):
-                for token, bias in (p.logit_bias or {}).items():
-                    if 0 <= int(token) < logits.shape[1]:
-                        logits[i, int(token)] += bias
-        if any(s.num_output_tokens < s.params.min_tokens for s in seqs):
-            logits = logits.clone() if logits is raw else logits
-            for i, s in enumerate(seqs):
-                if s.num_output_tokens < s.params.min_tokens:
-                    banned = set(s.params.stop_token_ids or ())
-                    if not s.params.ignore_eos:
-                        banned |= s.eos_token_ids
-                    logits[i, list(banned)] = NEG_INF
+    ) -> tuple[list[int], list[TokenLogprobs | None] | None]:
+        """Sample one token per row of ``logits`` (``seqs[i]`` owns row ``i``). Logprobs
+        are of the raw model distribution (before penalties and temperature), as vLLM's."""
+        raw = logits.float()
+        logits = apply_logit_bias(raw, seqs)
+        logits = apply_min_tokens(logits, seqs)
         logits = apply_penalties(logits, seqs)
         tokens = logits.argmax(dim=-1)
+        params = [s.params for s in seqs]
         if not all(p.temperature == 0 for p in params):
             tokens = self._sample(logits, seqs, tokens)
-        token_list = tokens.tolist()
         logprobs = None
         if any(p.logprobs is not None for p in params):
-            logprobs = self._logprobs(raw, tokens, params)
-        return token_list, logprobs
+            entries = token_logprobs(
+                raw.log_softmax(dim=-1), tokens, [p.logprobs or 0 for p in params]
+            )
+            logprobs = [
+                e if p.logprobs is not None else None for e, p in zip(entries, params, strict=True)
+            ]
+        return tokens.tolist(), logprobs
 
     def _sample(
         self, logits: torch.Tensor, seqs: list[ScheduledSeq], greedy_tokens: torch.Tensor
@@ -107,7 +210,7 @@ class Sampler:
         temp = torch.tensor([p.temperature or 1.0 for p in params], device=device)
         logits = logits / temp[:, None]
         if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
-            logits = mask_top_k_top_p_min_p(
+            logits = mask_min_p_top_k_top_p(
                 logits,
                 torch.tensor([p.top_k for p in params], device=device),
                 torch.tensor([p.top_p for p in params], device=device),
@@ -119,30 +222,9 @@ class Sampler:
             if s.params.seed is not None:
                 gen = torch.Generator(device=device)
                 gen.manual_seed((s.params.seed * 1_000_003 + s.num_output_tokens) % (2**63))
-                noise[i] = torch.empty_like(noise[i]).exponential_(generator=gen)
-        sampled = (probs / noise).argmax(dim=-1)
+                noise[i].exponential_(generator=gen)
+        # An Exp(1) draw can be exactly 0: 0/0 would be NaN, and argmax picks NaN, so a
+        # token that masking removed could win. A tiny floor keeps p = 0 out of reach.
+        sampled = (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
         greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
         return torch.where(greedy, greedy_tokens, sampled)
-
-    @staticmethod
-    def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, params):
-        logprobs = raw.log_softmax(dim=-1)
-        k = max(p.logprobs or 0 for p in params)
-        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-        top_vals, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
-        out: list[tuple[float, list[tuple[int, float]]] | None] = []
-        for i, p in enumerate(params):
-            if p.logprobs is None:
-                out.append(None)
-                continue
-            top = []
-            if p.logprobs and top_ids is not None:
-                top = list(
-                    zip(
-                        top_ids[i, : p.logprobs].tolist(),
-                        top_vals[i, : p.logprobs].tolist(),
-                        strict=True,
-                    )
-                )
-            out.append((chosen[i], top))
-        return out

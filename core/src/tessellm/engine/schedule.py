@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 from tessellm.sampling_params import SamplingParams
 
+# One scored token: (its logprob, its rank in the vocabulary (1 = most likely),
+# [(token id, logprob), ...] the top-k alternatives, most likely first).
+TokenLogprobs = tuple[float, int, list[tuple[int, float]]]
+
 
 @dataclass(slots=True)
 class ScheduledSeq:
@@ -22,6 +26,9 @@ class ScheduledSeq:
     output_token_ids: list[int] = field(default_factory=list)
     prompt_token_ids: list[int] = field(default_factory=list)
     eos_token_ids: frozenset[int] = frozenset()
+    # Prompt logprobs: position ``start_pos + i`` of this chunk scores token
+    # ``prompt_logprob_token_ids[i]`` (the prompt token after it). Empty: none wanted.
+    prompt_logprob_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -40,7 +47,7 @@ class StepResult:
     """Sampled tokens for the seqs with ``sample=True``, in plan order."""
 
     sampled_token_ids: list[int]
-    # Per sampled seq: (sampled token logprob, [(token_id, logprob), ...] top-k) or None.
-    logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
-    # Per seq: prompt logprobs for this chunk's tokens (position i scores token i+1).
-    prompt_logprobs: dict[str, list[tuple[float, list[tuple[int, float]]]]] | None = None
+    # Per sampled seq (plan order): the sampled token's logprobs, or None when not asked.
+    logprobs: list[TokenLogprobs | None] | None = None
+    # Per request id: (prompt position of the first scored token, one entry per token).
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] | None = None

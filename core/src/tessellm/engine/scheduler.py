@@ -1,17 +1,24 @@
 """Continuous batching under a token budget, with chunked prefill and preemption.
 
-Every step each running request advances by some number of tokens: the rest of its
-prompt (in chunks no larger than the budget left) or one decode token. Prompt and output
-tokens are handled alike. When the KV pool runs dry the request that ranks last (latest
-arrival, or lowest priority under the ``priority`` policy) is preempted: its blocks are
-freed and it is recomputed later (prefix caching usually makes that cheap).
+Every step each running request advances by some number of tokens: one decode token, or
+the next chunk of its prompt (or of its recompute after a preemption). Decodes are served
+first and prompt chunks take the budget left, so a long prompt never stalls the requests
+already generating. Waiting requests join when budget, ``max_num_seqs`` and blocks allow,
+starting from whatever prefix the cache already holds.
+
+When the KV pool runs dry the running request that ranks last (latest arrival; under the
+``priority`` policy the largest ``priority`` value, then latest arrival) is preempted: its
+blocks are freed and it is recomputed later, with identical results (prefix caching
+usually makes that cheap). Under ``priority`` a waiting request may also preempt running
+requests that rank below it.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
-from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tessellm.engine.kv_cache_manager import KVCacheManager
 from tessellm.engine.request import Request, RequestStatus
@@ -28,38 +35,66 @@ class SchedulerConfig:
     policy: str = "fcfs"  # or "priority"
 
 
+@dataclass(slots=True)
+class SchedulerCounters:
+    num_preemptions: int = 0
+    prefix_cache_queried_tokens: int = 0  # tokens of requests admitted (resumes included)
+    prefix_cache_hit_tokens: int = 0  # of those, tokens found in the prefix cache
+    num_computed_prompt_tokens: int = 0  # prompt positions computed (recomputes included)
+    num_scheduled_tokens: int = 0
+    num_scheduled_steps: int = 0
+    last_step_tokens: int = 0
+
+
+@dataclass(slots=True)
+class _StepDraft:
+    budget: int
+    scheduled: dict[str, int] = field(default_factory=dict)  # request id -> new tokens
+    preempted: list[str] = field(default_factory=list)
+    admitted_any: bool = False
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
         if config.policy not in ("fcfs", "priority"):
             raise ValueError(f"unknown scheduling policy {config.policy!r}")
         self.config = config
         self.kv = kv_cache_manager
-        self.waiting: deque[Request] = deque()
+        self.waiting: list[Request] = []  # kept sorted by rank
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        self.num_preemptions = 0
-        self.last_step_tokens = 0
+        self.counters = SchedulerCounters()
+        self._arrivals = itertools.count()
+        # A sequence never outgrows the cache: it finishes ("length") when it would.
+        self.capacity = kv_cache_manager.num_blocks * kv_cache_manager.block_size
+        self.max_model_len = min(config.max_model_len, self.capacity)
+        # Each running request needs at least one token of budget per step.
+        self.max_running = min(config.max_num_seqs, config.max_num_batched_tokens)
 
     # -- queue management --------------------------------------------------------------
-    def _rank(self, request: Request) -> tuple[int, float]:
-        if self.config.policy == "priority":
-            return (request.priority, request.arrival_time)
-        return (0, request.arrival_time)
+    def _rank(self, request: Request) -> tuple[int, int]:
+        priority = request.priority if self.config.policy == "priority" else 0
+        return (priority, request.arrival_index)
+
+    def _enqueue(self, request: Request) -> None:
+        bisect.insort(self.waiting, request, key=self._rank)
 
     def add_request(self, request: Request) -> None:
-        capacity = self.kv.num_blocks * self.kv.block_size
-        if request.num_prompt_tokens >= capacity:
-            raise InvalidRequestError(
-                f"prompt of {request.num_prompt_tokens} tokens can never fit the KV cache "
-                f"({capacity} tokens in {self.kv.num_blocks} blocks)"
+        if request.request_id in self.requests:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+        if request.num_prompt_tokens >= self.max_model_len:
+            where = (
+                f"the KV cache ({self.capacity} tokens in {self.kv.num_blocks} blocks)"
+                if self.capacity <= self.config.max_model_len
+                else f"max_model_len ({self.config.max_model_len})"
             )
+            raise InvalidRequestError(
+                f"prompt of {request.num_prompt_tokens} tokens can never run: it leaves no "
+                f"room to generate within {where}"
+            )
+        request.arrival_index = next(self._arrivals)
         self.requests[request.request_id] = request
-        if self.config.policy == "priority":
-            # Keep the queue ordered; new arrivals of equal rank go behind earlier ones.
-            items = sorted([*self.waiting, request], key=self._rank)
-            self.waiting = deque(items)
-        else:
-            self.waiting.append(request)
+        self._enqueue(request)
 
     def abort_requests(self, request_ids: list[str]) -> list[Request]:
         return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
@@ -70,9 +105,9 @@ class Scheduler:
             request = self.requests.pop(request_id, None)
             if request is None:
                 continue
-            if request in self.running:
+            if request.status is RequestStatus.RUNNING:
                 self.running.remove(request)
-            elif request in self.waiting:
+            else:
                 self.waiting.remove(request)
             request.status = status
             self.kv.free(request)
@@ -83,82 +118,136 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # -- the step ----------------------------------------------------------------------
-    def _preempt(self, request: Request) -> None:
-        self.running.remove(request)
-        self.kv.free(request)
-        request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
-        request.num_preemptions += 1
-        self.num_preemptions += 1
-        self.waiting.appendleft(request)
-
-    def _victim(self) -> Request:
-        return max(self.running, key=self._rank)
-
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
-        scheduled: dict[str, tuple[Request, int]] = {}
-        preempted: list[str] = []
-
-        for request in list(self.running):
-            if budget <= 0:
+        draft = _StepDraft(self.config.max_num_batched_tokens)
+        # Decodes (one token left) first, then prompt chunks and recomputes, each by rank.
+        order = sorted(
+            self.running,
+            key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, self._rank(r)),
+        )
+        for request in order:
+            if draft.budget <= 0:
                 break
-            if request.status is not RequestStatus.RUNNING:  # preempted by an earlier one
+            if request.status is not RequestStatus.RUNNING:  # an earlier one preempted it
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens - request.num_computed_tokens, draft.budget)
             while not self.kv.can_allocate(request, num_new):
-                victim = self._victim()
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-                undone = scheduled.pop(victim.request_id, None)
-                if undone is not None:
-                    budget += undone[1]
+                victim = max(self.running, key=self._rank)
+                self._preempt(victim, draft)
                 if victim is request:
                     break
-            if request.status is not RequestStatus.RUNNING:
+            if request.status is RequestStatus.RUNNING:
+                self.kv.allocate(request, num_new)
+                draft.scheduled[request.request_id] = num_new
+                draft.budget -= num_new
+
+        # Admitting new work while the running set is short of blocks only thrashes.
+        if not draft.preempted:
+            self._admit_waiting(draft)
+
+        seqs = []
+        for request_id, num_new in draft.scheduled.items():
+            request = self.requests[request_id]
+            start = request.num_computed_tokens
+            self.counters.num_computed_prompt_tokens += max(
+                0, min(start + num_new, request.num_prompt_tokens) - start
+            )
+            seqs.append(self._to_seq(request, num_new))
+        total = sum(draft.scheduled.values())
+        c = self.counters
+        c.last_step_tokens = total
+        c.num_scheduled_tokens += total
+        c.num_scheduled_steps += 1 if seqs else 0
+        return SchedulerOutput(seqs, total, draft.preempted)
+
+    def _admit_waiting(self, draft: _StepDraft) -> None:
+        index = 0
+        while index < len(self.waiting) and draft.budget > 0:
+            if len(self.running) >= self.max_running:
+                return
+            request = self.waiting[index]
+            if self._waits_for_leader(request, draft):
+                index += 1
                 continue
-            self.kv.allocate(request, num_new)
-            scheduled[request.request_id] = (request, num_new)
-            budget -= num_new
+            if not self._try_admit(request, draft):
+                return
+            self.waiting.pop(index)
+            draft.admitted_any = True
 
-        while self.waiting and budget > 0 and not preempted:
-            if len(self.running) >= self.config.max_num_seqs:
-                break
-            request = self.waiting[0]
-            if not request.block_ids:
-                cached = self.kv.get_computed_blocks(request)
-                request.num_computed_tokens = cached
-                if request.num_cached_tokens < 0:
-                    request.num_cached_tokens = cached
-            remaining = request.num_tokens - request.num_computed_tokens
-            num_new = min(remaining, budget)
-            if num_new < remaining and not self.config.enable_chunked_prefill:
-                if scheduled:
-                    break
-                # Without chunking, a prompt larger than the budget could never start.
-                num_new = remaining
-            if not self.kv.can_allocate(request, num_new):
-                # Give back the prefix hits; the request retries from scratch next step.
-                self.kv.free(request)
-                request.num_computed_tokens = 0
-                break
-            self.waiting.popleft()
-            self.kv.allocate(request, num_new)
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            scheduled[request.request_id] = (request, num_new)
-            budget -= num_new
+    def _waits_for_leader(self, request: Request, draft: _StepDraft) -> bool:
+        """A sibling of an ``n > 1`` request starts once the leader's prompt blocks are
+        published (possibly this very step), so the prompt is computed only once."""
+        leader = self.requests.get(request.prompt_leader_id or "")
+        if leader is None or not getattr(self.kv, "enable_prefix_caching", False):
+            return False
+        if leader.status is not RequestStatus.RUNNING:
+            return True  # not started yet, or preempted: it recomputes first
+        shareable = (request.num_prompt_tokens - 1) // self.kv.block_size * self.kv.block_size
+        covered = leader.num_computed_tokens + draft.scheduled.get(leader.request_id, 0)
+        return covered < shareable
 
-        seqs = [self._to_seq(request, n) for request, n in scheduled.values()]
-        total = sum(n for _, n in scheduled.values())
-        self.last_step_tokens = total
-        return SchedulerOutput(seqs, total, preempted)
+    def _try_admit(self, request: Request, draft: _StepDraft) -> bool:
+        # Prompt logprobs need the logits of every prompt position: no cache hits.
+        cached = 0 if self._wants_prompt_logprobs(request) else self.kv.get_computed_blocks(request)
+        request.num_computed_tokens = cached
+        remaining = request.num_tokens - cached
+        num_new = min(remaining, draft.budget)
+        if num_new < remaining and not self.config.enable_chunked_prefill:
+            if draft.scheduled:
+                return self._give_back(request)
+            num_new = remaining  # alone in the step: a prompt over budget must still run
+        while not self.kv.can_allocate(request, num_new):
+            victim = self._priority_victim(request, draft)
+            if victim is None:
+                return self._give_back(request)
+            self._preempt(victim, draft)
+        self.kv.allocate(request, num_new)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        draft.scheduled[request.request_id] = num_new
+        draft.budget -= num_new
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = cached
+        self.counters.prefix_cache_queried_tokens += request.num_tokens
+        self.counters.prefix_cache_hit_tokens += cached
+        return True
+
+    def _give_back(self, request: Request) -> bool:
+        """Undo a failed admission: return the prefix hits; it retries from scratch."""
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        return False
+
+    def _priority_victim(self, request: Request, draft: _StepDraft) -> Request | None:
+        """Under ``priority``: the lowest-ranked running request ranked below ``request``.
+        Not once a waiting request has joined this step: it may hold prefix hits on blocks
+        a victim publishes this step but would then never compute."""
+        if self.config.policy != "priority" or draft.admitted_any or not self.running:
+            return None
+        victim = max(self.running, key=self._rank)
+        return victim if self._rank(victim) > self._rank(request) else None
+
+    def _preempt(self, victim: Request, draft: _StepDraft) -> None:
+        self.running.remove(victim)
+        self.kv.free(victim)  # before resetting progress: it says which blocks hold KV
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.counters.num_preemptions += 1
+        undone = draft.scheduled.pop(victim.request_id, None)
+        if undone is not None:
+            draft.budget += undone
+        draft.preempted.append(victim.request_id)
+        self._enqueue(victim)
 
     @staticmethod
-    def _to_seq(request: Request, num_new: int) -> ScheduledSeq:
+    def _wants_prompt_logprobs(request: Request) -> bool:
+        # Siblings of an n > 1 request leave prompt logprobs to their leader.
+        return request.params.prompt_logprobs is not None and request.prompt_leader_id is None
+
+    def _to_seq(self, request: Request, num_new: int) -> ScheduledSeq:
         start = request.num_computed_tokens
         end = start + num_new
-        tokens = request.all_token_ids[start:end]
         params = request.params
         needs_history = (
             params.presence_penalty
@@ -166,9 +255,14 @@ class Scheduler:
             or params.repetition_penalty != 1.0
             or params.min_tokens
         )
+        targets: list[int] = []
+        if self._wants_prompt_logprobs(request) and start < request.num_prompt_tokens - 1:
+            targets = request.prompt_token_ids[
+                start + 1 : min(end, request.num_prompt_tokens - 1) + 1
+            ]
         return ScheduledSeq(
             request_id=request.request_id,
-            token_ids=tokens,
+            token_ids=request.token_slice(start, end),
             start_pos=start,
             block_ids=list(request.block_ids),
             sample=end == request.num_tokens,
@@ -177,6 +271,7 @@ class Scheduler:
             output_token_ids=list(request.output_token_ids) if needs_history else [],
             prompt_token_ids=request.prompt_token_ids if params.repetition_penalty != 1 else [],
             eos_token_ids=request.eos_token_ids,
+            prompt_logprob_token_ids=targets,
         )
 
     def update(self, plan: SchedulerOutput, result: StepResult) -> list[Request]:
@@ -213,18 +308,25 @@ class Scheduler:
                 return RequestStatus.FINISHED_STOPPED
         if params.max_tokens is not None and num_out >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
-        if request.num_tokens >= self.config.max_model_len:
+        if request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
     def stats(self) -> dict[str, float]:
+        c = self.counters
+        queried = c.prefix_cache_queried_tokens
         return {
             "num_running": len(self.running),
             "num_waiting": len(self.waiting),
-            "num_preemptions": self.num_preemptions,
+            "num_preempted": sum(r.status is RequestStatus.PREEMPTED for r in self.waiting),
+            "num_preemptions": c.num_preemptions,
             "kv_cache_usage": self.kv.usage(),
-            "prefix_cache_hit_rate": self.kv.stats.hit_rate,
-            "prefix_cache_queried_tokens": self.kv.stats.queried_tokens,
-            "prefix_cache_hit_tokens": self.kv.stats.hit_tokens,
-            "last_step_tokens": self.last_step_tokens,
+            "prefix_cache_hit_rate": c.prefix_cache_hit_tokens / queried if queried else 0.0,
+            "prefix_cache_queried_tokens": queried,
+            "prefix_cache_hit_tokens": c.prefix_cache_hit_tokens,
+            "num_computed_prompt_tokens": c.num_computed_prompt_tokens,
+            "last_step_tokens": c.last_step_tokens,
+            "avg_tokens_per_step": (
+                c.num_scheduled_tokens / c.num_scheduled_steps if c.num_scheduled_steps else 0.0
+            ),
         }
