@@ -1,0 +1,3 @@
+"""Baselines timed on the same workload as tessellm, in the same run."""
+
+BASELINES = ("hf", "llama.cpp")

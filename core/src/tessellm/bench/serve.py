@@ -1,0 +1,193 @@
+"""``tessellm bench serve``: an async OpenAI-client load against a running server.
+
+Requests arrive as a Poisson process at ``request_rate`` per second (``inf``: all at
+once), optionally capped at ``max_concurrency`` in flight, each a streamed completion.
+Per request: TTFT (send → first token), TPOT (mean gap after the first token) and every
+inter-token latency (ITL); over the run: request and output-token throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tessellm.bench.report import BenchReport, progress
+from tessellm.bench.workload import BenchRequest, LengthRange, make_workload, usable_token_ids
+
+
+@dataclass
+class ServeSettings:
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str | None = None  # None: the first model the server lists
+    api_key: str = "EMPTY"
+    num_prompts: int = 64
+    input_len: LengthRange = field(default_factory=lambda: LengthRange(32, 32))
+    output_len: LengthRange = field(default_factory=lambda: LengthRange(128, 128))
+    request_rate: float = math.inf
+    max_concurrency: int | None = None
+    vocab_size: int = 32000  # random prompt ids are drawn below this ...
+    tokenizer: str | None = None  # ... or from this model's tokenizer, specials excluded
+    seed: int = 0
+    timeout_s: float = 600.0
+
+
+@dataclass(slots=True)
+class RequestTiming:
+    ok: bool
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    input_tokens: int = 0
+    error: str = ""
+
+    @property
+    def tpot(self) -> float | None:
+        if self.output_tokens <= 1:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+async def one_request(client: Any, model: str, req: BenchRequest) -> RequestTiming:
+    start = time.perf_counter()
+    timing = RequestTiming(ok=False, input_tokens=req.input_len)
+    last = None
+    chunks = 0
+    try:
+        stream = await client.completions.create(
+            model=model,
+            prompt=req.prompt_token_ids,
+            max_tokens=req.output_len,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        async for chunk in stream:
+            now = time.perf_counter()
+            if chunk.choices and chunk.choices[0].text:
+                chunks += 1
+                if last is None:
+                    timing.ttft = now - start
+                else:
+                    timing.itls.append(now - last)
+                last = now
+            if getattr(chunk, "usage", None):
+                timing.output_tokens = chunk.usage.completion_tokens
+    except Exception as exc:  # a failed request is counted, not fatal to the run
+        timing.error = f"{type(exc).__name__}: {exc}"
+        return timing
+    timing.e2e = time.perf_counter() - start
+    timing.output_tokens = timing.output_tokens or chunks
+    timing.ok = last is not None
+    if not timing.ok:
+        timing.error = "no tokens streamed"
+    return timing
+
+
+def _percentiles(values: list[float], scale: float = 1e3) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None, "mean": None}
+    ordered = sorted(values)
+
+    def pct(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] * scale
+
+    return {"p50": pct(0.5), "p99": pct(0.99), "mean": statistics.fmean(values) * scale}
+
+
+def summarize(timings: list[RequestTiming], elapsed: float) -> dict[str, float | int | None]:
+    done = [t for t in timings if t.ok]
+    out_tokens = sum(t.output_tokens for t in done)
+    metrics: dict[str, float | int | None] = {
+        "completed": len(done),
+        "failed": len(timings) - len(done),
+        "elapsed_s": round(elapsed, 3),
+        "req_s": len(done) / elapsed,
+        "output_tok_s": out_tokens / elapsed,
+        "total_tok_s": (out_tokens + sum(t.input_tokens for t in done)) / elapsed,
+    }
+    series = {
+        "ttft": [t.ttft for t in done],
+        "tpot": [t.tpot for t in done if t.tpot is not None],
+        "itl": [x for t in done for x in t.itls],
+    }
+    for name, values in series.items():
+        stats = _percentiles(values)
+        metrics[f"{name}_p50_ms"] = stats["p50"]
+        metrics[f"{name}_p99_ms"] = stats["p99"]
+    return metrics
+
+
+async def _run(settings: ServeSettings, requests: list[BenchRequest]) -> BenchReport:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(
+        base_url=settings.base_url, api_key=settings.api_key, timeout=settings.timeout_s
+    )
+    model = settings.model or (await client.models.list()).data[0].id
+    report = BenchReport(
+        "serve",
+        {
+            "base_url": settings.base_url,
+            "model": model,
+            "num_prompts": len(requests),
+            "input_len": str(settings.input_len),
+            "output_len": str(settings.output_len),
+            "request_rate": str(settings.request_rate),
+            "max_concurrency": settings.max_concurrency,
+        },
+    )
+    report.machine["device"] = f"server at {settings.base_url}"
+    limit = asyncio.Semaphore(settings.max_concurrency or len(requests) or 1)
+    rng = random.Random(settings.seed)
+    bar = progress(len(requests), "serve")
+
+    async def limited(req: BenchRequest) -> RequestTiming:
+        async with limit:
+            result = await one_request(client, model, req)
+        bar.update(1)
+        return result
+
+    start = time.perf_counter()
+    tasks = []
+    for req in requests:
+        tasks.append(asyncio.create_task(limited(req)))
+        if math.isfinite(settings.request_rate) and settings.request_rate > 0:
+            await asyncio.sleep(rng.expovariate(settings.request_rate))
+    timings = await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    bar.close()
+    await client.close()
+    report.add("tessellm-server", summarize(timings, elapsed))
+    errors = sorted({t.error for t in timings if not t.ok})
+    if errors:
+        report.rows[-1].note = "errors: " + "; ".join(errors[:3])
+    return report
+
+
+def prompt_token_ids(settings: ServeSettings) -> list[int]:
+    if settings.tokenizer is None:
+        # Low ids of most vocabularies hold special and byte tokens; skip them.
+        return usable_token_ids(settings.vocab_size, range(min(1000, settings.vocab_size - 1)))
+    from tessellm import model_loader as ml
+    from tessellm.config import EngineArgs
+    from tessellm.plugins import get_plugins
+
+    plugins = get_plugins()
+    resolved = ml.resolve_model(plugins, settings.tokenizer, EngineArgs().cache_dir)
+    tokenizer = ml.weight_format(plugins, resolved).load_tokenizer(resolved.path)
+    return usable_token_ids(len(tokenizer), tokenizer.all_special_ids)
+
+
+def run_serve(settings: ServeSettings) -> BenchReport:
+    ids = prompt_token_ids(settings)
+    requests = make_workload(
+        settings.num_prompts, settings.input_len, settings.output_len, ids, settings.seed
+    )
+    return asyncio.run(_run(settings, requests))
