@@ -9,10 +9,13 @@ import torch
 
 from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
+from tessellm.engine.profile_run import profile_forward
 from tessellm.engine.sampler import Sampler, compute_prompt_logprobs
 from tessellm.engine.schedule import SchedulerOutput, StepResult
 from tessellm.interfaces.attention import AttentionMetadata
 from tessellm.interfaces.model import ModelContext, ParallelInfo
+from tessellm.interfaces.ops import bind_fused_ops
+from tessellm.interfaces.platform import GraphRunner, GraphSpec
 from tessellm.layers.attention import Attention
 from tessellm.plugins import PluginSet, get_plugins
 from tessellm.selection import choose_attention_backend, choose_platform
@@ -52,6 +55,8 @@ class ModelRunner:
         with torch.inference_mode():
             ml.load_weights(self.model, fmt.iter_weights(resolved.path, self.config, self.dtype))
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        bind_fused_ops(self.model, self.platform.fused_ops(self.dtype))
+        self.graph_runner: GraphRunner | None = None
         self.sampler = Sampler(args.seed)
         self.block_size = args.block_size
         self.num_blocks = 0
@@ -70,6 +75,7 @@ class ModelRunner:
         if args.kv_cache_memory_bytes:
             budget = args.kv_cache_memory_bytes
         else:
+            self.platform.measure_peak_memory(lambda: profile_forward(self))
             budget = self.platform.available_kv_cache_bytes(
                 args.gpu_memory_utilization, ml.model_bytes(self.model)
             )
@@ -82,6 +88,11 @@ class ModelRunner:
             k = torch.zeros(shape, dtype=self.dtype, device=self.device)
             v = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.bind_kv_cache(k, v)
+        if not self.args.enforce_eager:
+            spec = GraphSpec(self.args.max_num_seqs, self.max_model_len, self.block_size)
+            self.graph_runner = self.platform.graph_runner(self.model, self.attention, spec)
+            if self.graph_runner is not None:
+                self.graph_runner.capture()
 
     # -- one step ------------------------------------------------------------------------
     def prepare_inputs(
@@ -130,8 +141,12 @@ class ModelRunner:
         if plan.empty:
             return StepResult([])
         input_ids, positions, metadata, sample_rows = self.prepare_inputs(plan)
-        self.attention.prepare(metadata)
-        hidden = self.model(input_ids, positions, metadata)
+        hidden = None
+        if self.graph_runner is not None and metadata.max_query_len == 1:
+            hidden = self.graph_runner(input_ids, positions, metadata)
+        if hidden is None:
+            self.attention.prepare(metadata)
+            hidden = self.model(input_ids, positions, metadata)
         prompt_logprobs = compute_prompt_logprobs(hidden, plan, self.model.compute_logits)
         sampled = [s for s in plan.seqs if s.sample]
         if not sampled:

@@ -72,6 +72,10 @@ class AttentionBackend(ABC):
 
     name: ClassVar[str]
     capabilities: ClassVar[AttentionCapabilities]
+    # True when ``write_kv``/``forward`` read no device values on the host and depend on
+    # host-side metadata only through what ``prepare`` fixed, so a decode step can be
+    # captured once (as a CUDA graph) and replayed with new tensor contents.
+    graph_capturable: ClassVar[bool] = False
 
     @classmethod
     def validate(cls, spec: AttentionSpec) -> list[str]:

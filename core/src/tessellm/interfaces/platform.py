@@ -4,9 +4,41 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from tessellm.interfaces.attention import AttentionBackend, AttentionMetadata
+    from tessellm.interfaces.ops import FusedOps
+
+
+@dataclass(frozen=True, slots=True)
+class GraphSpec:
+    """What a graph runner needs to size its static buffers."""
+
+    max_num_seqs: int  # the largest decode batch the scheduler forms
+    max_model_len: int  # the longest context (sets the block table width)
+    block_size: int
+
+
+class GraphRunner(Protocol):
+    """Captures decode steps once and replays them (e.g. CUDA graphs).
+
+    ``capture`` runs after the KV cache is bound. Calling the runner with a decode-only
+    batch (one query token per sequence) returns the model's hidden states for its real
+    tokens, or ``None`` when it has no graph for a batch that large (the caller then runs
+    the model eagerly).
+    """
+
+    def capture(self) -> None: ...
+
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor | None: ...
 
 
 class Platform(ABC):
@@ -45,10 +77,21 @@ class Platform(ABC):
     def set_up_process(self) -> None:  # noqa: B027 - optional hook
         """Per-process set-up (threads, allocator settings) before the model is built."""
 
+    def measure_peak_memory(self, run_profile: Callable[[], None]) -> None:  # noqa: B027
+        """Platforms that size the KV cache from the memory a forward pass at the largest
+        batch needs call ``run_profile`` here and remember the peak for
+        ``available_kv_cache_bytes``. The default does not call it (no profiling pass)."""
+
     @abstractmethod
     def available_kv_cache_bytes(self, utilization: float, model_bytes: int) -> int:
         """Bytes the KV cache may take, given a utilisation fraction and the model's size."""
 
-    def graph_runner(self, model: Any) -> Callable[..., Any] | None:
-        """An optional wrapper that captures and replays decode steps (CUDA graphs)."""
+    def graph_runner(
+        self, model: nn.Module, attention: AttentionBackend, spec: GraphSpec
+    ) -> GraphRunner | None:
+        """An optional runner that captures and replays decode steps (CUDA graphs)."""
+        return None
+
+    def fused_ops(self, dtype: torch.dtype) -> FusedOps | None:
+        """Fused kernels the shared layers should use on this device (None: plain torch)."""
         return None

@@ -49,6 +49,7 @@ def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
 
 class TritonPagedAttention(AttentionBackend):
     name = "triton"
+    graph_capturable = True  # see the module docstring: forward reads nothing on the host
     capabilities = AttentionCapabilities(
         device_types=frozenset({"cuda", "hip"}),
         dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),

@@ -1,0 +1,83 @@
+"""The profiling forward pass: the largest step the scheduler may form, on a scratch cache.
+
+Platforms that size the KV cache from free device memory (CUDA) need the peak memory of
+a step before the cache exists. This builds such a step (``max_num_batched_tokens``
+prompt tokens spread over up to ``max_num_seqs`` sequences), runs the model, the LM head
+and a sort over the probabilities (the sampler's largest temporary) on it, and leaves
+the model as it was. Every slot is ``-1``, so the scratch cache is never written.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from tessellm.config import EngineArgs
+from tessellm.interfaces.attention import AttentionMetadata
+
+if TYPE_CHECKING:
+    from tessellm.engine.model_runner import ModelRunner
+
+
+def scheduled_token_budget(args: EngineArgs, max_model_len: int) -> int:
+    """The most tokens one step computes (the scheduler's budget, as the engine sets it)."""
+    budget = args.max_num_batched_tokens or max(8192, args.max_num_seqs)
+    if not args.enable_chunked_prefill:
+        budget = max(budget, max_model_len)
+    return budget
+
+
+def profile_batch(
+    num_tokens: int, num_seqs: int, max_model_len: int, block_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """``num_tokens`` prompt tokens in ``num_seqs`` sequences of near-equal length."""
+    num_seqs = max(1, min(num_seqs, num_tokens))
+    per_seq = min(max_model_len, -(-num_tokens // num_seqs))
+    lens = [min(per_seq, num_tokens - i * per_seq) for i in range(num_seqs)]
+    lens = [n for n in lens if n > 0]
+    q_lens = torch.tensor(lens, dtype=torch.int32)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    torch.cumsum(q_lens, 0, out=cu[1:])
+    total = int(cu[-1])
+    positions = torch.cat([torch.arange(n) for n in lens])
+    width = -(-max(lens) // block_size)
+    metadata = AttentionMetadata(
+        query_start_loc=cu.to(device),
+        seq_lens=q_lens.to(device),
+        block_tables=torch.zeros((len(lens), width), dtype=torch.int32, device=device),
+        slot_mapping=torch.full((total,), -1, dtype=torch.int64, device=device),
+        max_query_len=max(lens),
+        max_seq_len=max(lens),
+        query_start_loc_cpu=cu,
+        seq_lens_cpu=q_lens,
+    )
+    input_ids = torch.zeros(total, dtype=torch.int64, device=device)
+    return input_ids, positions.to(device), metadata
+
+
+@torch.inference_mode()
+def profile_forward(runner: ModelRunner) -> None:
+    """Run the largest step once on a one-block scratch cache, then rebind what was bound."""
+    args = runner.args
+    num_tokens = scheduled_token_budget(args, runner.max_model_len)
+    input_ids, positions, metadata = profile_batch(
+        num_tokens, args.max_num_seqs, runner.max_model_len, runner.block_size, runner.device
+    )
+    bound = [(layer.k_cache, layer.v_cache) for layer in runner.attn_layers]
+    scratch: dict[tuple[int, int], torch.Tensor] = {}
+    for layer in runner.attn_layers:
+        key = (layer.num_kv_heads, layer.head_size)
+        if key not in scratch:
+            shape = (1, runner.block_size, *key)
+            scratch[key] = torch.zeros(shape, dtype=runner.dtype, device=runner.device)
+        layer.bind_kv_cache(scratch[key], scratch[key])
+    try:
+        runner.attention.prepare(metadata)
+        hidden = runner.model(input_ids, positions, metadata)
+        last_rows = metadata.query_start_loc[1:].long() - 1
+        probs = runner.model.compute_logits(hidden[last_rows]).float().softmax(dim=-1)
+        probs.sort(dim=-1, descending=True)
+    finally:
+        for layer, (k_cache, v_cache) in zip(runner.attn_layers, bound, strict=True):
+            layer.bind_kv_cache(k_cache, v_cache)

@@ -1,0 +1,1 @@
+"""The Google TPU platform for tessellm (through torch_xla)."""
