@@ -19,3 +19,8 @@ class InvalidRequestError(TessellmError, ValueError):
 
 class ConfigError(TessellmError, ValueError):
     """Engine arguments that cannot work together or with this machine."""
+
+
+class WorkerError(TessellmError):
+    """A worker process (one tensor-parallel rank) raised or died. The executor has stopped
+    every worker; the engine cannot run further steps."""

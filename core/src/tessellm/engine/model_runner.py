@@ -36,7 +36,7 @@ class ModelRunner:
         plugins = plugins or get_plugins()
         self.platform, self.platform_choice = choose_platform(plugins, args.device)
         self.platform.set_up_process()
-        self.device = self.platform.device(self.parallel.rank)
+        self.device = self.platform.device(self.parallel.device_index)
         torch.manual_seed(args.seed)
         fmt = ml.weight_format(plugins, resolved)
         self.config = fmt.load_config(resolved.path)

@@ -22,6 +22,13 @@ class ParallelInfo:
     rank: int = 0
     world_size: int = 1
     group: object | None = None  # a torch.distributed process group when world_size > 1
+    # This rank's device index on its own machine (None: the rank). Differs from the rank
+    # on multi-machine runs, and is 0 where Ray gives each actor one visible GPU.
+    local_rank: int | None = None
+
+    @property
+    def device_index(self) -> int:
+        return self.rank if self.local_rank is None else self.local_rank
 
 
 @dataclass(slots=True)

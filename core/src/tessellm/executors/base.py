@@ -1,0 +1,101 @@
+"""What the multi-process and Ray executors share: the engine-facing calls and failure state.
+
+A subclass says how to start one worker per rank, how to call a method on all of them and
+wait (bounded) for every reply, and how to stop them all. Any failure (a worker raised, died
+or did not answer in time) stops every worker and raises ``WorkerError``; later calls raise
+it again at once, so the engine never waits on workers that are gone.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, NoReturn
+
+from tessellm.config import EngineArgs
+from tessellm.engine.schedule import SchedulerOutput, StepResult
+from tessellm.errors import WorkerError
+from tessellm.executors.worker import execute_timeout
+from tessellm.model_loader import ResolvedModel
+from tessellm.plugins import PluginSet
+
+logger = logging.getLogger(__name__)
+
+
+class DistributedExecutor(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, args: EngineArgs, resolved: ResolvedModel, plugins: PluginSet) -> None:
+        self.args = args
+        self.world_size = args.tensor_parallel_size
+        self._failure: str | None = None
+        self._closed = False
+        infos = self._start(args, resolved)
+        self.worker_pids: list[int] = [info["pid"] for info in infos]
+        self._max_model_len: int = infos[0]["max_model_len"]
+        self._describe: dict[str, str] = dict(infos[0]["describe"])
+
+    # -- what a subclass provides ------------------------------------------------------------
+    @abstractmethod
+    def _start(self, args: EngineArgs, resolved: ResolvedModel) -> list[dict[str, Any]]:
+        """Start every rank and return each one's ``Worker.ready_info()``, in rank order.
+        On failure, stop whatever started and raise (``_fail`` does both)."""
+
+    @abstractmethod
+    def _call_all(self, method: str, args: tuple[Any, ...], timeout: float) -> list[Any]:
+        """Call ``Worker.<method>(*args)`` on every rank; return the results in rank order.
+        Any failure must end in ``_fail``."""
+
+    @abstractmethod
+    def _stop_workers(self) -> None:
+        """Stop every worker (gently if it still listens, by force otherwise). Idempotent."""
+
+    # -- shared ------------------------------------------------------------------------------
+    def _fail(self, message: str) -> NoReturn:
+        self._failure = message
+        logger.error("%s executor failed: %s", self.name, message)
+        self._stop_workers()
+        raise WorkerError(message)
+
+    def _run(self, method: str, *args: Any) -> list[Any]:
+        if self._failure is not None:
+            raise WorkerError(f"the workers were stopped after an earlier failure: {self._failure}")
+        if self._closed:
+            raise WorkerError("the executor has been shut down")
+        try:
+            return self._call_all(method, args, execute_timeout())
+        except WorkerError:
+            raise
+        except BaseException:
+            # Ctrl-C (or anything unexpected) mid-call leaves the ranks out of step with each
+            # other: nothing can continue, so stop them all before the exception goes on.
+            self._failure = f"interrupted during {method}"
+            self._stop_workers()
+            raise
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    def describe(self) -> dict[str, str]:
+        return {
+            **self._describe,
+            "executor": self.name,
+            "tensor_parallel_size": str(self.world_size),
+        }
+
+    def available_blocks(self) -> int:
+        # Every rank holds the same number of blocks (each its share of the heads).
+        return min(self._run("available_blocks"))
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self._run("initialize_cache", num_blocks)
+
+    def execute(self, plan: SchedulerOutput) -> StepResult:
+        return self._run("execute", plan)[0]
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_workers()
