@@ -161,45 +161,36 @@ class Scheduler:
         return SchedulerOutput(seqs, total, draft.preempted)
 
     def _admit_waiting(self, draft: _StepDraft) -> None:
-        index = 0
-        while index < len(self.waiting) and draft.budget > 0:
-            if len(self.running) >= self.max_running:
+        # The samples of an n > 1 request share its prompt without waiting rules: the
+        # leader ranks first, a step has budget left after it only once its chunk reaches
+        # the prompt's end, and by then its full blocks are published for the siblings.
+        while self.waiting and draft.budget > 0 and len(self.running) < self.max_running:
+            if not self._try_admit(self.waiting[0], draft):
                 return
-            request = self.waiting[index]
-            if self._waits_for_leader(request, draft):
-                index += 1
-                continue
-            if not self._try_admit(request, draft):
-                return
-            self.waiting.pop(index)
+            self.waiting.pop(0)
             draft.admitted_any = True
 
-    def _waits_for_leader(self, request: Request, draft: _StepDraft) -> bool:
-        """A sibling of an ``n > 1`` request starts once the leader's prompt blocks are
-        published (possibly this very step), so the prompt is computed only once."""
-        leader = self.requests.get(request.prompt_leader_id or "")
-        if leader is None or not getattr(self.kv, "enable_prefix_caching", False):
-            return False
-        if leader.status is not RequestStatus.RUNNING:
-            return True  # not started yet, or preempted: it recomputes first
-        shareable = (request.num_prompt_tokens - 1) // self.kv.block_size * self.kv.block_size
-        covered = leader.num_computed_tokens + draft.scheduled.get(leader.request_id, 0)
-        return covered < shareable
-
     def _try_admit(self, request: Request, draft: _StepDraft) -> bool:
-        # Prompt logprobs need the logits of every prompt position: no cache hits.
-        cached = 0 if self._wants_prompt_logprobs(request) else self.kv.get_computed_blocks(request)
-        request.num_computed_tokens = cached
-        remaining = request.num_tokens - cached
-        num_new = min(remaining, draft.budget)
-        if num_new < remaining and not self.config.enable_chunked_prefill:
-            if draft.scheduled:
-                return self._give_back(request)
-            num_new = remaining  # alone in the step: a prompt over budget must still run
-        while not self.kv.can_allocate(request, num_new):
+        while True:
+            # Prompt logprobs need the logits of every prompt position: no cache hits.
+            cached = (
+                0 if self._wants_prompt_logprobs(request) else self.kv.get_computed_blocks(request)
+            )
+            request.num_computed_tokens = cached
+            remaining = request.num_tokens - cached
+            num_new = min(remaining, draft.budget)
+            if num_new < remaining and not self.config.enable_chunked_prefill:
+                if draft.scheduled:
+                    return self._give_back(request)
+                num_new = remaining  # alone in the step: a prompt over budget must still run
+            if self.kv.can_allocate(request, num_new):
+                break
+            # Look the prefix up again after a preemption: the victim's blocks that this
+            # step would have filled are no longer valid hits.
+            self._give_back(request)
             victim = self._priority_victim(request, draft)
             if victim is None:
-                return self._give_back(request)
+                return False
             self._preempt(victim, draft)
         self.kv.allocate(request, num_new)
         request.status = RequestStatus.RUNNING
