@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -114,6 +116,9 @@ def serve(
     )
     # uvicorn handles SIGINT/SIGTERM: it stops accepting connections, lets open requests
     # finish for up to shutdown_timeout seconds, then runs the app's shutdown (engine stop).
+    # Newer uvicorn re-raises the signal once done; a finished graceful shutdown after
+    # SIGTERM is a normal end, so that re-raise exits with status 0.
+    signal.signal(signal.SIGTERM, _exit_after_graceful_shutdown)
     uvicorn.run(
         app,
         host=host,
@@ -121,3 +126,7 @@ def serve(
         log_level=log_level.lower(),
         timeout_graceful_shutdown=shutdown_timeout,
     )
+
+
+def _exit_after_graceful_shutdown(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
