@@ -1,0 +1,1 @@
+"""Batched paged attention for the CPU platform."""

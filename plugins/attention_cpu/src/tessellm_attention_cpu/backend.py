@@ -1,0 +1,152 @@
+"""Paged attention for the CPU: one batched SDPA call per group of sequences per layer.
+
+The reference torch backend loops over sequences in Python in every layer and gathers
+each context into a fresh tensor. Here the step's plan (indices, masks) is built once in
+``prepare``; per layer, each group's blocks are copied into a buffer that lives as long
+as the backend (no allocation per step), and one ``scaled_dot_product_attention`` call,
+whose CPU kernel is vectorised, threaded over sequences and heads and accumulates in
+fp32, attends for the whole group. A single sequence whose blocks are consecutive in the
+cache (the usual case at batch 1) attends over a view of the cache, with no copy at all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tessellm.interfaces.attention import (
+    AttentionBackend,
+    AttentionCapabilities,
+    AttentionMetadata,
+    AttentionSpec,
+)
+from tessellm_attention_cpu.plan import GroupPlan, StepPlan, build_plan
+
+PLAN_KEY = "cpu_attention_plan"
+
+
+def soft_capped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    cap: float,
+) -> torch.Tensor:
+    """``q`` ``[n, H, Tq, D]`` over ``k``/``v`` ``[n, Hkv, Tk, D]`` with ``cap*tanh(s/cap)``
+    on the scaled scores, in fp32 (SDPA has no soft-cap)."""
+    n, heads, tq, d = q.shape
+    kv_heads = k.shape[1]
+    qf = q.float().view(n, kv_heads, heads // kv_heads, tq, d)
+    scores = torch.einsum("nkgqd,nkld->nkgql", qf, k.float()) * scale
+    scores = cap * torch.tanh(scores / cap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.einsum("nkgql,nkld->nkgqd", probs, v.float())
+    return out.reshape(n, heads, tq, d).to(q.dtype)
+
+
+class CpuPagedAttention(AttentionBackend):
+    name = "cpu"
+    capabilities = AttentionCapabilities(
+        device_types=frozenset({"cpu"}),
+        dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16}),
+    )
+
+    def __init__(self, spec: AttentionSpec) -> None:
+        super().__init__(spec)
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def prepare(self, metadata: AttentionMetadata) -> None:
+        metadata.extra[PLAN_KEY] = build_plan(metadata, self.spec.block_size)
+
+    def _plan(self, metadata: AttentionMetadata) -> StepPlan:
+        plan = metadata.extra.get(PLAN_KEY)
+        if plan is None:  # a caller that skipped prepare(): build it once for the step
+            self.prepare(metadata)
+            plan = metadata.extra[PLAN_KEY]
+        return plan
+
+    def write_kv(self, key, value, k_cache, v_cache, metadata: AttentionMetadata) -> None:
+        slots = metadata.slot_mapping
+        if not self._plan(metadata).all_slots_valid:
+            keep = slots >= 0
+            slots, key, value = slots[keep], key[keep], value[keep]
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
+
+    def _buffer(self, name: str, cache: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        """A ``[num_blocks, *cache.shape[1:]]`` view of a buffer kept across steps."""
+        shape = (num_blocks, *cache.shape[1:])
+        needed = num_blocks * cache[0].numel()
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < needed or buf.dtype != cache.dtype:
+            # Grow geometrically so a slowly lengthening context reallocates rarely.
+            size = max(needed, 2 * buf.numel() if buf is not None else 0)
+            buf = torch.empty(size, dtype=cache.dtype, device=cache.device)
+            self._buffers[name] = buf
+        return buf[:needed].view(shape)
+
+    def _context(self, cache: torch.Tensor, group: GroupPlan, name: str) -> torch.Tensor:
+        """The group's keys or values as ``[n, Hkv, context, D]`` (a strided view)."""
+        block_size, kv_heads, head_size = cache.shape[1:]
+        if group.first_block is not None:
+            blocks = cache[group.first_block : group.first_block + group.num_blocks]
+            ctx = blocks.view(1, -1, kv_heads, head_size)[:, : group.context_len]
+        else:
+            out = self._buffer(name, cache, group.block_ids.numel())
+            torch.index_select(cache, 0, group.block_ids, out=out)
+            ctx = out.view(group.num_seqs, group.num_blocks * block_size, kv_heads, head_size)
+        return ctx.transpose(1, 2)
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        group: GroupPlan,
+        scale: float,
+        sliding_window: int | None,
+        soft_cap: float | None,
+    ) -> torch.Tensor:
+        """The group's output rows ``[n * query_len, H, D]`` in padded order."""
+        n, q_len = group.num_seqs, group.query_len
+        heads, head_size = query.shape[1:]
+        q = query if group.query_rows is None else query.index_select(0, group.query_rows)
+        q = q.view(n, q_len, heads, head_size).transpose(1, 2)
+        k = self._context(k_cache, group, "k")
+        v = self._context(v_cache, group, "v")
+        mask = group.mask(self.spec.block_size, sliding_window)
+        if soft_cap:
+            out = soft_capped_attention(q, k, v, mask, scale, soft_cap)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != heads
+            )
+        return out.transpose(1, 2).reshape(n * q_len, heads, head_size)
+
+    def forward(
+        self,
+        query,
+        k_cache,
+        v_cache,
+        metadata: AttentionMetadata,
+        *,
+        scale: float,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
+    ) -> torch.Tensor:
+        plan = self._plan(metadata)
+        args = (scale, sliding_window, logits_soft_cap)
+        decode, prefill = plan.decode, plan.prefill
+        if prefill is None and decode is not None and decode.query_rows is None:
+            return self._attend(query, k_cache, v_cache, decode, *args)
+        out = torch.empty_like(query)
+        if decode is not None:
+            rows = self._attend(query, k_cache, v_cache, decode, *args)
+            out.index_copy_(0, decode.query_rows, rows)
+        if prefill is not None:
+            rows = self._attend(query, k_cache, v_cache, prefill, *args)
+            out.index_copy_(0, prefill.output_rows, rows.index_select(0, prefill.valid_rows))
+        return out
