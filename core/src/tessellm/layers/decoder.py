@@ -1,0 +1,213 @@
+"""The pre-norm decoder most families share, with its options as arguments.
+
+Grouped-query attention with rotary positions (optional q/k/v and output biases, optional
+per-head q/k RMSNorm, a per-layer sliding window), a gated MLP or any other MLP module,
+RMSNorm before each sub-layer, and an LM head that may be tied to the embedding. A family
+subclasses :class:`DecoderForCausalLM`, says in ``build_layer`` how its layer ``i`` is
+made, and states its checkpoint names as ``weight_rules`` / ``weight_renames``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from tessellm.interfaces.attention import AttentionMetadata
+from tessellm.interfaces.model import ModelContext
+from tessellm.layers.activation import GatedActivation
+from tessellm.layers.attention import Attention
+from tessellm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from tessellm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from tessellm.layers.norm import RMSNorm
+from tessellm.layers.rotary import RotaryEmbedding
+from tessellm.layers.weight_loading import QKV_GATE_UP_RULES, WeightRule, load_by_rules
+
+
+def layer_sliding_window(config: Any, layer_idx: int) -> int | None:
+    """The window layer ``layer_idx`` attends over, as transformers decides it.
+
+    Configs with ``layer_types`` (Qwen2/Qwen3 derive it from ``max_window_layers``; Gemma
+    alternates) window only their ``"sliding_attention"`` layers; otherwise every layer
+    uses ``sliding_window`` unless ``use_sliding_window`` is false.
+    """
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[layer_idx] != "sliding_attention":
+        return None
+    return int(window)
+
+
+class DecoderAttention(nn.Module):
+    """Self-attention with grouped KV heads and rotary positions."""
+
+    def __init__(
+        self,
+        config: Any,
+        ctx: ModelContext,
+        *,
+        sliding_window: int | None = None,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_size = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.head_size = head_size
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, head_size, heads, kv_heads, ctx, bias=qkv_bias
+        )
+        self.o_proj = RowParallelLinear(heads * head_size, config.hidden_size, ctx, bias=o_bias)
+        # Qwen3's per-head norms: one weight of head_size shared by all heads.
+        self.q_norm = RMSNorm(head_size, config.rms_norm_eps, ctx.dtype) if qk_norm else None
+        self.k_norm = RMSNorm(head_size, config.rms_norm_eps, ctx.dtype) if qk_norm else None
+        self.rotary_emb = RotaryEmbedding(config, head_size, config.max_position_embeddings)
+        self.attn = Attention(
+            self.qkv_proj.num_heads,
+            head_size,
+            head_size**-0.5,
+            self.qkv_proj.num_kv_heads,
+            ctx,
+            sliding_window=sliding_window,
+        )
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        num_tokens = hidden.shape[0]
+        if self.q_norm is not None and self.k_norm is not None:
+            # Rows of one head each: the 2-D shape a fused norm kernel expects.
+            q = self.q_norm(q.reshape(-1, self.head_size))
+            k = self.k_norm(k.reshape(-1, self.head_size))
+        q = q.reshape(num_tokens, -1, self.head_size)
+        k = k.reshape(num_tokens, -1, self.head_size)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q.reshape(num_tokens, q_size), k.reshape(num_tokens, kv_size), v, metadata)
+        return self.o_proj(out)
+
+
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` with gate and up fused in one column-parallel matrix."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        ctx: ModelContext,
+        activation: str = "silu",
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size, intermediate_size], ctx, bias=bias
+        )
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, ctx, bias=bias)
+        self.act = GatedActivation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """RMSNorm → attention → residual → RMSNorm → MLP → residual (the adds fused in the
+    norms: ``forward`` passes the residual stream along separately)."""
+
+    def __init__(self, config: Any, ctx: ModelContext, self_attn: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp = mlp
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, ctx.dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ctx.dtype)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    """Embedding, ``num_hidden_layers`` layers from ``build_layer(i)``, final RMSNorm."""
+
+    def __init__(
+        self, config: Any, ctx: ModelContext, build_layer: Callable[[int], nn.Module]
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx)
+        self.layers = nn.ModuleList(build_layer(i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.dtype)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class DecoderForCausalLM(nn.Module, ABC):
+    """A :class:`tessellm.interfaces.model.CausalLM` over :class:`DecoderModel`.
+
+    Subclasses implement ``build_layer``; ``weight_renames`` (substring replacements) and
+    ``weight_rules`` (fused parameters, checked in order) map checkpoint names.
+    """
+
+    weight_rules: ClassVar[tuple[WeightRule, ...]] = QKV_GATE_UP_RULES
+    weight_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def __init__(self, config: Any, ctx: ModelContext) -> None:
+        super().__init__()
+        self.config = config
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.model = DecoderModel(config, ctx, lambda i: self.build_layer(config, ctx, i))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx)
+        if self.tied:
+            self.lm_head.tie_to(self.model.embed_tokens)
+
+    @abstractmethod
+    def build_layer(self, config: Any, ctx: ModelContext, layer_idx: int) -> nn.Module:
+        """Decoder layer ``layer_idx`` (usually a :class:`DecoderLayer`)."""
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def skip_weight(self, name: str) -> bool:
+        """Checkpoint entries that are not parameters here (cached rotary tables, a tied
+        head's copy of the embedding)."""
+        return "rotary_emb.inv_freq" in name or (self.tied and name == "lm_head.weight")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = load_by_rules(
+            self, weights, self.weight_rules, self.weight_renames, self.skip_weight
+        )
+        if self.tied:
+            loaded.add("lm_head.weight")
+        return loaded

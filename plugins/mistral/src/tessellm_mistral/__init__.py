@@ -1,0 +1,1 @@
+"""Mistral-family model plugin for tessellm: Mistral (sliding window) and Mixtral (MoE)."""
