@@ -87,6 +87,11 @@ def attention_spec(
     window = getattr(cfg, "sliding_window", None)
     if getattr(cfg, "use_sliding_window", True) is False:
         window = None
+    # Qwen2/Qwen3 list which layers are windowed; with max_window_layers >= the layer
+    # count none is, and the model needs no window support.
+    layer_types = getattr(cfg, "layer_types", None)
+    if window and layer_types is not None and "sliding_attention" not in layer_types:
+        window = None
     return AttentionSpec(
         device_type=device_type,
         dtype=dtype,
