@@ -81,6 +81,12 @@ def test_invalid_field_is_a_400(http, route, body, param):
             assert error["param"] == param
 
 
+def test_errors_are_counted_by_route_and_status(http, tiny_server):
+    assert http.post(CHAT, json={"messages": []}).status_code == 400
+    metrics = tiny_server.metrics()
+    assert metrics['tessellm:http_requests_total{route="/v1/chat/completions",status="400"}'] >= 1
+
+
 def test_unknown_model_is_a_404(http):
     for route, body in ((COMPLETIONS, {"prompt": "A"}), (CHAT, {"messages": USER})):
         error = assert_openai_error(http.post(route, json={**body, "model": "gpt-9"}), 404)

@@ -82,6 +82,11 @@ def test_concurrent_streams_complete_and_share_steps(tiny_server):
     assert steps <= generated / 4, (steps, generated)
     assert after["tessellm:batched_seqs_max"] >= CONCURRENT // 2
     assert after["tessellm:kv_cache_usage_perc"] == 0
+    assert increase(before, after, "time_to_first_token_seconds_count") == CONCURRENT
+    assert increase(before, after, "time_per_output_token_seconds_count") == CONCURRENT
+    assert increase(before, after, 'request_success_total{finish_reason="length"}') == CONCURRENT
+    ok = 'http_requests_total{route="/v1/completions",status="200"}'
+    assert increase(before, after, ok) == CONCURRENT
 
 
 def test_disconnected_clients_abort_and_free_their_blocks(tiny_server):
