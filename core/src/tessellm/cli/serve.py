@@ -46,10 +46,16 @@ def serve(
             rich_help_panel=SERVER,
         ),
     ] = 30,
-    max_model_len: Annotated[int | None, typer.Option(min=2, rich_help_panel=ENGINE)] = None,
-    max_num_seqs: Annotated[int, typer.Option(min=1, rich_help_panel=ENGINE)] = 256,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(min=2, help="Context length (default: the model's).", rich_help_panel=ENGINE),
+    ] = None,
+    max_num_seqs: Annotated[
+        int, typer.Option(min=1, help="Most sequences per step.", rich_help_panel=ENGINE)
+    ] = 256,
     max_num_batched_tokens: Annotated[
-        int | None, typer.Option(min=1, rich_help_panel=ENGINE)
+        int | None,
+        typer.Option(min=1, help="Most tokens per step (chunked prefill).", rich_help_panel=ENGINE),
     ] = None,
     dtype: Annotated[
         str, typer.Option(help="auto, float32, bfloat16 or float16.", rich_help_panel=ENGINE)
