@@ -12,14 +12,34 @@ import logging
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, NoReturn
 
+from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
 from tessellm.engine.schedule import SchedulerOutput, StepResult
-from tessellm.errors import WorkerError
+from tessellm.errors import ConfigError, WorkerError
 from tessellm.executors.worker import execute_timeout
 from tessellm.model_loader import ResolvedModel
 from tessellm.plugins import PluginSet
 
 logger = logging.getLogger(__name__)
+
+
+def check_tensor_parallel_fit(config: Any, tp: int) -> None:
+    """Raise ``ConfigError`` unless the model's heads split evenly over ``tp`` ranks."""
+    cfg = ml.text_config(config)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    problems = []
+    if heads % tp:
+        problems.append(f"its {heads} attention heads do not divide evenly")
+    if kv_heads % tp and tp % kv_heads:
+        problems.append(
+            f"its {kv_heads} KV heads neither divide evenly nor replicate evenly "
+            "(the size must divide or be a multiple of the KV head count)"
+        )
+    if problems:
+        raise ConfigError(
+            f"this model cannot be split over tensor_parallel_size={tp}: " + "; ".join(problems)
+        )
 
 
 class DistributedExecutor(ABC):
@@ -30,6 +50,9 @@ class DistributedExecutor(ABC):
         self.world_size = args.tensor_parallel_size
         self._failure: str | None = None
         self._closed = False
+        # Refuse a split that cannot work here, before any process starts.
+        config = ml.weight_format(plugins, resolved).load_config(resolved.path)
+        check_tensor_parallel_fit(config, self.world_size)
         infos = self._start(args, resolved)
         self.worker_pids: list[int] = [info["pid"] for info in infos]
         self._max_model_len: int = infos[0]["max_model_len"]
