@@ -28,7 +28,15 @@ def generate(
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(help="Platform: auto, cpu, cuda ...")] = "auto",
     max_model_len: Annotated[int | None, typer.Option(min=2)] = None,
-    tensor_parallel_size: Annotated[int, typer.Option(min=1)] = 1,
+    tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", "-tp", min=1)] = 1,
+    distributed_executor_backend: Annotated[
+        str | None,
+        typer.Option(
+            "--distributed-executor-backend",
+            "--executor",
+            help="How ranks run: mp (local processes, the default above one rank) or ray.",
+        ),
+    ] = None,
 ) -> None:
     """Generate text from PROMPT and stream it to the terminal."""
     from tessellm.config import EngineArgs
@@ -50,6 +58,7 @@ def generate(
                 device=device,
                 max_model_len=max_model_len,
                 tensor_parallel_size=tensor_parallel_size,
+                distributed_executor_backend=distributed_executor_backend,
                 max_num_seqs=1,
             )
         )
