@@ -128,3 +128,13 @@ def test_prompt_logprobs_match_hf_across_chunks(tiny_llama):
         assert entry[token].rank == int((ref[pos - 1] > ref[pos - 1, token]).sum()) + 1
         top = ref[pos - 1].topk(2).indices.tolist()
         assert [t for t, lp in entry.items() if lp.rank in (1, 2)] == top
+
+
+def test_priority_policy_runs_the_most_urgent_first(tiny_llama, reference):
+    prompts = [LONG[1], LONG[3], SHARED[0]]
+    llm = make_llm(tiny_llama, scheduling_policy="priority", max_num_seqs=1)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(), priority=[5, 0, 1])
+    assert [o.outputs[0].token_ids for o in outs] == [reference[tuple(p)] for p in prompts]
+    # One sequence at a time: priority 0 first, then 1, then 5.
+    ttft = [o.metrics["time_to_first_token"] for o in outs]
+    assert ttft[1] < ttft[2] < ttft[0]
