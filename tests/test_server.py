@@ -203,6 +203,40 @@ def test_echo_prepends_the_prompt(client, model_name):
     assert echoed == TEST_PROMPTS[4] + plain
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, model_name, offline):
+    prompt = TEST_PROMPTS[3]
+    ids = offline.get_tokenizer().encode(prompt)
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=2, prompt_logprobs=2)
+    reference = offline.generate(prompt, params)[0]
+    got = client.completions.create(
+        model=model_name, prompt=prompt, temperature=0, max_tokens=4, echo=True, logprobs=2
+    ).choices[0]
+    lp = got.logprobs
+    assert got.text.startswith(prompt)
+    assert len(lp.tokens) == len(ids) + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    scored = zip(ids[1:], reference.prompt_logprobs[1:], strict=True)
+    expected_prompt = [e[t].logprob for t, e in scored]
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(expected_prompt, abs=1e-4)
+    out = reference.outputs[0]
+    expected_output = [e[t].logprob for t, e in zip(out.token_ids, out.logprobs, strict=True)]
+    assert lp.token_logprobs[len(ids) :] == pytest.approx(expected_output, abs=1e-4)
+    assert all(len(top) >= 2 for top in lp.top_logprobs[1:])
+    streamed = client.completions.create(
+        model=model_name,
+        prompt=prompt,
+        temperature=0,
+        max_tokens=4,
+        echo=True,
+        logprobs=2,
+        stream=True,
+    )
+    chunks = [c.choices[0] for c in streamed if c.choices]
+    assert "".join(c.text for c in chunks) == got.text
+    assert [t for c in chunks for t in c.logprobs.tokens] == lp.tokens
+    assert [o for c in chunks for o in c.logprobs.text_offset] == lp.text_offset
+
+
 def test_penalties_change_greedy_output(client, model_name):
     base = greedy(client, model_name, TEST_PROMPTS[0], extra_body={"ignore_eos": True})
     penalised = greedy(

@@ -28,7 +28,6 @@ INVALID = [
     (COMPLETIONS, {"prompt": "A", "stop": ["x"] * 17}, "stop"),
     (COMPLETIONS, {"prompt": "A", "logit_bias": {"nope": 1}}, "logit_bias"),
     (COMPLETIONS, {"prompt": "A", "logit_bias": {"99999": 1}}, "logit_bias"),
-    (COMPLETIONS, {"prompt": "A", "echo": True, "logprobs": 1}, "echo"),
     (COMPLETIONS, {"prompt": "A", "suffix": "B"}, "suffix"),
     (COMPLETIONS, {"prompt": ""}, None),
     (COMPLETIONS, {"prompt": []}, "prompt"),

@@ -45,7 +45,10 @@ def _snapshot(out: RequestOutput) -> RequestOutput:
         )
         for c in out.outputs
     ]
-    return replace(out, outputs=completions, metrics=dict(out.metrics))
+    prompt_logprobs = list(out.prompt_logprobs) if out.prompt_logprobs is not None else None
+    return replace(
+        out, outputs=completions, prompt_logprobs=prompt_logprobs, metrics=dict(out.metrics)
+    )
 
 
 def _resolve(future: asyncio.Future[Any] | None, result: Any, error: BaseException | None) -> None:

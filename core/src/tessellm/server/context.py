@@ -22,6 +22,7 @@ from tessellm.server.protocol import SamplingFields, Usage
 class Prompt:
     text: str | None
     token_ids: list[int]
+    first_piece: str | None = None  # the first token's text (it has no logprob to carry it)
 
 
 @dataclass
@@ -82,7 +83,11 @@ class ServerContext:
         return requested
 
     def sampling_params(
-        self, body: SamplingFields, max_tokens: int, logprobs: int | None
+        self,
+        body: SamplingFields,
+        max_tokens: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         bias: dict[int, float] | None = None
         if body.logit_bias:
@@ -116,6 +121,7 @@ class ServerContext:
                 ignore_eos=body.ignore_eos,
                 include_stop_str_in_output=body.include_stop_str_in_output,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=body.skip_special_tokens,
             )
         except InvalidRequestError as exc:
@@ -146,8 +152,16 @@ class ServerContext:
                 raise bad_request("the prompt is empty", param="prompt")
         return prompts
 
-    async def decode(self, token_ids: list[int]) -> str:
-        return await self.engine.call(lambda e: e.tokenizer.decode(token_ids))
+    async def fill_echo_texts(self, prompts: list[Prompt]) -> None:
+        """Give each prompt its text and first token's text, as echo shows them."""
+
+        def decode(engine: Any) -> None:
+            for p in prompts:
+                if p.text is None:
+                    p.text = engine.tokenizer.decode(p.token_ids)
+                p.first_piece = engine.tokenizer.decode(p.token_ids[:1])
+
+        await self.engine.call(decode)
 
     async def chat_prompt(
         self, messages: list[dict[str, str]], add_generation_prompt: bool
@@ -196,6 +210,7 @@ class ChoiceUpdate:
     completion: CompletionOutput
     token_start: int
     finish_reason: str | None
+    output: RequestOutput
 
 
 class DeltaTracker:
@@ -225,5 +240,5 @@ class DeltaTracker:
                 self.sent_tokens[index] = len(comp.token_ids)
                 if comp.finish_reason is not None:
                     self.finished.add(index)
-                result.append(ChoiceUpdate(index, text, comp, start, comp.finish_reason))
+                result.append(ChoiceUpdate(index, text, comp, start, comp.finish_reason, out))
         return result

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from tessellm.engine.async_engine import OutputStream
-from tessellm.outputs import CompletionOutput, RequestOutput
+from tessellm.outputs import CompletionOutput, Logprob, RequestOutput
 from tessellm.server.auth import require_api_key
 from tessellm.server.context import (
     ChoiceUpdate,
@@ -43,11 +43,6 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         raise bad_request("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("best_of other than n is not supported", param="best_of")
-    if body.echo and body.logprobs is not None:
-        raise bad_request(
-            "echo together with logprobs is not supported (prompt logprobs are not computed)",
-            param="echo",
-        )
     prompts = await ctx.completion_prompts(body.prompt)
     request_id = new_id("cmpl")
     stream = ctx.engine.new_stream()
@@ -64,7 +59,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     if not finished:
         return Response(status_code=499)
     tracker = DeltaTracker(stream.request_ids, body.n)
-    choices = [_choice(u, body, prompts) for u in tracker.updates(outputs)]
+    choices = [_choice(u, body, prompts, True) for u in tracker.updates(outputs)]
     choices.sort(key=lambda c: c.index)
     response = CompletionResponse(
         id=request_id, model=model, choices=choices, usage=usage_of(prompts, outputs)
@@ -81,58 +76,80 @@ async def _submit(
 ) -> None:
     explicit = "max_tokens" in body.model_fields_set and body.max_tokens is not None
     requested = body.max_tokens if "max_tokens" in body.model_fields_set else DEFAULT_MAX_TOKENS
+    # echo with logprobs scores the prompt too, as OpenAI's legacy API does.
+    prompt_logprobs = body.logprobs if body.echo else None
     for i, prompt in enumerate(prompts):
         max_tokens = ctx.token_budget(len(prompt.token_ids), requested, explicit, "prompt")
-        params = ctx.sampling_params(body, max_tokens, body.logprobs)
+        params = ctx.sampling_params(body, max_tokens, body.logprobs, prompt_logprobs)
         await stream.add(f"{request_id}-{i}", prompt.token_ids, params)
     if body.echo:
-        for prompt in prompts:
-            if prompt.text is None:
-                prompt.text = await ctx.decode(prompt.token_ids)
-
-
-def _prompt_of(update: ChoiceUpdate, body: CompletionRequest, prompts: list[Prompt]) -> Prompt:
-    return prompts[update.index // body.n]
+        await ctx.fill_echo_texts(prompts)
 
 
 def _choice(
-    update: ChoiceUpdate, body: CompletionRequest, prompts: list[Prompt]
+    update: ChoiceUpdate, body: CompletionRequest, prompts: list[Prompt], with_prompt: bool
 ) -> CompletionChoice:
-    text = update.text
-    if body.echo:
-        text = (_prompt_of(update, body, prompts).text or "") + text
+    """One choice's increment; ``with_prompt`` puts the echoed prompt in front of it."""
+    prompt = prompts[update.index // body.n]
+    echo = body.echo and with_prompt
+    logprobs = None
+    if body.logprobs is not None:
+        logprobs = CompletionLogprobs()
+        if echo:
+            _add_prompt_logprobs(logprobs, prompt, update.output, body.logprobs)
+        base = len(prompt.text or "") if body.echo else 0
+        _add_logprobs(logprobs, update.completion, update.token_start, body.logprobs, base)
     return CompletionChoice(
         index=update.index,
-        text=text,
-        logprobs=_logprobs(update.completion, update.token_start, body.logprobs),
+        text=(prompt.text or "") + update.text if echo else update.text,
+        logprobs=logprobs,
         finish_reason=update.finish_reason,  # type: ignore[arg-type]
         stop_reason=update.completion.stop_reason,
     )
 
 
-def _logprobs(comp: CompletionOutput, start: int, top: int | None) -> CompletionLogprobs | None:
-    if top is None or comp.logprobs is None:
-        return None
-    result = CompletionLogprobs()
-    earlier = zip(comp.token_ids[:start], comp.logprobs, strict=False)
-    offset = sum(len(_piece(entry, token_id)) for token_id, entry in earlier)
-    for token_id, entry in zip(comp.token_ids[start:], comp.logprobs[start:], strict=False):
-        piece = _piece(entry, token_id)
-        result.tokens.append(piece)
-        result.token_logprobs.append(entry[token_id].logprob)
-        ranked = sorted(
-            (e for e in entry.items() if e[1].rank is not None), key=lambda e: e[1].rank or 0
-        )
-        tops = {(lp.decoded_token or ""): lp.logprob for _, lp in ranked[:top]}
-        tops.setdefault(piece, entry[token_id].logprob)
-        result.top_logprobs.append(tops)
-        result.text_offset.append(offset)
-        offset += len(piece)
-    return result
+def _append(
+    result: CompletionLogprobs, entry: dict[int, Logprob], token: int, top: int, offset: int
+) -> int:
+    """Add one token's logprobs at text ``offset``; returns the offset after it."""
+    piece = entry[token].decoded_token or ""
+    ranked = sorted((lp for lp in entry.values() if lp.rank is not None), key=lambda lp: lp.rank)
+    tops = {(lp.decoded_token or ""): lp.logprob for lp in ranked[:top]}
+    tops.setdefault(piece, entry[token].logprob)
+    result.tokens.append(piece)
+    result.token_logprobs.append(entry[token].logprob)
+    result.top_logprobs.append(tops)
+    result.text_offset.append(offset)
+    return offset + len(piece)
 
 
-def _piece(entry: dict, token_id: int) -> str:
-    return entry[token_id].decoded_token or ""
+def _add_prompt_logprobs(
+    result: CompletionLogprobs, prompt: Prompt, output: RequestOutput, top: int
+) -> None:
+    # The first prompt token has nothing before it to be predicted from: null, as OpenAI.
+    first = prompt.first_piece or ""
+    result.tokens.append(first)
+    result.token_logprobs.append(None)
+    result.top_logprobs.append(None)
+    result.text_offset.append(0)
+    offset = len(first)
+    scored = output.prompt_logprobs or []
+    for token, entry in zip(prompt.token_ids[1:], scored[1:], strict=False):
+        if entry is not None:
+            offset = _append(result, entry, token, top, offset)
+
+
+def _add_logprobs(
+    result: CompletionLogprobs, comp: CompletionOutput, start: int, top: int, base: int
+) -> None:
+    """The completion's tokens from ``start``; offsets count from ``base`` (the end of an
+    echoed prompt, or 0)."""
+    if comp.logprobs is None:
+        return
+    earlier = zip(comp.token_ids[:start], comp.logprobs[:start], strict=False)
+    offset = base + sum(len(e[t].decoded_token or "") for t, e in earlier)
+    for token, entry in zip(comp.token_ids[start:], comp.logprobs[start:], strict=False):
+        offset = _append(result, entry, token, top, offset)
 
 
 async def _events(
@@ -153,9 +170,8 @@ async def _events(
             timer.observe(outputs)
             latest.update((o.request_id, o) for o in outputs)
             for update in tracker.updates(outputs):
-                choice = _choice(update, body, prompts)
-                if body.echo and update.index in echoed:
-                    choice.text = update.text  # the prompt goes out once, with the first chunk
+                # The echoed prompt goes out once, with each choice's first chunk.
+                choice = _choice(update, body, prompts, update.index not in echoed)
                 echoed.add(update.index)
                 chunk = CompletionResponse(id=request_id, model=model, choices=[choice])
                 yield event(chunk)
