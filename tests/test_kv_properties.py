@@ -58,6 +58,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         n=st.integers(1, 3),
     )
     def add(self, prefix, suffix, max_tokens, priority, n):
+        if self.sched.config.policy != "priority":
+            priority = 0
         parent = f"r{self.next_id}"
         self.next_id += 1
         for i in range(n):

@@ -197,9 +197,14 @@ def test_fcfs_never_lets_a_waiting_request_preempt():
     runner = FakeRunner(sched)
     sched.add_request(make_request("a", range(3, 13), max_tokens=30))
     step(sched, runner)
-    sched.add_request(make_request("b", range(13, 23), priority=-5))
+    sched.add_request(make_request("b", range(13, 23)))
     plan = step(sched, runner)
     assert plan.preempted_ids == [] and [s.request_id for s in plan.seqs] == ["a"]
+
+
+def test_priority_needs_the_priority_policy():
+    with pytest.raises(InvalidRequestError, match="scheduling_policy='priority'"):
+        make_scheduler().add_request(make_request("r", [3, 4], priority=2))
 
 
 def test_prompt_that_can_never_fit_is_rejected():

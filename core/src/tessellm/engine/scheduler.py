@@ -92,6 +92,11 @@ class Scheduler:
                 f"prompt of {request.num_prompt_tokens} tokens can never run: it leaves no "
                 f"room to generate within {where}"
             )
+        if request.priority != 0 and self.config.policy != "priority":
+            raise InvalidRequestError(
+                f"got priority {request.priority} but the scheduling policy is "
+                f"{self.config.policy!r}; start the engine with scheduling_policy='priority'"
+            )
         request.arrival_index = next(self._arrivals)
         self.requests[request.request_id] = request
         self._enqueue(request)
