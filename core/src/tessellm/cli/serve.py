@@ -71,6 +71,25 @@ def serve(
     tensor_parallel_size: Annotated[
         int, typer.Option("--tensor-parallel-size", "-tp", min=1, rich_help_panel=ENGINE)
     ] = 1,
+    distributed_executor_backend: Annotated[
+        str | None,
+        typer.Option(
+            "--distributed-executor-backend",
+            "--executor",
+            help="How tensor-parallel ranks run: mp (local processes) or ray.",
+            rich_help_panel=ENGINE,
+        ),
+    ] = None,
+    data_parallel_size: Annotated[
+        int,
+        typer.Option(
+            "--data-parallel-size",
+            "-dp",
+            min=1,
+            help="Engine replicas, each in its own process; requests go to the least loaded.",
+            rich_help_panel=ENGINE,
+        ),
+    ] = 1,
     gpu_memory_utilization: Annotated[
         float, typer.Option(min=0.0, max=1.0, rich_help_panel=ENGINE)
     ] = 0.9,
@@ -106,13 +125,19 @@ def serve(
             enable_prefix_caching=enable_prefix_caching,
             block_size=block_size,
             tensor_parallel_size=tensor_parallel_size,
+            distributed_executor_backend=distributed_executor_backend,
             gpu_memory_utilization=gpu_memory_utilization,
             max_logprobs=max_logprobs,
             attention_backend=attention_backend,
             served_model_name=names[0],
         )
         progress_note(f"tessellm serve: loading {model} ...")
-        engine = AsyncLLMEngine.from_engine_args(args)
+        if data_parallel_size > 1:
+            from tessellm.engine.dp_engine import DataParallelEngine
+
+            engine = DataParallelEngine.from_engine_args(args, data_parallel_size)
+        else:
+            engine = AsyncLLMEngine.from_engine_args(args)
     except TessellmError as exc:
         fail(str(exc))
     app = build_app(engine, names, model_root=model, api_key=api_key)

@@ -41,7 +41,7 @@ CLOSE = "close"
 CLOSE_GRACE_S = 5.0
 
 
-def _exit_when_parent_dies() -> None:
+def exit_when_parent_dies() -> None:
     parent = multiprocessing.parent_process()
     if parent is None:
         return
@@ -56,7 +56,7 @@ def _exit_when_parent_dies() -> None:
 def worker_main(config: WorkerConfig, conn: Connection) -> None:
     """A worker process's whole life: start, answer calls until told to close."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
-    _exit_when_parent_dies()
+    exit_when_parent_dies()
     code = 0
     try:
         worker = Worker(config)

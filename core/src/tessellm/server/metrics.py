@@ -103,6 +103,9 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.registry.register(EngineStatsCollector(engine, p))
+        replica_collector = getattr(engine, "replica_collector", None)  # data parallelism
+        if replica_collector is not None:
+            self.registry.register(replica_collector(p))
 
 
 class RequestTimer:

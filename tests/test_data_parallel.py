@@ -1,0 +1,118 @@
+"""``tessellm serve --data-parallel-size 2``: two engine replicas behind one endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+import pytest
+from conftest import TEST_PROMPTS
+
+from tessellm import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def dp_server(tiny_llama, tmp_path_factory):
+    from server_harness import start_server
+
+    server = start_server(
+        tiny_llama, tmp_path_factory.mktemp("dp-logs"), "--data-parallel-size", "2"
+    )
+    yield server
+    server.stop()
+
+
+def descendants(pid: int) -> set[int]:
+    """Live descendants of ``pid`` (from /proc), multiprocessing's resource tracker aside."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                tracker = b"resource_tracker" in f.read()
+        except OSError:
+            continue
+        if state != "Z" and not tracker:
+            parents[int(entry)] = int(ppid)
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {p for p, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def replica_metrics(server, name: str) -> dict[str, float]:
+    prefix = f'tessellm:{name}{{replica="'
+    return {
+        key[len(prefix) : -2]: value
+        for key, value in server.metrics().items()
+        if key.startswith(prefix)
+    }
+
+
+def test_concurrent_requests_are_answered_correctly_by_both_replicas(dp_server, tiny_llama):
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu")
+    expected = [o.outputs[0].text for o in llm.generate(TEST_PROMPTS, params)]
+    llm.engine.shutdown()
+
+    async def ask(client: httpx.AsyncClient, prompt: str) -> str:
+        body = {
+            "model": str(tiny_llama),
+            "prompt": prompt,
+            "max_tokens": NEW_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        response = await client.post(dp_server.base_url + "/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+
+    async def ask_all() -> list[str]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(ask(client, p) for p in TEST_PROMPTS))
+
+    assert asyncio.run(ask_all()) == expected
+
+    routed = replica_metrics(dp_server, "replica_requests_routed_total")
+    assert set(routed) == {"0", "1"}
+    assert all(count >= 1 for count in routed.values())
+    assert sum(routed.values()) == len(TEST_PROMPTS)
+    generated = replica_metrics(dp_server, "replica_generation_tokens_total")
+    total = len(TEST_PROMPTS) * NEW_TOKENS
+    assert sum(generated.values()) == total
+    assert dp_server.metrics()["tessellm:generation_tokens_total"] == total
+
+
+def test_a_dead_replica_fails_health_and_leaves_no_process(dp_server, tiny_llama):
+    # Runs last: it takes the shared server down.
+    children = descendants(dp_server.process.pid)
+    assert len(children) >= 2
+    os.kill(min(children), signal.SIGKILL)  # the first replica spawned
+    deadline = time.monotonic() + 30
+    while httpx.get(dp_server.url + "/health", timeout=5).status_code == 200:
+        assert time.monotonic() < deadline, "health still ok after a replica died"
+        time.sleep(0.2)
+    response = httpx.post(
+        dp_server.base_url + "/completions",
+        json={"model": str(tiny_llama), "prompt": "Hello", "max_tokens": 2},
+        timeout=30,
+    )
+    assert response.status_code == 503
+    assert "replica" in response.json()["error"]["message"]
+    assert dp_server.stop() == 0
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{pid}") for pid in children):
+        assert time.monotonic() < deadline, "replica processes outlived the server"
+        time.sleep(0.1)
