@@ -115,7 +115,8 @@ def test_prompt_logprobs_match_hf_across_chunks(tiny_llama):
 
     prompt = LONG[0]
     llm = make_llm(tiny_llama, max_num_batched_tokens=16)
-    out = llm.generate({"prompt_token_ids": prompt}, greedy(max_tokens=2, prompt_logprobs=2))[0]
+    params = greedy(max_tokens=2, prompt_logprobs=2, logprobs=3)
+    out = llm.generate({"prompt_token_ids": prompt}, params)[0]
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0].log_softmax(-1)
@@ -128,6 +129,14 @@ def test_prompt_logprobs_match_hf_across_chunks(tiny_llama):
         assert entry[token].rank == int((ref[pos - 1] > ref[pos - 1, token]).sum()) + 1
         top = ref[pos - 1].topk(2).indices.tolist()
         assert [t for t, lp in entry.items() if lp.rank in (1, 2)] == top
+    # The first generated token is scored by the last prompt position: greedy, so rank 1.
+    first = out.outputs[0].logprobs[0]
+    token = out.outputs[0].token_ids[0]
+    assert list(first) == ref[-1].topk(3).indices.tolist() and first[token].rank == 1
+    assert first[token].logprob == pytest.approx(ref[-1, token].item(), abs=1e-4)
+    comp = out.outputs[0]
+    scored = zip(comp.logprobs, comp.token_ids, strict=True)
+    assert comp.cumulative_logprob == pytest.approx(sum(e[t].logprob for e, t in scored))
 
 
 def test_priority_policy_runs_the_most_urgent_first(tiny_llama, reference):
