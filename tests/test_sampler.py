@@ -66,6 +66,17 @@ def test_top_p_applies_to_what_top_k_left_renormalised():
     assert kept([0.5, 0.3, 0.2], top_k=2) == [0, 1]
 
 
+def test_rows_without_masks_keep_every_token():
+    # Peaked logits: a float32 cumsum reaches 1.0 long before the tail of the vocabulary.
+    torch.manual_seed(0)
+    logits = torch.randn(2, 50000) * 8
+    out = mask_min_p_top_k_top_p(
+        logits, torch.tensor([0, 5]), torch.tensor([1.0, 0.9]), torch.tensor([0.0, 0.0])
+    )
+    assert torch.isfinite(out[0]).all()
+    assert int(torch.isfinite(out[1]).sum()) <= 5
+
+
 def test_sampled_frequencies_follow_the_masked_distribution():
     rows = 6000
     logits = torch.tensor([PROBS] * rows).log()

@@ -105,7 +105,8 @@ def mask_min_p_top_k_top_p(
     remove |= ranks >= k
     kept = sorted_logits.masked_fill(remove, NEG_INF).softmax(dim=-1)
     mass_above = kept.cumsum(dim=-1) - kept
-    remove |= mass_above >= top_p[:, None]
+    # Rows without top-p are left alone: a float cumsum may reach 1 before the tail ends.
+    remove |= (mass_above >= top_p[:, None]) & (top_p < 1)[:, None]
     remove[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(remove, NEG_INF)
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
