@@ -146,9 +146,40 @@ def time_ops(dtype: torch.dtype) -> list[dict[str, object]]:
     return rows
 
 
+GEMV_SHAPES = {  # Llama-3-8B's projections (out, in) and its LM head
+    "qkv": (6144, 4096),
+    "o": (4096, 4096),
+    "gate_up": (28672, 4096),
+    "down": (4096, 14336),
+    "lm_head": (128256, 4096),
+}
+
+
+@torch.inference_mode()
+def time_gemv(copy_tb_per_s: float, tokens: int = 1) -> list[dict[str, object]]:
+    """Batch-1 projections through torch (cuBLAS): achieved weight-read bandwidth."""
+    rows = []
+    for name, (out_f, in_f) in GEMV_SHAPES.items():
+        # Several weight copies, so the 50-60 MB L2 cannot serve repeated calls.
+        weights = [torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
+
+        def run(weights=weights, x=x):
+            for w in weights:
+                torch.nn.functional.linear(x, w)
+
+        us = graph_time_us(run, calls=5) / len(weights)
+        tb_s = out_f * in_f * 2 / (us * 1e-6) / 1e12
+        rows.append({"proj": name, "us": us, "tb_per_s": tb_s, "of_copy": tb_s / copy_tb_per_s})
+        print(f"gemv {name:8s} {us:7.1f} us  {tb_s:.2f} TB/s ({tb_s / copy_tb_per_s:.0%} of copy)")
+        del weights
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--gemv-only", action="store_true", help="skip the fused-op timings")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     result: dict[str, object] = {
@@ -159,7 +190,9 @@ def main() -> None:
     }
     result["copy"] = copy_bandwidth()
     print(f"{props.name}: copy {result['copy']['tb_per_s']:.2f} TB/s (read + write)", flush=True)
-    result["ops_bf16"] = time_ops(torch.bfloat16)
+    result["gemv_bf16"] = time_gemv(result["copy"]["tb_per_s"])
+    if not args.gemv_only:
+        result["ops_bf16"] = time_ops(torch.bfloat16)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -52,6 +52,48 @@ def copy_tb_per_s() -> float:
     return 2 * 2**31 / (ms * 1e-3) / 1e12
 
 
+KERNEL_GROUPS = (
+    ("norm", ("rms_norm",)),
+    ("rotary", ("rotary",)),
+    ("silu_and_mul", ("silu",)),
+    ("write_kv", ("write_kv",)),
+    ("attention", ("decode", "reduce", "prefill", "attention")),
+    ("matmul", ("gemv", "gemm", "cutlass", "nvjet", "sm90", "xmma", "splitk")),
+)
+
+
+def kernel_group(name: str) -> str:
+    low = name.lower()
+    for group, needles in KERNEL_GROUPS:
+        if any(n in low for n in needles):
+            return group
+    return "other"
+
+
+def kernel_breakdown(fn, reps: int) -> dict[str, float]:
+    """GPU time per call of ``fn`` by kernel group (and count), from a CUDA-only trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    groups: dict[str, float] = {}
+    names: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        duration = event.time_range.end - event.time_range.start
+        group = kernel_group(event.name)
+        groups[group] = groups.get(group, 0.0) + duration / reps
+        groups[f"{group}_count"] = groups.get(f"{group}_count", 0) + 1 / reps
+        names[event.name[:80]] = names.get(event.name[:80], 0.0) + duration / reps
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:12]
+    return {**groups, "top": dict(top)}
+
+
 def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
@@ -65,7 +107,14 @@ def prompt_ids(engine: LLMEngine, count: int, lengths: str, outputs: str, seed: 
 
 
 @torch.inference_mode()
-def decode_breakdown(model: str, prompt_len: int, new_tokens: int) -> dict[str, float]:
+def decode_breakdown(
+    model: str, prompt_len: int, new_tokens: int, min_split_tokens: int | None = None
+) -> dict[str, float]:
+    if min_split_tokens is not None:
+        # An experiment on the Triton backend's split heuristic (its own class knob).
+        from tessellm_attention_triton.backend import TritonPagedAttention
+
+        TritonPagedAttention.min_split_tokens = min_split_tokens
     args = EngineArgs(model=model, max_model_len=prompt_len + new_tokens + 16, max_num_seqs=8)
     engine = LLMEngine(args)
     runner = engine.executor.runner
@@ -82,6 +131,7 @@ def decode_breakdown(model: str, prompt_len: int, new_tokens: int) -> dict[str, 
     decode_walls = walls[1:]  # the first step is the prefill
     out: dict[str, float] = {
         "fused_ops": os.environ.get("TESSELLM_FUSED_OPS", "all"),
+        "min_split_tokens": min_split_tokens or "backend default",
         "step_wall_ms": statistics.median(decode_walls) * 1e3,
         "decode_tok_s": 1 / statistics.median(decode_walls),
     }
@@ -89,6 +139,7 @@ def decode_breakdown(model: str, prompt_len: int, new_tokens: int) -> dict[str, 
         graph, hidden = runner.graph_runner.graphs[1]
         out["graph_forward_ms"] = events_ms(graph.replay)
         out["lm_head_ms"] = events_ms(lambda: runner.model.compute_logits(hidden[:1]))
+        out["forward_kernels_us"] = kernel_breakdown(graph.replay, reps=10)
     # A step reads one row of the embedding table, and every other weight in full.
     embed_bytes = sum(
         p.numel() * p.element_size()
@@ -101,6 +152,22 @@ def decode_breakdown(model: str, prompt_len: int, new_tokens: int) -> dict[str, 
     out["bytes_per_step"] = weights + kv_bytes
     engine.shutdown()
     return out
+
+
+def host_profile(engine: LLMEngine, steps: int, last_plan: dict) -> None:
+    """Where the host's time goes in ``steps`` steps (cProfile), printed to stdout."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        engine.step()
+    profiler.disable()
+    print(f"host profile of {steps} steps, last batch {last_plan.get('seqs')} sequences:")
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("cumulative").print_stats(30)
+    stats.sort_stats("tottime").print_stats(20)
 
 
 @torch.inference_mode()
@@ -141,12 +208,15 @@ def cpu_share(model: str, num_prompts: int, batch: int, window: int) -> dict[str
             wall = time.perf_counter() - t0
             prof.__exit__(None, None, None)
             traced = (prof, wall, seqs_seen)
+            host_profile(engine, window, last_plan)
             continue
         for out in engine.step():
             if out.finished:
                 generated += len(out.outputs[0].token_ids)
         steps += 1
     elapsed = time.perf_counter() - start
+    if traced is None:
+        raise SystemExit(f"no decode step ran with {batch} sequences")
     prof, wall, seqs_seen = traced
     intervals = sorted(
         (e.time_range.start, e.time_range.end)
@@ -184,12 +254,15 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--window", type=int, default=30)
+    parser.add_argument("--min-split-tokens", type=int, help="Triton decode split experiment")
     parser.add_argument("--json")
     args = parser.parse_args()
     result: dict[str, object] = {"device": torch.cuda.get_device_name(0), "model": args.model}
     if args.what == "decode":
         result["copy_tb_per_s"] = copy_tb_per_s()
-        result.update(decode_breakdown(args.model, args.prompt_len, args.new_tokens))
+        result.update(
+            decode_breakdown(args.model, args.prompt_len, args.new_tokens, args.min_split_tokens)
+        )
         floor_ms = result["bytes_per_step"] / (result["copy_tb_per_s"] * 1e12) * 1e3
         result["roofline_tok_s"] = 1e3 / floor_ms
         result["roofline_fraction"] = result["decode_tok_s"] / result["roofline_tok_s"]

@@ -16,10 +16,13 @@ step() {  # step NAME TIMEOUT_S COMMAND...
     shift 2
     echo "=== $name ($(date +%T))"
     local t0=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    # One log for all steps: the lease returns at most 8 files.
+    echo "=== $name: $*" >>"$OUT/steps.log"
+    timeout "$limit" "$@" >/tmp/step.log 2>&1
     local rc=$?
+    cat /tmp/step.log >>"$OUT/steps.log"
     echo "=== $name rc=$rc in $((SECONDS - t0)) s"
-    tail -n 25 "$OUT/$name.log"
+    grep -v -e "incorrect regex" -e "it/s]" /tmp/step.log | tail -n 25
 }
 
 run_one() {
@@ -38,7 +41,12 @@ run_one() {
         step tests 300 python3 -m pytest -q -x tests/test_cuda.py tests/test_kernels_triton.py
         ;;
     kernels) step kernels 240 python3 bench/cuda_kernels.py --json "$OUT/kernels.json" ;;
+    gemv) step gemv 120 python3 bench/cuda_kernels.py --gemv-only --json "$OUT/gemv.json" ;;
     decode) step decode 200 python3 bench/cuda_steps.py decode --json "$OUT/decode.json" ;;
+    decode_split64)
+        step decode_split64 200 python3 bench/cuda_steps.py decode --min-split-tokens 64 \
+            --json "$OUT/decode_split64.json"
+        ;;
     decode_unfused)
         TESSELLM_FUSED_OPS=none step decode_unfused 200 \
             python3 bench/cuda_steps.py decode --json "$OUT/decode_unfused.json"

@@ -191,7 +191,8 @@ def build_tokenizer(vocab_size: int, bos_token_id: int | None, eos_token_ids: li
             filler += 1
     vocab = {tok: idx for idx, tok in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # No word-splitting regex: with no merges every byte is its own token anyway.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(s, special=True) for s in specials.values()])
     eos_text = specials[eos_token_ids[0]] if eos_token_ids else None
@@ -199,6 +200,12 @@ def build_tokenizer(vocab_size: int, bos_token_id: int | None, eos_token_ids: li
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos_text, eos_token=eos_text)
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def transformers_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
 
 
 def write_random_model(config: dict[str, Any], target: Path, seed: int = 0) -> Path:
@@ -212,7 +219,10 @@ def write_random_model(config: dict[str, Any], target: Path, seed: int = 0) -> P
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         staging = Path(tmp) / "model"
         staging.mkdir()
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        # The writer's transformers version tells transformers the files are current
+        # (without it, some releases warn about an old Mistral tokenizer regex).
+        written = {**config, "transformers_version": transformers_version()}
+        (staging / "config.json").write_text(json.dumps(written, indent=2) + "\n")
         tokenizer = build_tokenizer(
             config["vocab_size"], config.get("bos_token_id"), _ids(config.get("eos_token_id"))
         )
