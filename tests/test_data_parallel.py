@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -16,6 +17,7 @@ from tessellm import LLM, SamplingParams
 pytestmark = pytest.mark.slow
 
 NEW_TOKENS = 10
+MESSAGES = [{"role": "user", "content": "The quick brown fox"}]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,7 @@ def test_concurrent_requests_are_answered_correctly_by_both_replicas(dp_server, 
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu")
     expected = [o.outputs[0].text for o in llm.generate(TEST_PROMPTS, params)]
+    expected_chat = llm.chat(MESSAGES, params)[0].outputs[0].text
     llm.engine.shutdown()
 
     async def ask(client: httpx.AsyncClient, prompt: str) -> str:
@@ -79,18 +82,40 @@ def test_concurrent_requests_are_answered_correctly_by_both_replicas(dp_server, 
         assert response.status_code == 200, response.text
         return response.json()["choices"][0]["text"]
 
+    async def stream_chat(client: httpx.AsyncClient) -> str:
+        body = {
+            "model": str(tiny_llama),
+            "messages": MESSAGES,
+            "max_tokens": NEW_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        text = ""
+        async with client.stream("POST", dp_server.base_url + "/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    delta = json.loads(line[len("data: ") :])["choices"][0]["delta"]
+                    text += delta.get("content") or ""
+        return text
+
     async def ask_all() -> list[str]:
         async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*(ask(client, p) for p in TEST_PROMPTS))
+            asks = [ask(client, p) for p in TEST_PROMPTS]
+            return await asyncio.gather(stream_chat(client), *asks)
 
-    assert asyncio.run(ask_all()) == expected
+    chat_text, *texts = asyncio.run(ask_all())
+    assert texts == expected
+    assert chat_text == expected_chat
 
+    requests = len(TEST_PROMPTS) + 1
     routed = replica_metrics(dp_server, "replica_requests_routed_total")
     assert set(routed) == {"0", "1"}
     assert all(count >= 1 for count in routed.values())
-    assert sum(routed.values()) == len(TEST_PROMPTS)
+    assert sum(routed.values()) == requests
     generated = replica_metrics(dp_server, "replica_generation_tokens_total")
-    total = len(TEST_PROMPTS) * NEW_TOKENS
+    total = requests * NEW_TOKENS
     assert sum(generated.values()) == total
     assert dp_server.metrics()["tessellm:generation_tokens_total"] == total
 

@@ -22,5 +22,5 @@ class ConfigError(TessellmError, ValueError):
 
 
 class WorkerError(TessellmError):
-    """A worker process (one tensor-parallel rank) raised or died. The executor has stopped
-    every worker; the engine cannot run further steps."""
+    """A worker process (a tensor-parallel rank or a data-parallel replica) raised, died or
+    hung. Every worker has been stopped; the engine cannot run further steps."""
