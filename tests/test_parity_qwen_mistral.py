@@ -8,6 +8,7 @@ the window is removed, so equal tokens really show that the window is applied.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,22 @@ CONFIGS = {
     "MistralForCausalLM": mistral_config,
     "MixtralForCausalLM": mixtral_config,
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These models are tiny: a second thread only adds the cost of waking it for every op,
+    which grows to milliseconds per op when other processes keep the cores busy. The CPU
+    platform keeps the thread count when ``OMP_NUM_THREADS`` is set."""
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    if omp is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
 
 
 @dataclass

@@ -6,8 +6,9 @@ parallelism each rank keeps a slice of every expert's intermediate dim ``I`` (as
 column/row-parallel linears split an MLP), so the block's output is a partial sum that is
 all-reduced once.
 
-Tokens are grouped by expert with one sort, one ``index_select`` and one ``index_add_``;
-only the loop over experts remains, each expert multiplying its rows in one matmul.
+Tokens are grouped by expert with one sort, one ``index_select`` and one accumulating
+``index_put_`` (an index-add); only the loop over experts remains, each expert
+multiplying its rows in one matmul.
 """
 
 from __future__ import annotations
@@ -104,8 +105,11 @@ class FusedExperts(nn.Module):
             expert_out[start : start + count] = F.linear(inner, self.down_proj[expert])
             start += count
         expert_out *= weights.reshape(-1).index_select(0, order).unsqueeze(-1)
+        # index_put_ with accumulate is index_add_ that runs serially on CPU, adding rows in
+        # their (expert-sorted) order; index_add_ opens a thread-parallel region even for a
+        # few rows, which costs ~100 ms per call on a CPU whose cores are busy.
         out = torch.zeros_like(hidden)
-        return out.index_add_(0, token_of_row, expert_out)
+        return out.index_put_((token_of_row,), expert_out, accumulate=True)
 
 
 class TopKRouter(nn.Module):
