@@ -28,7 +28,6 @@ import torch
 from tessellm.bench.workload import LengthRange, make_workload, usable_token_ids
 from tessellm.config import EngineArgs
 from tessellm.engine.llm_engine import LLMEngine
-from tessellm.model_loader import model_bytes
 from tessellm.sampling_params import SamplingParams
 
 
@@ -52,13 +51,13 @@ def copy_tb_per_s() -> float:
     return 2 * 2**31 / (ms * 1e-3) / 1e12
 
 
-KERNEL_GROUPS = (
+KERNEL_GROUPS = (  # first match wins: cuBLAS's "splitKreduce" is a matmul, not attention
+    ("matmul", ("gemv", "gemm", "cutlass", "nvjet", "sm90", "xmma", "splitk")),
     ("norm", ("rms_norm",)),
     ("rotary", ("rotary",)),
     ("silu_and_mul", ("silu",)),
     ("write_kv", ("write_kv",)),
     ("attention", ("decode", "reduce", "prefill", "attention")),
-    ("matmul", ("gemv", "gemm", "cutlass", "nvjet", "sm90", "xmma", "splitk")),
 )
 
 
@@ -140,15 +139,17 @@ def decode_breakdown(
         out["graph_forward_ms"] = events_ms(graph.replay)
         out["lm_head_ms"] = events_ms(lambda: runner.model.compute_logits(hidden[:1]))
         out["forward_kernels_us"] = kernel_breakdown(graph.replay, reps=10)
-    # A step reads one row of the embedding table, and every other weight in full.
-    embed_bytes = sum(
+    # A step reads every weight in full but the embedding table (one row of it), and the
+    # KV cache of the context (counted at the middle of the generation). Buffers such as
+    # the rotary tables are read only at the step's positions: not counted.
+    tied = bool(getattr(runner.config, "tie_word_embeddings", False))  # the LM head reads it
+    weights = sum(
         p.numel() * p.element_size()
-        for name, p in runner.model.named_parameters()
-        if "embed_tokens" in name
+        for name, p in runner.model.named_parameters()  # tied weights appear once
+        if tied or "embed_tokens" not in name
     )
     context = prompt_len + new_tokens // 2
     kv_bytes = runner.bytes_per_block() * context // runner.block_size
-    weights = model_bytes(runner.model) - embed_bytes
     out["bytes_per_step"] = weights + kv_bytes
     engine.shutdown()
     return out

@@ -122,6 +122,7 @@ def test_fused_op_selection_and_capture_sizes():
     assert capture_sizes(256) == [1, 2, 4, 8, *range(16, 257, 16)]
     assert capture_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
     assert capture_sizes(3) == [1, 2, 3]
+    assert capture_sizes(2048)[-1] == 512  # larger decode batches run eagerly
 
 
 def test_profile_batch_fills_the_token_budget():

@@ -26,12 +26,18 @@ from tessellm.interfaces.platform import GraphSpec
 logger = logging.getLogger(__name__)
 
 
+# Beyond this many sequences a decode step's GPU work dwarfs its launch overhead, and
+# every further graph costs capture time and memory: larger batches run eagerly.
+MAX_CAPTURE_SIZE = 512
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, then every multiple of 16, up to and including ``max_num_seqs``."""
-    sizes = [s for s in (1, 2, 4, 8) if s <= max_num_seqs]
-    sizes += list(range(16, max_num_seqs + 1, 16))
-    if sizes[-1] != max_num_seqs:
-        sizes.append(max_num_seqs)
+    """1, 2, 4, 8, then every multiple of 16, up to ``max_num_seqs`` (at most 512)."""
+    largest = min(max_num_seqs, MAX_CAPTURE_SIZE)
+    sizes = [s for s in (1, 2, 4, 8) if s <= largest]
+    sizes += list(range(16, largest + 1, 16))
+    if sizes[-1] != largest:
+        sizes.append(largest)
     return sizes
 
 
