@@ -30,6 +30,36 @@ def gpu_llama(tmp_path_factory):
     return save_tiny_model(config, tmp_path_factory.mktemp("gpu-llama"))
 
 
+def tiny_qwen3_config():
+    from transformers import Qwen3Config
+
+    # Per-head q/k norms and a tied head; layers from 1 on see a window of 8 tokens.
+    config = Qwen3Config(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config.architectures = ["Qwen3ForCausalLM"]
+    return config
+
+
+@pytest.fixture(scope="module")
+def gpu_qwen3(tmp_path_factory):
+    pytest.importorskip("tessellm_qwen")
+    return save_tiny_model(tiny_qwen3_config(), tmp_path_factory.mktemp("gpu-qwen3"))
+
+
 @pytest.fixture(scope="module")
 def prompt_ids(gpu_llama):
     from transformers import AutoTokenizer
@@ -103,6 +133,13 @@ def test_fp32_greedy_equals_hf_with_and_without_graphs(gpu_llama, prompt_ids):
     runner.graph_runner = counter = ReplayCounter(runner.graph_runner)
     assert generate(graphed, prompt_ids) == reference
     assert counter.replays >= NEW_TOKENS - 2  # decode steps were replayed, not run eagerly
+
+
+def test_qwen3_with_windows_equals_hf_in_fp32(gpu_qwen3, prompt_ids):
+    reference = hf_greedy_cuda(gpu_qwen3, prompt_ids)
+    llm, runner = make_llm(gpu_qwen3, "float32")
+    assert runner.graph_runner is not None
+    assert generate(llm, prompt_ids) == reference
 
 
 @torch.no_grad()
