@@ -60,7 +60,7 @@ def tp2_engines(models) -> Callable[[str], LLM]:
 
     def get(name: str) -> LLM:
         llm = made.get(name)
-        if llm is None or llm.engine.executor._failure is not None:
+        if llm is None or llm.engine.executor.failure is not None:
             llm = made[name] = make_llm(models[name], tensor_parallel_size=2)
         return llm
 

@@ -97,6 +97,11 @@ class DistributedExecutor(ABC):
             raise
 
     @property
+    def failure(self) -> str | None:
+        """Why the workers were stopped after a failure (None while they are healthy)."""
+        return self._failure
+
+    @property
     def max_model_len(self) -> int:
         return self._max_model_len
 
