@@ -131,7 +131,7 @@ def register_kv_cache_managers(register: Register) -> None:
 
 @hookspec
 def register_executors(register: Register) -> None:
-    """Register executors (core registers ``"uniproc"``).
+    """Register executors (core registers ``"uniproc"``, ``"mp"`` and ``"ray"``).
 
     The target follows :class:`tessellm.interfaces.engine.ExecutorInterface`: it owns the
     model runner(s), in this process or in one process per rank.
