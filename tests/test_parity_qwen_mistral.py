@@ -252,3 +252,14 @@ def test_fused_experts_tensor_parallel_shards_sum_to_whole() -> None:
         assert experts.gate_up_proj.shape == (4, 8, 16) and experts.down_proj.shape == (4, 16, 4)
         partial_sum += experts(x, route.values, route.indices)
     torch.testing.assert_close(partial_sum, whole.mlp.experts(x, route.values, route.indices))
+
+
+@pytest.mark.parametrize("case", ["Qwen3MoeForCausalLM"], indirect=True)
+def test_tensor_parallel_moe_matches_hf(case: Case) -> None:
+    """Two ranks (mp over gloo), each with half of every expert's intermediate dim."""
+    llm = make_llm(case.path, tensor_parallel_size=2)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in case.prompt_ids], GREEDY)
+        assert [o.outputs[0].token_ids for o in outs] == case.reference
+    finally:
+        llm.engine.shutdown()
