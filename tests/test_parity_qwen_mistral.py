@@ -17,9 +17,11 @@ import torch
 from conftest import TEST_PROMPTS, hf_greedy, save_tiny_model
 
 from tessellm import LLM, SamplingParams
+from tessellm.errors import ModelLoadError
 from tessellm.interfaces.model import ModelContext, ParallelInfo
 from tessellm.layers.moe import FusedExperts, SparseMoeBlock, expert_weight_rules
 from tessellm.layers.weight_loading import load_by_rules
+from tessellm.plugins import get_plugins
 
 NEW_TOKENS = 32
 WINDOW = 8
@@ -92,6 +94,13 @@ def mixtral_config(window: int | None):
     return MixtralConfig(**COMMON, **MOE, num_local_experts=4, sliding_window=window)
 
 
+PLUGIN_OF = {
+    "Qwen2ForCausalLM": "qwen",
+    "Qwen3ForCausalLM": "qwen",
+    "Qwen3MoeForCausalLM": "qwen",
+    "MistralForCausalLM": "mistral",
+    "MixtralForCausalLM": "mistral",
+}
 CONFIGS = {
     "Qwen2ForCausalLM": qwen2_config,
     "Qwen3ForCausalLM": qwen3_config,
@@ -169,6 +178,18 @@ def test_window_changes_hf_tokens(case: Case, tmp_path_factory) -> None:
     longest = sorted(range(len(case.prompt_ids)), key=lambda i: -len(case.prompt_ids[i]))[:2]
     unwindowed = hf_greedy(path, [case.prompt_ids[i] for i in longest], NEW_TOKENS)
     assert unwindowed != [case.reference[i] for i in longest]
+
+
+def test_family_plugin_provides_it_and_disallowing_it_fails_clearly(case: Case, monkeypatch):
+    assert get_plugins().get("models", case.architecture).plugin == PLUGIN_OF[case.architecture]
+    monkeypatch.setenv("TESSELLM_PLUGINS", "platform_cpu,attention_torch,llama")
+    try:
+        get_plugins(refresh=True)
+        with pytest.raises(ModelLoadError, match=f"no plugin provides model '{case.architecture}'"):
+            make_llm(case.path)
+    finally:
+        monkeypatch.undo()
+        get_plugins(refresh=True)
 
 
 # -- the fused MoE layer on its own ----------------------------------------------------------
