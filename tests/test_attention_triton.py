@@ -26,13 +26,14 @@ for src in ("core/src", "plugins/attention_torch/src", "plugins/attention_triton
     if str(ROOT / src) not in sys.path:
         sys.path.append(str(ROOT / src))
 
-from tessellm.interfaces.attention import AttentionMetadata, AttentionSpec  # noqa: E402
-from tessellm_attention_torch.backend import TorchPagedAttention  # noqa: E402
 from tessellm_attention_triton.backend import (  # noqa: E402
     EXTRA_KEY,
     TritonPagedAttention,
     TritonPlan,
 )
+
+from tessellm.interfaces.attention import AttentionMetadata, AttentionSpec  # noqa: E402
+from tessellm_attention_torch.backend import TorchPagedAttention  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,19 +78,11 @@ class Batch:
             new_slots.append(seq_slots[n - q_lens[s] :])
         slots_all = torch.cat(slots)
         shape = (num_blocks, block_size, num_kv_heads, head_size)
-        self.k_cache = torch.full(shape, float("nan"), dtype=dtype)
-        self.v_cache = torch.full(shape, float("nan"), dtype=dtype)
-        kv_shape = (len(slots_all), num_kv_heads, head_size)
-        self.k_cache.view(-1, num_kv_heads, head_size)[slots_all] = torch.randn(
-            kv_shape, generator=g
-        ).to(dtype)
-        self.v_cache.view(-1, num_kv_heads, head_size)[slots_all] = torch.randn(
-            kv_shape, generator=g
-        ).to(dtype)
-        num_tokens = sum(q_lens)
-        self.query = torch.randn((num_tokens, num_heads, head_size), generator=g).to(dtype)
-        self.new_k = torch.randn((num_tokens, num_kv_heads, head_size), generator=g).to(dtype)
-        self.new_v = torch.randn((num_tokens, num_kv_heads, head_size), generator=g).to(dtype)
+        self.k_cache, self.v_cache = (torch.full(shape, float("nan"), dtype=dtype) for _ in "kv")
+        for cache in (self.k_cache, self.v_cache):
+            rows = torch.randn((len(slots_all), *shape[2:]), generator=g)
+            cache.view(-1, *shape[2:])[slots_all] = rows.to(dtype)
+        self.query = torch.randn((sum(q_lens), num_heads, head_size), generator=g).to(dtype)
         qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
         sl = torch.tensor(seq_lens, dtype=torch.int32)
         new = torch.cat(new_slots) if new_slots else torch.zeros(0, dtype=torch.long)
@@ -106,8 +99,8 @@ class Batch:
         self.spec = AttentionSpec(
             "cuda", dtype, head_size, num_heads, num_kv_heads, block_size, True, True
         )
-        for name in ("k_cache", "v_cache", "query", "new_k", "new_v"):
-            setattr(self, name, getattr(self, name).to(device))
+        self.k_cache, self.v_cache = self.k_cache.to(device), self.v_cache.to(device)
+        self.query = self.query.to(device)
 
     def reference(self, **kw) -> torch.Tensor:
         ref = TorchPagedAttention(self.spec)
@@ -162,10 +155,11 @@ def test_write_kv_matches_reference_and_skips_padding(dtype, block_size, head_si
 
 def test_write_kv_casts_to_cache_dtype():
     b = Batch([(3, 5)], block_size=16, num_heads=2, num_kv_heads=2, head_size=64)
+    key, value = torch.randn(2, 5, 2, 64, device=DEVICE)
     k16, v16 = b.k_cache.half(), b.v_cache.half()
-    TritonPagedAttention(b.spec).write_kv(b.new_k, b.new_v, k16, v16, b.metadata)
-    got = k16.view(-1, 2, 64)[b.metadata.slot_mapping]
-    assert torch.equal(got, b.new_k.half())
+    TritonPagedAttention(b.spec).write_kv(key, value, k16, v16, b.metadata)
+    assert torch.equal(k16.view(-1, 2, 64)[b.metadata.slot_mapping], key.half())
+    assert torch.equal(v16.view(-1, 2, 64)[b.metadata.slot_mapping], value.half())
 
 
 # ---------------------------------------------------------------- unified kernel
@@ -175,6 +169,7 @@ FEATURES = {
     "window": {"sliding_window": 13},
     "softcap": {"logits_soft_cap": 1.5},
     "both": {"sliding_window": 7, "logits_soft_cap": 2.0},
+    "wide": {"sliding_window": 1000, "logits_soft_cap": 30.0},  # window spans many splits
 }
 
 
@@ -189,6 +184,8 @@ FEATURES = {
         (96, 32, 3, 3, "window"),
         (128, 32, 8, 2, "softcap"),
         (64, 16, 4, 2, "both"),
+        (64, 64, 16, 2, "plain"),  # GQA group of 8 fills the tile rows with few tokens
+        (256, 16, 2, 1, "both"),
     ],
 )
 def test_mixed_batch_fp32(head_size, block_size, num_heads, num_kv_heads, feature):
@@ -221,6 +218,25 @@ def test_long_prefill_spans_several_query_tiles():
     b = Batch([(23, 70), (0, 3)], block_size=16, num_heads=2, num_kv_heads=1, head_size=64)
     kw = {"scale": 0.125, "sliding_window": 29}
     _check(b.triton(**kw), b.reference(**kw), torch.float32)
+
+
+def test_window_of_one_sees_only_itself():
+    b = Batch([(9, 4), (3, 1)], block_size=16, num_heads=2, num_kv_heads=1, head_size=64)
+    kw = {"scale": 0.125, "sliding_window": 1}
+    out = b.triton(**kw)
+    _check(out, b.reference(**kw), torch.float32)
+    values = b.v_cache.view(-1, 1, 64)[b.metadata.slot_mapping].expand(-1, 2, -1)
+    torch.testing.assert_close(out, values)
+
+
+def test_padding_query_rows_past_the_last_sequence():
+    # A CUDA-graph batch has filler rows after query_start_loc[-1]; they must be ignored.
+    b = Batch(MIXED, block_size=16, num_heads=4, num_kv_heads=2, head_size=64)
+    real = len(b.query)
+    b.query = torch.cat([b.query, torch.full_like(b.query[:5], float("nan"))])
+    out = b.triton(scale=0.125)
+    assert out.shape == b.query.shape
+    _check(out[:real], b.reference(scale=0.125)[:real], torch.float32)
 
 
 def test_sequences_without_query_tokens_are_skipped():
@@ -277,6 +293,24 @@ def test_split_decode_half(dtype):
         b.query, b.k_cache, b.v_cache, b.metadata, scale=0.125
     )
     _check(out, b.reference(scale=0.125), dtype)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_graph_padding_rows_in_a_decode_batch(num_splits):
+    # How a replayed CUDA graph pads a decode batch: empty sequences (no query token,
+    # context 0, all-poison block table) and filler query rows after the real ones.
+    b = Batch(
+        [(299, 1), (16, 1), (0, 0), (0, 0)],
+        block_size=16,
+        num_heads=4,
+        num_kv_heads=2,
+        head_size=64,
+    )
+    b.query = torch.cat([b.query, torch.full_like(b.query, float("nan"))])
+    b.metadata.extra[EXTRA_KEY] = TritonPlan(decode=True, num_splits=num_splits)
+    backend = TritonPagedAttention(b.spec)
+    out = backend.forward(b.query, b.k_cache, b.v_cache, b.metadata, scale=0.125)
+    _check(out[:2], b.reference(scale=0.125)[:2], torch.float32)
 
 
 def test_plan_choices():
@@ -354,7 +388,7 @@ def test_plugin_registration():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(
     ("head_size", "block_size", "feature"),
-    [(128, 16, "plain"), (96, 32, "both"), (256, 16, "window"), (64, 32, "softcap")],
+    [(128, 16, "plain"), (96, 32, "both"), (256, 16, "window"), (80, 32, "wide")],
 )
 def test_gpu_mixed_batch(dtype, head_size, block_size, feature):
     g = torch.Generator().manual_seed(1)
@@ -375,7 +409,7 @@ def test_gpu_mixed_batch(dtype, head_size, block_size, feature):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("feature", ["plain", "both"])
+@pytest.mark.parametrize("feature", ["plain", "both", "wide"])
 def test_gpu_split_decode(dtype, feature):
     seqs = [(8000, 1), (4095, 1), (1, 1), (300, 1)]
     b = Batch(seqs, block_size=16, num_heads=28, num_kv_heads=4, head_size=128, dtype=dtype)
@@ -384,3 +418,66 @@ def test_gpu_split_decode(dtype, feature):
     out = b.triton(backend, **kw)
     assert b.metadata.extra[EXTRA_KEY].num_splits > 1
     _check(out, b.reference(**kw), dtype)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_steps_do_not_sync_with_the_host():
+    b = Batch(MIXED, block_size=16, num_heads=8, num_kv_heads=2, head_size=128)
+    backend = TritonPagedAttention(b.spec)
+    key = torch.randn(len(b.query), 2, 128, device=DEVICE)
+
+    def step() -> torch.Tensor:
+        backend.prepare(b.metadata)
+        backend.write_kv(key, key, b.k_cache, b.v_cache, b.metadata)
+        return backend.forward(b.query, b.k_cache, b.v_cache, b.metadata, scale=0.1)
+
+    step()  # compile outside the check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_graph_replay_with_longer_contexts():
+    # The split count is planned from the captured step's max_seq_len; replaying the graph
+    # with longer contexts must still cover every key.
+    b = Batch(
+        [(2500, 1), (40, 1), (1900, 1)],
+        block_size=16,
+        num_heads=8,
+        num_kv_heads=2,
+        head_size=128,
+        dtype=torch.float16,
+    )
+    md = b.metadata
+    short = torch.tensor([501, 30, 1201], dtype=torch.int32)
+    captured = AttentionMetadata(
+        md.query_start_loc,
+        short.to(DEVICE),
+        md.block_tables,
+        md.slot_mapping,
+        1,
+        1201,
+        md.query_start_loc_cpu,
+        short,
+    )
+    backend = TritonPagedAttention(b.spec)
+    backend.prepare(captured)
+    assert captured.extra[EXTRA_KEY].num_splits > 1
+    kw = {"scale": 128**-0.5, "sliding_window": 2000}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        backend.forward(b.query, b.k_cache, b.v_cache, captured, **kw)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = backend.forward(b.query, b.k_cache, b.v_cache, captured, **kw)
+    captured.seq_lens.copy_(md.seq_lens)
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(out, b.reference(**kw), torch.float16)

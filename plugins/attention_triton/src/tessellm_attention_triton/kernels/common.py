@@ -18,9 +18,18 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def tile_n_for(head_p: int) -> int:
-    """Keys per inner iteration: narrower for wide heads to bound the K/V tiles' registers."""
-    return 64 if head_p <= 128 else 32
+def tile_shape(head_p: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(query rows, keys) per tile, sized by the bytes of one K/V row.
+
+    Wide rows (fp32, or 256-wide heads) get smaller tiles so the staged K/V tiles stay
+    within the 64 KiB of shared memory of MI300 and of consumer NVIDIA parts.
+    """
+    row_bytes = head_p * dtype.itemsize
+    if row_bytes <= 256:
+        return 64, 64
+    if row_bytes <= 512:
+        return 32, 32
+    return 32, 16
 
 
 def precision_for(dtype: torch.dtype) -> str | None:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import attend_keys, next_pow2, precision_for, tile_n_for
+from .common import attend_keys, next_pow2, precision_for, tile_shape
 
 
 @triton.jit
@@ -247,7 +247,7 @@ def decode_attention(
         BLOCK_SIZE=k_cache.shape[1],
         HEAD_SIZE=head_size,
         HEAD_P=head_p,
-        TILE_N=tile_n_for(head_p),
+        TILE_N=tile_shape(head_p, query.dtype)[1],
         USE_WINDOW=bool(sliding_window),
         USE_CAP=bool(logits_soft_cap),
         PRECISION=precision_for(query.dtype),

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import attend_keys, next_pow2, precision_for, tile_n_for
+from .common import attend_keys, next_pow2, precision_for, tile_shape
 
 
 @triton.jit
@@ -162,8 +162,8 @@ def prefill_attention(
     group = num_heads // num_kv_heads
     group_p = next_pow2(group)
     head_p = next_pow2(max(head_size, 16))
-    # ~64 rows per tile amortise each K/V load; wide heads get fewer to bound registers.
-    rows_target = 64 if head_p <= 128 else 32
+    # Many rows per tile amortise each K/V load; wide rows get fewer to bound registers.
+    rows_target, tile_n = tile_shape(head_p, query.dtype)
     block_q = max(1, rows_target // group_p)
     # Short queries (e.g. mostly-decode batches) should not pay for idle rows.
     block_q = min(block_q, next_pow2(max(max_query_len, 1)))
@@ -199,7 +199,7 @@ def prefill_attention(
         BLOCK_SIZE=k_cache.shape[1],
         HEAD_SIZE=head_size,
         HEAD_P=head_p,
-        TILE_N=tile_n_for(head_p),
+        TILE_N=tile_n,
         USE_WINDOW=bool(sliding_window),
         USE_CAP=bool(logits_soft_cap),
         PRECISION=precision_for(query.dtype),
