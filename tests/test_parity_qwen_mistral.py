@@ -284,3 +284,20 @@ def test_tensor_parallel_moe_matches_hf(case: Case) -> None:
         assert [o.outputs[0].token_ids for o in outs] == case.reference
     finally:
         llm.engine.shutdown()
+
+
+def test_cuda_platform_skips_graphs_for_moe_models(caplog) -> None:
+    """The experts' host-side row counts cannot be captured: no graph runner is built."""
+    cuda_platform = pytest.importorskip("tessellm_cuda.platform")
+    from tessellm.interfaces.platform import GraphSpec
+
+    class CapturableAttention:
+        name = "capturable"
+        graph_capturable = True
+
+    with caplog.at_level("INFO", logger=cuda_platform.__name__):
+        runner = cuda_platform.CudaPlatform().graph_runner(
+            MoeHolder(moe_ctx()), CapturableAttention(), GraphSpec(8, 64, 16)
+        )
+    assert runner is None
+    assert "no CUDA graphs: FusedExperts cannot be captured" in caplog.text

@@ -112,6 +112,14 @@ class CudaPlatform(Platform):
         if not type(attention).graph_capturable:
             logger.info("no CUDA graphs: attention backend %r cannot be captured", attention.name)
             return None
+        # Layers that read device values on the host (e.g. MoE expert row counts) declare
+        # ``graph_capturable = False``; capturing them would fail.
+        uncapturable = sorted(
+            {type(m).__name__ for m in model.modules() if not getattr(m, "graph_capturable", True)}
+        )
+        if uncapturable:
+            logger.info("no CUDA graphs: %s cannot be captured", ", ".join(uncapturable))
+            return None
         from .graphs import CudaGraphRunner
 
         return CudaGraphRunner(model, attention, spec, torch.device("cuda", self._device_index))

@@ -13,6 +13,8 @@ multiplying its rows in one matmul.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +40,10 @@ def route_top_k(
 
 class FusedExperts(nn.Module):
     """``E`` gated MLPs as stacked tensors; returns this rank's partial sum (not reduced)."""
+
+    # The per-expert row counts are read on the host to slice the grouped rows, which a
+    # CUDA graph cannot capture; platforms skip graphs for models holding this layer.
+    graph_capturable: ClassVar[bool] = False
 
     def __init__(
         self,
