@@ -9,6 +9,11 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny test models gain nothing from intra-op threads, and tests start engine subprocesses
+# (servers, tensor-parallel workers) that would fight over the same two cores. The CPU
+# platform respects OMP_NUM_THREADS, and subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TEST_PROMPTS = [
     "Hello, my name is",
@@ -92,11 +97,16 @@ def tiny_llama(tmp_path_factory) -> Path:
     return save_tiny_model(tiny_llama_config(), tmp_path_factory.mktemp("tiny-llama"))
 
 
-def hf_greedy(path: Path, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """HF transformers' greedy continuation of each prompt, one at a time (the reference)."""
+def hf_greedy(
+    path: Path, prompt_ids: list[list[int]], max_new_tokens: int, **load_kwargs
+) -> list[list[int]]:
+    """HF transformers' greedy continuation of each prompt, one at a time (the reference).
+
+    ``load_kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation="eager"`` where
+    only the eager path applies soft-capping)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **load_kwargs).eval()
     outs = []
     with torch.no_grad():
         for ids in prompt_ids:
