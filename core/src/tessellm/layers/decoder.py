@@ -55,7 +55,14 @@ class DecoderAttention(nn.Module):
         qkv_bias: bool = False,
         o_bias: bool = False,
         qk_norm: bool = False,
+        rotary: nn.Module | None = None,
+        scale: float | None = None,
+        logits_soft_cap: float | None = None,
+        norm_offset: float = 0.0,
     ) -> None:
+        """``rotary`` replaces the full-head default table (partial rotary, per-layer-type
+        bases, a table shared by layers); ``scale`` the ``head_size ** -0.5`` score scale;
+        ``norm_offset`` is the q/k norms' weight offset (1 for Gemma's ``1 + weight``)."""
         super().__init__()
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -66,16 +73,20 @@ class DecoderAttention(nn.Module):
         )
         self.o_proj = RowParallelLinear(heads * head_size, config.hidden_size, ctx, bias=o_bias)
         # Qwen3's per-head norms: one weight of head_size shared by all heads.
-        self.q_norm = RMSNorm(head_size, config.rms_norm_eps, ctx.dtype) if qk_norm else None
-        self.k_norm = RMSNorm(head_size, config.rms_norm_eps, ctx.dtype) if qk_norm else None
-        self.rotary_emb = RotaryEmbedding(config, head_size, config.max_position_embeddings)
+        eps = config.rms_norm_eps
+        self.q_norm = RMSNorm(head_size, eps, ctx.dtype, norm_offset) if qk_norm else None
+        self.k_norm = RMSNorm(head_size, eps, ctx.dtype, norm_offset) if qk_norm else None
+        if rotary is None:
+            rotary = RotaryEmbedding(config, head_size, config.max_position_embeddings)
+        self.rotary_emb = rotary
         self.attn = Attention(
             self.qkv_proj.num_heads,
             head_size,
-            head_size**-0.5,
+            head_size**-0.5 if scale is None else scale,
             self.qkv_proj.num_kv_heads,
             ctx,
             sliding_window=sliding_window,
+            logits_soft_cap=logits_soft_cap,
         )
 
     def forward(

@@ -1,0 +1,1 @@
+"""Gemma-family model plugin for tessellm."""

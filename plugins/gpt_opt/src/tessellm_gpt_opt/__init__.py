@@ -1,0 +1,1 @@
+"""GPT-2 and OPT model plugin for tessellm."""

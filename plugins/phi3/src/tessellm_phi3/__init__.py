@@ -1,0 +1,1 @@
+"""Phi-3 model plugin for tessellm."""
