@@ -11,7 +11,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tessellm.engine.detokenizer import IncrementalDetokenizer
+from tessellm.engine.detokenizer import (
+    IncrementalDetokenizer,
+    StreamDetokenizer,
+    backend_decoder,
+    make_detokenizer,
+)
 from tessellm.engine.request import Request, RequestStatus
 from tessellm.engine.schedule import TokenLogprobs
 from tessellm.outputs import CompletionOutput, Logprob, RequestOutput
@@ -20,7 +25,7 @@ from tessellm.outputs import CompletionOutput, Logprob, RequestOutput
 @dataclass(slots=True)
 class ChildState:
     index: int
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | StreamDetokenizer
     completion: CompletionOutput
     stop_strings: list[str]
     include_stop: bool
@@ -51,6 +56,9 @@ def child_id(parent_id: str, index: int, n: int) -> str:
 class OutputProcessor:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        # Found once: whether the Rust decode stream gives this tokenizer's text.
+        self._backend = backend_decoder(tokenizer)
+        self._pieces: dict[int, str] = {}  # token id -> its text alone (logprobs)
         self.parents: dict[str, ParentState] = {}
         self.child_to_parent: dict[str, str] = {}
 
@@ -60,8 +68,8 @@ class OutputProcessor:
             state.prompt_logprobs = [None] * len(state.prompt_token_ids)
         for index, req in enumerate(children):
             params = req.params
-            detok = IncrementalDetokenizer(
-                self.tokenizer, req.prompt_token_ids, params.skip_special_tokens
+            detok = make_detokenizer(
+                self.tokenizer, req.prompt_token_ids, params.skip_special_tokens, self._backend
             )
             completion = CompletionOutput(
                 index,
@@ -148,7 +156,10 @@ class OutputProcessor:
         comp.text = self._visible(child, finished=req.status.finished)
 
     def _piece(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            piece = self._pieces[token_id] = self.tokenizer.decode([token_id])
+        return piece
 
     @staticmethod
     def _visible(child: ChildState, finished: bool) -> str:
