@@ -124,6 +124,12 @@ class CudaPlatform(Platform):
 
         return CudaGraphRunner(model, attention, spec, torch.device("cuda", self._device_index))
 
+    def default_quantization(self, dtype: torch.dtype) -> str | None:
+        # Batch-1 decode is a GEMV per layer, and cuBLAS leaves bandwidth unused on the
+        # small projections; the Triton GEMV keeps the dense weights as they are. fp32
+        # stays on cuBLAS: it is the exact reference.
+        return "unquantized_gemv" if dtype in (torch.bfloat16, torch.float16) else None
+
     def fused_ops(self, dtype: torch.dtype) -> FusedOps | None:
         names = fused_op_names(os.environ.get(FUSED_OPS_ENV))
         if names == []:

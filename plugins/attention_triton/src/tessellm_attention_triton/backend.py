@@ -33,6 +33,10 @@ class TritonPlan:
 
     decode: bool
     num_splits: int
+    # Decode kernel shape: keys per tile (0: by head size, ``kernels.common.tile_shape``)
+    # and warps per program.
+    decode_tile_n: int = 0
+    decode_num_warps: int = 4
 
 
 @functools.cache
@@ -65,6 +69,9 @@ class TritonPagedAttention(AttentionBackend):
     min_split_tokens: int = 512
     max_splits: int = 64
     waves: int = 2
+    # Decode kernel shape (see TritonPlan); 0 keys per tile: by head size.
+    decode_tile_n: int = 0
+    decode_num_warps: int = 4
 
     def plan(self, metadata: AttentionMetadata, device: torch.device) -> TritonPlan:
         decode = metadata.max_query_len <= 1
@@ -74,7 +81,10 @@ class TritonPagedAttention(AttentionBackend):
         by_occupancy = -(-self.waves * _num_sms(device) // programs)
         by_length = -(-metadata.max_seq_len // self.min_split_tokens)
         return TritonPlan(
-            decode=True, num_splits=max(1, min(by_occupancy, by_length, self.max_splits))
+            decode=True,
+            num_splits=max(1, min(by_occupancy, by_length, self.max_splits)),
+            decode_tile_n=self.decode_tile_n,
+            decode_num_warps=self.decode_num_warps,
         )
 
     def prepare(self, metadata: AttentionMetadata) -> None:
@@ -130,6 +140,8 @@ class TritonPagedAttention(AttentionBackend):
                 scale,
                 sliding_window or None,
                 logits_soft_cap or None,
+                tile_n=plan.decode_tile_n or None,
+                num_warps=plan.decode_num_warps,
             )
         else:
             prefill_attention(

@@ -195,8 +195,13 @@ def decode_attention(
     scale: float,
     sliding_window: int | None,
     logits_soft_cap: float | None,
+    *,
+    tile_n: int | None = None,
+    num_warps: int = 4,
 ) -> None:
-    """Fill ``out`` for a batch whose sequences have at most one query token each."""
+    """Fill ``out`` for a batch whose sequences have at most one query token each.
+
+    ``tile_n`` keys per tile (a power of two, at least 16; None: by head size)."""
     num_heads, head_size = query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[2]
     num_seqs = seq_lens.shape[0]
@@ -247,12 +252,12 @@ def decode_attention(
         BLOCK_SIZE=k_cache.shape[1],
         HEAD_SIZE=head_size,
         HEAD_P=head_p,
-        TILE_N=tile_shape(head_p, query.dtype)[1],
+        TILE_N=tile_n or tile_shape(head_p, query.dtype)[1],
         USE_WINDOW=bool(sliding_window),
         USE_CAP=bool(logits_soft_cap),
         PRECISION=precision_for(query.dtype),
         SPLIT=split,
-        num_warps=4,
+        num_warps=num_warps,
     )
     if split:
         _reduce_kernel[(num_seqs, num_heads)](
