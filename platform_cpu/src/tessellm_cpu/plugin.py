@@ -4,3 +4,9 @@ from tessellm import hookimpl
 @hookimpl
 def register_platforms(register):
     register("cpu", "tessellm_cpu.platform:CpuPlatform")
+
+
+@hookimpl
+def register_quantization_methods(register):
+    register("woq_int4", "tessellm_cpu.woq:WeightOnlyInt4")
+    register("woq_int4_lossless", "tessellm_cpu.woq:LosslessWeightOnlyInt4")

@@ -49,17 +49,23 @@ class ModelRunner:
             plugins, self.platform, spec, args.attention_backend
         )
         self.attention = backend_cls(spec)
-        quant = plugins.load("quantization_methods", args.quantization or "none")()
+        self.quantization = args.quantization or self._default_quantization(plugins)
+        quant = plugins.load("quantization_methods", self.quantization)()
         ctx = ModelContext(self.dtype, self.device, self.attention, quant, self.parallel)
         self.model = ml.build_model(plugins, self.config, ctx)
         with torch.inference_mode():
             ml.load_weights(self.model, fmt.iter_weights(resolved.path, self.config, self.dtype))
+            quant.process_model_after_loading(self.model)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         bind_fused_ops(self.model, self.platform.fused_ops(self.dtype))
         self.graph_runner: GraphRunner | None = None
         self.sampler = Sampler(args.seed)
         self.block_size = args.block_size
         self.num_blocks = 0
+
+    def _default_quantization(self, plugins: PluginSet) -> str:
+        name = self.platform.default_quantization(self.dtype)
+        return name if name and plugins.get("quantization_methods", name) else "none"
 
     # -- KV cache ------------------------------------------------------------------------
     def bytes_per_block(self) -> int:

@@ -92,6 +92,12 @@ class Platform(ABC):
         """An optional runner that captures and replays decode steps (CUDA graphs)."""
         return None
 
+    def default_quantization(self, dtype: torch.dtype) -> str | None:
+        """The quantization method to use when the user names none (None: ``"none"``).
+        Only for methods that keep the checkpoint's weights as they are (a lossless
+        repacking for faster kernels); a lossy method must be the user's choice."""
+        return None
+
     def fused_ops(self, dtype: torch.dtype) -> FusedOps | None:
         """Fused kernels the shared layers should use on this device (None: plain torch)."""
         return None

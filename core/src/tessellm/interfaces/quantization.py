@@ -25,6 +25,10 @@ class QuantizationMethod(ABC):
     def process_weights_after_loading(self, layer: nn.Module) -> None:  # noqa: B027
         """Repack weights once all are loaded (optional)."""
 
+    def process_model_after_loading(self, model: nn.Module) -> None:  # noqa: B027
+        """Once per model after every layer's weights are processed: repack what is not a
+        linear layer of this method (e.g. set ``ParallelLMHead.logits_matmul``). Optional."""
+
 
 class Unquantized(QuantizationMethod):
     """Plain dense weights in the run dtype."""

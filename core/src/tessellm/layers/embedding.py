@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,10 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits over the full vocabulary, gathered from every rank's slice."""
 
+    # Set once after loading by a quantization method that multiplies by this head's weight
+    # in another form (``hidden -> logits`` of this rank's slice, bias excluded).
+    logits_matmul: Callable[[torch.Tensor], torch.Tensor] | None = None
+
     def __init__(
         self, vocab_size: int, hidden_size: int, ctx: ModelContext, bias: bool = False
     ) -> None:
@@ -54,6 +60,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = F.linear(hidden, self.weight, self.bias)
+        if self.logits_matmul is not None:
+            logits = self.logits_matmul(hidden)
+            logits = logits + self.bias if self.bias is not None else logits
+        else:
+            logits = F.linear(hidden, self.weight, self.bias)
         logits = all_gather_last_dim(logits, self.parallel)
         return logits[..., : self.vocab_size]

@@ -15,6 +15,7 @@ import torch
 
 from tessellm.errors import ModelLoadError
 from tessellm.interfaces.weights import WeightFormat
+from tessellm_gguf.conversion_cache import cached_config, cached_tokenizer, cached_weights
 
 
 def _split(path: Path) -> tuple[str, str]:
@@ -28,6 +29,9 @@ class GGUFFormat(WeightFormat):
         return path.is_file() and path.suffix == ".gguf"
 
     def load_config(self, path: Path):
+        return cached_config(path, lambda: self._convert_config(path))
+
+    def _convert_config(self, path: Path):
         from transformers import AutoConfig
 
         from tessellm.model_loader import architecture_of
@@ -42,6 +46,9 @@ class GGUFFormat(WeightFormat):
         return config
 
     def load_tokenizer(self, path: Path):
+        return cached_tokenizer(path, lambda: self._convert_tokenizer(path))
+
+    def _convert_tokenizer(self, path: Path):
         from transformers import AutoTokenizer
 
         folder, name = _split(path)
@@ -50,6 +57,9 @@ class GGUFFormat(WeightFormat):
     def iter_weights(
         self, path: Path, config, dtype: torch.dtype
     ) -> Iterator[tuple[str, torch.Tensor]]:
+        return cached_weights(path, dtype, lambda: self._convert_weights(path, config))
+
+    def _convert_weights(self, path: Path, config) -> Iterator[tuple[str, torch.Tensor]]:
         from transformers import AutoModelForCausalLM
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 

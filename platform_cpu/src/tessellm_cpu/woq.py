@@ -1,0 +1,144 @@
+"""Weight-only int4 for the CPU: 4-bit weights stay 4-bit in memory for small batches.
+
+At batch 1 a CPU decode step reads every weight once and does little arithmetic with it,
+so its speed is the memory bandwidth over the bytes read: a GGUF Q4 model dequantized to
+bf16 reads four times the bytes of the file. This method keeps the dense weight (the
+loaders and large batches use it, where compute dominates and the dense kernels are
+faster) and adds, after loading, a copy packed for torch's int4 CPU kernel: groups of 32
+input features, each with a scale and a zero point, ``w = (q - 8) * scale + zero``.
+
+``woq_int4_lossless`` (what the CPU platform uses by default in bf16) packs only layers
+whose weights already lie on such a grid, as a GGUF Q4_1 checkpoint's do, so it changes
+no weight beyond the run dtype's rounding; other layers stay dense. ``woq_int4`` packs
+every eligible layer, rounding its weights to 4 bits (lossy), and the LM head to int8 per
+output channel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessellm.interfaces.quantization import QuantizationMethod
+
+GROUP_SIZE = 32
+# Up to this many rows per matmul use the packed weight; beyond it the dense kernels win
+# (measured on a 2-core AVX-512 machine: int4 is ~4x faster at 1 row, even at 16, slower
+# at 64).
+PACKED_MAX_ROWS = 16
+# A group lies on a 4-bit grid when re-quantizing moves no weight by more than this
+# fraction of a step (bf16 rounding of on-grid weights stays far below it; weights that
+# are not 4-bit move by up to half a step).
+GRID_TOLERANCE = 0.1
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def pack_int4(
+    weight: torch.Tensor, lossless_only: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(packed uint8, scales_and_zeros [K/32, N, 2])`` for an ``[N, K]`` weight, or None
+    when it cannot be packed (or, with ``lossless_only``, is not already on a 4-bit grid)."""
+    out_features, in_features = weight.shape
+    if in_features % GROUP_SIZE or weight.dtype not in PACKABLE_DTYPES:
+        return None
+    w = weight.float().view(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scale = (high - low) / 15
+    step = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = ((w - low[..., None]) / step[..., None]).round_().clamp_(0, 15)
+    if lossless_only:
+        moved = (q * scale[..., None] + low[..., None] - w).abs().amax(dim=-1)
+        if bool((moved > GRID_TOLERANCE * step).any()):
+            return None
+    zero = low + 8 * scale
+    q_int = q.view(out_features, in_features).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q_int, 1)
+    scales_zeros = torch.stack((scale.t(), zero.t()), dim=-1).to(weight.dtype).contiguous()
+    return packed, scales_zeros
+
+
+def int4_matmul(
+    x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.dtype != scales_zeros.dtype:
+        rows = rows.to(scales_zeros.dtype)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        rows.contiguous(), packed, GROUP_SIZE, scales_zeros
+    )
+    out = out.view(*x.shape[:-1], out.shape[-1])
+    return out + bias if bias is not None else out
+
+
+class Int8LogitsMatmul:
+    """The LM head as int8 per output channel (small batches) or its dense weight."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight  # shared with the embedding when tied: not copied
+        w = weight.float()
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+        self.q = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        self.scale = scale.to(weight.dtype)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        if rows.shape[0] > PACKED_MAX_ROWS:
+            return F.linear(hidden, self.weight)
+        out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.q, self.scale)
+        return out.view(*hidden.shape[:-1], out.shape[-1])
+
+
+class WeightOnlyInt4(QuantizationMethod):
+    """Dense weights plus an int4 copy for small batches (see the module docstring)."""
+
+    name = "woq_int4"
+    lossless_only = False
+
+    def create_weights(
+        self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype
+    ) -> None:
+        layer.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=dtype), requires_grad=False
+        )
+        layer.register_buffer("woq_packed", None, persistent=False)
+        layer.register_buffer("woq_scales_zeros", None, persistent=False)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        weight = layer.weight
+        if weight.device.type != "cpu":
+            return
+        result = pack_int4(weight.data, self.lossless_only)
+        if result is not None:
+            layer.woq_packed, layer.woq_scales_zeros = result
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        packed = layer.woq_packed
+        if packed is None or x.numel() > PACKED_MAX_ROWS * x.shape[-1]:
+            return F.linear(x, layer.weight, bias)
+        return int4_matmul(x, packed, layer.woq_scales_zeros, bias)
+
+    def process_model_after_loading(self, model: nn.Module) -> None:
+        if self.lossless_only:
+            return
+        from tessellm.layers.embedding import ParallelLMHead
+
+        for module in model.modules():
+            if (
+                isinstance(module, ParallelLMHead)
+                and module.bias is None
+                and module.weight.device.type == "cpu"
+                and module.weight.dtype != torch.float16
+            ):
+                module.logits_matmul = Int8LogitsMatmul(module.weight.data)
+
+
+class LosslessWeightOnlyInt4(WeightOnlyInt4):
+    name = "woq_int4_lossless"
+    lossless_only = True
+
+
+def packed_layer_count(model: nn.Module) -> tuple[int, int]:
+    """(layers with an int4 copy, layers using a weight-only method) — for reports."""
+    using = [m for m in model.modules() if hasattr(m, "woq_packed")]
+    return sum(m.woq_packed is not None for m in using), len(using)
