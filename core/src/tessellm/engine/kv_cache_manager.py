@@ -77,21 +77,24 @@ class KVCacheManager:
         request.block_ids = hits
         return len(hits) * self.block_size
 
-    def _blocks_needed(self, request: Request, num_new_tokens: int) -> int:
-        total = request.num_computed_tokens + num_new_tokens
-        return max(0, -(-total // self.block_size) - len(request.block_ids))
-
+    # Both below run for every request every step: the common decode step (no new block,
+    # no block filled) returns after a few integer operations.
     def can_allocate(self, request: Request, num_new_tokens: int) -> bool:
-        return self._blocks_needed(request, num_new_tokens) <= self.pool.num_free_blocks
+        total = request.num_computed_tokens + num_new_tokens
+        needed = -(-total // self.block_size) - len(request.block_ids)
+        return needed <= 0 or needed <= self.pool.num_free_blocks
 
     def allocate(self, request: Request, num_new_tokens: int) -> None:
-        needed = self._blocks_needed(request, num_new_tokens)
-        if needed:
+        bs = self.block_size
+        start = request.num_computed_tokens
+        end = start + num_new_tokens
+        needed = -(-end // bs) - len(request.block_ids)
+        if needed > 0:
             request.block_ids.extend(self.pool.allocate(needed))
         if self.enable_prefix_caching:
-            end = request.num_computed_tokens + num_new_tokens
-            self._update_hashes(request, end)
-            for i in range(request.num_computed_tokens // self.block_size, end // self.block_size):
+            if (len(request.block_hashes) + 1) * bs <= end:
+                self._update_hashes(request, end)
+            for i in range(start // bs, end // bs):
                 self.pool.cache(request.block_ids[i], request.block_hashes[i])
 
     def free(self, request: Request) -> None:

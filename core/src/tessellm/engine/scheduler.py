@@ -49,7 +49,8 @@ class SchedulerCounters:
 @dataclass(slots=True)
 class _StepDraft:
     budget: int
-    scheduled: dict[str, int] = field(default_factory=dict)  # request id -> new tokens
+    # request id -> (the request, its new tokens this step)
+    scheduled: dict[str, tuple[Request, int]] = field(default_factory=dict)
     preempted: list[str] = field(default_factory=list)
     admitted_any: bool = False
 
@@ -61,7 +62,7 @@ class Scheduler:
         self.config = config
         self.kv = kv_cache_manager
         self.waiting: list[Request] = []  # kept sorted by rank
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # kept sorted by rank too
         self.requests: dict[str, Request] = {}
         self.counters = SchedulerCounters()
         self._arrivals = itertools.count()
@@ -125,25 +126,33 @@ class Scheduler:
     # -- the step ----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         draft = _StepDraft(self.config.max_num_batched_tokens)
-        # Decodes (one token left) first, then prompt chunks and recomputes, each by rank.
-        order = sorted(
-            self.running,
-            key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, self._rank(r)),
-        )
-        for request in order:
+        # Decodes (one token left) first, then prompt chunks and recomputes, each by rank
+        # (``running`` is in rank order, and the split keeps it).
+        decodes: list[Request] = []
+        chunks: list[Request] = []
+        for request in self.running:
+            left = (
+                len(request.prompt_token_ids)
+                + len(request.output_token_ids)
+                - request.num_computed_tokens
+            )
+            (chunks if left > 1 else decodes).append(request)
+        kv = self.kv
+        running = RequestStatus.RUNNING
+        for request in itertools.chain(decodes, chunks):
             if draft.budget <= 0:
                 break
-            if request.status is not RequestStatus.RUNNING:  # an earlier one preempted it
+            if request.status is not running:  # an earlier one preempted it
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, draft.budget)
-            while not self.kv.can_allocate(request, num_new):
-                victim = max(self.running, key=self._rank)
+            while not kv.can_allocate(request, num_new):
+                victim = self.running[-1]  # the lowest-ranked
                 self._preempt(victim, draft)
                 if victim is request:
                     break
-            if request.status is RequestStatus.RUNNING:
-                self.kv.allocate(request, num_new)
-                draft.scheduled[request.request_id] = num_new
+            if request.status is running:
+                kv.allocate(request, num_new)
+                draft.scheduled[request.request_id] = (request, num_new)
                 draft.budget -= num_new
 
         # Admitting new work while the running set is short of blocks only thrashes.
@@ -151,15 +160,16 @@ class Scheduler:
             self._admit_waiting(draft)
 
         seqs = []
-        for request_id, num_new in draft.scheduled.items():
-            request = self.requests[request_id]
+        total = computed_prompt = 0
+        for request, num_new in draft.scheduled.values():
             start = request.num_computed_tokens
-            self.counters.num_computed_prompt_tokens += max(
-                0, min(start + num_new, request.num_prompt_tokens) - start
-            )
+            num_prompt = len(request.prompt_token_ids)
+            if start < num_prompt:
+                computed_prompt += min(start + num_new, num_prompt) - start
+            total += num_new
             seqs.append(self._to_seq(request, num_new))
-        total = sum(draft.scheduled.values())
         c = self.counters
+        c.num_computed_prompt_tokens += computed_prompt
         c.last_step_tokens = total
         c.num_scheduled_tokens += total
         c.num_scheduled_steps += 1 if seqs else 0
@@ -199,8 +209,8 @@ class Scheduler:
             self._preempt(victim, draft)
         self.kv.allocate(request, num_new)
         request.status = RequestStatus.RUNNING
-        self.running.append(request)
-        draft.scheduled[request.request_id] = num_new
+        bisect.insort(self.running, request, key=self._rank)
+        draft.scheduled[request.request_id] = (request, num_new)
         draft.budget -= num_new
         if request.num_cached_tokens < 0:
             request.num_cached_tokens = cached
@@ -220,7 +230,7 @@ class Scheduler:
         a victim publishes this step but would then never compute."""
         if self.config.policy != "priority" or draft.admitted_any or not self.running:
             return None
-        victim = max(self.running, key=self._rank)
+        victim = self.running[-1]
         return victim if self._rank(victim) > self._rank(request) else None
 
     def _preempt(self, victim: Request, draft: _StepDraft) -> None:
@@ -232,7 +242,7 @@ class Scheduler:
         self.counters.num_preemptions += 1
         undone = draft.scheduled.pop(victim.request_id, None)
         if undone is not None:
-            draft.budget += undone
+            draft.budget += undone[1]
         draft.preempted.append(victim.request_id)
         self._enqueue(victim)
 
@@ -245,6 +255,10 @@ class Scheduler:
         start = request.num_computed_tokens
         end = start + num_new
         params = request.params
+        prompt = request.prompt_token_ids
+        outputs = request.output_token_ids
+        num_prompt = len(prompt)
+        num_tokens = num_prompt + len(outputs)
         needs_history = (
             params.presence_penalty
             or params.frequency_penalty
@@ -252,20 +266,20 @@ class Scheduler:
             or params.min_tokens
         )
         targets: list[int] = []
-        if self._wants_prompt_logprobs(request) and start < request.num_prompt_tokens - 1:
-            targets = request.prompt_token_ids[
-                start + 1 : min(end, request.num_prompt_tokens - 1) + 1
-            ]
+        if self._wants_prompt_logprobs(request) and start < num_prompt - 1:
+            targets = prompt[start + 1 : min(end, num_prompt - 1) + 1]
+        # A decode's one token is the last output (the common case, kept cheap).
+        decode = start == num_tokens - 1 and outputs
         return ScheduledSeq(
             request_id=request.request_id,
-            token_ids=request.token_slice(start, end),
+            token_ids=[outputs[-1]] if decode else request.token_slice(start, end),
             start_pos=start,
             block_ids=list(request.block_ids),
-            sample=end == request.num_tokens,
+            sample=end == num_tokens,
             params=params,
-            num_output_tokens=len(request.output_token_ids),
-            output_token_ids=list(request.output_token_ids) if needs_history else [],
-            prompt_token_ids=request.prompt_token_ids if params.repetition_penalty != 1 else [],
+            num_output_tokens=len(outputs),
+            output_token_ids=list(outputs) if needs_history else [],
+            prompt_token_ids=prompt if params.repetition_penalty != 1 else [],
             eos_token_ids=request.eos_token_ids,
             prompt_logprob_token_ids=targets,
         )
