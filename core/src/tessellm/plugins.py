@@ -82,13 +82,10 @@ class PluginSet:
         label = kind.rstrip("s").replace("_", " ")
         hint = ""
         if kind == "models":
-            hint = (
-                " Install the model-family plugin that provides it (for example "
-                "`pip install tessellm-llama` for Llama-style models)"
-            )
-            if os.environ.get(ALLOW_ENV):
-                hint += f", or add it to {ALLOW_ENV}"
-            hint += "."
+            from tessellm.known_families import model_plugin_hint
+
+            installed = {ep.name for ep in md.entry_points(group=ENTRY_POINT_GROUP)}
+            hint = " " + model_plugin_hint(name, _allowed(), installed)
         return f"no plugin provides {label} {name!r} (known: {known}).{hint}"
 
 
