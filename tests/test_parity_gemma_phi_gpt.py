@@ -23,21 +23,24 @@ IDS = dict(vocab_size=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4)
 
 
+# Gemma 2 and 3 alike: GQA, query_pre_attn_scalar != head_dim, both soft-caps on (Gemma 3
+# configs carry the attention cap too; transformers does not apply it there, nor do we).
+GEMMA = dict(
+    num_hidden_layers=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=24,
+    max_position_embeddings=256,
+    sliding_window=WINDOW,
+    attn_logit_softcapping=5.0,
+    final_logit_softcapping=8.0,
+)
+
+
 def gemma2_config():
     from transformers import Gemma2Config
 
-    return Gemma2Config(
-        **IDS,
-        **SMALL,
-        num_hidden_layers=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=24,
-        max_position_embeddings=256,
-        sliding_window=WINDOW,
-        attn_logit_softcapping=5.0,
-        final_logit_softcapping=8.0,
-    )
+    return Gemma2Config(**IDS, **SMALL, **GEMMA)  # alternates sliding and global layers
 
 
 def gemma3_config():
@@ -46,19 +49,12 @@ def gemma3_config():
     return Gemma3TextConfig(
         **IDS,
         **SMALL,
-        num_hidden_layers=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=24,
-        max_position_embeddings=256,
-        sliding_window=WINDOW,
+        **GEMMA,
         layer_types=["sliding_attention", "full_attention"] * 2,
         rope_parameters={
             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
             "full_attention": {"rope_type": "linear", "rope_theta": 1_000_000.0, "factor": 4.0},
         },
-        attn_logit_softcapping=5.0,  # present in Gemma 3 configs, not applied by transformers
-        final_logit_softcapping=8.0,
     )
 
 

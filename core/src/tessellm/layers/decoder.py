@@ -24,6 +24,7 @@ from tessellm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from tessellm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from tessellm.layers.norm import RMSNorm
 from tessellm.layers.rotary import RotaryEmbedding
+from tessellm.layers.scaled_embedding import ScaledVocabEmbedding
 from tessellm.layers.weight_loading import QKV_GATE_UP_RULES, WeightRule, load_by_rules
 
 
@@ -132,13 +133,20 @@ class DecoderLayer(nn.Module):
     """RMSNorm → attention → residual → RMSNorm → MLP → residual (the adds fused in the
     norms: ``forward`` passes the residual stream along separately)."""
 
-    def __init__(self, config: Any, ctx: ModelContext, self_attn: nn.Module, mlp: nn.Module):
+    def __init__(
+        self,
+        config: Any,
+        ctx: ModelContext,
+        self_attn: nn.Module,
+        mlp: nn.Module,
+        norm_offset: float = 0.0,
+    ):
         super().__init__()
         self.self_attn = self_attn
         self.mlp = mlp
         eps = config.rms_norm_eps
-        self.input_layernorm = RMSNorm(config.hidden_size, eps, ctx.dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ctx.dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, ctx.dtype, norm_offset)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ctx.dtype, norm_offset)
 
     def forward(
         self,
@@ -158,15 +166,28 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    """Embedding, ``num_hidden_layers`` layers from ``build_layer(i)``, final RMSNorm."""
+    """Embedding, ``num_hidden_layers`` layers from ``build_layer(i)``, final RMSNorm.
+
+    ``embed_scale`` multiplies the embedding (Gemma: ``sqrt(hidden_size)``);
+    ``norm_offset`` is the final norm's weight offset (Gemma: 1)."""
 
     def __init__(
-        self, config: Any, ctx: ModelContext, build_layer: Callable[[int], nn.Module]
+        self,
+        config: Any,
+        ctx: ModelContext,
+        build_layer: Callable[[int], nn.Module],
+        embed_scale: float | None = None,
+        norm_offset: float = 0.0,
     ) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx)
+        vocab, hidden = config.vocab_size, config.hidden_size
+        self.embed_tokens = (
+            VocabParallelEmbedding(vocab, hidden, ctx)
+            if embed_scale is None
+            else ScaledVocabEmbedding(vocab, hidden, ctx, embed_scale)
+        )
         self.layers = nn.ModuleList(build_layer(i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.dtype)
+        self.norm = RMSNorm(hidden, config.rms_norm_eps, ctx.dtype, norm_offset)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
@@ -193,10 +214,18 @@ class DecoderForCausalLM(nn.Module, ABC):
         super().__init__()
         self.config = config
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.model = DecoderModel(config, ctx, lambda i: self.build_layer(config, ctx, i))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx)
+        self.model = self.build_model(config, ctx)
+        # The head maps onto the vocabulary from the embedding's width (narrower than
+        # hidden_size where a family projects between them, as OPT-350m does).
+        embed_width = self.model.embed_tokens.weight.shape[1]
+        self.lm_head = ParallelLMHead(config.vocab_size, embed_width, ctx)
         if self.tied:
             self.lm_head.tie_to(self.model.embed_tokens)
+
+    def build_model(self, config: Any, ctx: ModelContext) -> nn.Module:
+        """The body (anything with an ``embed_tokens`` embedding); a :class:`DecoderModel`
+        of ``build_layer``'s layers unless a family overrides it."""
+        return DecoderModel(config, ctx, lambda i: self.build_layer(config, ctx, i))
 
     @abstractmethod
     def build_layer(self, config: Any, ctx: ModelContext, layer_idx: int) -> nn.Module:

@@ -11,7 +11,6 @@ adds per-head q/k norms and gives the sliding layers their own rotary base.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -20,13 +19,18 @@ from torch import nn
 from tessellm.errors import ModelLoadError
 from tessellm.interfaces.attention import AttentionMetadata
 from tessellm.interfaces.model import ModelContext
-from tessellm.layers.decoder import DecoderAttention, GatedMLP, layer_sliding_window
-from tessellm.layers.embedding import ParallelLMHead
+from tessellm.layers.decoder import (
+    DecoderAttention,
+    DecoderForCausalLM,
+    DecoderLayer,
+    DecoderModel,
+    GatedMLP,
+    layer_sliding_window,
+)
 from tessellm.layers.norm import RMSNorm
 from tessellm.layers.rotary import RotaryEmbedding
-from tessellm.layers.scaled_embedding import ScaledVocabEmbedding
 from tessellm.layers.softcap import soft_cap
-from tessellm.layers.weight_loading import QKV_GATE_UP_RULES, load_by_rules
+from tessellm.model_loader import head_size_of
 
 GEMMA_NORM_OFFSET = 1.0  # Gemma's RMSNorm scales by (1 + weight)
 
@@ -36,6 +40,26 @@ def layer_type_of(config: Any, layer_idx: int) -> str:
     if layer_types is not None:
         return layer_types[layer_idx]
     return "sliding_attention" if layer_sliding_window(config, layer_idx) else "full_attention"
+
+
+def rotary_tables(config: Any) -> nn.ModuleDict:
+    """One rotary table per layer type, shared by the layers of that type (Gemma 3's
+    sliding layers have their own rope base, read from its per-type rope_parameters)."""
+    head_size = head_size_of(config)
+    types = {layer_type_of(config, i) for i in range(config.num_hidden_layers)}
+    params = getattr(config, "rope_parameters", None)
+    per_type = isinstance(params, dict) and all(t in params for t in types)
+    return nn.ModuleDict(
+        {
+            t: RotaryEmbedding(
+                config,
+                head_size,
+                config.max_position_embeddings,
+                layer_type=t if per_type else None,
+            )
+            for t in sorted(types)
+        }
+    )
 
 
 def gemma_attention(
@@ -60,29 +84,13 @@ def gemma_attention(
     )
 
 
-class GemmaDecoderLayer(nn.Module):
-    """Pre- and post-norm around both sub-layers; the residual adds are fused into the
+class GemmaDecoderLayer(DecoderLayer):
+    """Pre- and post-norm around both sub-layers. The residual adds are fused into the
     pre-norms, so ``forward`` carries the residual stream separately."""
 
-    def __init__(
-        self,
-        config: Any,
-        ctx: ModelContext,
-        layer_idx: int,
-        rotary: RotaryEmbedding,
-        gemma3: bool,
-    ) -> None:
-        super().__init__()
-        self.self_attn = gemma_attention(config, ctx, layer_idx, rotary, gemma3)
-        self.mlp = GatedMLP(
-            config.hidden_size,
-            config.intermediate_size,
-            ctx,
-            activation=getattr(config, "hidden_activation", None) or config.hidden_act,
-        )
+    def __init__(self, config: Any, ctx: ModelContext, self_attn: nn.Module, mlp: nn.Module):
+        super().__init__(config, ctx, self_attn, mlp, norm_offset=GEMMA_NORM_OFFSET)
         size, eps = config.hidden_size, config.rms_norm_eps
-        self.input_layernorm = RMSNorm(size, eps, ctx.dtype, GEMMA_NORM_OFFSET)
-        self.post_attention_layernorm = RMSNorm(size, eps, ctx.dtype, GEMMA_NORM_OFFSET)
         self.pre_feedforward_layernorm = RMSNorm(size, eps, ctx.dtype, GEMMA_NORM_OFFSET)
         self.post_feedforward_layernorm = RMSNorm(size, eps, ctx.dtype, GEMMA_NORM_OFFSET)
 
@@ -93,89 +101,45 @@ class GemmaDecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        # The first layer's stream starts at zero: norm(hidden + 0) is norm(hidden) exactly.
+        residual = torch.zeros_like(hidden) if residual is None else residual
+        hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.post_attention_layernorm(self.self_attn(positions, hidden, metadata))
         hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
         return self.post_feedforward_layernorm(self.mlp(hidden)), residual
 
 
-class GemmaModel(nn.Module):
-    def __init__(self, config: Any, ctx: ModelContext, gemma3: bool) -> None:
-        super().__init__()
-        hidden_size = config.hidden_size
-        self.embed_tokens = ScaledVocabEmbedding(
-            config.vocab_size, hidden_size, ctx, scale=hidden_size**0.5
-        )
-        head_size = getattr(config, "head_dim", None) or hidden_size // config.num_attention_heads
-        types = [layer_type_of(config, i) for i in range(config.num_hidden_layers)]
-        # One table per layer type (Gemma 3's sliding layers use another rope base);
-        # transformers' per-type rope_parameters are read when the config has them.
-        per_type = isinstance(getattr(config, "rope_parameters", None), dict) and all(
-            t in config.rope_parameters for t in types
-        )
-        rotaries = nn.ModuleDict(
-            {
-                t: RotaryEmbedding(
-                    config,
-                    head_size,
-                    config.max_position_embeddings,
-                    layer_type=t if per_type else None,
-                )
-                for t in sorted(set(types))
-            }
-        )
-        self.layers = nn.ModuleList(
-            GemmaDecoderLayer(config, ctx, i, rotaries[t], gemma3) for i, t in enumerate(types)
-        )
-        self.norm = RMSNorm(hidden_size, config.rms_norm_eps, ctx.dtype, GEMMA_NORM_OFFSET)
-
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
-    ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, metadata)
-        return self.norm(hidden, residual)[0]
-
-
-class _GemmaForCausalLM(nn.Module):
-    """A :class:`tessellm.interfaces.model.CausalLM`; subclasses say which Gemma it is."""
+class _GemmaForCausalLM(DecoderForCausalLM):
+    """The shared decoder with Gemma's layers, scaled embedding, ``1 + weight`` final norm
+    and soft-capped logits; subclasses say which Gemma it is."""
 
     gemma3: ClassVar[bool]  # per-head q/k norms; no attention soft-cap
 
     def __init__(self, config: Any, ctx: ModelContext) -> None:
-        super().__init__()
         if getattr(config, "use_bidirectional_attention", False):
             raise ModelLoadError("bidirectional (embedding) Gemma models are not causal LMs")
-        self.config = config
+        super().__init__(config, ctx)
         self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
-        self.tied = bool(getattr(config, "tie_word_embeddings", True))
-        self.model = GemmaModel(config, ctx, self.gemma3)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx)
-        if self.tied:
-            self.lm_head.tie_to(self.model.embed_tokens)
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, metadata)
+    def build_model(self, config: Any, ctx: ModelContext) -> nn.Module:
+        self.rotaries = rotary_tables(config)
+        return DecoderModel(
+            config,
+            ctx,
+            lambda i: self.build_layer(config, ctx, i),
+            embed_scale=config.hidden_size**0.5,
+            norm_offset=GEMMA_NORM_OFFSET,
+        )
+
+    def build_layer(self, config: Any, ctx: ModelContext, layer_idx: int) -> nn.Module:
+        rotary = self.rotaries[layer_type_of(config, layer_idx)]
+        attention = gemma_attention(config, ctx, layer_idx, rotary, self.gemma3)
+        activation = getattr(config, "hidden_activation", None) or config.hidden_act
+        mlp = GatedMLP(config.hidden_size, config.intermediate_size, ctx, activation)
+        return GemmaDecoderLayer(config, ctx, attention, mlp)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return soft_cap(self.lm_head(hidden), self.final_logit_softcapping)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        def skip(name: str) -> bool:
-            return self.tied and name == "lm_head.weight"
-
-        loaded = load_by_rules(self, weights, QKV_GATE_UP_RULES, skip=skip)
-        if self.tied:
-            loaded.add("lm_head.weight")
-        return loaded
+        return soft_cap(super().compute_logits(hidden), self.final_logit_softcapping)
 
 
 class Gemma2ForCausalLM(_GemmaForCausalLM):

@@ -2,9 +2,9 @@
 
 Learned absolute positions added to the token embedding, multi-head attention and a
 plain MLP with biases, LayerNorm before each sub-layer (or after it, for OPT-350m), a
-final LayerNorm, and an LM head tied to the embedding. The two families differ only in
-the numbers of the spec and in their checkpoint names, which ``gpt2.py`` and ``opt.py``
-map onto the parameter names here (OPT's, where the two differ).
+final LayerNorm, and (usually) an LM head tied to the embedding. The two families differ
+only in the numbers of the spec and in their checkpoint names, which ``gpt2.py`` and
+``opt.py`` map onto the parameter names here (OPT's, where the two differ).
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from torch import nn
 from tessellm.interfaces.attention import AttentionMetadata
 from tessellm.interfaces.model import ModelContext
 from tessellm.layers.attention import Attention
-from tessellm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from tessellm.layers.decoder import DecoderForCausalLM
+from tessellm.layers.embedding import VocabParallelEmbedding
 from tessellm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from tessellm.layers.mlp import MLP
 from tessellm.layers.norm import LayerNorm
 from tessellm.layers.positional import LearnedPositionalEmbedding
-from tessellm.layers.weight_loading import load_by_rules, stacked_rules
+from tessellm.layers.weight_loading import stacked_rules
 
 QKV_RULES = stacked_rules(
     (("q_proj", "qkv_proj", "q"), ("k_proj", "qkv_proj", "k"), ("v_proj", "qkv_proj", "v"))
@@ -49,7 +50,6 @@ class LayerNormDecoderSpec:
     scale_attn_weights: bool = True
     scale_by_inverse_layer: bool = False  # GPT-2 option: scores also / (layer + 1)
     scale_query_first: bool = False  # OPT scales q before q·k (the same maths, its rounding)
-    tied: bool = True
 
     @property
     def head_size(self) -> int:
@@ -107,7 +107,12 @@ def _projection(in_size: int, out_size: int, ctx: ModelContext) -> ColumnParalle
 
 
 class LayerNormDecoderModel(nn.Module):
-    def __init__(self, spec: LayerNormDecoderSpec, ctx: ModelContext) -> None:
+    def __init__(
+        self,
+        spec: LayerNormDecoderSpec,
+        ctx: ModelContext,
+        build_layer: Callable[[int], nn.Module],
+    ) -> None:
         super().__init__()
         hidden = spec.hidden_size
         embed_size = spec.embed_size or hidden
@@ -117,9 +122,7 @@ class LayerNormDecoderModel(nn.Module):
         )
         projected = embed_size != hidden
         self.project_in = _projection(embed_size, hidden, ctx) if projected else None
-        self.layers = nn.ModuleList(
-            LayerNormDecoderLayer(spec, ctx, i) for i in range(spec.num_layers)
-        )
+        self.layers = nn.ModuleList(build_layer(i) for i in range(spec.num_layers))
         self.final_layer_norm = (
             LayerNorm(hidden, spec.layer_norm_eps, ctx.dtype) if spec.final_norm else None
         )
@@ -141,19 +144,13 @@ class LayerNormDecoderModel(nn.Module):
         return hidden
 
 
-class LayerNormDecoderForCausalLM(nn.Module):
-    """A :class:`tessellm.interfaces.model.CausalLM`. Subclasses turn the HF config into a
-    spec (``spec_from_config``) and their checkpoint names into ours (``checkpoint_names``)."""
+class LayerNormDecoderForCausalLM(DecoderForCausalLM):
+    """The shared causal-LM wrapper over :class:`LayerNormDecoderModel`. Subclasses turn
+    the HF config into a spec (``spec_from_config``) and their checkpoint names into ours
+    (``checkpoint_names``)."""
 
-    def __init__(self, config: Any, ctx: ModelContext) -> None:
-        super().__init__()
-        self.config = config
-        self.spec = self.spec_from_config(config)
-        self.model = LayerNormDecoderModel(self.spec, ctx)
-        embed_size = self.spec.embed_size or self.spec.hidden_size
-        self.lm_head = ParallelLMHead(self.spec.vocab_size, embed_size, ctx)
-        if self.spec.tied:
-            self.lm_head.tie_to(self.model.embed_tokens)
+    weight_rules = QKV_RULES
+    spec: LayerNormDecoderSpec
 
     @staticmethod
     def spec_from_config(config: Any) -> LayerNormDecoderSpec:
@@ -165,21 +162,12 @@ class LayerNormDecoderForCausalLM(nn.Module):
         """The checkpoint's entries under this module's parameter names (q/k/v separate)."""
         raise NotImplementedError
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, metadata)
+    def build_model(self, config: Any, ctx: ModelContext) -> nn.Module:
+        self.spec = self.spec_from_config(config)
+        return LayerNormDecoderModel(self.spec, ctx, lambda i: self.build_layer(config, ctx, i))
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def build_layer(self, config: Any, ctx: ModelContext, layer_idx: int) -> nn.Module:
+        return LayerNormDecoderLayer(self.spec, ctx, layer_idx)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        tied = self.spec.tied
-
-        def skip(name: str) -> bool:
-            return tied and name == "lm_head.weight"
-
-        loaded = load_by_rules(self, self.checkpoint_names(weights), QKV_RULES, skip=skip)
-        if tied:
-            loaded.add("lm_head.weight")
-        return loaded
+        return super().load_weights(self.checkpoint_names(weights))

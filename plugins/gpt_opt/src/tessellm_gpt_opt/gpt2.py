@@ -39,7 +39,6 @@ class GPT2LMHeadModel(LayerNormDecoderForCausalLM):
             layer_norm_eps=config.layer_norm_epsilon,
             scale_attn_weights=getattr(config, "scale_attn_weights", True),
             scale_by_inverse_layer=getattr(config, "scale_attn_by_inverse_layer_idx", False),
-            tied=getattr(config, "tie_word_embeddings", True),
         )
 
     def checkpoint_names(

@@ -42,7 +42,6 @@ class OPTForCausalLM(LayerNormDecoderForCausalLM):
             final_norm=norm_before and not getattr(config, "_remove_final_layer_norm", False),
             embed_size=getattr(config, "word_embed_proj_dim", None) or config.hidden_size,
             scale_query_first=True,
-            tied=getattr(config, "tie_word_embeddings", True),
         )
 
     def checkpoint_names(

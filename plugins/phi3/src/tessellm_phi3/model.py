@@ -21,10 +21,7 @@ from tessellm.layers.decoder import (
 from tessellm.layers.rotary import RotaryEmbedding, rope_parameters
 from tessellm.layers.rotary_longrope import LongRopeRotaryEmbedding, is_longrope
 from tessellm.layers.weight_streams import split_fused
-
-
-def head_size_of(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+from tessellm.model_loader import head_size_of
 
 
 def phi3_rotary(config: Any) -> RotaryEmbedding:
