@@ -316,6 +316,10 @@ def test_graph_padding_rows_in_a_decode_batch(num_splits):
 def test_plan_choices():
     b = Batch(DECODE_LONG, block_size=16, num_heads=4, num_kv_heads=2, head_size=64)
     backend = TritonPagedAttention(b.spec)
+    # By default (64-key splits) the 300-key context splits until occupancy: 2 waves of
+    # 16 SMs (the interpreter's count) over 4 sequences x 2 KV heads.
+    assert backend.plan(b.metadata, torch.device("cpu")) == TritonPlan(True, 4)
+    backend.min_split_tokens = 512
     assert backend.plan(b.metadata, torch.device("cpu")).num_splits == 1  # contexts short
     backend.min_split_tokens = 100
     assert backend.plan(b.metadata, torch.device("cpu")) == TritonPlan(True, 3)

@@ -65,8 +65,11 @@ class TritonPagedAttention(AttentionBackend):
 
     # Split-K knobs. A split should cover at least ``min_split_tokens`` keys so its fixed
     # cost (loading q, writing a partial) stays small next to the key loop; splitting
-    # stops once about ``waves`` programs per SM are in flight.
-    min_split_tokens: int = 512
+    # stops once about ``waves`` programs per SM are in flight. At batch 1 a layer's
+    # attention is latency-bound (Llama-3-8B, 640 keys: 2.6 MB), so short splits pay:
+    # 64 instead of 512 keys took the 32 layers from 511 to 247 us on an H200, with
+    # graphs planned for max_model_len 1024 (bench/g2_levers.py decode).
+    min_split_tokens: int = 64
     max_splits: int = 64
     waves: int = 2
     # Decode kernel shape (see TritonPlan); 0 keys per tile: by head size.

@@ -30,8 +30,11 @@ class GemvConfig:
     num_stages: int = 1
 
 
-# Chosen by measurement of the Llama-3-8B projections on an H200 (bench/gemv_decode.py).
-DEFAULT_CONFIG = GemvConfig(block_n=8, block_k=1024, num_warps=4)
+# Best or within 2% of the best of 12 tile shapes on each Llama-3-8B projection, on an
+# H200 (bench/g2_levers.py gemv; bench/results/h200-2026-11-26-g2/): 4 rows per program
+# gives N/4 programs (1024 for a 4096-wide output, several per SM), and 2048 columns per
+# step keeps 16 KB of loads in flight per program.
+DEFAULT_CONFIG = GemvConfig(block_n=4, block_k=2048, num_warps=4)
 
 
 @triton.jit
@@ -90,6 +93,9 @@ def gemv(
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or DEFAULT_CONFIG
+    # Narrow inputs (small models) take one step of their own width, not a mostly
+    # masked 2048-wide one.
+    block_k = min(cfg.block_k, triton.next_power_of_2(k))
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x,
@@ -101,9 +107,9 @@ def gemv(
         weight.stride(0),
         HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
+        BLOCK_K=block_k,
         EVEN_N=n % cfg.block_n == 0,
-        EVEN_K=k % cfg.block_k == 0,
+        EVEN_K=k % block_k == 0,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
