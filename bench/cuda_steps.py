@@ -180,14 +180,14 @@ def cpu_share(model: str, num_prompts: int, batch: int, window: int) -> dict[str
     runner = engine.executor.runner
     requests = prompt_ids(engine, num_prompts, "100:1024", "100:1024", seed=0)
     last_plan = {}
-    execute = runner.execute
+    launch = runner.launch  # every step goes through it (``execute`` too)
 
-    def recording_execute(plan):
+    def recording_launch(plan):
         last_plan["seqs"] = len(plan.seqs)
         last_plan["decode"] = plan.num_batched_tokens == len(plan.seqs)
-        return execute(plan)
+        return launch(plan)
 
-    runner.execute = recording_execute
+    runner.launch = recording_launch
     for i, req in enumerate(requests):
         engine.add_request(str(i), req.prompt_token_ids, greedy(req.output_len))
     start = time.perf_counter()

@@ -19,6 +19,7 @@ waiting for the host, as ``bench/cuda_steps.py cpu-share`` measures it on a GPU.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import random
@@ -56,7 +57,7 @@ class InstantExecutor:
     name = "instant"
     gpu_seconds = 0.0  # set by the bench before the engine starts
     asynchronous = True
-    token_ids: list[int] = []
+    token_ids: tuple[int, ...] = ()
 
     def __init__(self, args: EngineArgs, resolved: Any, plugins: Any) -> None:
         self.args = args
@@ -87,6 +88,61 @@ class InstantExecutor:
 
     def shutdown(self) -> None:
         pass
+
+
+class GcTimer:
+    """Time spent in Python's cyclic garbage collector while enabled, by generation."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.seconds = [0.0, 0.0, 0.0]
+        self.counts = [0, 0, 0]
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if not self.enabled:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds[info["generation"]] += time.perf_counter() - self._start
+            self.counts[info["generation"]] += 1
+
+
+class CriticalPath:
+    """CPU time from a step's tokens reaching the host to the launch of the next step:
+    the host work that the device waits for. Serially that is everything (update, output
+    processing, the caller, schedule); with the overlap, output processing is off it."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.cpu_seconds = 0.0
+        self.count = 0
+        self._arrived: float | None = None
+
+    def wrap(self, engine: LLMEngine) -> None:
+        launch = engine._launch
+        tracker = self
+
+        class Arrival:
+            def __init__(self, pending: Any) -> None:
+                self.pending = pending
+
+            def result(self) -> StepResult:
+                result = self.pending.result()
+                tracker._arrived = time.thread_time()
+                return result
+
+        def timed_launch(plan: SchedulerOutput) -> Arrival:
+            pending = launch(plan)
+            if tracker.enabled and tracker._arrived is not None:
+                tracker.cpu_seconds += time.thread_time() - tracker._arrived
+                tracker.count += 1
+            tracker._arrived = None
+            return Arrival(pending)
+
+        engine._launch = timed_launch
 
 
 class PhaseTimer:
@@ -140,9 +196,10 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     engine = build_engine(options)
     vocab = engine.model_config.vocab_size
     ordinary = usable_token_ids(vocab, engine.tokenizer.all_special_ids)
-    InstantExecutor.token_ids = ordinary
+    InstantExecutor.token_ids = tuple(ordinary)  # of ints only: the collector skips it
     lengths = LengthRange.parse(options.lengths)
     workload = make_workload(options.num_prompts, lengths, lengths, ordinary, seed=0)
+    del ordinary
     for i, req in enumerate(workload):
         params = SamplingParams(
             temperature=0.0,
@@ -151,10 +208,14 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             stop=options.stop or None,
         )
         engine.add_request(str(i), req.prompt_token_ids, params)
+    del workload, req  # the engine holds its own copies
     if options.overlap is not None:
         engine.overlap_steps = options.overlap == "on"
 
     timer = PhaseTimer()
+    gc_timer = GcTimer()
+    critical = CriticalPath()
+    critical.wrap(engine)
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(engine.scheduler, "update", "update")
     timer.wrap(engine.output_processor, "process", "output_processing")
@@ -169,7 +230,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     for _ in range(options.warmup):
         engine.step()
 
-    timer.enabled = True
+    timer.enabled = gc_timer.enabled = critical.enabled = True
     walls = []
     batch_sizes = []
     start, cpu_start = time.perf_counter(), time.thread_time()
@@ -198,12 +259,21 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         "step_wall_ms_mean": elapsed / options.steps * 1e3,
         "step_wall_ms_median": walls[len(walls) // 2] * 1e3,
         "step_cpu_ms_mean": cpu / options.steps * 1e3,
+        "critical_cpu_ms_per_step": critical.cpu_seconds / max(critical.count, 1) * 1e3,
         "phase_ms_per_step": per_step(timer.seconds),
         "phase_cpu_ms_per_step": per_step(timer.cpu_seconds),
+        # Collections run inside whichever phase allocates: their time is in the above.
+        "gc_ms_per_step_by_generation": [
+            round(t / options.steps * 1e3, 3) for t in gc_timer.seconds
+        ],
+        "gc_collections_by_generation": gc_timer.counts,
     }
     if options.gpu_ms and not options.real:
         result["gpu_ms"] = options.gpu_ms
         result["host_share"] = max(0.0, 1 - options.gpu_ms / result["step_wall_ms_mean"])
+        # From CPU time, which other processes on a busy machine do not inflate.
+        crit = result["critical_cpu_ms_per_step"]
+        result["host_share_from_cpu_time"] = crit / (crit + options.gpu_ms)
     return result
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tessellm.config import EngineArgs
-from tessellm.engine.model_runner import ModelRunner
+from tessellm.engine.model_runner import ModelRunner, PendingStep
 from tessellm.engine.schedule import SchedulerOutput, StepResult
 from tessellm.model_loader import ResolvedModel
 from tessellm.plugins import PluginSet
@@ -34,8 +34,17 @@ class UniProcExecutor:
     def initialize_cache(self, num_blocks: int) -> None:
         self.runner.initialize_cache(num_blocks)
 
+    @property
+    def asynchronous(self) -> bool:
+        """Whether ``launch`` returns before the device is done (not so on the CPU)."""
+        return self.runner.device.type != "cpu"
+
     def execute(self, plan: SchedulerOutput) -> StepResult:
         return self.runner.execute(plan)
+
+    def launch(self, plan: SchedulerOutput) -> PendingStep:
+        """Queue the step; ``result()`` on what returns waits for its sampled tokens."""
+        return self.runner.launch(plan)
 
     def shutdown(self) -> None:
         pass

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import itertools
 import json
 import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
 from tessellm.engine.output_processor import OutputProcessor, child_id
 from tessellm.engine.request import Request, RequestStatus
+from tessellm.engine.schedule import SchedulerOutput, StepResult
 from tessellm.engine.scheduler import SchedulerConfig
 from tessellm.errors import ConfigError, InvalidRequestError
 from tessellm.outputs import RequestOutput
@@ -21,6 +24,36 @@ from tessellm.plugins import PluginSet, get_plugins
 from tessellm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+def freeze_startup_objects() -> None:
+    """Leave what startup built (modules, tokenizer, registries, imported code) out of
+    garbage collections: it lives as long as the engine, and a full collection walking
+    it all takes ~100 ms, which would land in some step every few hundred steps."""
+    gc.collect()
+    gc.freeze()
+    # Unfrozen at exit, so finalization still frees what is left (extension modules
+    # would otherwise report their objects as leaked).
+    atexit.unregister(gc.unfreeze)
+    atexit.register(gc.unfreeze)
+
+
+class PendingResult(Protocol):
+    """A launched step (``executor.launch``); ``result()`` waits for its tokens."""
+
+    def result(self) -> StepResult: ...
+
+
+class _Done:
+    """An executor without ``launch``: the step ran in full already."""
+
+    __slots__ = ("_result",)
+
+    def __init__(self, result: StepResult) -> None:
+        self._result = result
+
+    def result(self) -> StepResult:
+        return self._result
 
 
 def eos_ids_of(config: Any, tokenizer: Any) -> frozenset[int]:
@@ -97,6 +130,10 @@ class LLMEngine:
             generation_eos_ids(self.resolved.path)
         )
         self.output_processor = OutputProcessor(self.tokenizer)
+        # Overlap a step's output processing with the next step's device work where the
+        # executor launches work without waiting for it (a GPU, not the CPU).
+        self.overlap_steps: bool = bool(getattr(self.executor, "asynchronous", False))
+        self._in_flight: tuple[SchedulerOutput, PendingResult] | None = None
         self._ids = itertools.count()
         self.counters = {
             "prompt_tokens": 0,
@@ -105,6 +142,7 @@ class LLMEngine:
             "batched_seqs_max": 0,
             "computed_tokens": 0,
         }
+        freeze_startup_objects()
         self.startup_seconds = time.monotonic() - start
         if plugins.manager is not None:
             plugins.manager.hook.engine_started(engine=self)
@@ -180,13 +218,34 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.output_processor.parents)
+        return (
+            self._in_flight is not None
+            or self.scheduler.has_unfinished()
+            or bool(self.output_processor.parents)
+        )
 
     # -- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
-        result = self.executor.execute(plan)
+        """Schedule, run, update, and return this step's outputs.
+
+        With ``overlap_steps`` the next step is scheduled and launched right after the
+        update, before this step's outputs are built (detokenized, checked for stop
+        strings): the device runs it meanwhile, and it is what the next call waits for.
+        A request that a stop string (or an abort) finishes meanwhile is already in that
+        next step: its extra token is dropped there, as with vLLM's async scheduling.
+        """
+        if self._in_flight is not None:
+            plan, pending = self._in_flight
+            self._in_flight = None
+        else:
+            plan = self.scheduler.schedule()
+            pending = self._launch(plan)
+        result = pending.result()
         changed = self.scheduler.update(plan, result)
+        if self.overlap_steps and self.scheduler.has_unfinished():
+            next_plan = self.scheduler.schedule()
+            if not next_plan.empty:
+                self._in_flight = (next_plan, self._launch(next_plan))
         logprobs: dict[str, Any] = {}
         if result.logprobs is not None:
             sampled_ids = [s.request_id for s in plan.seqs if s.sample]
@@ -201,6 +260,10 @@ class LLMEngine:
         c["batched_seqs_max"] = max(c["batched_seqs_max"], len(plan.seqs))
         return outputs
 
+    def _launch(self, plan: SchedulerOutput) -> PendingResult:
+        launch = getattr(self.executor, "launch", None)
+        return launch(plan) if launch is not None else _Done(self.executor.execute(plan))
+
     def stats(self) -> dict[str, float]:
         return {**self.scheduler.stats(), **self.counters, "num_blocks": self.num_blocks}
 
@@ -208,4 +271,6 @@ class LLMEngine:
         return self.executor.describe()
 
     def shutdown(self) -> None:
+        self._in_flight = None
         self.executor.shutdown()
+        gc.unfreeze()  # the engine's objects may be collected again once dropped

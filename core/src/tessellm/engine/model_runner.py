@@ -142,10 +142,16 @@ class ModelRunner:
             torch.from_numpy(sample_rows.astype(np.int64)).to(dev, non_blocking=True),
         )
 
-    @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> StepResult:
+        return self.launch(plan).result()
+
+    @torch.inference_mode()
+    def launch(self, plan: SchedulerOutput) -> PendingStep:
+        """Queue the step's device work and return before it is done (on a device that
+        runs asynchronously); ``result()`` waits for the sampled tokens. Logprobs, when
+        asked, are read here (a wait)."""
         if plan.empty:
-            return StepResult([])
+            return PendingStep(StepResult([]))
         input_ids, positions, metadata, sample_rows = self.prepare_inputs(plan)
         hidden = None
         if self.graph_runner is not None and metadata.max_query_len == 1:
@@ -156,7 +162,23 @@ class ModelRunner:
         prompt_logprobs = compute_prompt_logprobs(hidden, plan, self.model.compute_logits)
         sampled = [s for s in plan.seqs if s.sample]
         if not sampled:
-            return StepResult([], prompt_logprobs=prompt_logprobs)
+            return PendingStep(StepResult([], prompt_logprobs=prompt_logprobs))
         logits = self.model.compute_logits(hidden[sample_rows])
-        tokens, logprobs = self.sampler(logits, sampled)
-        return StepResult(tokens, logprobs, prompt_logprobs)
+        tokens, logprobs = self.sampler.sample(logits, sampled)
+        return PendingStep(StepResult([], logprobs, prompt_logprobs), tokens)
+
+
+class PendingStep:
+    """A launched step; ``result()`` copies its sampled tokens to the host (a wait)."""
+
+    __slots__ = ("_result", "_tokens")
+
+    def __init__(self, result: StepResult, tokens: torch.Tensor | None = None) -> None:
+        self._result = result
+        self._tokens = tokens
+
+    def result(self) -> StepResult:
+        if self._tokens is not None:
+            self._result.sampled_token_ids = self._tokens.tolist()
+            self._tokens = None
+        return self._result

@@ -185,6 +185,14 @@ class Sampler:
     ) -> tuple[list[int], list[TokenLogprobs | None] | None]:
         """Sample one token per row of ``logits`` (``seqs[i]`` owns row ``i``). Logprobs
         are of the raw model distribution (before penalties and temperature), as vLLM's."""
+        tokens, logprobs = self.sample(logits, seqs)
+        return tokens.tolist(), logprobs
+
+    def sample(
+        self, logits: torch.Tensor, seqs: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, list[TokenLogprobs | None] | None]:
+        """As ``__call__``, the tokens left on the device: the host need not wait for them
+        (it does for logprobs, when asked)."""
         raw = logits.float()
         logits = apply_logit_bias(raw, seqs)
         logits = apply_min_tokens(logits, seqs)
@@ -201,7 +209,7 @@ class Sampler:
             logprobs = [
                 e if p.logprobs is not None else None for e, p in zip(entries, params, strict=True)
             ]
-        return tokens.tolist(), logprobs
+        return tokens, logprobs
 
     def _sample(
         self, logits: torch.Tensor, seqs: list[ScheduledSeq], greedy_tokens: torch.Tensor
