@@ -78,7 +78,7 @@ def gemma_attention(
         rotary=rotary,
         scale=float(config.query_pre_attn_scalar) ** -0.5,
         # Gemma 3 configs still carry attn_logit_softcapping, but transformers' Gemma 3
-        # never applies it (its q/k norms bound the scores instead).
+        # attention never applies it.
         logits_soft_cap=None if gemma3 else getattr(config, "attn_logit_softcapping", None),
         norm_offset=GEMMA_NORM_OFFSET,
     )

@@ -40,9 +40,11 @@ def phi3_rotary(config: Any) -> RotaryEmbedding:
 class Phi3ForCausalLM(DecoderForCausalLM):
     rotary: RotaryEmbedding
 
+    def build_model(self, config: Any, ctx: ModelContext) -> nn.Module:
+        self.rotary = phi3_rotary(config)  # one table, shared by every layer
+        return super().build_model(config, ctx)
+
     def build_layer(self, config: Any, ctx: ModelContext, layer_idx: int) -> nn.Module:
-        if "rotary" not in self._modules:  # made with the first layer, shared by all
-            self.rotary = phi3_rotary(config)
         window = layer_sliding_window(config, layer_idx)
         attention = DecoderAttention(config, ctx, sliding_window=window, rotary=self.rotary)
         mlp = GatedMLP(config.hidden_size, config.intermediate_size, ctx, config.hidden_act)
