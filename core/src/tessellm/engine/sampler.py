@@ -22,13 +22,22 @@ from tessellm.engine.schedule import ScheduledSeq, SchedulerOutput, TokenLogprob
 NEG_INF = float("-inf")
 
 
+def _on_device(
+    values: object, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """A small host list as a tensor on ``device``, without waiting for the device:
+    ``torch.tensor(..., device=gpu)`` copies synchronously, behind the queued forward
+    pass, which would keep the host from overlapping the next step with it."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def _index_pairs(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(row index, column) tensors for every entry of a ragged list of lists."""
     row_ids = [i for i, cols in enumerate(rows) for _ in cols]
     cols = [c for r in rows for c in r]
     return (
-        torch.tensor(row_ids, dtype=torch.long, device=device),
-        torch.tensor(cols, dtype=torch.long, device=device),
+        _on_device(row_ids, device, torch.long),
+        _on_device(cols, device, torch.long),
     )
 
 
@@ -42,7 +51,7 @@ def apply_logit_bias(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Te
     if not any(items):
         return logits
     rows, cols = _index_pairs([[t for t, _ in row] for row in items], logits.device)
-    bias = torch.tensor([b for row in items for _, b in row], device=logits.device)
+    bias = _on_device([b for row in items for _, b in row], logits.device)
     return logits.index_put((rows, cols), bias.to(logits.dtype), accumulate=True)
 
 
@@ -59,7 +68,7 @@ def apply_min_tokens(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Te
     if not any(banned):
         return logits
     rows, cols = _index_pairs(banned, logits.device)
-    return logits.index_put((rows, cols), torch.tensor(NEG_INF, device=logits.device))
+    return logits.index_put((rows, cols), _on_device(NEG_INF, logits.device))
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Tensor:
@@ -79,9 +88,9 @@ def apply_penalties(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Ten
     seen = counts > 0
     rows, cols = _index_pairs([s.prompt_token_ids for s in seqs], device)
     seen[rows, cols] = True
-    rep = torch.tensor([s.params.repetition_penalty for s in seqs], device=device)[:, None]
-    freq = torch.tensor([s.params.frequency_penalty for s in seqs], device=device)[:, None]
-    pres = torch.tensor([s.params.presence_penalty for s in seqs], device=device)[:, None]
+    rep = _on_device([s.params.repetition_penalty for s in seqs], device)[:, None]
+    freq = _on_device([s.params.frequency_penalty for s in seqs], device)[:, None]
+    pres = _on_device([s.params.presence_penalty for s in seqs], device)[:, None]
     penalised = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalised, logits)
     return logits - freq * counts - pres * (counts > 0).to(logits.dtype)
@@ -216,14 +225,14 @@ class Sampler:
     ) -> torch.Tensor:
         device = logits.device
         params = [s.params for s in seqs]
-        temp = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+        temp = _on_device([p.temperature or 1.0 for p in params], device)
         logits = logits / temp[:, None]
         if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
             logits = mask_min_p_top_k_top_p(
                 logits,
-                torch.tensor([p.top_k for p in params], device=device),
-                torch.tensor([p.top_p for p in params], device=device),
-                torch.tensor([p.min_p for p in params], device=device),
+                _on_device([p.top_k for p in params], device),
+                _on_device([p.top_p for p in params], device),
+                _on_device([p.min_p for p in params], device),
             )
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs).exponential_(generator=self._generator(device))
@@ -235,5 +244,5 @@ class Sampler:
         # An Exp(1) draw can be exactly 0: 0/0 would be NaN, and argmax picks NaN, so a
         # token that masking removed could win. A tiny floor keeps p = 0 out of reach.
         sampled = (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
-        greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
+        greedy = _on_device([p.temperature == 0 for p in params], device)
         return torch.where(greedy, greedy_tokens, sampled)
