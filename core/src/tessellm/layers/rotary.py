@@ -33,6 +33,11 @@ def inverse_frequencies(
     config: Any, rotary_dim: int, layer_type: str | None = None
 ) -> tuple[torch.Tensor, float]:
     params = getattr(config, "rope_parameters", None)
+    nested = isinstance(params, dict) and bool(params) and "rope_theta" not in params
+    if nested and layer_type not in params:
+        # Per-layer-type settings (Gemma 3) and no type asked for: use the first type's,
+        # and tell transformers' initialisers which one, since they index by it.
+        layer_type = next(iter(params))
     if layer_type is not None and isinstance(params, dict) and layer_type in params:
         rope = dict(params[layer_type])
     else:
