@@ -1,12 +1,21 @@
-"""Paged attention for the CPU: one batched SDPA call per group of sequences per layer.
+"""Paged attention for the CPU: one batched call per group of sequences per layer.
 
 The reference torch backend loops over sequences in Python in every layer and gathers
 each context into a fresh tensor. Here the step's plan (indices, masks) is built once in
 ``prepare``; per layer, each group's blocks are copied into a buffer that lives as long
-as the backend (no allocation per step), and one ``scaled_dot_product_attention`` call,
-whose CPU kernel is vectorised, threaded over sequences and heads and accumulates in
-fp32, attends for the whole group. A single sequence whose blocks are consecutive in the
-cache (the usual case at batch 1) attends over a view of the cache, with no copy at all.
+as the backend (no allocation per step) and the whole group attends at once:
+
+* decode sequences (one query each) with two batched matmuls in the run dtype around an
+  fp32 softmax, every kv head's query group at once (GQA without repeating K/V). For
+  decode this is several times faster on the CPU than SDPA's flash kernel, which tiles
+  for long queries;
+* prefill and chunked-prefill sequences, padded to the group's longest query, with
+  ``scaled_dot_product_attention`` (vectorised, threaded, fp32 accumulation).
+
+A single sequence whose blocks are consecutive in the cache (the usual case at batch 1)
+attends over a view of the cache, with no copy at all. Cache entries outside a
+sequence's context are read (masked) when a partial block is copied, so they must be
+finite; the model runner zero-fills the cache.
 """
 
 from __future__ import annotations
@@ -89,16 +98,49 @@ class CpuPagedAttention(AttentionBackend):
         return buf[:needed].view(shape)
 
     def _context(self, cache: torch.Tensor, group: GroupPlan, name: str) -> torch.Tensor:
-        """The group's keys or values as ``[n, Hkv, context, D]`` (a strided view)."""
+        """The group's keys or values as ``[n, context, Hkv, D]`` (a view, never a copy
+        beyond the one gather)."""
         block_size, kv_heads, head_size = cache.shape[1:]
         if group.first_block is not None:
             blocks = cache[group.first_block : group.first_block + group.num_blocks]
-            ctx = blocks.view(1, -1, kv_heads, head_size)[:, : group.context_len]
+            return blocks.view(1, -1, kv_heads, head_size)[:, : group.context_len]
+        out = self._buffer(name, cache, group.block_ids.numel())
+        torch.index_select(cache, 0, group.block_ids, out=out)
+        return out.view(group.num_seqs, group.num_blocks * block_size, kv_heads, head_size)
+
+    def _decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        group: GroupPlan,
+        scale: float,
+        sliding_window: int | None,
+        soft_cap: float | None,
+    ) -> torch.Tensor:
+        """One query per sequence: ``q`` ``[n, H, D]``, ``k``/``v`` ``[n, L, Hkv, D]``."""
+        n, heads, head_size = q.shape
+        kv_heads = k.shape[2]
+        if n == 1:
+            # One sequence: a batched matmul over kv heads reads K/V in place; in fp32
+            # because oneDNN's bf16 path costs more than the conversion at this size.
+            grouped = q.view(kv_heads, heads // kv_heads, head_size).float()
+            scores = torch.bmm(grouped, k[0].float().permute(1, 2, 0)).mul_(scale)
         else:
-            out = self._buffer(name, cache, group.block_ids.numel())
-            torch.index_select(cache, 0, group.block_ids, out=out)
-            ctx = out.view(group.num_seqs, group.num_blocks * block_size, kv_heads, head_size)
-        return ctx.transpose(1, 2)
+            grouped = q.view(n, kv_heads, heads // kv_heads, head_size)
+            scores = torch.matmul(grouped, k.permute(0, 2, 3, 1)).float().mul_(scale)
+        if soft_cap:
+            scores = torch.tanh(scores.div_(soft_cap)).mul_(soft_cap)
+        bias = group.mask(self.spec.block_size, sliding_window, additive=True)
+        if bias is not None:
+            scores.add_(bias if n > 1 else bias[0])
+        if n == 1:
+            probs = torch.softmax(scores, dim=-1)
+            out = torch.bmm(probs, v[0].float().transpose(0, 1))
+            return out.to(q.dtype).view(1, heads, head_size)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        out = torch.matmul(probs, v.transpose(1, 2))  # [n, Hkv, G, D]
+        return out.view(n, heads, head_size)
 
     def _attend(
         self,
@@ -114,9 +156,12 @@ class CpuPagedAttention(AttentionBackend):
         n, q_len = group.num_seqs, group.query_len
         heads, head_size = query.shape[1:]
         q = query if group.query_rows is None else query.index_select(0, group.query_rows)
-        q = q.view(n, q_len, heads, head_size).transpose(1, 2)
         k = self._context(k_cache, group, "k")
         v = self._context(v_cache, group, "v")
+        if q_len == 1:
+            return self._decode(q, k, v, group, scale, sliding_window, soft_cap)
+        q = q.view(n, q_len, heads, head_size).transpose(1, 2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
         mask = group.mask(self.spec.block_size, sliding_window)
         if soft_cap:
             out = soft_capped_attention(q, k, v, mask, scale, soft_cap)

@@ -36,25 +36,29 @@ class GroupPlan:
     # When one sequence's blocks are consecutive in the cache, its context is a view.
     first_block: int | None = None
     context_len: int = 0  # the single sequence's length when ``first_block`` is set
-    masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
+    masks: dict[tuple[int | None, bool], torch.Tensor | None] = field(default_factory=dict)
 
-    def mask(self, block_size: int, sliding_window: int | None) -> torch.Tensor | None:
-        """Boolean ``[num_seqs, 1, query_len, keys]`` (True = attend), cached per window."""
-        if sliding_window in self.masks:
-            return self.masks[sliding_window]
-        if self.first_block is not None and self.query_len == 1 and not sliding_window:
-            mask = None  # the view holds exactly the context: nothing to hide
-        else:
-            keys = (
-                self.context_len if self.first_block is not None else (self.num_blocks * block_size)
-            )
-            k_pos = torch.arange(keys)
+    def mask(
+        self, block_size: int, sliding_window: int | None, additive: bool = False
+    ) -> torch.Tensor | None:
+        """``[num_seqs, 1, query_len, keys]``: boolean (True = attend) or, ``additive``, an
+        fp32 bias of 0 and -inf. None when nothing is hidden. Cached per window and kind."""
+        key = (sliding_window, additive)
+        if key in self.masks:
+            return self.masks[key]
+        mask = None
+        view = self.first_block is not None
+        if not (view and self.query_len == 1 and not sliding_window):
+            keys = self.context_len if view else self.num_blocks * block_size
+            k_pos = torch.arange(keys)[None, None, :]
             q_pos = self.q_positions[:, :, None]
-            allowed = k_pos[None, None, :] <= q_pos
+            allowed = k_pos <= q_pos
             if sliding_window:
-                allowed &= (q_pos - k_pos[None, None, :]) < sliding_window
+                allowed &= (q_pos - k_pos) < sliding_window
             mask = allowed[:, None]
-        self.masks[sliding_window] = mask
+            if additive:
+                mask = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+        self.masks[key] = mask
         return mask
 
 
