@@ -100,3 +100,15 @@ def test_gpu_method_routes_one_row_to_the_gemv_and_batches_to_cublas():
     assert torch.equal(
         method.apply(layer, many, bias), torch.nn.functional.linear(many, layer.weight, bias)
     )
+
+
+def test_cuda_platform_registers_the_method_and_picks_it_for_half_types():
+    cuda_platform = pytest.importorskip("tessellm_cuda.platform")
+    from tessellm.plugins import get_plugins
+
+    registration = get_plugins().get("quantization_methods", "unquantized_gemv")
+    assert registration is not None and registration.load() is UnquantizedGemv
+    platform = cuda_platform.CudaPlatform()
+    assert platform.default_quantization(torch.bfloat16) == "unquantized_gemv"
+    assert platform.default_quantization(torch.float16) == "unquantized_gemv"
+    assert platform.default_quantization(torch.float32) is None  # the exact reference

@@ -2,8 +2,9 @@
 
 At one token a linear layer reads its whole weight for two FLOPs per element, so its time
 is the weight's bytes over memory bandwidth. cuBLAS reaches that for wide layers but not
-for the small ones of an 8B model (on an H200: o_proj 4096x4096 at 59% of copy
-bandwidth, qkv 6144x4096 at 75%, with a split-K pass and a separate reduce kernel).
+for the small ones of an 8B model (on an H200: o_proj 4096x4096 at 59-63% of copy
+bandwidth, qkv 6144x4096 at 75-78%, o_proj with a split-K pass and a separate reduce
+kernel); this kernel reached 78% and 84-85% there (bench/RESULTS.md, "G2 levers").
 
 Each program here owns ``BLOCK_N`` output rows and walks the whole input dimension in
 ``BLOCK_K`` steps, keeping a ``[BLOCK_N, BLOCK_K]`` fp32 partial and reducing it once at
