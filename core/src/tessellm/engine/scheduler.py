@@ -289,10 +289,12 @@ class Scheduler:
         changed: list[Request] = []
         sampled = iter(result.sampled_token_ids)
         now = time.monotonic()
+        requests = self.requests
+        running = RequestStatus.RUNNING
         for seq in plan.seqs:
-            request = self.requests.get(seq.request_id)
+            request = requests.get(seq.request_id)
             token = next(sampled) if seq.sample else None
-            if request is None or request.status is not RequestStatus.RUNNING:
+            if request is None or request.status is not running:
                 continue
             request.num_computed_tokens += len(seq.token_ids)
             if token is None:
