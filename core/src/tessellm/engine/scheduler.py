@@ -18,12 +18,28 @@ from __future__ import annotations
 import bisect
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from tessellm.engine.kv_cache_manager import KVCacheManager
 from tessellm.engine.request import Request, RequestStatus
 from tessellm.engine.schedule import ScheduledSeq, SchedulerOutput, StepResult
 from tessellm.errors import InvalidRequestError
+
+_SEQ_FIELDS = (
+    "request_id",
+    "token_ids",
+    "start_pos",
+    "block_ids",
+    "sample",
+    "params",
+    "num_output_tokens",
+    "output_token_ids",
+    "prompt_token_ids",
+    "eos_token_ids",
+    "prompt_logprob_token_ids",
+)
+if tuple(f.name for f in fields(ScheduledSeq))[: len(_SEQ_FIELDS)] != _SEQ_FIELDS:
+    raise ImportError("ScheduledSeq's fields changed: update Scheduler._to_seq")
 
 
 @dataclass(slots=True)
@@ -270,18 +286,19 @@ class Scheduler:
             targets = prompt[start + 1 : min(end, num_prompt - 1) + 1]
         # A decode's one token is the last output (the common case, kept cheap).
         decode = start == num_tokens - 1 and outputs
+        # Positional, in _SEQ_FIELDS order: keywords cost twice as much, per sequence.
         return ScheduledSeq(
-            request_id=request.request_id,
-            token_ids=[outputs[-1]] if decode else request.token_slice(start, end),
-            start_pos=start,
-            block_ids=list(request.block_ids),
-            sample=end == num_tokens,
-            params=params,
-            num_output_tokens=len(outputs),
-            output_token_ids=list(outputs) if needs_history else [],
-            prompt_token_ids=prompt if params.repetition_penalty != 1 else [],
-            eos_token_ids=request.eos_token_ids,
-            prompt_logprob_token_ids=targets,
+            request.request_id,
+            [outputs[-1]] if decode else request.token_slice(start, end),
+            start,
+            list(request.block_ids),
+            end == num_tokens,
+            params,
+            len(outputs),
+            list(outputs) if needs_history else [],
+            prompt if params.repetition_penalty != 1 else [],
+            request.eos_token_ids,
+            targets,
         )
 
     def update(self, plan: SchedulerOutput, result: StepResult) -> list[Request]:
