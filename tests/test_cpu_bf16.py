@@ -19,13 +19,18 @@ NEW_TOKENS = 24
 
 
 def snap_to_4bit_grid(path) -> None:
-    """Rewrite the checkpoint's linear weights as a GGUF Q4_1 file holds them."""
+    """Rewrite the checkpoint's weights as a GGUF file holds them: linears in Q4_1 (4-bit
+    min/max groups of 32), the LM head in Q8_0 (8-bit symmetric groups of 32)."""
     from safetensors.torch import load_file, save_file
 
     file = path / "model.safetensors"
     tensors = load_file(file)
     for name, t in tensors.items():
-        if t.dim() == 2 and "embed" not in name and "lm_head" not in name:
+        if name == "lm_head.weight":
+            groups = t.view(t.shape[0], -1, GROUP_SIZE)
+            step = groups.abs().amax(-1, keepdim=True) / 127
+            tensors[name] = ((groups / step).round() * step).view_as(t).contiguous()
+        elif t.dim() == 2 and "embed" not in name:
             groups = t.view(t.shape[0], -1, GROUP_SIZE)
             low = groups.amin(-1, keepdim=True)
             step = (groups.amax(-1, keepdim=True) - low) / 15
@@ -73,14 +78,16 @@ def test_bf16_tokens_within_hf_top5(tiny_llama):
 def test_weights_on_a_4bit_grid_are_packed_and_stay_within_top5(grid_llama, tiny_llama):
     llm, prompts, generated = generate_bf16(grid_llama)
     runner = llm.engine.executor.runner
-    assert runner.quantization == "woq_int4_lossless"
+    assert runner.quantization == "woq_grid"
     packed, total = packed_layer_count(runner.model)
     assert packed == total > 0
+    assert runner.model.lm_head.logits_matmul is not None
     for prompt, tokens in zip(prompts, generated, strict=True):
         assert hf_top5_misses(grid_llama, prompt, tokens) == []
-    # Weights that are not 4-bit are left dense by the lossless method.
+    # Weights that are not on a grid are left dense.
     dense = LLM(model=str(tiny_llama), dtype="bfloat16", device="cpu").engine.executor.runner
     assert packed_layer_count(dense.model)[0] == 0
+    assert dense.model.lm_head.logits_matmul is None
 
 
 def test_pack_int4_recovers_grid_weights_exactly():
@@ -90,13 +97,13 @@ def test_pack_int4_recovers_grid_weights_exactly():
     scale = torch.rand(48, 64 // GROUP_SIZE, 1, generator=g) * 0.1 + 0.01
     low = torch.randn(48, 64 // GROUP_SIZE, 1, generator=g) * 0.1
     weight = (q.view(48, -1, GROUP_SIZE) * scale + low).view(48, 64)
-    packed, scales_zeros = pack_int4(weight, lossless_only=True)
+    packed, scales_zeros = pack_int4(weight, grid_only=True)
     x = torch.randn(3, 64, generator=g)
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP_SIZE, scales_zeros)
     torch.testing.assert_close(out, x @ weight.t(), atol=1e-5, rtol=1e-5)
     off_grid = weight + torch.randn(weight.shape, generator=g) * 0.01
-    assert pack_int4(off_grid, lossless_only=True) is None
-    assert pack_int4(off_grid, lossless_only=False) is not None
+    assert pack_int4(off_grid, grid_only=True) is None
+    assert pack_int4(off_grid, grid_only=False) is not None
 
 
 def test_lossy_method_packs_everything_and_uses_dense_weights_for_big_batches():
@@ -114,3 +121,20 @@ def test_lossy_method_packs_everything_and_uses_dense_weights_for_big_batches():
     err = (method.apply(layer, small, None).float() - dense_small).abs().max()
     assert 0 < err < 0.1  # 4-bit rounding: close to the dense product, not equal
     assert torch.equal(method.apply(layer, big, None), nn.functional.linear(big, layer.weight))
+
+
+def test_int8_group_head_computes_the_grid_weights():
+    from tessellm_cpu.woq import Int8GroupLogitsMatmul, pack_int8_groups
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (48, 64), generator=g).float()
+    q[:, 0::GROUP_SIZE] = 127  # Q8_0: the group's largest magnitude is 127 steps
+    step = torch.rand(48, 64 // GROUP_SIZE, 1, generator=g) * 0.01 + 0.001
+    weight = (q.view(48, -1, GROUP_SIZE) * step).view(48, 64)
+    head = Int8GroupLogitsMatmul(weight, pack_int8_groups(weight, grid_only=True))
+    x = torch.randn(2, 64, generator=g)
+    torch.testing.assert_close(head(x), x @ weight.t(), atol=1e-4, rtol=1e-4)
+    assert torch.equal(head(torch.ones(40, 64)), torch.ones(40, 64) @ weight.t())  # dense
+    assert pack_int8_groups(weight[:40], grid_only=False) is None  # N not a multiple of 16
+    off_grid = weight + torch.randn(weight.shape, generator=g) * 1e-3
+    assert pack_int8_groups(off_grid, grid_only=True) is None

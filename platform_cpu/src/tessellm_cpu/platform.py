@@ -80,7 +80,7 @@ class CpuPlatform(Platform):
         # Weights already on a 4-bit grid (GGUF Q4_1) keep their 4 bits in memory: batch-1
         # decode reads a quarter of the bytes. fp32 runs stay dense: they are the exact
         # reference, and the int4 kernel sums in another order.
-        return "woq_int4_lossless" if dtype in (torch.bfloat16, torch.float16) else None
+        return "woq_grid" if dtype in (torch.bfloat16, torch.float16) else None
 
     def available_kv_cache_bytes(self, utilization: float, model_bytes: int) -> int:
         free = mem_available_bytes() * utilization - model_bytes

@@ -9,4 +9,4 @@ def register_platforms(register):
 @hookimpl
 def register_quantization_methods(register):
     register("woq_int4", "tessellm_cpu.woq:WeightOnlyInt4")
-    register("woq_int4_lossless", "tessellm_cpu.woq:LosslessWeightOnlyInt4")
+    register("woq_grid", "tessellm_cpu.woq:GridWeightOnlyInt4")
