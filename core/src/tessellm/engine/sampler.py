@@ -43,6 +43,8 @@ def _index_pairs(rows: list[list[int]], device: torch.device) -> tuple[torch.Ten
 
 def apply_logit_bias(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Tensor:
     """Add each request's ``logit_bias[token]`` to that token's logit."""
+    if not any(s.params.logit_bias for s in seqs):  # the common case, checked cheaply
+        return logits
     vocab = logits.shape[1]
     items = [
         [(int(t), float(b)) for t, b in (s.params.logit_bias or {}).items() if 0 <= int(t) < vocab]
@@ -57,6 +59,8 @@ def apply_logit_bias(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Te
 
 def apply_min_tokens(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Tensor:
     """Before ``min_tokens`` outputs, EOS (unless ignored) and stop_token_ids cannot win."""
+    if not any(s.num_output_tokens < s.params.min_tokens for s in seqs):
+        return logits
     banned = []
     for s in seqs:
         ids: set[int] = set()
