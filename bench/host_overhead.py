@@ -131,8 +131,21 @@ class CriticalPath:
         self._arrived: float | None = None
 
     def wrap(self, engine: LLMEngine) -> None:
-        launch = engine._launch
         tracker = self
+        if not hasattr(engine, "_launch"):  # an engine from before the overlapped loop
+            execute = engine.executor.execute
+
+            def timed_execute(plan: SchedulerOutput) -> StepResult:
+                if tracker.enabled and tracker._arrived is not None:
+                    tracker.cpu_seconds += time.thread_time() - tracker._arrived
+                    tracker.count += 1
+                result = execute(plan)
+                tracker._arrived = time.thread_time()
+                return result
+
+            engine.executor.execute = timed_execute
+            return
+        launch = engine._launch
 
         class Arrival:
             def __init__(self, pending: Any) -> None:
@@ -228,7 +241,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(engine.scheduler, "update", "update")
     timer.wrap(engine.output_processor, "process", "output_processing")
-    timer.wrap(engine, "_launch", "launch")  # with --real on a CPU: the forward pass too
+    if hasattr(engine, "_launch"):
+        timer.wrap(engine, "_launch", "launch")  # with --real on a CPU: the forward too
     # Prefill until every sequence decodes (the stand-in computes prompts instantly).
     for _ in range(10_000):
         engine.step()
