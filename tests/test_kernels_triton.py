@@ -107,6 +107,14 @@ def test_bind_reaches_every_layer_that_declares_fused_ops():
     model = torch.nn.Sequential(RMSNorm(8), GatedActivation("silu"), torch.nn.Linear(4, 4))
     assert bind_fused_ops(model, OPS) == 2
     assert model[0].fused_ops is OPS and model[1].fused_ops is OPS
-    assert set(OPS.names()) == {"add_rms_norm", "rms_norm", "silu_and_mul", "rotary_neox"}
+    assert set(OPS.names()) == {
+        "add_rms_norm",
+        "rms_norm",
+        "silu_and_mul",
+        "rotary_neox",
+        "rotary_neox_write_kv",
+        "linear_silu_and_mul",
+        "rms_norm_linear",
+    }
     with pytest.raises(ValueError, match="unknown fused op"):
         triton_fused_ops(["nope"])

@@ -5,7 +5,12 @@ The shared layers (``RMSNorm``, ``GatedActivation``, ``RotaryEmbedding``) carry 
 table they were bound to has an entry for their operation. The model runner binds the
 platform's table once after building the model (:func:`bind_fused_ops`); nothing is
 patched and nothing is read from global state. An entry must compute the same function as
-the torch code it replaces (the same roundings to the model dtype, where it matters).
+the torch code it replaces (the same roundings to the model dtype, where it matters: the
+residual stream exactly; an input that a fused matrix product reads may skip a rounding,
+as a differently ordered sum would change its last bits anyway).
+
+Some entries span layers: ``rotary_neox_write_kv`` (``Attention``) and the linear-fused
+forms (``DecoderLayer``, ``GatedMLP``) take the modules whose work they merge.
 """
 
 from __future__ import annotations
@@ -35,6 +40,27 @@ class FusedOps:
     # neox-style rotation of the whole head (the two halves rotate together)
     rotary_neox: (
         Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None
+    ) = None
+    # (positions, q [T, Hq, D], k [T, Hk, D], v [T, Hk, D], cos, sin, k_cache, v_cache,
+    # slot_mapping) -> q': rotary_neox of q and k, and k', v stored at their slots in the
+    # shared cache layout (interfaces/attention.py; slot -1: not stored), in one pass.
+    rotary_neox_write_kv: (
+        Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+        | None
+    ) = None
+    # The entries below merge work across modules, so they take the modules and return
+    # None where they do not apply to them or to this input (a kernel for one-row inputs,
+    # say); the caller then runs the modules as usual.
+    # (linear, x) -> silu(gate) * up of linear(x), for a linear layer whose output is
+    # [gate | up] (MergedColumnParallelLinear of two equal parts).
+    linear_silu_and_mul: Callable[[nn.Module, Tensor], Tensor | None] | None = None
+    # (norm, linear, x, residual | None, silu_and_mul) -> (linear(norm(x + residual)),
+    # x + residual): an RMSNorm folded into the linear layer after it, the residual add
+    # included (without a residual, the second result is x). With silu_and_mul (asked only
+    # where the table has linear_silu_and_mul), the first result is silu(gate) * up of it.
+    rms_norm_linear: (
+        Callable[[nn.Module, nn.Module, Tensor, Tensor | None, bool], tuple[Tensor, Tensor] | None]
+        | None
     ) = None
 
     def names(self) -> list[str]:

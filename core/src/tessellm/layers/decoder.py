@@ -18,6 +18,7 @@ from torch import nn
 
 from tessellm.interfaces.attention import AttentionMetadata
 from tessellm.interfaces.model import ModelContext
+from tessellm.interfaces.ops import FusedOps
 from tessellm.layers.activation import GatedActivation
 from tessellm.layers.attention import Attention
 from tessellm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -93,22 +94,30 @@ class DecoderAttention(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
+        return self.attend(positions, self.qkv_proj(hidden), metadata)
+
+    def attend(
+        self, positions: torch.Tensor, qkv: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """Everything after the q/k/v projection (``qkv`` is its output)."""
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
-        num_tokens = hidden.shape[0]
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        num_tokens = qkv.shape[0]
         if self.q_norm is not None and self.k_norm is not None:
             # Rows of one head each: the 2-D shape a fused norm kernel expects.
             q = self.q_norm(q.reshape(-1, self.head_size))
             k = self.k_norm(k.reshape(-1, self.head_size))
         q = q.reshape(num_tokens, -1, self.head_size)
         k = k.reshape(num_tokens, -1, self.head_size)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q.reshape(num_tokens, q_size), k.reshape(num_tokens, kv_size), v, metadata)
+        # The attention layer rotates q and k (with the KV store, where a kernel fuses them).
+        out = self.attn(q, k, v, metadata, positions=positions, rotary=self.rotary_emb)
         return self.o_proj(out)
 
 
 class GatedMLP(nn.Module):
     """``down(act(gate(x)) * up(x))`` with gate and up fused in one column-parallel matrix."""
+
+    fused_ops: FusedOps | None = None  # bound by the model runner (interfaces/ops.py)
 
     def __init__(
         self,
@@ -126,12 +135,23 @@ class GatedMLP(nn.Module):
         self.act = GatedActivation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = self.fused_ops
+        if ops is not None and ops.linear_silu_and_mul is not None and self.act.is_silu:
+            act = ops.linear_silu_and_mul(self.gate_up_proj, x)
+            if act is not None:
+                return self.down_proj(act)
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
     """RMSNorm → attention → residual → RMSNorm → MLP → residual (the adds fused in the
-    norms: ``forward`` passes the residual stream along separately)."""
+    norms: ``forward`` passes the residual stream along separately).
+
+    With a :class:`DecoderAttention` and a :class:`GatedMLP`, a fused-op table's
+    ``rms_norm_linear`` may fold each norm into the projection after it (and the SiLU into
+    the gate/up projection); where it declines, the modules run one by one."""
+
+    fused_ops: FusedOps | None = None  # bound by the model runner (interfaces/ops.py)
 
     def __init__(
         self,
@@ -155,14 +175,34 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
+        ops = self.fused_ops
+        norm_linear = ops.rms_norm_linear if ops is not None else None
+        attn, mlp = self.self_attn, self.mlp
+        fused = None
+        if norm_linear is not None and isinstance(attn, DecoderAttention):
+            fused = norm_linear(self.input_layernorm, attn.qkv_proj, hidden, residual, False)
+        if fused is not None:
+            qkv, residual = fused
+            hidden = attn.attend(positions, qkv, metadata)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, metadata)
+            if residual is None:
+                residual = hidden
+                hidden = self.input_layernorm(hidden)
+            else:
+                hidden, residual = self.input_layernorm(hidden, residual)
+            hidden = attn(positions, hidden, metadata)
+        if norm_linear is not None and isinstance(mlp, GatedMLP):
+            assert ops is not None
+            # The SiLU goes into the same kernel where the table offers that epilogue.
+            silu = mlp.act.is_silu and ops.linear_silu_and_mul is not None
+            fused = norm_linear(
+                self.post_attention_layernorm, mlp.gate_up_proj, hidden, residual, silu
+            )
+            if fused is not None:
+                out, residual = fused
+                return mlp.down_proj(out if silu else mlp.act(out)), residual
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return mlp(hidden), residual
 
 
 class DecoderModel(nn.Module):

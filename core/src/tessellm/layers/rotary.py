@@ -61,9 +61,7 @@ def inverse_frequencies(
 # table (Llama-3-8B: 2 x 8192 x 64 fp32 = 4 MB, 134 MB if each of 32 layers kept its own),
 # so layers built with the same settings share the tensors. Weak values: a table lives as
 # long as some layer holds it as a buffer, and a freed model frees its tables.
-_TABLES: weakref.WeakValueDictionary[tuple[Any, ...], torch.Tensor] = (
-    weakref.WeakValueDictionary()
-)
+_TABLES: weakref.WeakValueDictionary[tuple[Any, ...], torch.Tensor] = weakref.WeakValueDictionary()
 
 
 def cos_sin_tables(
@@ -117,17 +115,17 @@ class RotaryEmbedding(nn.Module):
             out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         return torch.cat((out, rest), dim=-1) if rest.numel() else out
 
+    @property
+    def whole_head_neox(self) -> bool:
+        """Neox style over the whole head: the form the fused rotary kernels compute."""
+        return not self.interleaved and self.rotary_dim == self.head_size
+
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``q`` ``[T, Hq, D]`` and ``k`` ``[T, Hk, D]`` rotated by their ``positions``."""
         ops = self.fused_ops
-        if (
-            ops is not None
-            and ops.rotary_neox is not None
-            and not self.interleaved
-            and self.rotary_dim == self.head_size
-        ):
+        if ops is not None and ops.rotary_neox is not None and self.whole_head_neox:
             return ops.rotary_neox(positions, q, k, self.cos, self.sin)
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)

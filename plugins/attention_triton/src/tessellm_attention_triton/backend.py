@@ -10,6 +10,7 @@ Nothing in ``forward`` reads device values on the host, so it can be graph-captu
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from tessellm.interfaces.attention import (
     AttentionBackend,
     AttentionCapabilities,
     AttentionMetadata,
+    AttentionSpec,
 )
 
 from .kernels.decode import decode_attention
@@ -37,6 +39,14 @@ class TritonPlan:
     # and warps per program.
     decode_tile_n: int = 0
     decode_num_warps: int = 4
+    # Split partials merged by the last split of each (sequence, KV head) rather than by a
+    # second kernel (see kernels/decode.py).
+    merge_in_decode: bool = True
+
+
+# "kernel" merges decode splits with a second kernel, for A/B measurements; unset or
+# "last_split" (the default) merges in the decode kernel.
+SPLIT_MERGE_ENV = "TESSELLM_TRITON_SPLIT_MERGE"
 
 
 @functools.cache
@@ -75,6 +85,20 @@ class TritonPagedAttention(AttentionBackend):
     # Decode kernel shape (see TritonPlan); 0 keys per tile: by head size.
     decode_tile_n: int = 0
     decode_num_warps: int = 4
+    # Where split partials are merged (TritonPlan.merge_in_decode). In the decode kernel
+    # the 32 layers of Llama-3-8B at batch 1 save a launch each (bench/RESULTS.md).
+    merge_in_decode: bool = True
+
+    def __init__(self, spec: AttentionSpec) -> None:
+        super().__init__(spec)
+        mode = os.environ.get(SPLIT_MERGE_ENV, "last_split").strip().lower()
+        if mode not in ("last_split", "kernel"):
+            raise ValueError(f"{SPLIT_MERGE_ENV} must be 'last_split' or 'kernel', got {mode!r}")
+        self.merge_in_decode = mode == "last_split"
+        # Zeroed counters for merging in the decode kernel, one per (sequence, KV head),
+        # grown (never shrunk or freed: captured graphs keep using the ones they saw)
+        # outside graph capture, by ``prepare``.
+        self._merge_counters: list[torch.Tensor] = []
 
     def plan(self, metadata: AttentionMetadata, device: torch.device) -> TritonPlan:
         decode = metadata.max_query_len <= 1
@@ -88,10 +112,27 @@ class TritonPagedAttention(AttentionBackend):
             num_splits=max(1, min(by_occupancy, by_length, self.max_splits)),
             decode_tile_n=self.decode_tile_n,
             decode_num_warps=self.decode_num_warps,
+            merge_in_decode=self.merge_in_decode,
         )
 
+    def merge_counters(self, num_seqs: int, device: torch.device) -> torch.Tensor:
+        """Zeroed int32 counters for at least ``num_seqs`` sequences' KV heads."""
+        need = num_seqs * self.spec.num_kv_heads
+        for counters in self._merge_counters:
+            if counters.device == device and counters.numel() >= need:
+                return counters
+        # Splitting stops at ``waves`` programs per SM, so this many usually suffice.
+        size = max(need, self.waves * _num_sms(device))
+        counters = torch.zeros(size, dtype=torch.int32, device=device)
+        self._merge_counters.append(counters)
+        return counters
+
     def prepare(self, metadata: AttentionMetadata) -> None:
-        metadata.extra[EXTRA_KEY] = self.plan(metadata, metadata.seq_lens.device)
+        device = metadata.seq_lens.device
+        plan = self.plan(metadata, device)
+        metadata.extra[EXTRA_KEY] = plan
+        if plan.num_splits > 1 and plan.merge_in_decode:
+            self.merge_counters(metadata.num_seqs, device)  # allocated before any capture
 
     def write_kv(
         self,
@@ -145,6 +186,11 @@ class TritonPagedAttention(AttentionBackend):
                 logits_soft_cap or None,
                 tile_n=plan.decode_tile_n or None,
                 num_warps=plan.decode_num_warps,
+                merge_counters=(
+                    self.merge_counters(metadata.num_seqs, query.device)
+                    if plan.merge_in_decode
+                    else None
+                ),
             )
         else:
             prefill_attention(

@@ -3,7 +3,12 @@
 A decode batch has too few query rows to fill a GPU with one program per (sequence, KV
 head) when contexts are long, so the context is cut into ``num_splits`` ranges processed
 by separate programs (flash-decoding). Each writes an unnormalised fp32 partial with its
-running max and sum; a second kernel merges them. ``num_splits`` is fixed per launch but
+running max and sum, and the partials are merged either by a second kernel or, given
+merge counters, by whichever split of a (sequence, KV head) finishes last: each split
+counts itself in on the pair's counter once its partial is stored, and the one that
+completes the count merges and sets the counter back to zero for the next launch (one
+launch fewer per layer; at batch 1 the merge is a few microseconds of latency).
+``num_splits`` is fixed per launch but
 every sequence divides *its own* context into that many ranges, so the result is right
 for any sequence length, including ones longer than the ``max_seq_len`` the split count
 was planned for (a CUDA graph replayed with longer contexts stays correct).
@@ -24,6 +29,7 @@ def _decode_kernel(
     part_acc_ptr,
     part_m_ptr,
     part_l_ptr,
+    counter_ptr,
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
@@ -56,6 +62,8 @@ def _decode_kernel(
     USE_CAP: tl.constexpr,
     PRECISION: tl.constexpr,
     SPLIT: tl.constexpr,
+    MERGE: tl.constexpr,
+    SPLITS_P: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -130,6 +138,18 @@ def _decode_kernel(
         tl.store(part_m_ptr + part, m_i, mask=keep)
         tl.store(part_l_ptr + part, l_i, mask=keep)
         tl.store(part_acc_ptr + part[:, None] * HEAD_P + offs_d[None, :], acc, mask=keep[:, None])
+        if MERGE:
+            # Every thread's partial is stored before the count is released (the barrier),
+            # and the last split reads the others' partials after acquiring it.
+            tl.debug_barrier()
+            counter = counter_ptr + seq * tl.num_programs(1) + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+                tl.atomic_xchg(counter, 0, sem="relaxed")
+                _merge_rows(
+                    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, seq, head, row_ok, keep,
+                    token, num_heads, num_splits, stride_ot, stride_oh,
+                    BLOCK_M, SPLITS_P, HEAD_SIZE, HEAD_P,
+                )  # fmt: skip
     else:
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_i[:, None]
@@ -138,6 +158,45 @@ def _decode_kernel(
             out.to(out_ptr.dtype.element_ty),
             mask=row_ok[:, None] & d_ok[None, :],
         )
+
+
+@triton.jit
+def _merge_rows(
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, seq, head, row_ok, keep, token,
+    num_heads, num_splits, stride_ot, stride_oh,
+    BLOCK_M: tl.constexpr, SPLITS_P: tl.constexpr, HEAD_SIZE: tl.constexpr,
+    HEAD_P: tl.constexpr,
+):  # fmt: skip
+    """The reduce kernel's arithmetic for the query heads ``head`` of one KV head."""
+    splits = tl.arange(0, SPLITS_P)
+    part = (seq.to(tl.int64) * num_splits + splits[:, None]) * num_heads + head[None, :]
+    ok = (splits[:, None] < num_splits) & keep[None, :]
+    # Other programs wrote these: read them from L2, past this SM's L1.
+    m = tl.load(part_m_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
+    l_s = tl.load(part_l_ptr + part, mask=ok, other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.math.exp2(m - m_max[None, :])  # splits that saw no key weigh exactly zero
+    total = tl.sum(w * l_s, axis=0)
+    total = tl.where(total == 0.0, 1.0, total)
+    offs_d = tl.arange(0, HEAD_P)
+    out = tl.zeros([BLOCK_M, HEAD_P], dtype=tl.float32)
+    for s in range(0, num_splits):
+        rows = (seq.to(tl.int64) * num_splits + s) * num_heads + head
+        m_s = tl.load(part_m_ptr + rows, mask=keep, other=float("-inf"), cache_modifier=".cg")
+        acc = tl.load(
+            part_acc_ptr + rows[:, None] * HEAD_P + offs_d[None, :],
+            mask=keep[:, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        out += acc * tl.math.exp2(m_s - m_max)[:, None]
+    out = out / total[:, None]
+    tl.store(
+        out_ptr + token * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_d < HEAD_SIZE)[None, :],
+    )
 
 
 @triton.jit
@@ -198,10 +257,13 @@ def decode_attention(
     *,
     tile_n: int | None = None,
     num_warps: int = 4,
+    merge_counters: torch.Tensor | None = None,
 ) -> None:
     """Fill ``out`` for a batch whose sequences have at most one query token each.
 
-    ``tile_n`` keys per tile (a power of two, at least 16; None: by head size)."""
+    ``tile_n`` keys per tile (a power of two, at least 16; None: by head size).
+    ``merge_counters``: zeroed int32, at least ``num_seqs * num_kv_heads``, left zeroed;
+    given, the last split of each (sequence, KV head) merges instead of a second kernel."""
     num_heads, head_size = query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[2]
     num_seqs = seq_lens.shape[0]
@@ -220,11 +282,15 @@ def decode_attention(
         part_l = torch.empty_like(part_m)
     else:
         part_acc = part_m = part_l = out  # never touched when SPLIT is off
+    merge = split and merge_counters is not None
+    if merge and merge_counters.numel() < num_seqs * num_kv_heads:
+        raise ValueError(f"{merge_counters.numel()} merge counters for {num_seqs} sequences")
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         out,
         part_acc,
         part_m,
         part_l,
+        merge_counters if merge else seq_lens,  # never touched without MERGE
         query,
         k_cache,
         v_cache,
@@ -257,9 +323,11 @@ def decode_attention(
         USE_CAP=bool(logits_soft_cap),
         PRECISION=precision_for(query.dtype),
         SPLIT=split,
+        MERGE=merge,
+        SPLITS_P=next_pow2(num_splits),
         num_warps=num_warps,
     )
-    if split:
+    if split and not merge:
         _reduce_kernel[(num_seqs, num_heads)](
             out,
             part_acc,
