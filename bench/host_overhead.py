@@ -92,8 +92,12 @@ class InstantExecutor:
     def execute(self, plan: SchedulerOutput) -> StepResult:
         return self.launch(plan).result()
 
-    def launch(self, plan: SchedulerOutput) -> ReadyAt:
-        return ReadyAt(self._sample(plan), time.perf_counter() + self.gpu_seconds)
+    feeds_sampled_tokens = True  # nothing to feed: its tokens do not depend on inputs
+
+    def launch(self, plan: SchedulerOutput, previous: Any = None) -> ReadyAt:
+        # Queued behind the step still running, as on a device.
+        start = max(time.perf_counter(), previous[1].ready_at if previous else 0.0)
+        return ReadyAt(self._sample(plan), start + self.gpu_seconds)
 
     def shutdown(self) -> None:
         pass
@@ -122,7 +126,9 @@ class GcTimer:
 class CriticalPath:
     """CPU time from a step's tokens reaching the host to the launch of the next step:
     the host work that the device waits for. Serially that is everything (update, output
-    processing, the caller, schedule); with the overlap, output processing is off it."""
+    processing, the caller, schedule); with the overlap, output processing is off it;
+    scheduled ahead, the next step is launched before the tokens arrive (counted 0: the
+    device then waits only if a whole step's host work outlasts its own)."""
 
     def __init__(self) -> None:
         self.enabled = False
@@ -156,9 +162,15 @@ class CriticalPath:
                 tracker._arrived = time.thread_time()
                 return result
 
-        def timed_launch(plan: SchedulerOutput) -> Arrival:
-            pending = launch(plan)
-            if tracker.enabled and tracker._arrived is not None:
+        def timed_launch(plan: SchedulerOutput, previous: Any = None) -> Arrival:
+            if previous is None:
+                pending = launch(plan)
+                waited = tracker._arrived is not None
+            else:  # scheduled ahead: launched while the step before still runs
+                pending = launch(plan, (previous[0], previous[1].pending))
+                waited = False
+                tracker.count += tracker.enabled
+            if tracker.enabled and waited:
                 tracker.cpu_seconds += time.thread_time() - tracker._arrived
                 tracker.count += 1
             tracker._arrived = None
@@ -233,6 +245,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     del workload, req  # the engine holds its own copies
     if options.overlap is not None:
         engine.overlap_steps = options.overlap == "on"
+    if options.schedule_ahead is not None:
+        engine.schedule_ahead = options.schedule_ahead == "on"
 
     timer = PhaseTimer()
     gc_timer = GcTimer()
@@ -240,6 +254,9 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     critical.wrap(engine)
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(engine.scheduler, "update", "update")
+    for name in ("advance", "fill"):  # the schedule-ahead loop's update, in two halves
+        if hasattr(engine.scheduler, name):
+            timer.wrap(engine.scheduler, name, name)
     timer.wrap(engine.output_processor, "process", "output_processing")
     if hasattr(engine, "_launch"):
         timer.wrap(engine, "_launch", "launch")  # with --real on a CPU: the forward too
@@ -276,6 +293,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         "model": options.model,
         "executor": "real" if options.real else "instant",
         "overlap_steps": getattr(engine, "overlap_steps", False),
+        "schedule_ahead": getattr(engine, "schedule_ahead", False),
         "batch": options.batch,
         "min_running": min(batch_sizes),
         "steps": options.steps,
@@ -319,6 +337,7 @@ def main() -> None:
     parser.add_argument("--gpu-ms", type=float, default=0.0, help="stand-in device time")
     parser.add_argument("--stop", action="append", help="a stop string for every request")
     parser.add_argument("--overlap", choices=["on", "off"], help="override the engine default")
+    parser.add_argument("--schedule-ahead", choices=["on", "off"], help="the same")
     parser.add_argument("--real", action="store_true", help="run the model (its executor)")
     parser.add_argument("--json")
     options = parser.parse_args()

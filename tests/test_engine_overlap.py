@@ -1,8 +1,10 @@
 """The overlapped step loop (the next step launched before this step's outputs are built)
-gives the same outputs as the serial one: greedy and seeded sampling, n > 1, stop strings
-found a step late, stop token ids, EOS, logprobs, a small KV cache that forces preemption,
-and an abort while a step is in flight. On the CPU the launch runs the model at once, but
-the engine's order of work is the overlapped one, which is what these tests check."""
+and the schedule-ahead loop (launched before this step's tokens are known, placeholders
+filled in from the sampled tokens) give the same outputs as the serial one: greedy and
+seeded sampling, n > 1, stop strings found a step late, stop token ids, EOS, logprobs, a
+small KV cache that forces preemption, prefix-cache hits on generated blocks, and an abort
+while a step is in flight. On the CPU the launch runs the model at once, but the engine's
+order of work is the overlapped one, which is what these tests check."""
 
 from __future__ import annotations
 
@@ -18,8 +20,16 @@ def llm(tiny_llama):
     return LLM(model=str(tiny_llama), dtype="float32", device="cpu", max_num_seqs=8)
 
 
-def run(llm: LLM, overlap: bool, prompts, params) -> list:
-    llm.engine.overlap_steps = overlap
+MODES = ["overlap", "ahead"]
+
+
+def set_mode(llm: LLM, mode: str) -> None:
+    llm.engine.overlap_steps = mode in ("overlap", "ahead")
+    llm.engine.schedule_ahead = mode == "ahead"
+
+
+def run(llm: LLM, mode: str, prompts, params) -> list:
+    set_mode(llm, mode)
     try:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         # A step launched with requests that a stop string then finished may be left in
@@ -27,7 +37,7 @@ def run(llm: LLM, overlap: bool, prompts, params) -> list:
         while llm.engine.has_unfinished_requests():
             assert llm.engine.step() == []
     finally:
-        llm.engine.overlap_steps = False
+        set_mode(llm, "serial")
     assert llm.engine.stats()["num_running"] == 0
     return [
         [
@@ -59,14 +69,16 @@ def test_overlap_is_used_and_processing_runs_with_a_step_in_flight(llm):
 
     engine.output_processor.process = spy
     try:
-        run(llm, True, PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+        run(llm, "overlap", PROMPTS[:2], params)
     finally:
         del engine.output_processor.process
     # Every step but the last two (nothing left to launch) processed with one in flight.
     assert in_flight[:-2] and all(in_flight[:-2]) and not in_flight[-1]
 
 
-def test_greedy_and_seeded_sampling_equal_the_serial_loop(llm):
+@pytest.mark.parametrize("mode", MODES)
+def test_greedy_and_seeded_sampling_equal_the_serial_loop(llm, mode):
     params = [
         SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
         SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True),
@@ -75,10 +87,21 @@ def test_greedy_and_seeded_sampling_equal_the_serial_loop(llm):
         SamplingParams(temperature=0.0, max_tokens=9),  # may stop at EOS
     ]
     for p in params:
-        assert run(llm, True, PROMPTS, p) == run(llm, False, PROMPTS, p)
+        assert run(llm, mode, PROMPTS, p) == run(llm, "serial", PROMPTS, p)
+    # Requests that read their own history (penalties, min_tokens) among the others: the
+    # steps they sample in are not scheduled ahead; the rest of the run is.
+    mixed = [
+        SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, repetition_penalty=1.3),
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=9, min_tokens=4),
+        SamplingParams(temperature=0.7, seed=1, max_tokens=10, presence_penalty=0.5),
+        SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True),
+    ]
+    assert run(llm, mode, PROMPTS, mixed) == run(llm, "serial", PROMPTS, mixed)
 
 
-def test_stop_strings_found_a_step_late_equal_the_serial_loop(llm):
+@pytest.mark.parametrize("mode", MODES)
+def test_stop_strings_found_a_step_late_equal_the_serial_loop(llm, mode):
     prompt = PROMPTS[0]
     stop = stop_string_for(llm, prompt, 2)
     params = [
@@ -93,21 +116,23 @@ def test_stop_strings_found_a_step_late_equal_the_serial_loop(llm):
         SamplingParams(temperature=0.8, seed=5, n=2, max_tokens=12, stop=[stop, " w1"]),
     ]
     for p in params:
-        serial = run(llm, False, PROMPTS, p)
-        assert run(llm, True, PROMPTS, p) == serial
+        serial = run(llm, "serial", PROMPTS, p)
+        assert run(llm, mode, PROMPTS, p) == serial
     assert serial[0][0][2] == "stop"  # the first prompt did stop on its string
 
 
-def test_stop_token_ids_equal_the_serial_loop(llm):
-    free = run(llm, False, PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=8))
+@pytest.mark.parametrize("mode", MODES)
+def test_stop_token_ids_equal_the_serial_loop(llm, mode):
+    free = run(llm, "serial", PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=8))
     stop_id = free[0][0][0][3]
     params = SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[stop_id])
-    overlapped = run(llm, True, PROMPTS, params)
-    assert overlapped == run(llm, False, PROMPTS, params)
+    overlapped = run(llm, mode, PROMPTS, params)
+    assert overlapped == run(llm, "serial", PROMPTS, params)
     assert overlapped[0][0][2:4] == ("stop", stop_id)
 
 
-def test_preemption_under_a_small_cache_equals_the_serial_loop(tiny_llama):
+@pytest.mark.parametrize("mode", MODES)
+def test_preemption_under_a_small_cache_equals_the_serial_loop(tiny_llama, mode):
     small = LLM(
         model=str(tiny_llama),
         dtype="float32",
@@ -116,16 +141,17 @@ def test_preemption_under_a_small_cache_equals_the_serial_loop(tiny_llama):
         num_gpu_blocks_override=12,
     )
     params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
-    overlapped = run(small, True, PROMPTS, params)
+    overlapped = run(small, mode, PROMPTS, params)
     assert small.engine.stats()["num_preemptions"] > 0
-    assert overlapped == run(small, False, PROMPTS, params)
+    assert overlapped == run(small, "serial", PROMPTS, params)
 
 
-def test_abort_while_a_step_is_in_flight(llm):
+@pytest.mark.parametrize("mode", MODES)
+def test_abort_while_a_step_is_in_flight(llm, mode):
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    reference = run(llm, False, PROMPTS[:2], params)
-    engine.overlap_steps = True
+    reference = run(llm, "serial", PROMPTS[:2], params)
+    set_mode(llm, mode)
     try:
         engine.add_request("keep", PROMPTS[0], params)
         engine.add_request("drop", PROMPTS[1], params)
@@ -141,7 +167,39 @@ def test_abort_while_a_step_is_in_flight(llm):
                 assert out.request_id == "keep"
                 finished[out.request_id] = out
     finally:
-        engine.overlap_steps = False
+        set_mode(llm, "serial")
     assert finished["keep"].outputs[0].token_ids == reference[0][0][0]
     assert len(aborted[0].outputs[0].token_ids) == 3
     assert engine.stats()["num_running"] == 0 and engine.kv_cache_manager.usage() == 0.0
+
+
+def test_schedule_ahead_feeds_placeholders_and_publishes_generated_blocks(tiny_llama):
+    """Scheduled ahead, the plans carry placeholders for the running step's tokens, and
+    the blocks those tokens complete are published once the tokens are known: a second
+    turn over the first turn's text hits them, as in the serial loop."""
+    from tessellm.engine.kv_cache_manager import PLACEHOLDER_TOKEN
+
+    def two_turns(mode: str) -> tuple[list, int, bool]:
+        llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu", block_size=4)
+        launch = llm.engine.executor.launch
+        saw_placeholder = []
+
+        def spy(plan, previous=None):
+            saw_placeholder.extend(PLACEHOLDER_TOKEN in s.token_ids for s in plan.seqs)
+            return launch(plan, previous)
+
+        llm.engine.executor.launch = spy
+        params = SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True)
+        first = run(llm, mode, PROMPTS[:1], params)
+        hits = llm.engine.stats()["prefix_cache_hit_tokens"]
+        follow_up = PROMPTS[0] + first[0][0][0] + [11, 12]
+        second = run(llm, mode, [follow_up], params)
+        hit = llm.engine.stats()["prefix_cache_hit_tokens"] - hits
+        return [first, second], hit, any(saw_placeholder)
+
+    serial, serial_hit, _ = two_turns("serial")
+    ahead, ahead_hit, placeholders = two_turns("ahead")
+    assert placeholders
+    assert ahead == serial
+    # 4 prompt + 13 generated + 2 tokens: the first 16 (4 blocks) were cached by turn one.
+    assert ahead_hit == serial_hit == 16

@@ -42,9 +42,15 @@ class UniProcExecutor:
     def execute(self, plan: SchedulerOutput) -> StepResult:
         return self.runner.execute(plan)
 
-    def launch(self, plan: SchedulerOutput) -> PendingStep:
+    # ``launch`` takes ``previous``: the engine may schedule a step before the tokens of
+    # the step still running are known (placeholders, filled in on the device).
+    feeds_sampled_tokens = True
+
+    def launch(
+        self, plan: SchedulerOutput, previous: tuple[SchedulerOutput, PendingStep] | None = None
+    ) -> PendingStep:
         """Queue the step; ``result()`` on what returns waits for its sampled tokens."""
-        return self.runner.launch(plan)
+        return self.runner.launch(plan, previous)
 
     def shutdown(self) -> None:
         pass

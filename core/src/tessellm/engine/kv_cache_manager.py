@@ -20,6 +20,11 @@ from collections.abc import Sequence
 from tessellm.engine.block_pool import BlockHash, BlockPool
 from tessellm.engine.request import Request
 
+# Stands for an output token sampled by a step still running on the device, when the next
+# step is scheduled before it is known (the engine's schedule-ahead loop). A block whose
+# last token it is gets its hash, and is published, once the token is filled in.
+PLACEHOLDER_TOKEN = -1
+
 
 def hash_block(
     parent_hash: BlockHash | None, token_ids: Sequence[int], extra_key: bytes | None = None
@@ -43,6 +48,8 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        # request id -> index of an allocated block that a placeholder token completes
+        self._unpublished: dict[str, int] = {}
 
     def block_extra_key(self, request: Request, block_index: int) -> bytes | None:
         """What besides the tokens changes block ``block_index``'s KV (hook for LoRA,
@@ -92,14 +99,30 @@ class KVCacheManager:
         if needed > 0:
             request.block_ids.extend(self.pool.allocate(needed))
         if self.enable_prefix_caching:
-            if (len(request.block_hashes) + 1) * bs <= end:
-                self._update_hashes(request, end)
-            for i in range(start // bs, end // bs):
+            known = end
+            outputs = request.output_token_ids
+            if outputs and outputs[-1] == PLACEHOLDER_TOKEN and end == request.num_tokens:
+                known = end - 1
+                if end % bs == 0:
+                    self._unpublished[request.request_id] = end // bs - 1
+            if (len(request.block_hashes) + 1) * bs <= known:
+                self._update_hashes(request, known)
+            for i in range(start // bs, known // bs):
                 self.pool.cache(request.block_ids[i], request.block_hashes[i])
+
+    def publish_filled(self, request: Request) -> None:
+        """Publish the block that a placeholder token completed, now that the token is
+        known (its KV is written by the step it was allocated for, already launched)."""
+        index = self._unpublished.pop(request.request_id, None)
+        if index is None or index >= len(request.block_ids):
+            return
+        self._update_hashes(request, (index + 1) * self.block_size)
+        self.pool.cache(request.block_ids[index], request.block_hashes[index])
 
     def free(self, request: Request) -> None:
         """Release the request's blocks. ``request.num_computed_tokens`` must count only
         tokens whose KV is written: blocks past it leave the cache table."""
+        self._unpublished.pop(request.request_id, None)
         blocks = request.block_ids
         for block_id in blocks[request.num_computed_tokens // self.block_size :]:
             self.pool.uncache(block_id)

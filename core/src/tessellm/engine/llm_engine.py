@@ -143,6 +143,14 @@ class LLMEngine:
         # Overlap a step's output processing with the next step's device work where the
         # executor launches work without waiting for it (a GPU, not the CPU).
         self.overlap_steps: bool = bool(getattr(self.executor, "asynchronous", False))
+        # Schedule before the running step's tokens are known: needs an executor that
+        # fills placeholders in on the device, and the default scheduler's advance/fill.
+        self.schedule_ahead: bool = (
+            self.overlap_steps
+            and bool(getattr(self.executor, "feeds_sampled_tokens", False))
+            and hasattr(self.scheduler, "advance")
+            and hasattr(kv, "publish_filled")
+        )
         self._in_flight: tuple[SchedulerOutput, PendingResult] | None = None
         self._ids = itertools.count()
         self.counters = {
@@ -243,6 +251,11 @@ class LLMEngine:
         strings): the device runs it meanwhile, and it is what the next call waits for.
         A request that a stop string (or an abort) finishes meanwhile is already in that
         next step: its extra token is dropped there, as with vLLM's async scheduling.
+
+        With ``schedule_ahead`` too, the next step is scheduled and launched before this
+        step's tokens are known: the scheduler counts them as placeholders, which the
+        device fills in from this step's sampled tokens. Update, schedule and launch then
+        also run while the device works, behind this step on the device's queue.
         """
         if self._in_flight is not None:
             plan, pending = self._in_flight
@@ -250,12 +263,17 @@ class LLMEngine:
         else:
             plan = self.scheduler.schedule()
             pending = self._launch(plan)
+        ahead = self.overlap_steps and self.schedule_ahead and self._can_schedule_ahead(plan)
+        if ahead:
+            self.scheduler.advance(plan)
+            self._launch_next((plan, pending))
         result = pending.result()
-        changed = self.scheduler.update(plan, result)
-        if self.overlap_steps and self.scheduler.has_unfinished():
-            next_plan = self.scheduler.schedule()
-            if not next_plan.empty:
-                self._in_flight = (next_plan, self._launch(next_plan))
+        if ahead:
+            changed = self.scheduler.fill(plan, result)
+        else:
+            changed = self.scheduler.update(plan, result)
+            if self.overlap_steps:
+                self._launch_next(None)
         logprobs: dict[str, Any] = {}
         if result.logprobs is not None:
             sampled_ids = [s.request_id for s in plan.seqs if s.sample]
@@ -270,9 +288,32 @@ class LLMEngine:
         c["batched_seqs_max"] = max(c["batched_seqs_max"], len(plan.seqs))
         return outputs
 
-    def _launch(self, plan: SchedulerOutput) -> PendingResult:
+    def _launch(self, plan: SchedulerOutput, previous: Any = None) -> PendingResult:
+        if previous is not None:
+            return self.executor.launch(plan, previous)
         launch = getattr(self.executor, "launch", None)
         return launch(plan) if launch is not None else _Done(self.executor.execute(plan))
+
+    def _launch_next(self, previous: tuple[SchedulerOutput, PendingResult] | None) -> None:
+        if self.scheduler.has_unfinished():
+            plan = self.scheduler.schedule()
+            if not plan.empty:
+                self._in_flight = (plan, self._launch(plan, previous))
+
+    @staticmethod
+    def _can_schedule_ahead(plan: SchedulerOutput) -> bool:
+        """Not when a sampling request reads its own output history (penalties,
+        min_tokens): the next step's copy of it would hold a placeholder."""
+        for seq in plan.seqs:
+            p = seq.params
+            if seq.sample and (
+                p.presence_penalty
+                or p.frequency_penalty
+                or p.repetition_penalty != 1.0
+                or p.min_tokens
+            ):
+                return False
+        return True
 
     def stats(self) -> dict[str, float]:
         return {**self.scheduler.stats(), **self.counters, "num_blocks": self.num_blocks}

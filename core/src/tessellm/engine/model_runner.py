@@ -9,6 +9,7 @@ import torch
 
 from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
+from tessellm.engine.kv_cache_manager import PLACEHOLDER_TOKEN
 from tessellm.engine.profile_run import profile_forward
 from tessellm.engine.sampler import Sampler, compute_prompt_logprobs
 from tessellm.engine.schedule import SchedulerOutput, StepResult
@@ -146,13 +147,18 @@ class ModelRunner:
         return self.launch(plan).result()
 
     @torch.inference_mode()
-    def launch(self, plan: SchedulerOutput) -> PendingStep:
+    def launch(
+        self, plan: SchedulerOutput, previous: tuple[SchedulerOutput, PendingStep] | None = None
+    ) -> PendingStep:
         """Queue the step's device work and return before it is done (on a device that
         runs asynchronously); ``result()`` waits for the sampled tokens. Logprobs, when
-        asked, are read here (a wait)."""
+        asked, are read here (a wait). ``previous``: the step before, still running, whose
+        sampled tokens stand in for this plan's placeholder tokens (schedule-ahead)."""
         if plan.empty:
             return PendingStep(StepResult([]))
         input_ids, positions, metadata, sample_rows = self.prepare_inputs(plan)
+        if previous is not None:
+            feed_sampled_tokens(plan, input_ids, *previous)
         hidden = None
         if self.graph_runner is not None and metadata.max_query_len == 1:
             hidden = self.graph_runner(input_ids, positions, metadata)
@@ -171,14 +177,45 @@ class ModelRunner:
 class PendingStep:
     """A launched step; ``result()`` copies its sampled tokens to the host (a wait)."""
 
-    __slots__ = ("_result", "_tokens")
+    __slots__ = ("_done", "_result", "tokens")
 
     def __init__(self, result: StepResult, tokens: torch.Tensor | None = None) -> None:
         self._result = result
-        self._tokens = tokens
+        self.tokens = tokens  # on the device, one per sampled sequence in plan order
+        self._done = tokens is None
 
     def result(self) -> StepResult:
-        if self._tokens is not None:
-            self._result.sampled_token_ids = self._tokens.tolist()
-            self._tokens = None
+        if not self._done:
+            assert self.tokens is not None
+            self._result.sampled_token_ids = self.tokens.tolist()
+            self._done = True
         return self._result
+
+
+def feed_sampled_tokens(
+    plan: SchedulerOutput,
+    input_ids: torch.Tensor,
+    previous_plan: SchedulerOutput,
+    previous: PendingStep,
+) -> None:
+    """Put the previous step's sampled tokens, on the device, where ``plan`` has their
+    placeholders: the last token of a sequence that sampled in the previous step."""
+    rows: dict[str, int] = {}
+    for seq in previous_plan.seqs:
+        if seq.sample:
+            rows[seq.request_id] = len(rows)
+    targets: list[int] = []
+    sources: list[int] = []
+    end = 0
+    for seq in plan.seqs:
+        end += len(seq.token_ids)
+        if seq.token_ids[-1] == PLACEHOLDER_TOKEN:
+            targets.append(end - 1)
+            sources.append(rows[seq.request_id])
+    if targets:
+        if previous.tokens is None:
+            raise RuntimeError("a placeholder token, but the previous step sampled nothing")
+        device = input_ids.device
+        index = torch.tensor(targets).to(device, non_blocking=True)
+        picked = previous.tokens[torch.tensor(sources).to(device, non_blocking=True)]
+        input_ids.index_copy_(0, index, picked.to(input_ids.dtype))

@@ -20,25 +20,17 @@ import itertools
 import time
 from dataclasses import dataclass, field, fields
 
-from tessellm.engine.kv_cache_manager import KVCacheManager
+from tessellm.engine.kv_cache_manager import PLACEHOLDER_TOKEN, KVCacheManager
 from tessellm.engine.request import Request, RequestStatus
 from tessellm.engine.schedule import ScheduledSeq, SchedulerOutput, StepResult
 from tessellm.errors import InvalidRequestError
 
+# Scheduler._to_seq passes these positionally (keywords cost twice as much a sequence).
 _SEQ_FIELDS = (
-    "request_id",
-    "token_ids",
-    "start_pos",
-    "block_ids",
-    "sample",
-    "params",
-    "num_output_tokens",
-    "output_token_ids",
-    "prompt_token_ids",
-    "eos_token_ids",
-    "prompt_logprob_token_ids",
+    "request_id token_ids start_pos block_ids sample params num_output_tokens "
+    "output_token_ids prompt_token_ids eos_token_ids prompt_logprob_token_ids"
 )
-if tuple(f.name for f in fields(ScheduledSeq))[: len(_SEQ_FIELDS)] != _SEQ_FIELDS:
+if " ".join(f.name for f in fields(ScheduledSeq)[: _SEQ_FIELDS.count(" ") + 1]) != _SEQ_FIELDS:
     raise ImportError("ScheduledSeq's fields changed: update Scheduler._to_seq")
 
 
@@ -286,7 +278,7 @@ class Scheduler:
             targets = prompt[start + 1 : min(end, num_prompt - 1) + 1]
         # A decode's one token is the last output (the common case, kept cheap).
         decode = start == num_tokens - 1 and outputs
-        # Positional, in _SEQ_FIELDS order: keywords cost twice as much, per sequence.
+        # Positional, in _SEQ_FIELDS order.
         return ScheduledSeq(
             request.request_id,
             [outputs[-1]] if decode else request.token_slice(start, end),
@@ -323,6 +315,49 @@ class Scheduler:
             changed.append(request)
             if status is not None:
                 self.finish_requests([request.request_id], status)
+        return changed
+
+    # -- schedule-ahead: the next step is scheduled before this one's tokens are known --
+    def advance(self, plan: SchedulerOutput) -> None:
+        """Count ``plan`` as computed before its sampled tokens are known: each sampling
+        request gets a placeholder output token (``fill`` puts the real one in), so the
+        next ``schedule()`` can run while the device still runs ``plan``."""
+        requests = self.requests
+        running = RequestStatus.RUNNING
+        for seq in plan.seqs:
+            request = requests.get(seq.request_id)
+            if request is None or request.status is not running:
+                continue
+            request.num_computed_tokens += len(seq.token_ids)
+            if seq.sample:
+                request.output_token_ids.append(PLACEHOLDER_TOKEN)
+
+    def fill(self, plan: SchedulerOutput, result: StepResult) -> list[Request]:
+        """Replace the placeholders that ``advance(plan)`` left with the sampled tokens and
+        finish what should stop, as ``update`` does. A request that stops here may be in
+        the step scheduled meanwhile: its token there is dropped (it is gone by then)."""
+        changed: list[Request] = []
+        sampled = iter(result.sampled_token_ids)
+        now = time.monotonic()
+        for seq in plan.seqs:
+            token = next(sampled) if seq.sample else None
+            request = self.requests.get(seq.request_id)
+            if token is None or request is None:
+                continue
+            outputs = request.output_token_ids
+            if not outputs or outputs[-1] != PLACEHOLDER_TOKEN:
+                continue  # it stopped before ``advance`` (a stop string, then re-added)
+            outputs[-1] = token
+            if request.first_token_time is None:
+                request.first_token_time = now
+            # Preempted by the schedule in between: the token still counts (its KV was
+            # there when it was sampled); the recompute will see it.
+            status = self._check_stop(request, token)
+            changed.append(request)
+            if status is not None:
+                self.finish_requests([request.request_id], status)
+            elif request.status is RequestStatus.RUNNING:
+                self.kv.publish_filled(request)
         return changed
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
