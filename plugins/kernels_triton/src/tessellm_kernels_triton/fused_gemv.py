@@ -61,11 +61,13 @@ def _fused_gemv_kernel(
     cols = tl.arange(0, BLOCK_K)
     n_ok = rows < N
     w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
-    # With SILU_MUL the up rows sit N rows below the gate rows.
-    u_ptrs = w_ptrs + N * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    # Only what a variant uses is defined, so no unused tile is carried through the loop.
+    if SILU_MUL:
+        u_ptrs = w_ptrs + N * stride_wn  # the up rows sit N rows below the gate rows
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if HAS_NORM:
+        sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         offs = k + cols
         if EVEN_K:
