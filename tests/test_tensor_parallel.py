@@ -169,9 +169,16 @@ def test_ray_executor_matches_tp1(models):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_tp2_over_nccl_matches_tp1(tiny_llama):
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "cuda-graphs"])
+def test_tp2_over_nccl_matches_tp1(tiny_llama, enforce_eager):
     def run(**kwargs) -> list[list[int]]:
-        llm = LLM(model=str(tiny_llama), dtype="float32", device="cuda", **kwargs)
+        llm = LLM(
+            model=str(tiny_llama),
+            dtype="float32",
+            device="cuda",
+            enforce_eager=enforce_eager,
+            **kwargs,
+        )
         outs = llm.generate(TEST_PROMPTS, GREEDY)
         llm.engine.shutdown()
         return [o.outputs[0].token_ids for o in outs]
