@@ -33,19 +33,23 @@ from cuda_steps import copy_tb_per_s, events_ms, greedy, kernel_breakdown, promp
 from g2_levers import generate_timed, graph_us_per_call, step_bytes
 
 BEFORE = ["add_rms_norm", "rms_norm", "silu_and_mul", "rotary_neox"]  # the ops until now
-# name: (fused-op names, merge split partials in the decode kernel, GEMV tiles or None)
-LEVER_SETS: dict[str, tuple[list[str], bool, tuple | None]] = {
-    "before": (BEFORE, False, None),
-    "rotary_kv": ([*BEFORE, "rotary_neox_write_kv"], False, None),
-    "silu_gemv": ([*BEFORE, "linear_silu_and_mul"], False, None),
-    "norm_gemv": ([*BEFORE, "rms_norm_linear"], False, None),
-    "merge_last_split": (BEFORE, True, None),
-    "all": (None, True, None),
-    "all_n8": (None, True, ((8, 1024, 4), (8, 1024, 8))),
+# name: (fused-op names, merge split partials in the decode kernel, LinearFusions kwargs)
+LEVER_SETS: dict[str, tuple[list[str] | None, bool, dict]] = {
+    "before": (BEFORE, False, {}),
+    "rotary_kv": ([*BEFORE, "rotary_neox_write_kv"], False, {}),
+    "merge_last_split": (BEFORE, True, {}),
+    "silu_gemv": ([*BEFORE, "linear_silu_and_mul"], False, {}),
+    "norm_gemv": ([*BEFORE, "rms_norm_linear"], False, {}),
+    "norm_silu_gemv": ([*BEFORE, "rms_norm_linear", "linear_silu_and_mul"], False, {}),
+    "all": (None, True, {}),
+    # the persistent tiles that won the micro-benchmark in this run (filled in by main)
+    "all_best_tiles": (None, True, {}),
 }
-# (block_n, block_k, num_warps) for the fused GEMV variants of the micro-benchmark
-NORM_TILES = [(4, 2048, 4), (8, 1024, 4), (8, 2048, 8), (4, 1024, 4)]
-SILU_TILES = [(4, 1024, 4), (4, 2048, 8), (8, 1024, 8), (8, 1024, 4), (2, 2048, 4)]
+# (block_n, block_k, num_warps) for the tiled fused GEMV; (block_n, num_warps,
+# programs_per_sm) for the persistent one
+NORM_TILES = [(8, 2048, 8), (4, 1024, 4)]
+SILU_TILES = [(4, 1024, 4), (8, 1024, 4)]
+PERSISTENT = [(2, 8, 4), (4, 8, 4), (2, 8, 2), (1, 8, 8), (2, 4, 8), (4, 8, 2), (1, 8, 4)]
 
 
 def _config(tiles):
@@ -66,6 +70,7 @@ def _gemv_rows(name, n, silu, tiles, copy_tb, gen) -> list[dict]:
     from tessellm_kernels_triton.fused_gemv import fused_gemv
     from tessellm_kernels_triton.gemv import gemv
     from tessellm_kernels_triton.norm import add_rms_norm
+    from tessellm_kernels_triton.norm_gemv import PersistentGemvConfig, norm_gemv
 
     k = 4096
     nbytes = n * k * 2
@@ -87,9 +92,16 @@ def _gemv_rows(name, n, silu, tiles, copy_tb, gen) -> list[dict]:
             x, w, residual=res, norm_weight=g, eps=1e-5, silu_and_mul=silu, config=_config(tiles)
         )[0]
 
-    variants = {"gemv_only": lambda w: gemv(x, w), "unfused": unfused}
+    def persistent(w, cfg):
+        return norm_gemv(x, w, None, res, g, 1e-5, 0.0, silu, PersistentGemvConfig(*cfg))[0]
+
+    variants = {"unfused": unfused}
+    if not silu:
+        variants["gemv_only"] = lambda w: gemv(x, w)
     for t in tiles:
         variants[f"fused_n{t[0]}_k{t[1]}_w{t[2]}"] = lambda w, t=t: fused(w, t)
+    for c in PERSISTENT:
+        variants[f"persistent_n{c[0]}_w{c[1]}_p{c[2]}"] = lambda w, c=c: persistent(w, c)
     ref = unfused(ws[0]).double()
     rows = []
     for vname, fn in variants.items():
@@ -128,8 +140,9 @@ def decode_levers(model: str, prompt_len: int, new_tokens: int, sets: list[str])
     }
     tokens: dict[str, list[int]] = {}
     for name in sets:
-        names, merge, tiles = LEVER_SETS[name]
-        fusions = LinearFusions(_config(tiles[0]), _config(tiles[1])) if tiles else None
+        names, merge, fusion_kwargs = LEVER_SETS[name]
+        fusions = LinearFusions(**fusion_kwargs)
+        out.setdefault("fusions", {})[name] = repr(fusions)
         bind_fused_ops(runner.model, triton_fused_ops(names, fusions))
         runner.attention.merge_in_decode = merge
         runner.graph_runner.capture()
@@ -151,6 +164,21 @@ def decode_levers(model: str, prompt_len: int, new_tokens: int, sets: list[str])
     }
     engine.shutdown()
     return out
+
+
+def _best_persistent(rows: list[dict]) -> dict:
+    """LinearFusions kwargs with the fastest persistent tiles for q/k/v and gate/up."""
+    from tessellm_kernels_triton.norm_gemv import PersistentGemvConfig
+
+    best = {}
+    for proj, key in (("qkv", "persistent_config"), ("gate_up", "persistent_silu_config")):
+        timed = [r for r in rows if r["proj"] == proj and "us" in r]
+        timed = [r for r in timed if r["variant"].startswith("persistent_")]
+        if timed:
+            fastest = min(timed, key=lambda r: r["us"])["variant"]
+            n, w, p = (int(part[1:]) for part in fastest.split("_")[1:])
+            best[key] = PersistentGemvConfig(block_n=n, num_warps=w, programs_per_sm=p)
+    return best
 
 
 def _greedy_tokens(engine: LLMEngine, prompt: list[int], n: int) -> list[int]:
@@ -183,6 +211,7 @@ def main() -> None:
     if "gemv" in args.what:
         result["gemv"] = gemv_table(copy_tb)
         save()
+        LEVER_SETS["all_best_tiles"][2].update(_best_persistent(result["gemv"]))
     if "decode" in args.what:
         res = decode_levers(args.model, args.prompt_len, args.new_tokens, args.sets)
         res["roofline_tok_s"] = copy_tb * 1e12 / res["bytes_per_step"]

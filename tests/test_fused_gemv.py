@@ -28,6 +28,7 @@ from tessellm_kernels_triton.dense_gemv import UnquantizedGemv  # noqa: E402
 from tessellm_kernels_triton.fused_gemv import fused_gemv  # noqa: E402
 from tessellm_kernels_triton.gemv import GemvConfig, gemv  # noqa: E402
 from tessellm_kernels_triton.linear_ops import LinearFusions  # noqa: E402
+from tessellm_kernels_triton.norm_gemv import PersistentGemvConfig, norm_gemv  # noqa: E402
 
 from tessellm.interfaces.model import ModelContext, ParallelInfo  # noqa: E402
 from tessellm.interfaces.quantization import Unquantized  # noqa: E402
@@ -98,6 +99,35 @@ def test_fused_gemv_matches_float64(n, k, residual, norm, offset, silu, bias):
     assert torch.equal(summed, ref_sum)  # the residual stream, exactly as torch sums it
 
 
+@pytest.mark.parametrize(("n", "k", "block_n"), [(38, 200, 2), (64, 256, 4), (5, 48, 1)])
+@pytest.mark.parametrize(
+    ("residual", "offset", "silu", "bias"),
+    [(True, 0.0, False, False), (False, 1.0, True, True), (True, 0.0, True, False)],
+)
+def test_persistent_norm_gemv_equals_rms_norm_then_linear(
+    n, k, block_n, residual, offset, silu, bias
+):
+    # A few programs walk many row blocks each (the interpreter counts 2 SMs), so the
+    # double-buffered loop, its last prefetch past the end and ragged rows all run.
+    gen = torch.Generator().manual_seed(n + k + block_n)
+    norm = RMSNorm(k, 1e-5, torch.float32, offset).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(k, generator=gen) + 0.5)
+    weight = torch.randn(2 * n if silu else n, k, generator=gen).to(DEVICE)
+    x = torch.randn(3, k + 8, generator=gen).to(DEVICE)[1:2, 4 : 4 + k]
+    res = torch.randn(1, k, generator=gen).to(DEVICE) if residual else None
+    b = torch.randn(weight.shape[0], generator=gen).to(DEVICE) if bias else None
+    normed, summed = norm(x, res) if residual else (norm(x), x)
+    ref = torch.nn.functional.linear(normed, weight, b)
+    if silu:
+        gate, up = ref.chunk(2, dim=-1)
+        ref = torch.nn.functional.silu(gate) * up
+    config = PersistentGemvConfig(block_n=block_n, num_warps=4, programs_per_sm=1)
+    out, new_residual = norm_gemv(x, weight, b, res, norm.weight, 1e-5, offset, silu, config)
+    assert torch.equal(new_residual, summed)
+    assert out.shape == ref.shape and _rel_err(out, ref.double()) < 1e-5  # fp32 sum order
+
+
 def test_fused_gemv_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="one row"):
         fused_gemv(torch.ones(2, 16, device=DEVICE), torch.ones(8, 16, device=DEVICE))
@@ -126,8 +156,9 @@ def _filled(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module.to(DEVICE)
 
 
-def test_rms_norm_linear_equals_norm_then_linear():
-    ops = LinearFusions(norm_config=SMALL, silu_config=SMALL)
+@pytest.mark.parametrize("persistent", [True, False])
+def test_rms_norm_linear_equals_norm_then_linear(persistent):
+    ops = LinearFusions(norm_config=SMALL, silu_config=SMALL, persistent=persistent)
     ctx = _ctx(_gemv_here())
     norm = _filled(RMSNorm(48, 1e-5, torch.float32), 1)
     qkv = _filled(QKVParallelLinear(48, 8, 4, 2, ctx, bias=True), 2)
@@ -192,4 +223,9 @@ def test_gpu_bf16_llama_shapes_match_the_unfused_kernels(n, k, silu):
     )
     assert torch.equal(new_residual, summed)
     # Only the normed input's two bf16 roundings differ: a few output ulps at most.
+    assert _rel_err(out, ref.double()) < 1e-2
+    # The persistent kernel rounds the normed row as the norm kernel does.
+    out, new_residual = norm_gemv(weight=weight, x=x, bias=None, residual=residual,
+                                  norm_weight=g, eps=1e-5, silu_and_mul=silu)  # fmt: skip
+    assert torch.equal(new_residual, summed)
     assert _rel_err(out, ref.double()) < 1e-2

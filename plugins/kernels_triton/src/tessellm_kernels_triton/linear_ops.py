@@ -19,6 +19,7 @@ from tessellm.layers.norm import RMSNorm
 from .dense_gemv import UnquantizedGemv
 from .fused_gemv import fused_gemv
 from .gemv import GemvConfig
+from .norm_gemv import MAX_K, PersistentGemvConfig, norm_gemv
 
 
 def _gemv_operands(
@@ -40,10 +41,16 @@ def _is_gate_up(linear: nn.Module) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class LinearFusions:
-    """The two entries, with the tile shapes they launch with (None: the defaults)."""
+    """The two entries, with the kernels and tile shapes they launch (None: defaults).
+
+    A norm goes into the persistent kernel (``norm_gemv``) unless ``persistent`` is off or
+    the row is too wide for it; then, like the SiLU alone, into the tiled ``fused_gemv``."""
 
     norm_config: GemvConfig | None = None
     silu_config: GemvConfig | None = None
+    persistent: bool = True
+    persistent_config: PersistentGemvConfig | None = None
+    persistent_silu_config: PersistentGemvConfig | None = None
 
     def linear_silu_and_mul(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         operands = _gemv_operands(linear, x)
@@ -68,6 +75,18 @@ class LinearFusions:
         if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
             return None
         weight, bias = operands
+        if self.persistent and weight.shape[1] <= MAX_K:
+            return norm_gemv(
+                x,
+                weight,
+                bias,
+                residual,
+                norm.weight,
+                float(norm.eps),
+                float(norm.offset),
+                silu_and_mul,
+                self.persistent_silu_config if silu_and_mul else self.persistent_config,
+            )
         return fused_gemv(
             x,
             weight,
