@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 GC_YOUNG_THRESHOLD = 50_000
 
 
-def freeze_startup_objects() -> None:
+def tune_garbage_collector() -> None:
     """Tune the process's garbage collector for the step loop. What startup built
     (modules, tokenizer, registries, imported code) lives as long as the engine: it is
     left out of collections, since a full one walking it all takes ~100 ms, which would
@@ -160,7 +160,7 @@ class LLMEngine:
             "batched_seqs_max": 0,
             "computed_tokens": 0,
         }
-        freeze_startup_objects()
+        tune_garbage_collector()
         self.startup_seconds = time.monotonic() - start
         if plugins.manager is not None:
             plugins.manager.hook.engine_started(engine=self)
