@@ -182,10 +182,10 @@ def cpu_share(model: str, num_prompts: int, batch: int, window: int) -> dict[str
     last_plan = {}
     launch = runner.launch  # every step goes through it (``execute`` too)
 
-    def recording_launch(plan):
+    def recording_launch(plan, *args):
         last_plan["seqs"] = len(plan.seqs)
         last_plan["decode"] = plan.num_batched_tokens == len(plan.seqs)
-        return launch(plan)
+        return launch(plan, *args)
 
     runner.launch = recording_launch
     for i, req in enumerate(requests):
