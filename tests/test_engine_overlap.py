@@ -203,3 +203,93 @@ def test_schedule_ahead_feeds_placeholders_and_publishes_generated_blocks(tiny_l
     assert ahead == serial
     # 4 prompt + 13 generated + 2 tokens: the first 16 (4 blocks) were cached by turn one.
     assert ahead_hit == serial_hit == 16
+
+
+def test_schedule_ahead_keeps_the_kv_consistent_under_preemption_and_stops():
+    """At the scheduler level, with test_scheduler's fake runner (which checks that every
+    attended position holds its own prefix's KV): random prompts sharing prefixes, stop
+    token ids, a pool small enough to preempt, both policies. Scheduled ahead (steps run
+    in launch order, placeholders resolved from the step before), the outputs equal the
+    serial loop's and every block comes back."""
+    import random
+
+    from test_scheduler import FakeRunner, make_request, make_scheduler
+
+    from tessellm.engine.kv_cache_manager import PLACEHOLDER_TOKEN
+
+    class AheadRunner(FakeRunner):
+        """Resolves placeholders as the device does: from the previous step's tokens."""
+
+        def execute_after(self, plan, previous: dict[str, int]):
+            requests = self.scheduler.requests
+            saved = {}
+            for seq in plan.seqs:
+                outputs = requests[seq.request_id].output_token_ids
+                if outputs and outputs[-1] == PLACEHOLDER_TOKEN:
+                    saved[seq.request_id] = outputs
+                    outputs[-1] = previous[seq.request_id]
+            for seq in plan.seqs:
+                if seq.token_ids[-1] == PLACEHOLDER_TOKEN:
+                    seq.token_ids[-1] = previous[seq.request_id]
+                    counts["placeholders"] += 1
+            try:
+                return self.execute(plan)
+            finally:
+                for outputs in saved.values():
+                    outputs[-1] = PLACEHOLDER_TOKEN
+
+    def sampled(plan, result) -> dict[str, int]:
+        ids = [s.request_id for s in plan.seqs if s.sample]
+        return dict(zip(ids, result.sampled_token_ids, strict=True))
+
+    def run(ahead: bool, seed: int, policy: str) -> dict[str, list[int]]:
+        rng = random.Random(seed)
+        sched = make_scheduler(num_blocks=14, block_size=4, budget=24, policy=policy)
+        runner = AheadRunner(sched)
+        shared = [rng.randrange(3, 50) for _ in range(6)]
+        requests = []
+        for i in range(7):
+            prompt = shared[: rng.randrange(7)] + [rng.randrange(3, 50) for _ in range(5)]
+            requests.append(
+                make_request(
+                    f"r{i}",
+                    prompt,
+                    max_tokens=rng.randrange(3, 12),
+                    priority=rng.randrange(3) if policy == "priority" else 0,
+                    stop_token_ids=[rng.randrange(3, 50) for _ in range(3)],
+                )
+            )
+            sched.add_request(requests[-1])
+        in_flight = None
+        for _ in range(500):
+            if in_flight is None:
+                if not sched.has_unfinished():
+                    break
+                plan = sched.schedule()
+                result = runner.execute(plan)
+            else:
+                plan, result = in_flight
+                in_flight = None
+            if ahead:
+                sched.advance(plan)
+                if sched.has_unfinished():
+                    nxt = sched.schedule()
+                    if not nxt.empty:
+                        in_flight = (nxt, runner.execute_after(nxt, sampled(plan, result)))
+                sched.fill(plan, result)
+            else:
+                sched.update(plan, result)
+        assert in_flight is None and not sched.has_unfinished()
+        assert sched.kv.num_free_blocks == sched.kv.num_blocks
+        counts["preemptions"] += sched.counters.num_preemptions
+        counts["stops"] += sum(r.stop_reason is not None for r in requests)
+        return {r.request_id: r.output_token_ids for r in requests}
+
+    counts = {"preemptions": 0, "stops": 0, "placeholders": 0}
+    for seed in range(12):
+        for policy in ("fcfs", "priority"):
+            serial = run(False, seed, policy)
+            ahead = run(True, seed, policy)
+            assert ahead == serial
+            assert all(PLACEHOLDER_TOKEN not in out for out in ahead.values())
+    assert counts["preemptions"] > 0 and counts["stops"] > 0 and counts["placeholders"] > 0
