@@ -153,7 +153,11 @@ class ModelRunner:
         """Queue the step's device work and return before it is done (on a device that
         runs asynchronously); ``result()`` waits for the sampled tokens. Logprobs, when
         asked, are read here (a wait). ``previous``: the step before, still running, whose
-        sampled tokens stand in for this plan's placeholder tokens (schedule-ahead)."""
+        sampled tokens stand in for this plan's placeholder tokens (schedule-ahead).
+
+        Scheduled ahead, this runs while the previous step may not have started on the
+        device: a host buffer given to a non-blocking copy (pinned staging) must not be
+        rewritten here before that step's copy has run (two buffers, or an event)."""
         if plan.empty:
             return PendingStep(StepResult([]))
         input_ids, positions, metadata, sample_rows = self.prepare_inputs(plan)
