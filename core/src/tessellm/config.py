@@ -43,6 +43,9 @@ class EngineArgs:
     distributed_executor_backend: str | None = None  # None: uniproc at TP 1, mp above
     download_dir: str | None = None
     enforce_eager: bool = False
+    # Schedule and launch the next step before this one's tokens reach the host, where the
+    # executor allows it (GPUs); False keeps the strictly serial loop.
+    async_scheduling: bool = True
     max_logprobs: int = 20
     served_model_name: str | None = None
     trust_remote_code: bool = False

@@ -142,7 +142,9 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         # Overlap a step's output processing with the next step's device work where the
         # executor launches work without waiting for it (a GPU, not the CPU).
-        self.overlap_steps: bool = bool(getattr(self.executor, "asynchronous", False))
+        self.overlap_steps: bool = args.async_scheduling and bool(
+            getattr(self.executor, "asynchronous", False)
+        )
         # Schedule before the running step's tokens are known: needs an executor that
         # fills placeholders in on the device, and the default scheduler's advance/fill.
         self.schedule_ahead: bool = (
