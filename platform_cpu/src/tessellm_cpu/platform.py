@@ -7,6 +7,7 @@ from functools import cache
 
 import torch
 
+from tessellm.interfaces.ops import FusedOps
 from tessellm.interfaces.platform import Platform
 
 # Most a CPU KV cache takes by default, whatever the machine's memory: beyond this a
@@ -81,6 +82,11 @@ class CpuPlatform(Platform):
         # decode reads a quarter of the bytes. fp32 runs stay dense: they are the exact
         # reference, and the int4 kernel sums in another order.
         return "woq_grid" if dtype in (torch.bfloat16, torch.float16) else None
+
+    def fused_ops(self, dtype: torch.dtype) -> FusedOps | None:
+        from tessellm_cpu.ops import cpu_fused_ops
+
+        return cpu_fused_ops(dtype)
 
     def available_kv_cache_bytes(self, utilization: float, model_bytes: int) -> int:
         free = mem_available_bytes() * utilization - model_bytes

@@ -35,6 +35,7 @@ PACKED_MAX_ROWS = 16
 # are not 4-bit move by up to half a step).
 GRID_TOLERANCE = 0.1
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -73,9 +74,7 @@ def int4_matmul(
     rows = x.reshape(-1, x.shape[-1])
     if rows.dtype != scales_zeros.dtype:
         rows = rows.to(scales_zeros.dtype)
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        rows.contiguous(), packed, GROUP_SIZE, scales_zeros
-    )
+    out = INT4_MM(rows.contiguous(), packed, GROUP_SIZE, scales_zeros)
     out = out.view(*x.shape[:-1], out.shape[-1])
     return out + bias if bias is not None else out
 
@@ -151,12 +150,19 @@ class WeightOnlyInt4(QuantizationMethod):
         result = pack_int4(weight.data, self.grid_only)
         if result is not None:
             layer.woq_packed, layer.woq_scales_zeros = result
+            # A plain attribute as well: apply() reads it without nn.Module.__getattr__.
+            layer.woq_int4 = result
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        packed = layer.woq_packed
+        packed = layer.__dict__.get("woq_int4")
         if packed is None or x.numel() > PACKED_MAX_ROWS * x.shape[-1]:
             return F.linear(x, layer.weight, bias)
-        return int4_matmul(x, packed, layer.woq_scales_zeros, bias)
+        if x.dim() == 2 and x.dtype == packed[1].dtype:  # the decode case, kept lean
+            out = INT4_MM(
+                x if x.is_contiguous() else x.contiguous(), packed[0], GROUP_SIZE, packed[1]
+            )
+            return out if bias is None else out + bias
+        return int4_matmul(x, packed[0], packed[1], bias)
 
     def process_model_after_loading(self, model: nn.Module) -> None:
         from tessellm.layers.embedding import ParallelLMHead
