@@ -173,5 +173,5 @@ def _llama_cpp(report, resolved, warm, timed, settings, device, max_len) -> None
     report.add(
         "llama.cpp",
         {"dtype": "gguf", **summarize(samples, settings.output_len)},
-        note=f"llama-cpp-python, {threads} threads",
+        note=f"llama-cpp-python, {threads} thread{'s' if threads != 1 else ''}",
     )

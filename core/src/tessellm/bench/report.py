@@ -126,7 +126,8 @@ def machine_info(device_type: str = "cpu") -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["device"] = info["gpu"]
     else:
-        info["device"] = f"{info['cpu']} ({torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        info["device"] = f"{info['cpu']} ({threads} thread{'s' if threads != 1 else ''})"
     return info
 
 

@@ -1,0 +1,95 @@
+"""``tessellm bench`` on a tiny model: the commands run and report what they promise.
+
+Only the structure of the reports is checked (systems, metrics, ratios, skipped
+baselines); timings are never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tessellm.bench.workload import LengthRange, make_workload, usable_token_ids
+from tessellm.cli.app import build_app
+from tessellm.errors import ConfigError
+
+THROUGHPUT_METRICS = {"requests", "elapsed_s", "req_s", "output_tok_s", "total_tok_s"}
+LATENCY_METRICS = {"ttft_ms", "tpot_ms", "decode_tok_s", "e2e_s", "e2e_tok_s"}
+
+
+def run_cli(*args: str) -> str:
+    result = CliRunner().invoke(build_app(), list(args))
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_throughput_json_has_tessellm_and_hf_rows(tiny_llama, tmp_path):
+    out_file = tmp_path / "report.json"
+    stdout = run_cli(
+        "bench", "throughput", "-m", str(tiny_llama), "--num-prompts", "4",
+        "--input-len", "6:10", "--output-len", "3:6", "--dtype", "float32",
+        "--baseline", "hf", "--hf-batch-size", "2", "--json", "--output-json", str(out_file),
+    )  # fmt: skip
+    report = json.loads(stdout)
+    assert json.loads(out_file.read_text()) == report
+    assert report["benchmark"] == "throughput"
+    assert report["settings"]["input_len"] == "6:10"
+    assert [row["system"] for row in report["rows"]] == ["tessellm", "hf"]
+    for row in report["rows"]:
+        assert set(row["metrics"]) >= THROUGHPUT_METRICS
+        assert row["metrics"]["requests"] == 4
+        assert row["metrics"]["output_tok_s"] > 0
+    assert set(report["ratios"]) == {"hf"}
+    assert report["machine"]["torch"]
+
+
+def test_latency_table_and_skipped_llama_cpp(tiny_llama):
+    stdout = run_cli(
+        "bench", "latency", "-m", str(tiny_llama), "--input-len", "8", "--output-len", "5",
+        "--num-iters", "2", "--num-iters-warmup", "0", "--baseline", "llama.cpp",
+    )  # fmt: skip
+    lines = stdout.splitlines()
+    assert lines[0].startswith("tessellm bench latency")
+    header = lines[1].split()
+    assert header[0] == "system" and set(header) >= LATENCY_METRICS
+    assert lines[3].split()[0] == "tessellm"
+    # llama.cpp reads GGUF only (and may not be installed): skipped, with the reason.
+    assert any(line.startswith("skipped llama.cpp: ") for line in lines)
+
+
+def test_unknown_baseline_is_refused(tiny_llama):
+    result = CliRunner().invoke(
+        build_app(), ["bench", "latency", "-m", str(tiny_llama), "--baseline", "vllm"]
+    )
+    assert result.exit_code != 0
+    assert "unknown baseline" in result.output
+
+
+def test_serve_against_a_running_server(tiny_server):
+    stdout = run_cli(
+        "bench", "serve", "--base-url", tiny_server.base_url, "--num-prompts", "6",
+        "--input-len", "5", "--output-len", "4", "--request-rate", "50",
+        "--max-concurrency", "3", "--vocab-size", "200", "--json",
+    )  # fmt: skip
+    report = json.loads(stdout)
+    metrics = report["rows"][0]["metrics"]
+    assert metrics["completed"] == 6 and metrics["failed"] == 0
+    for name in ("ttft", "tpot", "itl"):
+        assert metrics[f"{name}_p50_ms"] is not None
+        assert metrics[f"{name}_p99_ms"] >= metrics[f"{name}_p50_ms"]
+    assert metrics["output_tok_s"] > 0
+
+
+def test_length_ranges_and_workload():
+    assert LengthRange.parse("128") == LengthRange(128, 128)
+    assert LengthRange.parse("100:1024") == LengthRange(100, 1024)
+    for bad in ("0", "9:3", "x", "1:y"):
+        with pytest.raises(ConfigError):
+            LengthRange.parse(bad)
+    ids = usable_token_ids(50, [0, 1, 2])
+    requests = make_workload(20, LengthRange(3, 7), LengthRange(2, 2), ids, seed=1)
+    assert all(3 <= r.input_len <= 7 and r.output_len == 2 for r in requests)
+    assert all(t not in (0, 1, 2) for r in requests for t in r.prompt_token_ids)
+    assert requests == make_workload(20, LengthRange(3, 7), LengthRange(2, 2), ids, seed=1)
