@@ -3,8 +3,8 @@
 ``gemv``: the projections that take a fused neighbour, at one token, each call reading a
 different copy of the weight inside one CUDA graph (as ``g2_levers.py gemv``): q/k/v with
 add+RMSNorm before it, gate/up with add+RMSNorm before and SiLU-and-mul after, as
-separate kernels (norm, GEMV, SiLU) and as one fused GEMV in several tile shapes; the plain
-GEMV alone is the floor the fused one should reach.
+separate kernels (norm, GEMV, SiLU) and as the persistent fused kernel (``norm_gemv``) in
+several shapes; the plain GEMV alone (q/k/v) is the floor the fused one should reach.
 
 ``decode``: one engine (``random:llama-3-8b``, the platform's default quantization, the
 Triton GEMV), one 512-token request decoded for 256 tokens per lever set. Each set binds a
@@ -44,30 +44,21 @@ LEVER_SETS: dict[str, tuple[list[str] | None, bool, dict]] = {
     "all": (None, True, {}),
     # the persistent tiles that won the micro-benchmark in this run (filled in by main)
     "all_best_tiles": (None, True, {}),
+    "defaults": (None, False, {}),  # every fused op, split merge by its own kernel
 }
-# (block_n, block_k, num_warps) for the tiled fused GEMV; (block_n, num_warps,
-# programs_per_sm) for the persistent one
-NORM_TILES = [(8, 2048, 8), (4, 1024, 4)]
-SILU_TILES = [(4, 1024, 4), (8, 1024, 4)]
+# (block_n, num_warps, programs_per_sm) of the persistent fused GEMV
 PERSISTENT = [(2, 8, 4), (4, 8, 4), (2, 8, 2), (1, 8, 8), (2, 4, 8), (4, 8, 2), (1, 8, 4)]
-
-
-def _config(tiles):
-    from tessellm_kernels_triton.gemv import GemvConfig
-
-    return GemvConfig(*tiles) if tiles else None
 
 
 @torch.inference_mode()
 def gemv_table(copy_tb: float) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(0)
-    rows = _gemv_rows("qkv", 6144, False, NORM_TILES, copy_tb, gen)
-    return rows + _gemv_rows("gate_up", 28672, True, SILU_TILES, copy_tb, gen)
+    rows = _gemv_rows("qkv", 6144, False, copy_tb, gen)
+    return rows + _gemv_rows("gate_up", 28672, True, copy_tb, gen)
 
 
-def _gemv_rows(name, n, silu, tiles, copy_tb, gen) -> list[dict]:
+def _gemv_rows(name, n, silu, copy_tb, gen) -> list[dict]:
     from tessellm_kernels_triton.activation import silu_and_mul
-    from tessellm_kernels_triton.fused_gemv import fused_gemv
     from tessellm_kernels_triton.gemv import gemv
     from tessellm_kernels_triton.norm import add_rms_norm
     from tessellm_kernels_triton.norm_gemv import PersistentGemvConfig, norm_gemv
@@ -87,21 +78,17 @@ def _gemv_rows(name, n, silu, tiles, copy_tb, gen) -> list[dict]:
         y = gemv(h, w)
         return silu_and_mul(y) if silu else y
 
-    def fused(w, tiles):
-        return fused_gemv(
-            x, w, residual=res, norm_weight=g, eps=1e-5, silu_and_mul=silu, config=_config(tiles)
-        )[0]
-
     def persistent(w, cfg):
-        return norm_gemv(x, w, None, res, g, 1e-5, 0.0, silu, PersistentGemvConfig(*cfg))[0]
+        return norm_gemv(
+            x, w, residual=res, norm_weight=g, eps=1e-5, silu_and_mul=silu, config=cfg
+        )[0]
 
     variants = {"unfused": unfused}
     if not silu:
         variants["gemv_only"] = lambda w: gemv(x, w)
-    for t in tiles:
-        variants[f"fused_n{t[0]}_k{t[1]}_w{t[2]}"] = lambda w, t=t: fused(w, t)
     for c in PERSISTENT:
-        variants[f"persistent_n{c[0]}_w{c[1]}_p{c[2]}"] = lambda w, c=c: persistent(w, c)
+        cfg = PersistentGemvConfig(*c)
+        variants[f"persistent_n{c[0]}_w{c[1]}_p{c[2]}"] = lambda w, cfg=cfg: persistent(w, cfg)
     ref = unfused(ws[0]).double()
     rows = []
     for vname, fn in variants.items():
@@ -171,7 +158,7 @@ def _best_persistent(rows: list[dict]) -> dict:
     from tessellm_kernels_triton.norm_gemv import PersistentGemvConfig
 
     best = {}
-    for proj, key in (("qkv", "persistent_config"), ("gate_up", "persistent_silu_config")):
+    for proj, key in (("qkv", "norm_config"), ("gate_up", "silu_config")):
         timed = [r for r in rows if r["proj"] == proj and "us" in r]
         timed = [r for r in timed if r["variant"].startswith("persistent_")]
         if timed:

@@ -33,6 +33,7 @@ for src in ("plugins/kernels_triton/src", "plugins/attention_torch/src"):
 from tessellm_kernels_triton.dense_gemv import UnquantizedGemv  # noqa: E402
 from tessellm_kernels_triton.gemv import GemvConfig  # noqa: E402
 from tessellm_kernels_triton.linear_ops import LinearFusions  # noqa: E402
+from tessellm_kernels_triton.norm_gemv import PersistentGemvConfig  # noqa: E402
 from tessellm_kernels_triton.ops import triton_fused_ops  # noqa: E402
 
 from tessellm.interfaces.attention import AttentionMetadata, AttentionSpec  # noqa: E402
@@ -50,6 +51,8 @@ from tessellm_attention_torch.backend import TorchPagedAttention  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 16
 SMALL = GemvConfig(block_n=8, block_k=64, num_warps=4)
+# Few programs, so each walks several row blocks of the persistent kernel.
+FUSIONS = LinearFusions(*(PersistentGemvConfig(2, num_warps=4, programs_per_sm=1),) * 2)
 
 
 def _counting(table: FusedOps, calls: Counter) -> FusedOps:
@@ -112,7 +115,7 @@ def test_decode_step_with_every_fused_entry_equals_the_plain_layers():
     config = tiny_llama_config(hidden_size=64, intermediate_size=96, num_hidden_layers=2)
     ids = torch.randint(0, 256, (6,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     calls: Counter = Counter()
-    table = _counting(triton_fused_ops(fusions=LinearFusions(SMALL, SMALL)), calls)
+    table = _counting(triton_fused_ops(fusions=FUSIONS), calls)
     outputs = []
     for ops in (None, table):
         model = _model(config, seed=1)
@@ -138,7 +141,6 @@ def test_silu_epilogue_alone_serves_the_mlp():
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     plain = mlp(x)
     calls: Counter = Counter()
-    fusions = LinearFusions(SMALL, SMALL)
-    bind_fused_ops(model, _counting(triton_fused_ops(["linear_silu_and_mul"], fusions), calls))
+    bind_fused_ops(model, _counting(triton_fused_ops(["linear_silu_and_mul"], FUSIONS), calls))
     torch.testing.assert_close(mlp(x), plain, atol=1e-5, rtol=1e-5)
     assert calls["linear_silu_and_mul"] == 1

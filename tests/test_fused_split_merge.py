@@ -96,13 +96,13 @@ def test_last_split_merge_equals_the_merge_kernel(num_splits, feature):
 
 def test_prepare_allocates_counters_for_split_plans_and_env_picks_the_merge(monkeypatch):
     _, _, metadata, spec = _decode_step([300, 5], 4, 2, 32, 16, torch.float32, 2)
+    assert TritonPagedAttention(spec).merge_in_decode is False  # the merge kernel by default
+    monkeypatch.setenv(SPLIT_MERGE_ENV, "last_split")
     backend = TritonPagedAttention(spec)
     backend.prepare(metadata)
     plan = metadata.extra[EXTRA_KEY]
     assert plan.num_splits > 1 and plan.merge_in_decode
     assert backend._merge_counters and backend._merge_counters[0].numel() >= 2 * 2
-    monkeypatch.setenv(SPLIT_MERGE_ENV, "kernel")
-    assert TritonPagedAttention(spec).merge_in_decode is False
     monkeypatch.setenv(SPLIT_MERGE_ENV, "bogus")
     with pytest.raises(ValueError, match=SPLIT_MERGE_ENV):
         TritonPagedAttention(spec)

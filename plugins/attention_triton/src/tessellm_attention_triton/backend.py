@@ -41,11 +41,11 @@ class TritonPlan:
     decode_num_warps: int = 4
     # Split partials merged by the last split of each (sequence, KV head) rather than by a
     # second kernel (see kernels/decode.py).
-    merge_in_decode: bool = True
+    merge_in_decode: bool = False
 
 
-# "kernel" merges decode splits with a second kernel, for A/B measurements; unset or
-# "last_split" (the default) merges in the decode kernel.
+# Where decode splits are merged: unset or "kernel" (the default), a second kernel;
+# "last_split", the decode kernel's last split of each (sequence, KV head).
 SPLIT_MERGE_ENV = "TESSELLM_TRITON_SPLIT_MERGE"
 
 
@@ -85,13 +85,15 @@ class TritonPagedAttention(AttentionBackend):
     # Decode kernel shape (see TritonPlan); 0 keys per tile: by head size.
     decode_tile_n: int = 0
     decode_num_warps: int = 4
-    # Where split partials are merged (TritonPlan.merge_in_decode). In the decode kernel
-    # the 32 layers of Llama-3-8B at batch 1 save a launch each (bench/RESULTS.md).
-    merge_in_decode: bool = True
+    # Where split partials are merged (TritonPlan.merge_in_decode). Merging in the decode
+    # kernel saves a launch per layer but made Llama-3-8B's batch-1 attention slower on an
+    # H200 (32 layers, 16 splits: 247 -> 341 us): the last split merges its 4 query heads
+    # over the splits one after another, where the merge kernel has a program per head.
+    merge_in_decode: bool = False
 
     def __init__(self, spec: AttentionSpec) -> None:
         super().__init__(spec)
-        mode = os.environ.get(SPLIT_MERGE_ENV, "last_split").strip().lower()
+        mode = os.environ.get(SPLIT_MERGE_ENV, "kernel").strip().lower()
         if mode not in ("last_split", "kernel"):
             raise ValueError(f"{SPLIT_MERGE_ENV} must be 'last_split' or 'kernel', got {mode!r}")
         self.merge_in_decode = mode == "last_split"

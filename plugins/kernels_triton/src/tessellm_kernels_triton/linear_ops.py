@@ -2,8 +2,9 @@
 
 They apply where the layer would multiply on the Triton GEMV anyway: a column-parallel
 layer whose quantization method is ``unquantized_gemv`` and an input it sends to the GEMV
-(one row, on the GPU, in bf16/fp16). Anywhere else they return None and the layers run
-their usual code, so prompts, larger batches and fp32 are untouched.
+(one row, on the GPU, in bf16/fp16), of at most ``norm_gemv.MAX_K`` columns. Anywhere
+else they return None and the layers run their usual code, so prompts, larger batches
+and fp32 are untouched. Both run the persistent kernel of ``norm_gemv``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from tessellm.layers.linear import ColumnParallelLinear
 from tessellm.layers.norm import RMSNorm
 
 from .dense_gemv import UnquantizedGemv
-from .fused_gemv import fused_gemv
-from .gemv import GemvConfig
 from .norm_gemv import MAX_K, PersistentGemvConfig, norm_gemv
 
 
@@ -31,6 +30,8 @@ def _gemv_operands(
     quant = linear.quant
     if not isinstance(quant, UnquantizedGemv) or not quant.runs_gemv(x, linear.weight):
         return None
+    if linear.weight.shape[1] > MAX_K:  # the row must fit the kernel's registers
+        return None
     return linear.weight, linear.bias
 
 
@@ -41,23 +42,17 @@ def _is_gate_up(linear: nn.Module) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class LinearFusions:
-    """The two entries, with the kernels and tile shapes they launch (None: defaults).
+    """The two entries, with the tile shapes they launch (None: the kernel's defaults)."""
 
-    A norm goes into the persistent kernel (``norm_gemv``) unless ``persistent`` is off or
-    the row is too wide for it; then, like the SiLU alone, into the tiled ``fused_gemv``."""
-
-    norm_config: GemvConfig | None = None
-    silu_config: GemvConfig | None = None
-    persistent: bool = True
-    persistent_config: PersistentGemvConfig | None = None
-    persistent_silu_config: PersistentGemvConfig | None = None
+    norm_config: PersistentGemvConfig | None = None
+    silu_config: PersistentGemvConfig | None = None
 
     def linear_silu_and_mul(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         operands = _gemv_operands(linear, x)
         if operands is None or not _is_gate_up(linear):
             return None
         weight, bias = operands
-        return fused_gemv(x, weight, bias, silu_and_mul=True, config=self.silu_config)[0]
+        return norm_gemv(x, weight, bias, silu_and_mul=True, config=self.silu_config)[0]
 
     def rms_norm_linear(
         self,
@@ -75,19 +70,7 @@ class LinearFusions:
         if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
             return None
         weight, bias = operands
-        if self.persistent and weight.shape[1] <= MAX_K:
-            return norm_gemv(
-                x,
-                weight,
-                bias,
-                residual,
-                norm.weight,
-                float(norm.eps),
-                float(norm.offset),
-                silu_and_mul,
-                self.persistent_silu_config if silu_and_mul else self.persistent_config,
-            )
-        return fused_gemv(
+        return norm_gemv(
             x,
             weight,
             bias,

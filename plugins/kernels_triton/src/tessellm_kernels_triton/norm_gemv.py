@@ -1,15 +1,19 @@
-"""Add + RMSNorm + one-row GEMV (+ SiLU-and-mul) as a persistent kernel.
+"""One-row GEMV with add + RMSNorm before it and SiLU-and-mul after it, as a persistent kernel.
 
-``fused_gemv`` folds the norm into every program's K loop: with hundreds of programs each
-re-reading the input, the residual and the norm weight, the q/k/v GEMV of Llama-3-8B took
-17-20 µs on an H200 against 15.8 for the separate norm and GEMV kernels (bench/RESULTS.md,
+At batch 1, RMSNorm and SiLU-and-mul are tiny kernels (about 2 µs each on an H200, plus
+the gap before the next launch) between GEMVs that stream megabytes of weights. Folding
+the norm into an ordinary tiled GEMV, where hundreds of programs each re-read the input,
+the residual and the norm weight in every K step, made the q/k/v GEMV of Llama-3-8B
+slower than the separate kernels (17-20 µs against 15.8 on an H200; bench/RESULTS.md,
 "G2 fusions"). Here a fixed number of programs (a few per SM) each read those vectors
-once, build the normed row in registers, rounded exactly as ``RMSNorm`` rounds it, and then
-walk their share of the weight's rows, ``BLOCK_N`` whole rows at a time: the loop reads
-nothing but weights, less than the plain GEMV (which reloads the input for every 4 rows),
-and is double-buffered: a program's next rows load while it sums the current ones, and
-its first rows load while it computes the norm. Needs the whole input row in registers:
-up to ``MAX_K`` columns.
+once, build the normed row in registers, rounded exactly as ``RMSNorm`` rounds it, and
+then walk their share of the weight's rows, ``BLOCK_N`` whole rows at a time: the loop
+reads nothing but weights, less than the plain GEMV (which reloads the input for every 4
+rows), and is double-buffered: a program's next rows load while it sums the current ones,
+and its first rows load while it computes the norm. With ``SILU_MUL`` a program owns the
+same rows of the gate and the up half of ``[gate | up]`` and writes ``silu(gate) * up``,
+rounding as the separate kernels do. The whole input row sits in registers: up to
+``MAX_K`` columns.
 """
 
 from __future__ import annotations
@@ -32,7 +36,10 @@ class PersistentGemvConfig:
     num_stages: int = 1
 
 
-DEFAULT_PERSISTENT_CONFIG = PersistentGemvConfig()
+# The fastest of 7 shapes on an H200 (bench/g2_fusions.py gemv): q/k/v with the norm 14.7
+# µs (norm + GEMV apart: 15.7), gate/up with norm and SiLU 55.5 µs (apart: 58.5).
+DEFAULT_CONFIG = PersistentGemvConfig(block_n=2, num_warps=8, programs_per_sm=4)
+DEFAULT_SILU_CONFIG = PersistentGemvConfig(block_n=1, num_warps=8, programs_per_sm=4)
 
 
 @functools.cache
@@ -55,7 +62,8 @@ def _load_rows(w_ptr, rows, cols, N, k_ok, stride_wn, EVEN_K: tl.constexpr):
 def _norm_gemv_kernel(
     x_ptr, res_ptr, res_out_ptr, norm_w_ptr, w_ptr, bias_ptr, out_ptr,
     N, K, stride_wn, eps, norm_offset,
-    HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, SILU_MUL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, HAS_OFFSET: tl.constexpr,
+    SILU_MUL: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, K_P: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -74,15 +82,16 @@ def _norm_gemv_kernel(
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
         if pid == 0:
             tl.store(res_out_ptr + cols, x, mask=k_ok)
-    xf = x.to(tl.float32)
-    normed = xf * tl.math.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
-    g = tl.load(norm_w_ptr + cols, mask=k_ok, other=0.0).to(tl.float32)
-    # RMSNorm's roundings: with an offset, one at the end; without, the normed row and then
-    # its product with the weight, each in the model dtype.
-    if HAS_OFFSET:
-        h = (normed * (norm_offset + g)).to(ty).to(tl.float32)
-    else:
-        h = (normed.to(ty).to(tl.float32) * g).to(ty).to(tl.float32)
+    h = x.to(tl.float32)
+    if HAS_NORM:
+        normed = h * tl.math.rsqrt(tl.sum(h * h, axis=0) / K + eps)
+        g = tl.load(norm_w_ptr + cols, mask=k_ok, other=0.0).to(tl.float32)
+        # RMSNorm's roundings: with an offset, one at the end; without, the normed row and
+        # then its product with the weight, each in the model dtype.
+        if HAS_OFFSET:
+            h = (normed * (norm_offset + g)).to(ty).to(tl.float32)
+        else:
+            h = (normed.to(ty).to(tl.float32) * g).to(ty).to(tl.float32)
     for block in range(pid, tl.cdiv(N, BLOCK_N), step):
         rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
         # Double-buffered by hand: the next block's rows load while this one is summed.
@@ -107,16 +116,19 @@ def _norm_gemv_kernel(
 def norm_gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    norm_weight: torch.Tensor,
-    eps: float,
+    bias: torch.Tensor | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
     norm_offset: float = 0.0,
     silu_and_mul: bool = False,
     config: PersistentGemvConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As ``fused_gemv.fused_gemv`` with a norm (same arguments and results), for inputs
-    of at most ``MAX_K`` columns; the normed row is rounded as ``RMSNorm`` rounds it."""
+    """``(out, s)`` for one row ``x`` ``[1, K]`` (``K <= MAX_K``) and ``weight`` ``[N, K]``:
+    ``s = x + residual`` (``x`` itself without a residual), ``h = rms_norm(s) * (offset +
+    norm_weight)`` (``s`` without a norm weight), ``y = h @ weight.T + bias``, and ``out``
+    is ``y`` or, with ``silu_and_mul``, ``silu(y[:, :N/2]) * y[:, N/2:]``."""
     n, k = weight.shape
     if x.dim() != 2 or x.shape[0] != 1 or k > MAX_K:
         raise ValueError(f"norm_gemv takes one row of at most {MAX_K}, got {tuple(x.shape)}")
@@ -129,7 +141,7 @@ def norm_gemv(
         residual = residual if residual.stride(-1) == 1 else residual.contiguous()
         res_out = torch.empty_like(x)
     out_rows = n // 2 if silu_and_mul else n
-    cfg = config or DEFAULT_PERSISTENT_CONFIG
+    cfg = config or (DEFAULT_SILU_CONFIG if silu_and_mul else DEFAULT_CONFIG)
     k_p = triton.next_power_of_2(k)
     blocks = triton.cdiv(out_rows, cfg.block_n)
     grid = (min(blocks, cfg.programs_per_sm * _num_sms(x.device)),)
@@ -138,7 +150,7 @@ def norm_gemv(
         x,
         residual if residual is not None else x,  # never read without HAS_RESIDUAL
         res_out,
-        norm_weight,
+        norm_weight if norm_weight is not None else x,  # never read without HAS_NORM
         weight,
         bias if bias is not None else out,  # never read without HAS_BIAS
         out,
@@ -148,6 +160,7 @@ def norm_gemv(
         eps,
         norm_offset,
         HAS_RESIDUAL=residual is not None,
+        HAS_NORM=norm_weight is not None,
         HAS_OFFSET=bool(norm_offset),
         SILU_MUL=silu_and_mul,
         HAS_BIAS=bias is not None,
