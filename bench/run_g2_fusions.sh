@@ -4,8 +4,8 @@
 #                                         # in-process A/B of every lever, rest of GPU tests
 #   bash bench/run_g2_fusions.sh confirm  # copy bandwidth, bench latency before/after + HF
 #   bash bench/run_g2_fusions.sh all      # ab and confirm's "after" in one call
-#   bash bench/run_g2_fusions.sh final    # fused-GEMV GPU tests, A/B before vs defaults,
-#                                         # copy bandwidth, bench latency + HF
+#   bash bench/run_g2_fusions.sh final    # A/B before vs defaults, copy bandwidth,
+#                                         # bench latency + HF
 # Run from the repository root on a CUDA machine; wheels in .whl/ (see run_cuda_suite.sh).
 # Logs and JSON go to $OUT (default ./bench-out).
 set -u
@@ -59,8 +59,6 @@ ab) fused_tests; levers; gpu_tests ;;
 confirm) copy_bandwidth; latency_before; latency_after_with_hf ;;
 all) fused_tests; levers; copy_bandwidth; latency_after_with_hf; gpu_tests ;;
 final)
-    timeout 90 python3 -m pytest -q tests/test_fused_gemv.py tests/test_fused_decoder.py \
-        tests/test_fused_split_merge.py 2>&1 | tail -n 4
     timeout 120 python3 bench/g2_fusions.py decode --sets before defaults \
         --json "$OUT/fusions_final.json" >"$OUT/fusions_final.log" 2>&1
     echo "fusions rc=$?"; sed -n '/== summary/,$p' "$OUT/fusions_final.log"
