@@ -3,6 +3,7 @@
 # Run from the repository root on a CUDA machine with the packages installed:
 #   bash bench/run_cuda_suite.sh setup tests kernels decode decode_unfused
 #   bash bench/run_cuda_suite.sh g2 g1 qwen qwen_share
+#   bash bench/run_cuda_suite.sh setup tp_tests tp1 tp2     (two GPUs)
 # setup installs this checkout (offline, editable); the others are measurements.
 # Logs and JSON go to $OUT (default ./bench-out). Each step runs even if one before fails.
 set -u
@@ -70,8 +71,18 @@ run_one() {
         step qwen_share 300 python3 bench/cuda_steps.py cpu-share --model random:qwen3-0.6b \
             --num-prompts 256 --batch 256 --json "$OUT/qwen_share.json"
         ;;
+    tp_tests)
+        step tp_tests 300 python3 -m pytest -q -x -m gpu tests/test_tensor_parallel.py
+        ;;
+    tp1 | tp2)
+        # Issue 7: random:llama-3-8b bf16 throughput at TP=1 and TP=2 (NCCL) on one host.
+        step "$1" 240 $TESSELLM bench throughput --model random:llama-3-8b --num-prompts 256 \
+            --input-len 100:1024 --output-len 100:1024 --max-model-len 2048 \
+            --tensor-parallel-size "${1#tp}" --output-json "$OUT/$1.json"
+        ;;
     *)
-        echo "unknown step $1 (setup tests kernels decode decode_unfused g2 g1 qwen qwen_share)"
+        echo "unknown step $1 (setup tests kernels decode decode_unfused g2 g1 qwen qwen_share"
+        echo "  tp_tests tp1 tp2)"
         return 2
         ;;
     esac
