@@ -13,6 +13,7 @@ from tessellm.engine.kv_cache_manager import PLACEHOLDER_TOKEN
 from tessellm.engine.profile_run import profile_forward
 from tessellm.engine.sampler import Sampler, compute_prompt_logprobs
 from tessellm.engine.schedule import SchedulerOutput, StepResult
+from tessellm.engine.transfer import to_device
 from tessellm.interfaces.attention import AttentionMetadata
 from tessellm.interfaces.model import ModelContext, ParallelInfo
 from tessellm.interfaces.ops import bind_fused_ops
@@ -127,20 +128,20 @@ class ModelRunner:
         qsl_cpu = torch.from_numpy(cu.astype(np.int32))
         seq_lens_cpu = torch.from_numpy(seq_lens)
         metadata = AttentionMetadata(
-            query_start_loc=qsl_cpu.to(dev, non_blocking=True),
-            seq_lens=seq_lens_cpu.to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(table).to(dev, non_blocking=True),
-            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
+            query_start_loc=to_device(qsl_cpu, dev),
+            seq_lens=to_device(seq_lens_cpu, dev),
+            block_tables=to_device(torch.from_numpy(table), dev),
+            slot_mapping=to_device(torch.from_numpy(slots), dev),
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=qsl_cpu,
             seq_lens_cpu=seq_lens_cpu,
         )
         return (
-            torch.from_numpy(input_ids).to(dev, non_blocking=True),
-            torch.from_numpy(positions).to(dev, non_blocking=True),
+            to_device(torch.from_numpy(input_ids), dev),
+            to_device(torch.from_numpy(positions), dev),
             metadata,
-            torch.from_numpy(sample_rows.astype(np.int64)).to(dev, non_blocking=True),
+            to_device(torch.from_numpy(sample_rows.astype(np.int64)), dev),
         )
 
     def execute(self, plan: SchedulerOutput) -> StepResult:
@@ -220,6 +221,6 @@ def feed_sampled_tokens(
         if previous.tokens is None:
             raise RuntimeError("a placeholder token, but the previous step sampled nothing")
         device = input_ids.device
-        index = torch.tensor(targets).to(device, non_blocking=True)
-        picked = previous.tokens[torch.tensor(sources).to(device, non_blocking=True)]
+        index = to_device(torch.tensor(targets), device)
+        picked = previous.tokens[to_device(torch.tensor(sources), device)]
         input_ids.index_copy_(0, index, picked.to(input_ids.dtype))

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from tessellm.engine.schedule import ScheduledSeq, SchedulerOutput, TokenLogprobs
+from tessellm.engine.transfer import to_device
 
 NEG_INF = float("-inf")
 
@@ -28,7 +29,7 @@ def _on_device(
     """A small host list as a tensor on ``device``, without waiting for the device:
     ``torch.tensor(..., device=gpu)`` copies synchronously, behind the queued forward
     pass, which would keep the host from overlapping the next step with it."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _index_pairs(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
