@@ -11,8 +11,23 @@ from tessellm.interfaces.ops import FusedOps
 from tessellm.interfaces.platform import Platform
 
 # Most a CPU KV cache takes by default, whatever the machine's memory: beyond this a
-# laptop would start swapping before the cache fills.
+# laptop would start swapping before the cache fills. TESSELLM_CPU_KVCACHE_SPACE (GiB, as
+# vLLM's VLLM_CPU_KVCACHE_SPACE) replaces the cap; kv_cache_memory_bytes overrides both.
 DEFAULT_CPU_KV_CAP = 4 << 30
+KV_SPACE_ENV = "TESSELLM_CPU_KVCACHE_SPACE"
+
+
+def kv_cache_cap_bytes() -> int:
+    raw = os.environ.get(KV_SPACE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_CPU_KV_CAP
+    try:
+        gib = float(raw)
+    except ValueError:
+        from tessellm.errors import ConfigError
+
+        raise ConfigError(f"{KV_SPACE_ENV} must be a number of GiB, got {raw!r}") from None
+    return int(gib * (1 << 30))
 
 
 @cache
@@ -90,4 +105,4 @@ class CpuPlatform(Platform):
 
     def available_kv_cache_bytes(self, utilization: float, model_bytes: int) -> int:
         free = mem_available_bytes() * utilization - model_bytes
-        return int(max(0, min(free, DEFAULT_CPU_KV_CAP)))
+        return int(max(0, min(free, kv_cache_cap_bytes())))
