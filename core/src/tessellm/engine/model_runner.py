@@ -180,19 +180,37 @@ class ModelRunner:
 
 
 class PendingStep:
-    """A launched step; ``result()`` copies its sampled tokens to the host (a wait)."""
+    """A launched step; ``result()`` waits for its sampled tokens on the host.
 
-    __slots__ = ("_done", "_result", "tokens")
+    On a GPU the device-to-host copy is queued at launch, right behind the sampler, with
+    an event after it: ``result()`` waits for that event only. Asking for the tokens later
+    with ``.tolist()`` would queue the copy behind whatever was launched since (the next
+    step, under the overlapped loop) and wait for that too, idling the GPU while the host
+    then processes outputs.
+    """
+
+    __slots__ = ("_done", "_event", "_host_tokens", "_result", "tokens")
 
     def __init__(self, result: StepResult, tokens: torch.Tensor | None = None) -> None:
         self._result = result
         self.tokens = tokens  # on the device, one per sampled sequence in plan order
         self._done = tokens is None
+        self._host_tokens: torch.Tensor | None = None
+        self._event: torch.cuda.Event | None = None
+        if tokens is not None and tokens.device.type == "cuda":
+            self._host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host_tokens.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
 
     def result(self) -> StepResult:
         if not self._done:
             assert self.tokens is not None
-            self._result.sampled_token_ids = self.tokens.tolist()
+            if self._event is not None and self._host_tokens is not None:
+                self._event.synchronize()
+                self._result.sampled_token_ids = self._host_tokens.tolist()
+            else:
+                self._result.sampled_token_ids = self.tokens.tolist()
             self._done = True
         return self._result
 
