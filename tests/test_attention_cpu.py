@@ -20,6 +20,8 @@ from tessellm_attention_torch.backend import TorchPagedAttention
 MIXED = [(37, 1), (0, 20), (40, 9), (5, 1), (0, 1)]
 DECODE = [(70, 1), (33, 1), (15, 1), (0, 1), (16, 1)]
 PREFILL = [(0, 12), (0, 3), (17, 30)]
+# Enough decode sequences for the block-diagonal decode path, plus a chunked prefill.
+MANY = [(n, 1) for n in (70, 33, 15, 0, 16, 47, 5, 31, 64, 2)] + [(20, 7)]
 GARBAGE = 1e3
 
 
@@ -99,13 +101,15 @@ def assert_close(batch: Batch, atol: float = 2e-5, **kw) -> None:
     torch.testing.assert_close(batch.cpu(**kw), batch.reference(**kw), atol=atol, rtol=1e-4)
 
 
-@pytest.mark.parametrize("seqs", [MIXED, DECODE, PREFILL], ids=["mixed", "decode", "prefill"])
+@pytest.mark.parametrize(
+    "seqs", [MIXED, DECODE, PREFILL, MANY], ids=["mixed", "decode", "prefill", "many"]
+)
 @pytest.mark.parametrize("block_size", [16, 4])
 def test_matches_reference(seqs, block_size):
     assert_close(Batch(seqs, block_size=block_size))
 
 
-@pytest.mark.parametrize("seqs", [MIXED, DECODE], ids=["mixed", "decode"])
+@pytest.mark.parametrize("seqs", [MIXED, DECODE, MANY], ids=["mixed", "decode", "many"])
 def test_sliding_window_and_soft_cap(seqs):
     batch = Batch(seqs, seed=1)
     assert_close(batch, sliding_window=7)
@@ -124,8 +128,9 @@ def test_single_sequence(query_len, contiguous):
     assert_close(batch, sliding_window=5)
 
 
-def test_bfloat16_close_to_fp32_reference():
-    batch = Batch(MIXED, dtype=torch.bfloat16, seed=2)
+@pytest.mark.parametrize("seqs", [MIXED, MANY], ids=["mixed", "many"])
+def test_bfloat16_close_to_fp32_reference(seqs):
+    batch = Batch(seqs, dtype=torch.bfloat16, seed=2)
     assert_close(batch, atol=3e-2)
 
 
@@ -165,3 +170,10 @@ def test_refuses_other_devices():
     spec = AttentionSpec("cuda", torch.float32, 64, 8, 2, 16)
     assert any("device" in reason for reason in CpuPagedAttention.validate(spec))
     assert CpuPagedAttention.validate(AttentionSpec("cpu", torch.bfloat16, 64, 9, 3, 16)) == []
+
+
+def test_many_kv_heads_take_the_matmul_decode():
+    # Above BLOCK_DIAGONAL_MAX_KV_HEADS the block-diagonal form would waste too much.
+    batch = Batch(MANY, num_heads=8, num_kv_heads=8, seed=9)
+    assert_close(batch)
+    assert_close(batch, sliding_window=9, logits_soft_cap=3.0)

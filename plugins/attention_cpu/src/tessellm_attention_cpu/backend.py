@@ -32,6 +32,12 @@ from tessellm.interfaces.attention import (
 from tessellm_attention_cpu.plan import GroupPlan, StepPlan, build_plan
 
 PLAN_KEY = "cpu_attention_plan"
+# The block-diagonal decode (see _decode_block_diagonal) wastes Hkv times the score and
+# value arithmetic to avoid copying K/V into matmul layouts: worth it for a batch of
+# several sequences and few kv heads (measured: 24% faster at 64 sequences and 3 kv
+# heads, a tie at 16, slower at 4).
+BLOCK_DIAGONAL_MIN_SEQS = 8
+BLOCK_DIAGONAL_MAX_KV_HEADS = 4
 
 
 def soft_capped_attention(
@@ -121,6 +127,8 @@ class CpuPagedAttention(AttentionBackend):
         """One query per sequence: ``q`` ``[n, H, D]``, ``k``/``v`` ``[n, L, Hkv, D]``."""
         n, heads, head_size = q.shape
         kv_heads = k.shape[2]
+        if n >= BLOCK_DIAGONAL_MIN_SEQS and kv_heads <= BLOCK_DIAGONAL_MAX_KV_HEADS:
+            return self._decode_block_diagonal(q, k, v, group, scale, sliding_window, soft_cap)
         if n == 1:
             # One sequence: a batched matmul over kv heads reads K/V in place; in fp32
             # because oneDNN's bf16 path costs more than the conversion at this size.
@@ -141,6 +149,42 @@ class CpuPagedAttention(AttentionBackend):
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         out = torch.matmul(probs, v.transpose(1, 2))  # [n, Hkv, G, D]
         return out.view(n, heads, head_size)
+
+    def _decode_block_diagonal(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        group: GroupPlan,
+        scale: float,
+        sliding_window: int | None,
+        soft_cap: float | None,
+    ) -> torch.Tensor:
+        """Decode over gathered ``[n, L, Hkv, D]`` K/V read as plain ``[n, L, Hkv*D]``
+        matrices, so no operand is ever copied into another layout: each sequence's
+        queries form a block-diagonal ``[Hkv*D, H]`` matrix (head h's query in its kv
+        head's rows), one matmul scores every head against every kv head's keys, and the
+        diagonal blocks of the value product are kept. That spends Hkv times the (small)
+        attention arithmetic to save two copies of the context per layer."""
+        n, heads, head_size = q.shape
+        length, kv_heads = k.shape[1], k.shape[2]
+        group_size = heads // kv_heads
+        block_q = torch.zeros((n, kv_heads, head_size, kv_heads, group_size), dtype=k.dtype)
+        torch.diagonal(block_q, dim1=1, dim2=3).copy_(
+            q.view(n, kv_heads, group_size, head_size).permute(0, 3, 2, 1)
+        )
+        flat_k = k.reshape(n, length, kv_heads * head_size)
+        scores = torch.bmm(flat_k, block_q.view(n, kv_heads * head_size, heads))
+        scores = scores.float().mul_(scale)  # [n, L, H]
+        if soft_cap:
+            scores = torch.tanh(scores.div_(soft_cap)).mul_(soft_cap)
+        bias = group.mask(self.spec.block_size, sliding_window, additive=True)
+        if bias is not None:
+            scores.add_(bias.view(n, length, 1))
+        probs = torch.softmax(scores, dim=1).to(v.dtype)
+        mixed = torch.bmm(probs.transpose(1, 2), v.reshape(n, length, kv_heads * head_size))
+        out = torch.diagonal(mixed.view(n, kv_heads, group_size, kv_heads, head_size), 0, 1, 3)
+        return out.permute(0, 3, 1, 2).reshape(n, heads, head_size)
 
     def _attend(
         self,
