@@ -42,9 +42,13 @@ def test_greedy_chat_answer_matches_hf(gguf_path, llm):
     inp = torch.tensor([list(ids)])
     with torch.no_grad():
         ref = model.generate(
-            inp, attention_mask=torch.ones_like(inp), max_new_tokens=NEW_TOKENS,
-            do_sample=False, eos_token_id=None, pad_token_id=tokenizer.eos_token_id,
-        )[0, inp.shape[1]:].tolist()
+            inp,
+            attention_mask=torch.ones_like(inp),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=tokenizer.eos_token_id,
+        )[0, inp.shape[1] :].tolist()
     assert ours == ref
     assert "Paris" in out[0].outputs[0].text
 

@@ -47,9 +47,9 @@ def register_commands(app):
 
     app.command("generate")(generate.generate)
     app.command("plugins")(plugins_cmd.plugins)
+    app.command("serve")(serve.serve)
+    app.command("chat")(chat.chat)
 
     from tessellm.cli.bench import bench_app
 
     app.add_typer(bench_app, name="bench")
-    app.command("serve")(serve.serve)
-    app.command("chat")(chat.chat)
