@@ -174,15 +174,17 @@ class CpuPagedAttention(AttentionBackend):
             q.view(n, kv_heads, group_size, head_size).permute(0, 3, 2, 1)
         )
         flat_k = k.reshape(n, length, kv_heads * head_size)
-        scores = torch.bmm(flat_k, block_q.view(n, kv_heads * head_size, heads))
-        scores = scores.float().mul_(scale)  # [n, L, H]
+        # Both operands transposed views of contiguous tensors: BLAS reads them as they are.
+        queries = block_q.view(n, kv_heads * head_size, heads).transpose(1, 2)
+        scores = torch.bmm(queries, flat_k.transpose(1, 2))
+        scores = scores.float().mul_(scale)  # [n, H, L]
         if soft_cap:
             scores = torch.tanh(scores.div_(soft_cap)).mul_(soft_cap)
         bias = group.mask(self.spec.block_size, sliding_window, additive=True)
         if bias is not None:
-            scores.add_(bias.view(n, length, 1))
-        probs = torch.softmax(scores, dim=1).to(v.dtype)
-        mixed = torch.bmm(probs.transpose(1, 2), v.reshape(n, length, kv_heads * head_size))
+            scores.add_(bias.view(n, 1, length))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        mixed = torch.bmm(probs, v.reshape(n, length, kv_heads * head_size))
         out = torch.diagonal(mixed.view(n, kv_heads, group_size, kv_heads, head_size), 0, 1, 3)
         return out.permute(0, 3, 1, 2).reshape(n, heads, head_size)
 
