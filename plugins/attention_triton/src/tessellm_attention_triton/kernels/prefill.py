@@ -13,7 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import attend_keys, next_pow2, precision_for, tile_shape
+from .common import (
+    attend_keys,
+    launch_strides,
+    next_pow2,
+    normalize_rows,
+    precision_for,
+    tile_shape,
+)
 
 
 @triton.jit
@@ -100,13 +107,7 @@ def _prefill_kernel(
     if USE_WINDOW:
         k_lo = tl.maximum(context + local * BLOCK_Q - window + 1, 0)
 
-    acc = tl.zeros([BLOCK_M, HEAD_P], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = attend_keys(
-        acc,
-        m_i,
-        l_i,
+    acc, _, l_i = attend_keys(
         q,
         pos,
         row_ok,
@@ -125,6 +126,7 @@ def _prefill_kernel(
         scale,
         soft_cap,
         window,
+        BLOCK_M,
         BLOCK_SIZE,
         HEAD_SIZE,
         HEAD_P,
@@ -133,8 +135,7 @@ def _prefill_kernel(
         USE_CAP,
         PRECISION,
     )
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_i[:, None]
+    out = normalize_rows(acc, l_i)
     tl.store(
         out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -181,17 +182,7 @@ def prefill_attention(
         scale,
         logits_soft_cap or 0.0,
         sliding_window or 0,
-        query.stride(0),
-        query.stride(1),
-        out.stride(0),
-        out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        block_tables.stride(0),
+        *launch_strides(query, out, k_cache, v_cache, block_tables),
         GROUP=group,
         GROUP_P=group_p,
         BLOCK_Q=block_q,
