@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
@@ -57,7 +58,15 @@ def _options(
     )
 
 
-def _emit(report, as_json: bool, output_json: str | None) -> None:
+def _run_and_emit(run: Callable[[], Any], as_json: bool, output_json: str | None) -> None:
+    """Run a benchmark; a TessellmError becomes a CLI failure, a report is printed (and
+    written to ``output_json`` if given)."""
+    from tessellm.errors import TessellmError
+
+    try:
+        report = run()
+    except TessellmError as exc:
+        fail(str(exc))
     if output_json:
         with open(output_json, "w") as f:
             f.write(report.to_json() + "\n")
@@ -105,9 +114,8 @@ def throughput(
     """Offline throughput: all requests at once, greedy, ignore_eos; output tokens/s."""
     from tessellm.bench.throughput import ThroughputSettings, run_throughput
     from tessellm.bench.workload import LengthRange
-    from tessellm.errors import TessellmError
 
-    try:
+    def run():
         options = _options(
             model, dtype, device, quantization, attention_backend, max_model_len,
             tensor_parallel_size, enforce_eager, engine_arg,
@@ -124,10 +132,9 @@ def throughput(
             baseline_num_prompts=baseline_num_prompts,
             seed=seed,
         )
-        report = run_throughput(options, settings)
-    except TessellmError as exc:
-        fail(str(exc))
-    _emit(report, json_output, output_json)
+        return run_throughput(options, settings)
+
+    _run_and_emit(run, json_output, output_json)
 
 
 @bench_app.command("latency")
@@ -153,9 +160,8 @@ def latency(
 ) -> None:
     """Batch-1 latency: time to first token and time per output token, greedy."""
     from tessellm.bench.latency import LatencySettings, run_latency
-    from tessellm.errors import TessellmError
 
-    try:
+    def run():
         options = _options(
             model, dtype, device, quantization, attention_backend, max_model_len,
             tensor_parallel_size, enforce_eager, engine_arg,
@@ -169,10 +175,9 @@ def latency(
             baseline_dtype=baseline_dtype,
             seed=seed,
         )
-        report = run_latency(options, settings)
-    except TessellmError as exc:
-        fail(str(exc))
-    _emit(report, json_output, output_json)
+        return run_latency(options, settings)
+
+    _run_and_emit(run, json_output, output_json)
 
 
 @bench_app.command("serve")
@@ -208,9 +213,8 @@ def serve(
         fail("bench serve needs the openai client: pip install openai")
     from tessellm.bench.serve import ServeSettings, run_serve
     from tessellm.bench.workload import LengthRange
-    from tessellm.errors import TessellmError
 
-    try:
+    def run():
         settings = ServeSettings(
             base_url=base_url,
             model=model,
@@ -224,7 +228,6 @@ def serve(
             tokenizer=tokenizer,
             seed=seed,
         )
-        report = run_serve(settings)
-    except TessellmError as exc:
-        fail(str(exc))
-    _emit(report, json_output, output_json)
+        return run_serve(settings)
+
+    _run_and_emit(run, json_output, output_json)
