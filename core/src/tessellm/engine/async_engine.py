@@ -90,9 +90,9 @@ class OutputStream:
         self.request_ids.append(request_id)
         self._unfinished.add(request_id)
         try:
-            await self._engine.call(lambda e: e.add_request(request_id, prompt, params, priority))
+            await self._submit(request_id, prompt, params, priority)
         except asyncio.CancelledError:
-            self.abort()  # the add may still run on the engine thread; the abort follows it
+            self.abort()  # the add may still go through; the abort is queued behind it
             raise
         except BaseException:
             self._unfinished.discard(request_id)
@@ -122,24 +122,61 @@ class OutputStream:
             self._unfinished.clear()
             for request_id in ids:
                 self._engine._unregister(request_id)
-            self._engine.post(lambda e: e.abort_request(ids))
+            self._cancel(ids)
+
+    async def _submit(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int
+    ) -> None:
+        await self._engine.call(lambda e: e.add_request(request_id, prompt, params, priority))
+
+    def _cancel(self, request_ids: list[str]) -> None:
+        self._engine.post(lambda e: e.abort_request(request_ids))
 
 
-class AsyncLLMEngine:
+class RequestSinks:
+    """Where each request's outputs go on the event loop, and whether new ones may come.
+
+    Shared by the single-process and the data-parallel engine; ``dead`` is the error that
+    stopped the engine, ``_stopping`` is set by ``shutdown``.
+    """
+
+    def __init__(self) -> None:
+        self._sinks: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._stopping = False
+        self.dead: BaseException | None = None
+
+    def _check_alive(self) -> None:
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self.dead}")
+        if self._stopping:
+            raise EngineDeadError("the server is shutting down")
+
+    def _register(self, request_id: str, sink: asyncio.Queue[Any]) -> None:
+        self._check_alive()
+        self._sinks[request_id] = sink
+
+    def _unregister(self, request_id: str) -> None:
+        self._sinks.pop(request_id, None)
+
+    def _fail_all(self, error: BaseException) -> None:
+        sinks, self._sinks = self._sinks, {}
+        for sink in sinks.values():
+            sink.put_nowait(error)
+
+
+class AsyncLLMEngine(RequestSinks):
     """Runs an ``LLMEngine`` on its own thread and serves it to asyncio code."""
 
     def __init__(self, engine: LLMEngine) -> None:
+        super().__init__()
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.stats: dict[str, float] = engine.stats()
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._sinks: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._stopping = False
-        self.dead: BaseException | None = None
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> AsyncLLMEngine:
@@ -188,19 +225,6 @@ class AsyncLLMEngine:
             self._commands.put((fn, None))
             self._wakeup.set()
 
-    def _check_alive(self) -> None:
-        if self.dead is not None:
-            raise EngineDeadError(f"the engine stopped: {self.dead}")
-        if self._stopping:
-            raise EngineDeadError("the server is shutting down")
-
-    def _register(self, request_id: str, sink: asyncio.Queue[Any]) -> None:
-        self._check_alive()
-        self._sinks[request_id] = sink
-
-    def _unregister(self, request_id: str) -> None:
-        self._sinks.pop(request_id, None)
-
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         # Runs on the event loop.
         for out in outputs:
@@ -209,11 +233,6 @@ class AsyncLLMEngine:
                 sink.put_nowait(out)
                 if out.finished:
                     del self._sinks[out.request_id]
-
-    def _fail_all(self, error: BaseException) -> None:
-        sinks, self._sinks = self._sinks, {}
-        for sink in sinks.values():
-            sink.put_nowait(error)
 
     # -- the engine thread ---------------------------------------------------------------
     def _run(self) -> None:

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
-from tessellm.engine.async_engine import EngineDeadError, OutputStream
+from tessellm.engine.async_engine import EngineDeadError, OutputStream, RequestSinks
 from tessellm.engine.dp_replica import ReplicaProcesses
 from tessellm.errors import ConfigError, InvalidRequestError, WorkerError
 from tessellm.executors.worker import startup_timeout
@@ -104,37 +104,22 @@ def replica_placement(
 class ReplicaStream(OutputStream):
     """An ``OutputStream`` whose requests the front routes to replicas."""
 
-    async def add(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
+    async def _submit(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int
     ) -> None:
         engine: DataParallelEngine = self._engine  # type: ignore[assignment]
-        engine._register(request_id, self._queue)
-        self.request_ids.append(request_id)
-        self._unfinished.add(request_id)
-        try:
-            await engine.add_request(request_id, prompt, params, priority)
-        except asyncio.CancelledError:
-            self.abort()  # the replica may still add it; the abort follows it down the pipe
-            raise
-        except BaseException:
-            self._unfinished.discard(request_id)
-            engine._unregister(request_id)
-            raise
+        await engine.add_request(request_id, prompt, params, priority)
 
-    def abort(self) -> None:
-        if self._unfinished:
-            ids = sorted(self._unfinished)
-            self._unfinished.clear()
-            engine: DataParallelEngine = self._engine  # type: ignore[assignment]
-            for request_id in ids:
-                engine._unregister(request_id)
-            engine.abort_request(ids)
+    def _cancel(self, request_ids: list[str]) -> None:
+        engine: DataParallelEngine = self._engine  # type: ignore[assignment]
+        engine.abort_request(request_ids)
 
 
-class DataParallelEngine:
+class DataParallelEngine(RequestSinks):
     def __init__(self, args: EngineArgs, data_parallel_size: int) -> None:
         if data_parallel_size < 1:
             raise ConfigError("data_parallel_size must be at least 1")
+        super().__init__()
         plugins = get_plugins()
         self.size = data_parallel_size
         self.engine = FrontView(args, plugins)  # before the replicas: fetches the model once
@@ -152,15 +137,12 @@ class DataParallelEngine:
         self.routed = [0] * self.size
         self._load = [0] * self.size
         self._owner: dict[str, int] = {}
-        self._sinks: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._replies: dict[int, asyncio.Future[None]] = {}
         self._call_ids = itertools.count()
         # One thread for the routes' tokenizer work: HF fast tokenizers dislike sharing.
         self._calls = ThreadPoolExecutor(1, thread_name_prefix="tessellm-front")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: threading.Thread | None = None
-        self._stopping = False
-        self.dead: BaseException | None = None
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, data_parallel_size: int) -> DataParallelEngine:
@@ -250,19 +232,6 @@ class DataParallelEngine:
             self._load[index] -= 1
         return index
 
-    def _check_alive(self) -> None:
-        if self.dead is not None:
-            raise EngineDeadError(f"the engine stopped: {self.dead}")
-        if self._stopping:
-            raise EngineDeadError("the server is shutting down")
-
-    def _register(self, request_id: str, sink: asyncio.Queue[Any]) -> None:
-        self._check_alive()
-        self._sinks[request_id] = sink
-
-    def _unregister(self, request_id: str) -> None:
-        self._sinks.pop(request_id, None)
-
     # -- on the event loop, from the reader thread ---------------------------------------
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -283,9 +252,7 @@ class DataParallelEngine:
             reply.set_result(None)
 
     def _fail_all(self, error: BaseException) -> None:
-        sinks, self._sinks = self._sinks, {}
-        for sink in sinks.values():
-            sink.put_nowait(error)
+        super()._fail_all(error)
         for reply in self._replies.values():
             if not reply.done():
                 reply.set_exception(error)
