@@ -70,24 +70,27 @@ def save_tiny_model(config, path: Path, seed: int = 0) -> Path:
     return path
 
 
+# Sizes and ids of the tiny Llama-shaped test models (GQA: 4 query heads, 2 KV heads),
+# shared by every family whose config takes the Llama field names.
+TINY_DECODER = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 
-    kwargs = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    kwargs.update(overrides)
-    config = LlamaConfig(**kwargs)
+    config = LlamaConfig(**{**TINY_DECODER, **overrides})
     config.architectures = ["LlamaForCausalLM"]
     return config
 

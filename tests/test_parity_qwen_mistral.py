@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEST_PROMPTS, hf_greedy, save_tiny_model
+from conftest import TEST_PROMPTS, TINY_DECODER, hf_greedy, save_tiny_model
 
 from tessellm import LLM, SamplingParams
 from tessellm.errors import ModelLoadError
@@ -27,19 +27,6 @@ NEW_TOKENS = 32
 WINDOW = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
-COMMON = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 MOE = dict(num_experts_per_tok=2)
 
 
@@ -48,7 +35,10 @@ def qwen2_config(window: int | None):
 
     # Layer 0 full attention, layers 1-2 windowed (transformers: i >= max_window_layers).
     return Qwen2Config(
-        **COMMON, use_sliding_window=window is not None, sliding_window=window, max_window_layers=1
+        **TINY_DECODER,
+        use_sliding_window=window is not None,
+        sliding_window=window,
+        max_window_layers=1,
     )
 
 
@@ -57,7 +47,7 @@ def qwen3_config(window: int | None):
 
     # head_dim 32 != hidden/heads; tied head as the small Qwen3 models have it.
     return Qwen3Config(
-        **{**COMMON, "tie_word_embeddings": True},
+        **{**TINY_DECODER, "tie_word_embeddings": True},
         head_dim=32,
         use_sliding_window=window is not None,
         sliding_window=window,
@@ -70,7 +60,7 @@ def qwen3_moe_config(window: int | None):
 
     # Layer 0 keeps a dense MLP; top-k weights are not renormalised (norm_topk_prob off).
     return Qwen3MoeConfig(
-        **COMMON,
+        **TINY_DECODER,
         **MOE,
         head_dim=16,
         num_experts=4,
@@ -85,13 +75,13 @@ def qwen3_moe_config(window: int | None):
 def mistral_config(window: int | None):
     from transformers import MistralConfig
 
-    return MistralConfig(**COMMON, sliding_window=window)
+    return MistralConfig(**TINY_DECODER, sliding_window=window)
 
 
 def mixtral_config(window: int | None):
     from transformers import MixtralConfig
 
-    return MixtralConfig(**COMMON, **MOE, num_local_experts=4, sliding_window=window)
+    return MixtralConfig(**TINY_DECODER, **MOE, num_local_experts=4, sliding_window=window)
 
 
 PLUGIN_OF = {
