@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins/kernels_triton/src"))
 
+from cuda_steps import events_ms  # noqa: E402
 from tessellm_kernels_triton.ops import triton_fused_ops  # noqa: E402
 
 from tessellm.layers.activation import GatedActivation  # noqa: E402
@@ -34,18 +34,9 @@ HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD = 4096, 14336, 32, 8, 128
 TOKENS = (1, 256, 8192)
 
 
-def event_time_ms(fn: Callable[[], object], reps: int = 50, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def event_time_ms(fn: Callable[[], object], reps: int = 50) -> float:
+    # Five warm-up calls, not one: the first calls of a variant compile it (Triton, compile).
+    return events_ms(fn, reps=reps, warmup=5)
 
 
 def graph_time_us(fn: Callable[[], object], calls: int = 20) -> float:

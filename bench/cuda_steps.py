@@ -31,8 +31,10 @@ from tessellm.engine.llm_engine import LLMEngine
 from tessellm.sampling_params import SamplingParams
 
 
-def events_ms(fn, reps: int = 30) -> float:
-    fn()
+def events_ms(fn, reps: int = 30, warmup: int = 1) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` CUDA-event-timed calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
