@@ -9,6 +9,16 @@ from tessellm.model_loader import ResolvedModel
 from tessellm.plugins import PluginSet
 
 
+def describe_runner(runner: ModelRunner) -> dict[str, str]:
+    """The platform, attention backend, dtype and device a runner ended up with."""
+    return {
+        "platform": runner.platform_choice.explain("platform"),
+        "attention": runner.attention_choice.explain("attention"),
+        "dtype": str(runner.dtype).removeprefix("torch."),
+        "device": str(runner.device),
+    }
+
+
 class UniProcExecutor:
     name = "uniproc"
 
@@ -20,13 +30,7 @@ class UniProcExecutor:
         return self.runner.max_model_len
 
     def describe(self) -> dict[str, str]:
-        r = self.runner
-        return {
-            "platform": r.platform_choice.explain("platform"),
-            "attention": r.attention_choice.explain("attention"),
-            "dtype": str(r.dtype).removeprefix("torch."),
-            "device": str(r.device),
-        }
+        return describe_runner(self.runner)
 
     def available_blocks(self) -> int:
         return self.runner.available_blocks()

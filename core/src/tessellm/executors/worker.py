@@ -93,16 +93,12 @@ class Worker:
             torch.set_num_threads(max(1, share))
 
     def ready_info(self) -> dict[str, Any]:
-        r = self.runner
+        from tessellm.engine.executor import describe_runner
+
         return {
             "pid": os.getpid(),
-            "max_model_len": r.max_model_len,
-            "describe": {
-                "platform": r.platform_choice.explain("platform"),
-                "attention": r.attention_choice.explain("attention"),
-                "dtype": str(r.dtype).removeprefix("torch."),
-                "device": str(r.device),
-            },
+            "max_model_len": self.runner.max_model_len,
+            "describe": describe_runner(self.runner),
         }
 
     def available_blocks(self) -> int:
