@@ -29,7 +29,13 @@ from tessellm.engine.llm_engine import LLMEngine
 from tessellm.interfaces.ops import bind_fused_ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_steps import copy_tb_per_s, events_ms, greedy, kernel_breakdown, prompt_ids
+from cuda_steps import (
+    copy_tb_per_s,
+    events_ms,
+    greedy,
+    kernel_breakdown,
+    warmed_up_prompt,
+)
 from g2_levers import generate_timed, graph_us_per_call, step_bytes
 
 BEFORE = ["add_rms_norm", "rms_norm", "silu_and_mul", "rotary_neox"]  # the ops until now
@@ -116,10 +122,7 @@ def decode_levers(model: str, prompt_len: int, new_tokens: int, sets: list[str])
 
     engine = LLMEngine(EngineArgs(model=model, max_model_len=1024, max_num_seqs=8))
     runner = engine.executor.runner
-    request = prompt_ids(engine, 1, str(prompt_len), str(new_tokens), seed=1)[0]
-    engine.add_request("warm", request.prompt_token_ids[:32], greedy(8))
-    while engine.has_unfinished_requests():
-        engine.step()
+    prompt = warmed_up_prompt(engine, prompt_len, new_tokens)
     out: dict = {
         "quantization": getattr(runner, "quantization", None),
         "bytes_per_step": step_bytes(runner, prompt_len, new_tokens),
@@ -134,7 +137,7 @@ def decode_levers(model: str, prompt_len: int, new_tokens: int, sets: list[str])
         runner.attention.merge_in_decode = merge
         runner.graph_runner.capture()
         graph, hidden = runner.graph_runner.graphs[1]
-        row = generate_timed(engine, request.prompt_token_ids, new_tokens)
+        row = generate_timed(engine, prompt, new_tokens)
         row["graph_forward_ms"] = events_ms(graph.replay, 50)
         row["lm_head_ms"] = events_ms(lambda h=hidden, m=runner.model: m.compute_logits(h[:1]))
         kernels = kernel_breakdown(graph.replay, reps=10)
@@ -142,7 +145,7 @@ def decode_levers(model: str, prompt_len: int, new_tokens: int, sets: list[str])
         row["top_kernels_us"] = {k: round(v, 1) for k, v in kernels["top"].items()}
         out["sets"][name] = row
         print(name, json.dumps({k: v for k, v in row.items() if "kernels" not in k}), flush=True)
-        tokens[name] = _greedy_tokens(engine, request.prompt_token_ids, 32)
+        tokens[name] = _greedy_tokens(engine, prompt, 32)
     # bf16 fusions round differently in the last bits: how soon greedy paths part.
     base = tokens[sets[0]]
     out["tokens_equal_to_first_set"] = {

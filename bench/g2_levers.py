@@ -33,7 +33,13 @@ from tessellm.config import EngineArgs
 from tessellm.engine.llm_engine import LLMEngine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_steps import copy_tb_per_s, events_ms, greedy, kernel_breakdown, prompt_ids
+from cuda_steps import (
+    copy_tb_per_s,
+    events_ms,
+    greedy,
+    kernel_breakdown,
+    warmed_up_prompt,
+)
 
 SHAPES = {  # (out_features, in_features) of Llama-3-8B's projections, one token
     "qkv": (6144, 4096),
@@ -188,10 +194,7 @@ def decode_variants(
     )
     engine = LLMEngine(args)
     runner = engine.executor.runner
-    request = prompt_ids(engine, 1, str(prompt_len), str(new_tokens), seed=1)[0]
-    engine.add_request("warm", request.prompt_token_ids[:32], greedy(8))
-    while engine.has_unfinished_requests():
-        engine.step()
+    prompt = warmed_up_prompt(engine, prompt_len, new_tokens)
     out: dict = {
         "quantization": getattr(runner, "quantization", quant),
         "bytes_per_step": step_bytes(runner, prompt_len, new_tokens),
@@ -206,7 +209,7 @@ def decode_variants(
         attention.decode_num_warps = warps
         runner.graph_runner.capture()
         graph, hidden = runner.graph_runner.graphs[1]
-        row = generate_timed(engine, request.prompt_token_ids, new_tokens)
+        row = generate_timed(engine, prompt, new_tokens)
         row["graph_forward_ms"] = events_ms(graph.replay, 50)
         model = runner.model
         row["lm_head_ms"] = events_ms(lambda h=hidden, m=model: m.compute_logits(h[:1]))
