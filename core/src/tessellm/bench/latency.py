@@ -18,7 +18,7 @@ from tessellm.bench.engine_run import (
     greedy_params,
     release_engine,
 )
-from tessellm.bench.report import BenchReport, machine_info, progress
+from tessellm.bench.report import BenchReport, progress
 from tessellm.bench.workload import BenchRequest, LengthRange
 
 Sample = tuple[float, list[float]]  # (start time, arrival time of each output token)
@@ -88,8 +88,7 @@ def run_latency(options: EngineOptions, settings: LatencySettings) -> BenchRepor
     )
     engine = build_engine(options)
     info = describe_engine(engine)
-    report.settings["engine"] = info
-    report.machine = machine_info(info.get("device", "cpu").split(":")[0])
+    report.record_engine(info)
     total = settings.num_iters_warmup + settings.num_iters
     requests = _requests(engine, settings, total)
     warm, timed = requests[: settings.num_iters_warmup], requests[settings.num_iters_warmup :]

@@ -42,6 +42,11 @@ class BenchReport:
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
 
+    def record_engine(self, engine_info: dict[str, str]) -> None:
+        """Keep the engine's description, and describe the machine by the device it chose."""
+        self.settings["engine"] = engine_info
+        self.machine = machine_info(engine_info.get("device", "cpu").split(":")[0])
+
     def add(self, system: str, metrics: dict[str, Metric], note: str = "") -> None:
         self.rows.append(ResultRow(system, metrics, note))
 

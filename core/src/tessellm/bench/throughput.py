@@ -16,7 +16,7 @@ from tessellm.bench.engine_run import (
     release_engine,
     run_requests,
 )
-from tessellm.bench.report import BenchReport, machine_info, progress
+from tessellm.bench.report import BenchReport, progress
 from tessellm.bench.workload import BenchRequest, LengthRange, total_input_tokens
 
 
@@ -60,8 +60,7 @@ def run_throughput(options: EngineOptions, settings: ThroughputSettings) -> Benc
     )
     engine = build_engine(options)
     engine_info = describe_engine(engine)
-    report.settings["engine"] = engine_info
-    report.machine = machine_info(engine_info.get("device", "cpu").split(":")[0])
+    report.record_engine(engine_info)
     requests = engine_workload(
         engine, settings.num_prompts, settings.input_len, settings.output_len, settings.seed
     )
