@@ -33,11 +33,19 @@ class _StepCache:
     def cos_sin(
         self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[T, 1, D]`` rows ``[cos | cos]`` and ``[-sin | sin]`` in ``dtype``: with them a
+        neox rotation is ``x * cos + roll(x, D/2) * sin`` (four torch calls)."""
         rows = self._rows
         if rows is None or rows[0] is not positions or rows[1] is not cos or rows[2] != dtype:
             c = cos[positions].unsqueeze(1).to(dtype)
             s = sin[positions].unsqueeze(1).to(dtype)
-            rows = self._rows = (positions, cos, dtype, c, s)
+            rows = self._rows = (
+                positions,
+                cos,
+                dtype,
+                torch.cat((c, c), -1),
+                torch.cat((-s, s), -1),
+            )
         return rows[3], rows[4]
 
     def all_slots_valid(self, slot_mapping: torch.Tensor) -> bool:
@@ -62,14 +70,12 @@ def _joined(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), (row, q.shape[2], 1))
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    out = torch.empty(x.shape, dtype=x.dtype)
-    o1, o2 = out[..., :half], out[..., half:]
-    torch.mul(x1, cos, out=o1).sub_(x2 * sin)
-    torch.mul(x2, cos, out=o2).add_(x1 * sin)
-    return out
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    # First half x1*cos + x2*(-sin), second x2*cos + x1*sin: each product rounded to the
+    # run dtype, then the sum, as the torch code's x1*cos - x2*sin rounds (negation is
+    # exact).
+    rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)
+    return (x * cos).add_(rolled.mul_(signed_sin))
 
 
 def cpu_fused_ops(dtype: torch.dtype) -> FusedOps | None:
