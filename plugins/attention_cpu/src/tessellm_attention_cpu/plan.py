@@ -32,7 +32,6 @@ class GroupPlan:
     valid_rows: torch.Tensor | None
     output_rows: torch.Tensor | None
     q_positions: torch.Tensor  # int64 [num_seqs, query_len]
-    seq_lens: torch.Tensor  # int64 [num_seqs]
     # When one sequence's blocks are consecutive in the cache, its context is a view.
     first_block: int | None = None
     context_len: int = 0  # the single sequence's length when ``first_block`` is set
@@ -118,7 +117,6 @@ def _group(
         valid_rows=valid_rows,
         output_rows=output_rows,
         q_positions=torch.from_numpy(q_positions.astype(np.int64)),
-        seq_lens=torch.from_numpy(g_seq_lens.astype(np.int64)),
         first_block=first_block,
         context_len=int(g_seq_lens[0]) if first_block is not None else 0,
     )
