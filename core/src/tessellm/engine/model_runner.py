@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -116,13 +117,20 @@ class ModelRunner:
         input_ids = np.fromiter((t for s in seqs for t in s.token_ids), dtype=np.int64, count=total)
         seq_index = np.repeat(np.arange(len(seqs)), q_lens)
         positions = np.arange(total, dtype=np.int64) - cu[seq_index] + starts[seq_index]
-        max_blocks = max(len(s.block_ids) for s in seqs)
-        table = np.zeros((len(seqs), max_blocks), dtype=np.int32)
-        for i, s in enumerate(seqs):
-            table[i, : len(s.block_ids)] = s.block_ids
+        # The block table in one masked assignment from one flat read of every block id
+        # (a row-by-row fill costs a numpy call per request).
+        num_blocks = np.fromiter((len(s.block_ids) for s in seqs), dtype=np.int64, count=len(seqs))
+        flat_blocks = np.fromiter(
+            itertools.chain.from_iterable(s.block_ids for s in seqs),
+            dtype=np.int32,
+            count=int(num_blocks.sum()),
+        )
+        table = np.zeros((len(seqs), int(num_blocks.max())), dtype=np.int32)
+        table[np.arange(table.shape[1]) < num_blocks[:, None]] = flat_blocks
         slots = table[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
         seq_lens = (starts + q_lens).astype(np.int32)
-        sample_rows = np.asarray([cu[i + 1] - 1 for i, s in enumerate(seqs) if s.sample])
+        sampled = np.fromiter((s.sample for s in seqs), dtype=bool, count=len(seqs))
+        sample_rows = cu[1:][sampled] - 1
 
         dev = self.device
         qsl_cpu = torch.from_numpy(cu.astype(np.int32))
