@@ -30,7 +30,7 @@ from typing import Any
 
 from tessellm.config import EngineArgs
 from tessellm.errors import TessellmError, WorkerError
-from tessellm.executors.mp import exit_description, exit_when_parent_dies
+from tessellm.executors.mp import exit_description, exit_when_parent_dies, reap_processes
 from tessellm.executors.worker import STARTUP_TIMEOUT_ENV
 
 STOP_GRACE_S = 10.0
@@ -151,16 +151,7 @@ def _stop(
     for conn in commands:
         with contextlib.suppress(OSError):
             conn.send(("shutdown",))
-    deadline = time.monotonic() + grace
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(2.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+    reap_processes(procs, grace)
     for conn in commands + inboxes:
         conn.close()
     procs.clear()

@@ -84,10 +84,9 @@ def worker_main(config: WorkerConfig, conn: Connection) -> None:
     os._exit(code)
 
 
-def _stop_processes(procs: list[BaseProcess], conns: list[Connection], grace: float) -> None:
-    for conn in conns:
-        with contextlib.suppress(OSError):
-            conn.send((CLOSE, ()))
+def reap_processes(procs: list[BaseProcess], grace: float) -> None:
+    """Wait for processes already asked to exit, ``grace`` seconds for all of them; then
+    terminate what is left, and kill what has not exited 2 seconds after that."""
     deadline = time.monotonic() + grace
     for proc in procs:
         proc.join(max(0.0, deadline - time.monotonic()))
@@ -99,6 +98,13 @@ def _stop_processes(procs: list[BaseProcess], conns: list[Connection], grace: fl
         if proc.is_alive():
             proc.kill()
             proc.join()
+
+
+def _stop_processes(procs: list[BaseProcess], conns: list[Connection], grace: float) -> None:
+    for conn in conns:
+        with contextlib.suppress(OSError):
+            conn.send((CLOSE, ()))
+    reap_processes(procs, grace)
     for conn in conns:
         conn.close()
     procs.clear()
