@@ -59,30 +59,31 @@ def _publish_dir(target: Path, write: Callable[[Path], None]) -> None:
         pass  # a read-only or full cache only costs the next start-up its speed
 
 
-def cached_config(path: Path, convert: Callable[[], Any]) -> Any:
+def _cached_pretrained(
+    path: Path, name: str, marker: str, auto_class: str, convert: Callable[[], Any]
+) -> Any:
+    """A transformers object (``save_pretrained``/``from_pretrained``) converted from the
+    GGUF at ``path``: loaded from the cache's ``name`` folder when its ``marker`` file is
+    there, else converted and published for the next start-up."""
     folder = cache_dir_for(path)
-    target = folder / "config" if folder else None
-    if target is not None and (target / "config.json").is_file():
-        from transformers import AutoConfig
+    target = folder / name if folder else None
+    if target is not None and (target / marker).is_file():
+        import transformers
 
-        return AutoConfig.from_pretrained(str(target), trust_remote_code=False)
-    config = convert()
+        loader = getattr(transformers, auto_class)
+        return loader.from_pretrained(str(target), trust_remote_code=False)
+    converted = convert()
     if target is not None:
-        _publish_dir(target, lambda tmp: config.save_pretrained(str(tmp)))
-    return config
+        _publish_dir(target, lambda tmp: converted.save_pretrained(str(tmp)))
+    return converted
+
+
+def cached_config(path: Path, convert: Callable[[], Any]) -> Any:
+    return _cached_pretrained(path, "config", "config.json", "AutoConfig", convert)
 
 
 def cached_tokenizer(path: Path, convert: Callable[[], Any]) -> Any:
-    folder = cache_dir_for(path)
-    target = folder / "tokenizer" if folder else None
-    if target is not None and (target / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(target), trust_remote_code=False)
-    tokenizer = convert()
-    if target is not None:
-        _publish_dir(target, lambda tmp: tokenizer.save_pretrained(str(tmp)))
-    return tokenizer
+    return _cached_pretrained(path, "tokenizer", "tokenizer_config.json", "AutoTokenizer", convert)
 
 
 def cached_weights(
