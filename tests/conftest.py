@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # platform respects OMP_NUM_THREADS, and subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def use_triton_plugins(*plugin_srcs: str) -> None:
+    """Module-level set-up of a Triton test file, before it imports any kernel: without a
+    GPU the kernels run in Triton's interpreter (read when a kernel is defined); the file
+    is skipped without Triton; ``plugin_srcs`` (repo-relative) become importable."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    for src in plugin_srcs:
+        if str(REPO_ROOT / src) not in sys.path:
+            sys.path.append(str(REPO_ROOT / src))
+
 
 TEST_PROMPTS = [
     "Hello, my name is",

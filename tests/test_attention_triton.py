@@ -9,22 +9,13 @@ entries of the block tables), so any read outside a sequence's context shows up 
 from __future__ import annotations
 
 import os
-import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT, use_triton_plugins
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-pytest.importorskip("triton")
-
-ROOT = Path(__file__).resolve().parents[1]
-for src in ("core/src", "plugins/attention_torch/src", "plugins/attention_triton/src"):
-    if str(ROOT / src) not in sys.path:
-        sys.path.append(str(ROOT / src))
+use_triton_plugins("core/src", "plugins/attention_torch/src", "plugins/attention_triton/src")
 
 from tessellm_attention_triton.backend import (  # noqa: E402
     EXTRA_KEY,
@@ -372,7 +363,7 @@ def test_validate():
 
 
 def test_plugin_registration():
-    pyproject = tomllib.loads((ROOT / "plugins/attention_triton/pyproject.toml").read_text())
+    pyproject = tomllib.loads((REPO_ROOT / "plugins/attention_triton/pyproject.toml").read_text())
     entry = pyproject["project"]["entry-points"]["tessellm"]["attention_triton"]
     assert entry == "tessellm_attention_triton.plugin"
     try:

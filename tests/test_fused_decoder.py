@@ -11,24 +11,12 @@ and the KV cache must equal the plain run's.
 
 from __future__ import annotations
 
-import os
-import sys
 from collections import Counter
-from pathlib import Path
 
-import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import tiny_llama_config, use_triton_plugins
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-pytest.importorskip("triton")
-
-ROOT = Path(__file__).resolve().parents[1]
-for src in ("plugins/kernels_triton/src", "plugins/attention_torch/src"):
-    if str(ROOT / src) not in sys.path:
-        sys.path.append(str(ROOT / src))
+use_triton_plugins("plugins/kernels_triton/src", "plugins/attention_torch/src")
 
 from tessellm_kernels_triton.dense_gemv import UnquantizedGemv  # noqa: E402
 from tessellm_kernels_triton.gemv import GemvConfig  # noqa: E402

@@ -10,21 +10,11 @@ Llama-3-8B's shapes, against the unfused kernels.
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import use_triton_plugins
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-pytest.importorskip("triton")
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "plugins/kernels_triton/src") not in sys.path:
-    sys.path.append(str(ROOT / "plugins/kernels_triton/src"))
+use_triton_plugins("plugins/kernels_triton/src")
 
 from tessellm_kernels_triton.dense_gemv import UnquantizedGemv  # noqa: E402
 from tessellm_kernels_triton.gemv import GemvConfig, gemv  # noqa: E402

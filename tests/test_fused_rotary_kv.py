@@ -8,22 +8,11 @@ slot -1 (padding) must leave the cache untouched.
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import use_triton_plugins
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-pytest.importorskip("triton")
-
-ROOT = Path(__file__).resolve().parents[1]
-for src in ("plugins/kernels_triton/src", "plugins/attention_torch/src"):
-    if str(ROOT / src) not in sys.path:
-        sys.path.append(str(ROOT / src))
+use_triton_plugins("plugins/kernels_triton/src", "plugins/attention_torch/src")
 
 from tessellm_kernels_triton.ops import triton_fused_ops  # noqa: E402
 from tessellm_kernels_triton.rotary_kv import rotary_neox_write_kv  # noqa: E402

@@ -10,22 +10,11 @@ stores and the merge would show as a changing result.
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import use_triton_plugins
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-pytest.importorskip("triton")
-
-ROOT = Path(__file__).resolve().parents[1]
-for src in ("plugins/attention_triton/src", "plugins/attention_torch/src"):
-    if str(ROOT / src) not in sys.path:
-        sys.path.append(str(ROOT / src))
+use_triton_plugins("plugins/attention_triton/src", "plugins/attention_torch/src")
 
 from tessellm_attention_triton.backend import (  # noqa: E402
     EXTRA_KEY,

@@ -7,21 +7,11 @@ strided views, and outputs are compared with the layer's own torch path.
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import use_triton_plugins
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-pytest.importorskip("triton")
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "plugins/kernels_triton/src") not in sys.path:
-    sys.path.append(str(ROOT / "plugins/kernels_triton/src"))
+use_triton_plugins("plugins/kernels_triton/src")
 
 from tessellm_kernels_triton.ops import triton_fused_ops  # noqa: E402
 
