@@ -43,6 +43,29 @@ TEST_PROMPTS = [
 ]
 
 
+def live_descendants(pid: int) -> set[int]:
+    """Live descendants of ``pid`` (from /proc), multiprocessing's resource tracker aside."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                tracker = b"resource_tracker" in f.read()
+        except OSError:
+            continue
+        if state != "Z" and not tracker:
+            parents[int(entry)] = int(ppid)
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {p for p, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
 def make_tokenizer(path: Path, vocab_size: int):
     """A small word-level tokenizer saved with the model (no hub access needed)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import TEST_PROMPTS
+from conftest import TEST_PROMPTS, live_descendants
 
 from tessellm import LLM, SamplingParams
 
@@ -29,29 +29,6 @@ def dp_server(tiny_llama, tmp_path_factory):
     )
     yield server
     server.stop()
-
-
-def descendants(pid: int) -> set[int]:
-    """Live descendants of ``pid`` (from /proc), multiprocessing's resource tracker aside."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                tracker = b"resource_tracker" in f.read()
-        except OSError:
-            continue
-        if state != "Z" and not tracker:
-            parents[int(entry)] = int(ppid)
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {p for p, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found
 
 
 def replica_metrics(server, name: str) -> dict[str, float]:
@@ -122,7 +99,7 @@ def test_concurrent_requests_are_answered_correctly_by_both_replicas(dp_server, 
 
 def test_a_dead_replica_fails_health_and_leaves_no_process(dp_server, tiny_llama):
     # Runs last: it takes the shared server down.
-    children = descendants(dp_server.process.pid)
+    children = live_descendants(dp_server.process.pid)
     assert len(children) >= 2
     os.kill(min(children), signal.SIGKILL)  # the first replica spawned
     deadline = time.monotonic() + 30

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEST_PROMPTS, save_tiny_model, tiny_llama_config
+from conftest import TEST_PROMPTS, live_descendants, save_tiny_model, tiny_llama_config
 
 from tessellm import LLM, SamplingParams
 from tessellm.engine.schedule import ScheduledSeq, SchedulerOutput
@@ -69,36 +69,12 @@ def tp2_engines(models) -> Callable[[str], LLM]:
         llm.engine.shutdown()
 
 
-def child_pids() -> set[int]:
-    """Live descendants of this process (from /proc), multiprocessing's resource tracker aside."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if state != "Z" and b"resource_tracker" not in cmdline:
-            parents[int(entry)] = int(ppid)
-    found: set[int] = set()
-    frontier = {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found
-
-
 def assert_gone(pids: list[int], before: set[int]) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
         time.sleep(0.1)
     assert not [p for p in pids if os.path.exists(f"/proc/{p}")]
-    assert child_pids() <= before
+    assert live_descendants(os.getpid()) <= before
 
 
 @pytest.mark.parametrize("name", ["gqa", "kv1"])
@@ -124,10 +100,10 @@ def test_heads_that_do_not_split_are_refused_before_spawning(tiny_llama):
 
 
 def test_worker_that_raises_stops_every_worker(tp2_engines):
-    before = child_pids()
+    before = live_descendants(os.getpid())
     llm = tp2_engines("gqa")
     pids = llm.engine.executor.worker_pids
-    assert set(pids) <= child_pids()
+    assert set(pids) <= live_descendants(os.getpid())
     # A block id far past the cache makes every rank's KV write fail.
     bad = ScheduledSeq("x", [5, 6], 0, [10**6], True, SamplingParams(temperature=0.0))
     with pytest.raises(
@@ -140,7 +116,7 @@ def test_worker_that_raises_stops_every_worker(tp2_engines):
 
 
 def test_killed_worker_ends_engine_with_clear_error(tp2_engines):
-    before = child_pids()
+    before = live_descendants(os.getpid())
     llm = tp2_engines("kv1")
     pids = llm.engine.executor.worker_pids
     os.kill(pids[1], signal.SIGKILL)
