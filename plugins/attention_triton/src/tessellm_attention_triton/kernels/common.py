@@ -37,30 +37,6 @@ def precision_for(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
-def launch_strides(
-    query: torch.Tensor,
-    out: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-) -> tuple[int, ...]:
-    """The stride arguments both attention kernels take, in their parameter order:
-    query and out (token, head), K and V caches (block, slot, head), block table (row)."""
-    return (
-        query.stride(0),
-        query.stride(1),
-        out.stride(0),
-        out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        block_tables.stride(0),
-    )
-
-
 @triton.jit
 def _tanh(x):
     # tl.math.tanh is not in every Triton release nor in the interpreter; this form
@@ -70,6 +46,9 @@ def _tanh(x):
 
 @triton.jit
 def attend_keys(
+    acc,
+    m_i,
+    l_i,
     q,
     pos,
     row_ok,
@@ -88,7 +67,6 @@ def attend_keys(
     scale,
     soft_cap,
     window,
-    BLOCK_M: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     HEAD_P: tl.constexpr,
@@ -101,12 +79,8 @@ def attend_keys(
 
     ``q`` is ``[BLOCK_M, HEAD_P]`` (padding columns are zero), ``pos`` the position of each
     row's query. Keys are gathered token by token through the block table, so a tile may
-    straddle cache blocks and ``TILE_N`` is independent of the cache block size. Returns
-    the unnormalised fp32 ``acc`` with each row's running max ``m_i`` and sum ``l_i``.
+    straddle cache blocks and ``TILE_N`` is independent of the cache block size.
     """
-    acc = tl.zeros([BLOCK_M, HEAD_P], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     offs_n = tl.arange(0, TILE_N)
     offs_d = tl.arange(0, HEAD_P)
     d_ok = offs_d < HEAD_SIZE
@@ -149,10 +123,3 @@ def attend_keys(
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
-
-
-@triton.jit
-def normalize_rows(acc, l_i):
-    """``acc / l_i`` per row; rows that saw no key (``l_i == 0``) stay zero, not NaN."""
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)
-    return acc / l_i[:, None]

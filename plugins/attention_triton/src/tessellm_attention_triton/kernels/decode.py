@@ -20,14 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (
-    attend_keys,
-    launch_strides,
-    next_pow2,
-    normalize_rows,
-    precision_for,
-    tile_shape,
-)
+from .common import attend_keys, next_pow2, precision_for, tile_shape
 
 
 @triton.jit
@@ -106,7 +99,13 @@ def _decode_kernel(
         k_lo = lo
         k_hi = seq_len
 
+    acc = tl.zeros([BLOCK_M, HEAD_P], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = attend_keys(
+        acc,
+        m_i,
+        l_i,
         q,
         pos,
         row_ok,
@@ -125,7 +124,6 @@ def _decode_kernel(
         scale,
         soft_cap,
         window,
-        BLOCK_M,
         BLOCK_SIZE,
         HEAD_SIZE,
         HEAD_P,
@@ -153,26 +151,13 @@ def _decode_kernel(
                     BLOCK_M, SPLITS_P, HEAD_SIZE, HEAD_P,
                 )  # fmt: skip
     else:
-        out = normalize_rows(acc, l_i)
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_i[:, None]
         tl.store(
             out_ptr + token * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
             mask=row_ok[:, None] & d_ok[None, :],
         )
-
-
-@triton.jit
-def _split_weights(m, l_s):
-    """Merge weights of split partials laid out along axis 0: the max ``m_max`` over
-    splits, each split's weight ``exp2(m - m_max)`` and the weighted sum of the ``l_s``
-    (1 where no split saw a key, so empty rows come out zero)."""
-    m_max = tl.max(m, axis=0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    # Splits that saw no key have m = -inf and so weigh exactly zero.
-    w = tl.math.exp2(m - m_max)
-    total = tl.sum(w * l_s, axis=0)
-    total = tl.where(total == 0.0, 1.0, total)
-    return m_max, w, total
 
 
 @triton.jit
@@ -189,7 +174,11 @@ def _merge_rows(
     # Other programs wrote these: read them from L2, past this SM's L1.
     m = tl.load(part_m_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
     l_s = tl.load(part_l_ptr + part, mask=ok, other=0.0, cache_modifier=".cg")
-    m_max, _, total = _split_weights(m, l_s)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.math.exp2(m - m_max[None, :])  # splits that saw no key weigh exactly zero
+    total = tl.sum(w * l_s, axis=0)
+    total = tl.where(total == 0.0, 1.0, total)
     offs_d = tl.arange(0, HEAD_P)
     out = tl.zeros([BLOCK_M, HEAD_P], dtype=tl.float32)
     for s in range(0, num_splits):
@@ -235,7 +224,12 @@ def _reduce_kernel(
     part = (seq.to(tl.int64) * num_splits + splits) * num_heads + head
     m = tl.load(part_m_ptr + part, mask=s_ok, other=float("-inf"))
     l_s = tl.load(part_l_ptr + part, mask=s_ok, other=0.0)
-    _, w, total = _split_weights(m, l_s)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    # Splits that saw no key have m = -inf and so weigh exactly zero.
+    w = tl.math.exp2(m - m_max)
+    total = tl.sum(w * l_s, axis=0)
+    total = tl.where(total == 0.0, 1.0, total)
     offs_d = tl.arange(0, HEAD_P)
     acc = tl.load(
         part_acc_ptr + part[:, None] * HEAD_P + offs_d[None, :], mask=s_ok[:, None], other=0.0
@@ -308,7 +302,17 @@ def decode_attention(
         scale,
         logits_soft_cap or 0.0,
         sliding_window or 0,
-        *launch_strides(query, out, k_cache, v_cache, block_tables),
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
         GROUP=group,
         BLOCK_M=max(16, next_pow2(group)),  # tl.dot needs at least 16 rows
         BLOCK_SIZE=k_cache.shape[1],

@@ -13,14 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (
-    attend_keys,
-    launch_strides,
-    next_pow2,
-    normalize_rows,
-    precision_for,
-    tile_shape,
-)
+from .common import attend_keys, next_pow2, precision_for, tile_shape
 
 
 @triton.jit
@@ -107,7 +100,13 @@ def _prefill_kernel(
     if USE_WINDOW:
         k_lo = tl.maximum(context + local * BLOCK_Q - window + 1, 0)
 
-    acc, _, l_i = attend_keys(
+    acc = tl.zeros([BLOCK_M, HEAD_P], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = attend_keys(
+        acc,
+        m_i,
+        l_i,
         q,
         pos,
         row_ok,
@@ -126,7 +125,6 @@ def _prefill_kernel(
         scale,
         soft_cap,
         window,
-        BLOCK_M,
         BLOCK_SIZE,
         HEAD_SIZE,
         HEAD_P,
@@ -135,7 +133,8 @@ def _prefill_kernel(
         USE_CAP,
         PRECISION,
     )
-    out = normalize_rows(acc, l_i)
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_i[:, None]
     tl.store(
         out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -182,7 +181,17 @@ def prefill_attention(
         scale,
         logits_soft_cap or 0.0,
         sliding_window or 0,
-        *launch_strides(query, out, k_cache, v_cache, block_tables),
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
         GROUP=group,
         GROUP_P=group_p,
         BLOCK_Q=block_q,
