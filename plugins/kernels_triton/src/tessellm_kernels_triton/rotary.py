@@ -16,17 +16,6 @@ import triton.language as tl
 
 
 @triton.jit
-def _cos_sin_row(pos_ptr, cos_ptr, sin_ptr, token, HALF: tl.constexpr, HALF_P: tl.constexpr):
-    """The cos and sin halves (fp32, ``HALF_P`` wide, zero past ``HALF``) of ``token``'s
-    position."""
-    pos = tl.load(pos_ptr + token).to(tl.int64)
-    dims = tl.arange(0, HALF_P)
-    cos = tl.load(cos_ptr + pos * HALF + dims, mask=dims < HALF, other=0.0)
-    sin = tl.load(sin_ptr + pos * HALF + dims, mask=dims < HALF, other=0.0)
-    return cos, sin
-
-
-@triton.jit
 def _rotate_heads(
     src_ptr,
     dst_ptr,
@@ -63,7 +52,10 @@ def _rotary_kernel(
     QH_P: tl.constexpr, KH_P: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)
-    cos, sin = _cos_sin_row(pos_ptr, cos_ptr, sin_ptr, token, HALF, HALF_P)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    dims = tl.arange(0, HALF_P)
+    cos = tl.load(cos_ptr + pos * HALF + dims, mask=dims < HALF, other=0.0)
+    sin = tl.load(sin_ptr + pos * HALF + dims, mask=dims < HALF, other=0.0)
     _rotate_heads(
         q_ptr, q_out_ptr, stride_qt, stride_qh, stride_qot, stride_qoh, token, n_q_heads,
         cos, sin, QH_P, HALF, HALF_P,

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rotary import _cos_sin_row, _rotate_heads
+from .rotary import _rotate_heads
 
 
 @triton.jit
@@ -29,7 +29,10 @@ def _rotary_write_kv_kernel(
     HALF: tl.constexpr, HALF_P: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)
-    cos, sin = _cos_sin_row(pos_ptr, cos_ptr, sin_ptr, token, HALF, HALF_P)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    dims = tl.arange(0, HALF_P)
+    cos = tl.load(cos_ptr + pos * HALF + dims, mask=dims < HALF, other=0.0)
+    sin = tl.load(sin_ptr + pos * HALF + dims, mask=dims < HALF, other=0.0)
     _rotate_heads(
         q_ptr, q_out_ptr, stride_qt, stride_qh, stride_qot, stride_qoh, token, n_q_heads,
         cos, sin, QH_P, HALF, HALF_P,
