@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tessellm_attention_cpu.backend import CpuPagedAttention
-from tessellm_attention_cpu.plan import build_plan
 
 from tessellm.interfaces.attention import AttentionMetadata, AttentionSpec
+from tessellm_attention_cpu.backend import CpuPagedAttention
+from tessellm_attention_cpu.plan import build_plan
 from tessellm_attention_torch.backend import TorchPagedAttention
 
 # (tokens already cached, query tokens) per sequence: decode, prefill from 0, chunked

@@ -17,14 +17,13 @@ from conftest import REPO_ROOT, use_triton_plugins
 
 use_triton_plugins("core/src", "plugins/attention_torch/src", "plugins/attention_triton/src")
 
+from tessellm.interfaces.attention import AttentionMetadata, AttentionSpec  # noqa: E402
+from tessellm_attention_torch.backend import TorchPagedAttention  # noqa: E402
 from tessellm_attention_triton.backend import (  # noqa: E402
     EXTRA_KEY,
     TritonPagedAttention,
     TritonPlan,
 )
-
-from tessellm.interfaces.attention import AttentionMetadata, AttentionSpec  # noqa: E402
-from tessellm_attention_torch.backend import TorchPagedAttention  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -18,12 +18,6 @@ from conftest import tiny_llama_config, use_triton_plugins
 
 use_triton_plugins("plugins/kernels_triton/src", "plugins/attention_torch/src")
 
-from tessellm_kernels_triton.dense_gemv import UnquantizedGemv  # noqa: E402
-from tessellm_kernels_triton.gemv import GemvConfig  # noqa: E402
-from tessellm_kernels_triton.linear_ops import LinearFusions  # noqa: E402
-from tessellm_kernels_triton.norm_gemv import PersistentGemvConfig  # noqa: E402
-from tessellm_kernels_triton.ops import triton_fused_ops  # noqa: E402
-
 from tessellm.interfaces.attention import AttentionMetadata, AttentionSpec  # noqa: E402
 from tessellm.interfaces.model import ModelContext, ParallelInfo  # noqa: E402
 from tessellm.interfaces.ops import FusedOps, bind_fused_ops  # noqa: E402
@@ -35,6 +29,11 @@ from tessellm.layers.decoder import (  # noqa: E402
     GatedMLP,
 )
 from tessellm_attention_torch.backend import TorchPagedAttention  # noqa: E402
+from tessellm_kernels_triton.dense_gemv import UnquantizedGemv  # noqa: E402
+from tessellm_kernels_triton.gemv import GemvConfig  # noqa: E402
+from tessellm_kernels_triton.linear_ops import LinearFusions  # noqa: E402
+from tessellm_kernels_triton.norm_gemv import PersistentGemvConfig  # noqa: E402
+from tessellm_kernels_triton.ops import triton_fused_ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 16

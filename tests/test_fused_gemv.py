@@ -16,11 +16,6 @@ from conftest import use_triton_plugins
 
 use_triton_plugins("plugins/kernels_triton/src")
 
-from tessellm_kernels_triton.dense_gemv import UnquantizedGemv  # noqa: E402
-from tessellm_kernels_triton.gemv import GemvConfig, gemv  # noqa: E402
-from tessellm_kernels_triton.linear_ops import LinearFusions  # noqa: E402
-from tessellm_kernels_triton.norm_gemv import MAX_K, PersistentGemvConfig, norm_gemv  # noqa: E402
-
 from tessellm.interfaces.model import ModelContext, ParallelInfo  # noqa: E402
 from tessellm.interfaces.quantization import Unquantized  # noqa: E402
 from tessellm.layers.linear import (  # noqa: E402
@@ -29,6 +24,10 @@ from tessellm.layers.linear import (  # noqa: E402
     RowParallelLinear,
 )
 from tessellm.layers.norm import LayerNorm, RMSNorm  # noqa: E402
+from tessellm_kernels_triton.dense_gemv import UnquantizedGemv  # noqa: E402
+from tessellm_kernels_triton.gemv import GemvConfig, gemv  # noqa: E402
+from tessellm_kernels_triton.linear_ops import LinearFusions  # noqa: E402
+from tessellm_kernels_triton.norm_gemv import MAX_K, PersistentGemvConfig, norm_gemv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

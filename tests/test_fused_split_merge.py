@@ -16,15 +16,14 @@ from conftest import use_triton_plugins
 
 use_triton_plugins("plugins/attention_triton/src", "plugins/attention_torch/src")
 
+from tessellm.interfaces.attention import AttentionMetadata, AttentionSpec  # noqa: E402
+from tessellm_attention_torch.backend import TorchPagedAttention  # noqa: E402
 from tessellm_attention_triton.backend import (  # noqa: E402
     EXTRA_KEY,
     SPLIT_MERGE_ENV,
     TritonPagedAttention,
     TritonPlan,
 )
-
-from tessellm.interfaces.attention import AttentionMetadata, AttentionSpec  # noqa: E402
-from tessellm_attention_torch.backend import TorchPagedAttention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -13,6 +13,7 @@ from functools import cache
 from typing import ClassVar
 
 import torch
+
 from tessellm_cuda.detect import Probe
 from tessellm_cuda.platform import CudaPlatform
 
