@@ -131,6 +131,23 @@ def test_greedy_rows_stay_greedy_in_a_sampled_batch():
     assert tokens[1::2] == logits.argmax(-1)[1::2].tolist()
 
 
+def test_plain_greedy_bf16_batch_takes_the_argmax_of_the_fp32_logits():
+    torch.manual_seed(0)
+    logits = torch.randn(16, VOCAB).to(torch.bfloat16)
+    plain = [seq(SamplingParams(temperature=0.0)) for _ in range(16)]
+    tokens, logprobs = Sampler()(logits, plain)
+    assert tokens == logits.float().argmax(-1).tolist()
+    assert logprobs is None
+    # One penalised greedy row makes the whole batch take the full path: its top token,
+    # ahead by 1.0, loses to the runner-up under a presence penalty of 2.0.
+    logits[-1] = 0.0
+    logits[-1, 3], logits[-1, 5] = 4.0, 3.0
+    penalised = seq(SamplingParams(temperature=0.0, presence_penalty=2.0), outputs=[3])
+    tokens, _ = Sampler()(logits, [*plain[:-1], penalised])
+    assert tokens[-1] == 5
+    assert tokens[:-1] == logits[:-1].float().argmax(-1).tolist()
+
+
 def test_penalties_follow_the_documented_formula():
     logits = torch.tensor([[2.0, -1.0, 0.5, -0.5, 1.0]])
     params = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)

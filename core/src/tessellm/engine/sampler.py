@@ -181,6 +181,20 @@ def compute_prompt_logprobs(
     return out
 
 
+def _plain_greedy(seq: ScheduledSeq) -> bool:
+    """Greedy with nothing that changes or reports the logits."""
+    p = seq.params
+    return (
+        p.temperature == 0
+        and p.logprobs is None
+        and not p.logit_bias
+        and seq.num_output_tokens >= p.min_tokens
+        and p.presence_penalty == 0
+        and p.frequency_penalty == 0
+        and p.repetition_penalty == 1
+    )
+
+
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -207,6 +221,10 @@ class Sampler:
     ) -> tuple[torch.Tensor, list[TokenLogprobs | None] | None]:
         """As ``__call__``, the tokens left on the device: the host need not wait for them
         (it does for logprobs, when asked)."""
+        if all(_plain_greedy(s) for s in seqs):
+            # Widening to fp32 is exact, so the argmax is the same without it; skipping it
+            # saves a [rows, vocab] copy per step (milliseconds on a CPU at batch 64).
+            return logits.argmax(dim=-1), None
         raw = logits.float()
         logits = apply_logit_bias(raw, seqs)
         logits = apply_min_tokens(logits, seqs)
