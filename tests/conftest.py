@@ -149,20 +149,22 @@ def hf_greedy(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **load_kwargs).eval()
-    outs = []
+    return [hf_continuation(model, ids, max_new_tokens) for ids in prompt_ids]
+
+
+def hf_continuation(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """A loaded HF model's greedy continuation of one prompt, never stopping at EOS."""
+    inp = torch.tensor([prompt_ids], device=model.device)
     with torch.no_grad():
-        for ids in prompt_ids:
-            inp = torch.tensor([ids])
-            gen = model.generate(
-                inp,
-                attention_mask=torch.ones_like(inp),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-            outs.append(gen[0, len(ids) :].tolist())
-    return outs
+        gen = model.generate(
+            inp,
+            attention_mask=torch.ones_like(inp),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,  # one unpadded prompt: never used
+        )
+    return gen[0, len(prompt_ids) :].tolist()
 
 
 @pytest.fixture(scope="session")

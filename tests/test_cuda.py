@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TEST_PROMPTS, save_tiny_model, tiny_llama_config
+from conftest import TEST_PROMPTS, hf_continuation, save_tiny_model, tiny_llama_config
 
 from tessellm import LLM, SamplingParams
 
@@ -77,19 +77,10 @@ def hf_model(path, dtype):
 @torch.no_grad()
 def hf_greedy_cuda(path, prompt_ids, dtype=torch.float32):
     model = hf_model(path, dtype)
-    outs = []
-    for ids, max_tokens in zip(prompt_ids, MAX_TOKENS, strict=True):
-        inp = torch.tensor([ids], device="cuda")
-        gen = model.generate(
-            inp,
-            attention_mask=torch.ones_like(inp),
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        outs.append(gen[0, len(ids) :].tolist())
-    return outs
+    return [
+        hf_continuation(model, ids, max_tokens)
+        for ids, max_tokens in zip(prompt_ids, MAX_TOKENS, strict=True)
+    ]
 
 
 def generate(llm, prompt_ids):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import hf_continuation
 
 from tessellm import LLM, SamplingParams
 from tessellm.config import DEFAULT_MODEL, EngineArgs
@@ -39,17 +40,7 @@ def test_greedy_chat_answer_matches_hf(gguf_path, llm):
     ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert list(ids) == out[0].prompt_token_ids
-    inp = torch.tensor([list(ids)])
-    with torch.no_grad():
-        ref = model.generate(
-            inp,
-            attention_mask=torch.ones_like(inp),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=tokenizer.eos_token_id,
-        )[0, inp.shape[1] :].tolist()
-    assert ours == ref
+    assert ours == hf_continuation(model, list(ids), NEW_TOKENS)
     assert "Paris" in out[0].outputs[0].text
 
 

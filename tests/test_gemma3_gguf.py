@@ -12,6 +12,7 @@ import gc
 
 import pytest
 import torch
+from conftest import hf_continuation
 
 from tessellm import LLM, SamplingParams
 from tessellm.config import default_cache_dir
@@ -57,17 +58,7 @@ def test_greedy_matches_transformers_and_reads_sensibly(gguf_path, ours):
     model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
     ).eval()
-    inputs = torch.tensor([prompt_ids])
-    with torch.no_grad():
-        reference = model.generate(
-            inputs,
-            attention_mask=torch.ones_like(inputs),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )[0, len(prompt_ids) :].tolist()
-    assert token_ids == reference
+    assert token_ids == hf_continuation(model, prompt_ids, NEW_TOKENS)
     # The base model knows the pattern it is shown; a broken one babbles.
     assert "Berlin" in text.split(".")[0]
     words = text.split()
