@@ -15,6 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # platform respects OMP_NUM_THREADS, and subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# Engines in tests run their CPU decode steps eagerly: compiling one (a C++ build) per test
+# model would take most of the suite's time. test_cpu_compiled_decode.py turns it on.
+os.environ.setdefault("TESSELLM_CPU_COMPILE", "0")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -156,4 +156,5 @@ def test_runner_hands_the_profiling_pass_to_the_platform(tiny_llama):
     # of max_model_len (512) hold it.
     assert seen == [(4 * 512, [1] * len(runner.attn_layers))]
     assert runner.attn_layers[0].k_cache is k_before  # and the real cache is back
-    assert runner.graph_runner is None  # the CPU platform captures nothing
+    # The CPU platform's runner compiles nothing while TESSELLM_CPU_COMPILE=0 (conftest).
+    assert runner.graph_runner is not None and runner.graph_runner.failure is not None

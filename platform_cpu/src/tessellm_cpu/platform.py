@@ -6,9 +6,12 @@ import os
 from functools import cache
 
 import torch
+from torch import nn
 
+from tessellm.config import default_cache_dir
+from tessellm.interfaces.attention import AttentionBackend
 from tessellm.interfaces.ops import FusedOps
-from tessellm.interfaces.platform import Platform
+from tessellm.interfaces.platform import GraphRunner, GraphSpec, Platform
 
 # Most a CPU KV cache takes by default, whatever the machine's memory: beyond this a
 # laptop would start swapping before the cache fills. TESSELLM_CPU_KVCACHE_SPACE (GiB, as
@@ -102,6 +105,17 @@ class CpuPlatform(Platform):
         from tessellm_cpu.ops import cpu_fused_ops
 
         return cpu_fused_ops(dtype)
+
+    def graph_runner(
+        self, model: nn.Module, attention: AttentionBackend, spec: GraphSpec
+    ) -> GraphRunner | None:
+        # Decode steps compiled ahead of time (compiled_decode.py), where the attention
+        # backend can be traced.
+        if not attention.graph_capturable:
+            return None
+        from tessellm_cpu.compiled_decode import CompiledDecodeRunner
+
+        return CompiledDecodeRunner(model, attention, spec, default_cache_dir())
 
     def available_kv_cache_bytes(self, utilization: float, model_bytes: int) -> int:
         free = mem_available_bytes() * utilization - model_bytes

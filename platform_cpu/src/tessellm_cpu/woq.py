@@ -150,19 +150,17 @@ class WeightOnlyInt4(QuantizationMethod):
         result = pack_int4(weight.data, self.grid_only)
         if result is not None:
             layer.woq_packed, layer.woq_scales_zeros = result
-            # A plain attribute as well: apply() reads it without nn.Module.__getattr__.
-            layer.woq_int4 = result
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        packed = layer.__dict__.get("woq_int4")
+        packed, scales_zeros = layer.woq_packed, layer.woq_scales_zeros
         if packed is None or x.numel() > PACKED_MAX_ROWS * x.shape[-1]:
             return F.linear(x, layer.weight, bias)
-        if x.dim() == 2 and x.dtype == packed[1].dtype:  # the decode case, kept lean
+        if x.dim() == 2 and x.dtype == scales_zeros.dtype:  # the decode case, kept lean
             out = INT4_MM(
-                x if x.is_contiguous() else x.contiguous(), packed[0], GROUP_SIZE, packed[1]
+                x if x.is_contiguous() else x.contiguous(), packed, GROUP_SIZE, scales_zeros
             )
             return out if bias is None else out + bias
-        return int4_matmul(x, packed[0], packed[1], bias)
+        return int4_matmul(x, packed, scales_zeros, bias)
 
     def process_model_after_loading(self, model: nn.Module) -> None:
         from tessellm.layers.embedding import ParallelLMHead

@@ -30,6 +30,7 @@ from tessellm.interfaces.attention import (
     AttentionSpec,
 )
 from tessellm_attention_cpu.plan import GroupPlan, StepPlan, build_plan
+from tessellm_attention_cpu.traced import traced_decode, traced_write_kv
 
 PLAN_KEY = "cpu_attention_plan"
 # The block-diagonal decode (see _decode_block_diagonal) wastes Hkv times the score and
@@ -68,6 +69,9 @@ class CpuPagedAttention(AttentionBackend):
         device_types=frozenset({"cpu"}),
         dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16}),
     )
+    # A decode step can be traced once (torch.export) and replayed: under tracing the
+    # backend reads only tensors (traced.py), never the host-side plan.
+    graph_capturable = True
 
     def __init__(self, spec: AttentionSpec) -> None:
         super().__init__(spec)
@@ -84,6 +88,9 @@ class CpuPagedAttention(AttentionBackend):
         return plan
 
     def write_kv(self, key, value, k_cache, v_cache, metadata: AttentionMetadata) -> None:
+        if torch.compiler.is_compiling():
+            traced_write_kv(key, value, k_cache, v_cache, metadata.slot_mapping)
+            return
         slots = metadata.slot_mapping
         if not self._plan(metadata).all_slots_valid:
             keep = slots >= 0
@@ -228,6 +235,17 @@ class CpuPagedAttention(AttentionBackend):
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
     ) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return traced_decode(
+                query,
+                k_cache,
+                v_cache,
+                metadata.block_tables,
+                metadata.seq_lens,
+                scale,
+                sliding_window,
+                logits_soft_cap,
+            )
         plan = self._plan(metadata)
         args = (scale, sliding_window, logits_soft_cap)
         decode, prefill = plan.decode, plan.prefill

@@ -1,0 +1,201 @@
+"""Compiled CPU decode steps (AOTInductor): the same greedy tokens as HF in fp32, batched
+and alone, after prefix-cache hits and preemption; within HF's top-5 in bf16 with int4
+weights; a library built once is loaded from the cache; eager decode when compiling is
+off or fails. The traced attention computes what the eager backend computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TEST_PROMPTS, hf_greedy, save_tiny_model, tiny_llama_config
+from test_cpu_bf16 import hf_top5_misses, snap_to_4bit_grid
+from test_parity_gemma_phi_gpt import (
+    PHI3_LONG_ORIGINAL_MAX,
+    gemma2_config,
+    gpt2_config,
+    phi3_long_config,
+)
+from test_parity_qwen_mistral import WINDOW, qwen3_config, qwen3_moe_config
+
+from tessellm import LLM, SamplingParams
+from tessellm.interfaces.attention import AttentionMetadata, AttentionSpec
+from tessellm_attention_cpu.backend import CpuPagedAttention
+from tessellm_attention_cpu.traced import traced_decode
+from tessellm_cpu.compiled_decode import CompiledDecodeRunner
+
+NEW_TOKENS = 16
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiling(tmp_path_factory):
+    """Compiling on, into a cache of this module's own."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TESSELLM_CPU_COMPILE", "1")
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    return [tok.encode(p) for p in TEST_PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama, prompt_ids):
+    return hf_greedy(tiny_llama, prompt_ids, NEW_TOKENS)
+
+
+def generate_ids(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def compiled_runner(llm: LLM) -> CompiledDecodeRunner:
+    runner = llm.engine.executor.runner.graph_runner
+    assert isinstance(runner, CompiledDecodeRunner)
+    return runner
+
+
+def test_fp32_compiled_decode_matches_hf(tiny_llama, prompt_ids, reference):
+    llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu")
+    runner = compiled_runner(llm)
+    assert runner.failure is None
+    assert generate_ids(llm, prompt_ids) == reference
+    batched_steps = runner.steps
+    assert batched_steps >= NEW_TOKENS - 1
+    for prompt, expected in zip(prompt_ids[:3], reference[:3], strict=True):
+        assert generate_ids(llm, [prompt]) == [expected]
+    assert runner.steps >= batched_steps + 3 * (NEW_TOKENS - 1)
+
+
+def test_cached_library_survives_preemption_and_prefix_hits(
+    tiny_llama, prompt_ids, reference, monkeypatch
+):
+    def no_build(self, path):
+        raise AssertionError("the library should come from the cache")
+
+    monkeypatch.setattr(CompiledDecodeRunner, "_build", no_build)
+    # 5 blocks of 16 tokens: the longest prompts cannot all run at once.
+    llm = LLM(
+        model=str(tiny_llama),
+        dtype="float32",
+        device="cpu",
+        num_gpu_blocks_override=5,
+        enable_prefix_caching=True,
+    )
+    runner = compiled_runner(llm)
+    assert runner.failure is None
+    shared = [prompt_ids[2] + p for p in prompt_ids[:3]]
+    expected = hf_greedy(tiny_llama, shared, NEW_TOKENS)
+    assert generate_ids(llm, [prompt_ids[2], *shared]) == [reference[2], *expected]
+    stats = llm.engine.stats()
+    assert stats["num_preemptions"] > 0
+    assert stats["prefix_cache_hit_tokens"] > 0
+    assert runner.steps > 0
+    assert stats["kv_cache_usage"] == 0.0
+
+
+def test_bf16_int4_compiled_decode_stays_within_hf_top5(tmp_path):
+    path = save_tiny_model(tiny_llama_config(), tmp_path / "grid")
+    snap_to_4bit_grid(path)
+    llm = LLM(model=str(path), dtype="bfloat16", device="cpu")
+    assert llm.engine.executor.runner.quantization == "woq_grid"
+    runner = compiled_runner(llm)
+    assert runner.failure is None
+    tok = llm.get_tokenizer()
+    prompts = [tok.encode(p) for p in TEST_PROMPTS[:4]]
+    for prompt, tokens in zip(prompts, generate_ids(llm, prompts), strict=True):
+        assert len(tokens) == NEW_TOKENS
+        assert hf_top5_misses(path, prompt, tokens) == []
+    assert runner.steps >= NEW_TOKENS - 1
+
+
+# Soft-capping and sliding windows (Gemma 2), LongRoPE past the original context (Phi-3),
+# learned positions and LayerNorm (GPT-2), per-head q/k norms (Qwen3), routed experts
+# (Qwen3-MoE: the expert loop reads each expert's row count on the host, which the exporter
+# cannot trace, so its decode steps stay eager).
+EAGER_FAMILIES = {"Qwen3MoeForCausalLM"}
+FAMILIES = {
+    "Gemma2ForCausalLM": gemma2_config,
+    "Phi3ForCausalLM": phi3_long_config,
+    "GPT2LMHeadModel": gpt2_config,
+    "Qwen3ForCausalLM": lambda: qwen3_config(WINDOW),
+    "Qwen3MoeForCausalLM": lambda: qwen3_moe_config(WINDOW),
+}
+
+
+@pytest.mark.parametrize("architecture", sorted(FAMILIES))
+def test_model_families_compile_and_match_hf(architecture, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    config = FAMILIES[architecture]()
+    config.architectures = [architecture]
+    path = save_tiny_model(config, tmp_path / architecture)
+    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    shortest = PHI3_LONG_ORIGINAL_MAX if architecture == "Phi3ForCausalLM" else 0
+    prompts = [ids for p in TEST_PROMPTS if len(ids := tok.encode(p)) > shortest][:4]
+    reference = hf_greedy(path, prompts, NEW_TOKENS, attn_implementation="eager")
+    llm = LLM(model=str(path), dtype="float32", device="cpu")
+    runner = compiled_runner(llm)
+    assert generate_ids(llm, prompts) == reference
+    if architecture in EAGER_FAMILIES:
+        assert runner.failure  # the reason is logged
+        assert runner.steps == 0
+    else:
+        assert runner.failure is None
+        assert runner.steps >= NEW_TOKENS - 1
+
+
+def test_failed_compile_falls_back_to_eager(tiny_llama, prompt_ids, reference, monkeypatch):
+    def broken_export(self):
+        raise RuntimeError("data-dependent branch")
+
+    monkeypatch.setattr(CompiledDecodeRunner, "_export", broken_export)
+    monkeypatch.setattr(CompiledDecodeRunner, "cache_key", lambda self: "never-built")
+    llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu")
+    runner = compiled_runner(llm)
+    assert runner.failure == "RuntimeError: data-dependent branch"
+    assert generate_ids(llm, prompt_ids[:2]) == reference[:2]
+    assert runner.steps == 0
+
+
+def test_compiling_can_be_turned_off(tiny_llama, monkeypatch):
+    monkeypatch.setenv("TESSELLM_CPU_COMPILE", "0")
+    llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu")
+    assert compiled_runner(llm).failure == "TESSELLM_CPU_COMPILE=0"
+    eager = LLM(model=str(tiny_llama), device="cpu", enforce_eager=True)
+    assert eager.engine.executor.runner.graph_runner is None
+
+
+@pytest.mark.parametrize(("window", "cap"), [(None, None), (5, None), (None, 30.0), (7, 20.0)])
+def test_traced_decode_matches_the_planned_backend(window, cap):
+    torch.manual_seed(0)
+    heads, kv_heads, head_size, block_size, num_blocks = 4, 2, 16, 4, 12
+    spec = AttentionSpec(
+        "cpu", torch.float32, head_size, heads, kv_heads, block_size, bool(window), bool(cap)
+    )
+    backend = CpuPagedAttention(spec)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_size)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_size)
+    seq_lens = torch.tensor([3, 9, 14], dtype=torch.int32)
+    tables = torch.tensor([[5, 0, 0, 0], [2, 7, 1, 0], [11, 3, 8, 4]], dtype=torch.int32)
+    query = torch.randn(3, heads, head_size)
+    metadata = AttentionMetadata(
+        query_start_loc=torch.arange(4, dtype=torch.int32),
+        seq_lens=seq_lens,
+        block_tables=tables,
+        slot_mapping=torch.zeros(3, dtype=torch.int64),
+        max_query_len=1,
+        max_seq_len=14,
+        query_start_loc_cpu=torch.arange(4, dtype=torch.int32),
+        seq_lens_cpu=seq_lens,
+    )
+    expected = backend.forward(
+        query, k_cache, v_cache, metadata, scale=0.25, sliding_window=window, logits_soft_cap=cap
+    )
+    got = traced_decode(query, k_cache, v_cache, tables, seq_lens, 0.25, window, cap)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
