@@ -33,6 +33,9 @@ def compiling(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TESSELLM_CPU_COMPILE", "1")
         mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        # The libraries check every input's dtype, sizes and strides against the traced
+        # ones (off by default: a cost per input per step).
+        mp.setenv("AOTI_RUNTIME_CHECK_INPUTS", "1")
         yield
 
 

@@ -100,15 +100,19 @@ class DecodeStep(nn.Module):
         return torch.func.functional_call(self.model, weights, (input_ids, positions, metadata))
 
 
-def _tessellm_sources() -> list[str]:
-    """Files of every loaded tessellm module (core and plugins): the code a trace runs."""
-    files = set()
+def traced_sources() -> list[Path]:
+    """The code a trace may run: core's layers and interfaces, and every file of each
+    tessellm plugin package loaded (platforms, families, backends, quantization). Whole
+    directories, so that the key is the same whichever command (and so whichever of
+    their modules) loaded them."""
+    import tessellm.interfaces
+    import tessellm.layers
+
+    dirs = {Path(tessellm.layers.__file__).parent, Path(tessellm.interfaces.__file__).parent}
     for name, module in list(sys.modules.items()):
-        if name.split(".")[0].startswith("tessellm"):
-            path = getattr(module, "__file__", None)
-            if path and path.endswith(".py"):
-                files.add(path)
-    return sorted(files)
+        if name.startswith("tessellm_") and "." not in name and getattr(module, "__file__", None):
+            dirs.add(Path(module.__file__).parent)
+    return sorted(f for d in dirs for f in d.rglob("*.py"))
 
 
 class CompiledDecodeRunner:
@@ -119,7 +123,9 @@ class CompiledDecodeRunner:
     ) -> None:
         self.model = model
         self.attention = attention
-        self.max_batch = min(MAX_COMPILED_BATCH, spec.max_num_seqs)
+        # Built for 16 sequences whatever max_num_seqs is: one library (one cache entry)
+        # serves `generate` (one sequence) and a server alike.
+        self.max_batch = MAX_COMPILED_BATCH
         self.cache_dir = cache_dir
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.weights = {
@@ -154,9 +160,9 @@ class CompiledDecodeRunner:
             ],
         }
         h.update(json.dumps(facts, sort_keys=True).encode())
-        for path in _tessellm_sources():
-            h.update(path.encode())
-            h.update(Path(path).read_bytes())
+        for path in traced_sources():
+            h.update(str(path).encode())
+            h.update(path.read_bytes())
         return h.hexdigest()[:32]
 
     def _example_args(self) -> tuple[Any, ...]:
@@ -212,7 +218,15 @@ class CompiledDecodeRunner:
             program = self._export()
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
-        torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
+        # The trace assumes dynamic sizes of at least 2 (sizes 0 and 1 would specialise),
+        # yet one sequence or one block runs the same code: the library's optional input
+        # checks (AOTI_RUNTIME_CHECK_INPUTS=1) must not reject them.
+        options = {}
+        if hasattr(torch._inductor.config.aot_inductor, "check_lowerbound"):
+            options["aot_inductor.check_lowerbound"] = False
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(partial), inductor_configs=options
+        )
         os.replace(partial, path)
 
     def capture(self) -> None:
