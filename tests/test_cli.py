@@ -55,7 +55,7 @@ def test_generate_is_deterministic_with_greedy(tiny_llama):
         "float32",
         "--no-chat",
     )
-    assert run_cli(*args).stdout == run_cli(*args).stdout
+    assert run_cli(*args).stdout == run_cli(*args, "--enforce-eager").stdout
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ up to 16 and every context length. Weights and KV caches are inputs, not constan
 library holds only code, shares the model's tensors, and does not depend on the weights'
 values. It is cached under ``<cache>/compiled/`` keyed by everything that shapes it
 (torch version, the tessellm sources that were traced, the model's config and class,
-dtype, the input tensors' names, shapes and dtypes, threads); a later start loads it in
-well under a second. Larger batches and steps with prompt tokens run eagerly, as do
+dtype, the input tensors' names, shapes and dtypes, threads); a later start loads it
+in about a second. Larger batches and steps with prompt tokens run eagerly, as do
 models the exporter cannot trace (a step whose Python branches on tensor values, such
 as MoE routing): the runner logs why and returns None.
 """
@@ -243,7 +243,7 @@ class CompiledDecodeRunner:
             if not path.exists():
                 logger.warning(
                     "compiling the CPU decode step (once for this model and tessellm; "
-                    "about a minute for a 135M model) into %s",
+                    "1-2 minutes for a 135M model on two cores) into %s",
                     path.parent,
                 )
                 self._build(path)

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tessellm.cli.common import MODEL_HELP, fail
+from tessellm.cli.common import MODEL_HELP, EnforceEager, fail
 from tessellm.config import DEFAULT_MODEL
 
 bench_app = typer.Typer(
@@ -23,7 +23,6 @@ Quantization = Annotated[str | None, typer.Option(help="Quantization method name
 AttentionBackend = Annotated[str | None, typer.Option(help="Attention backend name.")]
 MaxModelLen = Annotated[int | None, typer.Option(min=2)]
 TensorParallel = Annotated[int, typer.Option(min=1)]
-EnforceEager = Annotated[bool, typer.Option(help="Never capture graphs.")]
 EngineArg = Annotated[
     list[str] | None,
     typer.Option("--engine-arg", "-e", help="Any other engine argument as KEY=VALUE."),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -22,3 +22,9 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def progress_note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+EnforceEager = Annotated[
+    bool,
+    typer.Option(help="Run every step eagerly: no CUDA graphs, no compiled CPU decode steps."),
+]

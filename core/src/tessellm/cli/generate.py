@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from tessellm.cli.common import MODEL_HELP, fail
+from tessellm.cli.common import MODEL_HELP, EnforceEager, fail
 from tessellm.config import DEFAULT_MODEL
 
 
@@ -37,6 +37,7 @@ def generate(
             help="How ranks run: mp (local processes, the default above one rank) or ray.",
         ),
     ] = None,
+    enforce_eager: EnforceEager = False,
 ) -> None:
     """Generate text from PROMPT and stream it to the terminal."""
     from tessellm.config import EngineArgs
@@ -60,6 +61,7 @@ def generate(
                 tensor_parallel_size=tensor_parallel_size,
                 distributed_executor_backend=distributed_executor_backend,
                 max_num_seqs=1,
+                enforce_eager=enforce_eager,
             )
         )
         tokenizer = engine.tokenizer

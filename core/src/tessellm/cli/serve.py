@@ -97,6 +97,13 @@ def serve(
     seed: Annotated[int, typer.Option(rich_help_panel=ENGINE)] = 0,
     max_logprobs: Annotated[int, typer.Option(min=0, rich_help_panel=ENGINE)] = 20,
     attention_backend: Annotated[str | None, typer.Option(rich_help_panel=ENGINE)] = None,
+    enforce_eager: Annotated[
+        bool,
+        typer.Option(
+            help="Run every step eagerly: no CUDA graphs, no compiled CPU decode steps.",
+            rich_help_panel=ENGINE,
+        ),
+    ] = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions,
     /v1/chat/completions, /v1/models) with /health, /metrics and /version."""
@@ -128,6 +135,7 @@ def serve(
             distributed_executor_backend=distributed_executor_backend,
             gpu_memory_utilization=gpu_memory_utilization,
             max_logprobs=max_logprobs,
+            enforce_eager=enforce_eager,
             attention_backend=attention_backend,
             served_model_name=names[0],
         )
