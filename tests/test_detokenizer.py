@@ -6,6 +6,7 @@ tokens, byte-fallback tokens, special tokens) with special tokens skipped or kep
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -208,3 +209,24 @@ def test_slow_or_custom_tokenizers_keep_their_decode():
     assert backend_decoder(Pieces()) is None
     detok = make_detokenizer(Pieces(), [0], True, backend_decoder(Pieces()))
     assert [detok.add(t) for t in [1, 0]] == ["b", "a"]
+
+
+def test_logprob_pieces_keep_their_word_boundary_space():
+    """A SentencePiece token decoded alone loses its "▁" space ("▁w" reads "w"); a
+    logprob's token text is read after its predecessor, so the pieces concatenate to the
+    text, as OpenAI's logprob tokens do."""
+    from tessellm.engine.output_processor import OutputProcessor
+
+    tok = byte_fallback_bpe()
+    processor = OutputProcessor(tok)
+    ids = tok.encode("hello world", add_special_tokens=False)
+    pieces = [
+        processor._logprob_entry(token, previous, -0.5, 1, [(token, -0.5)])[token].decoded_token
+        for previous, token in itertools.pairwise(ids)
+    ]
+    assert "".join(pieces) == tok.decode(ids)[len(tok.decode(ids[:1])) :]
+    spaced = ids[pieces.index(" w") + 1]
+    assert tok.decode([spaced]) == "w"  # alone, the space is gone
+    # The first prompt token has no predecessor: decoded alone.
+    first = processor._logprob_entry(ids[0], None, -0.5, 1, [(ids[0], -0.5)])
+    assert first[ids[0]].decoded_token == tok.decode(ids[:1])

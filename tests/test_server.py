@@ -172,8 +172,10 @@ def test_completion_logprobs(client, model_name):
     got = greedy(client, model_name, TEST_PROMPTS[3], logprobs=3).choices[0]
     lp = got.logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == GREEDY_TOKENS
-    # decoded_token is one token decoded alone: no word-boundary space with this tokenizer.
-    assert lp.tokens == got.text.split()
+    # Each token's text as it reads in the completion (with its word-boundary space): the
+    # tokens concatenate to the text, as OpenAI's do.
+    assert "".join(lp.tokens) == got.text
+    assert [t.strip() for t in lp.tokens] == got.text.split()
     assert lp.text_offset == sorted(lp.text_offset)
     for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
         assert chosen <= 0 and 3 <= len(top) <= 4
@@ -190,7 +192,8 @@ def test_chat_logprobs(client, model_name):
         top_logprobs=2,
     ).choices[0]
     content = got.logprobs.content
-    assert [t.token for t in content] == got.message.content.split()
+    assert "".join(t.token for t in content) == got.message.content
+    assert [t.token.strip() for t in content] == got.message.content.split()
     for token in content:
         assert len(token.top_logprobs) == 2
         assert token.logprob == pytest.approx(token.top_logprobs[0].logprob)

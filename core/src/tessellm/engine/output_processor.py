@@ -58,7 +58,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         # Found once: whether the Rust decode stream gives this tokenizer's text.
         self._backend = backend_decoder(tokenizer)
-        self._pieces: dict[int, str] = {}  # token id -> its text alone (logprobs)
+        self._alone: dict[int, str] = {}  # token id -> its text decoded alone
         self.parents: dict[str, ParentState] = {}
         self.child_to_parent: dict[str, str] = {}
 
@@ -134,14 +134,27 @@ class OutputProcessor:
         prompt = parent.prompt_token_ids
         # A recompute after preemption scores the same positions again: same values.
         for pos, (chosen, rank, top) in enumerate(entries, start=first):
-            parent.prompt_logprobs[pos] = self._logprob_entry(prompt[pos], chosen, rank, top)
+            previous = prompt[pos - 1] if pos else None
+            parent.prompt_logprobs[pos] = self._logprob_entry(
+                prompt[pos], previous, chosen, rank, top
+            )
 
     def _logprob_entry(
-        self, token: int, chosen: float, rank: int, top: list[tuple[int, float]]
+        self,
+        token: int,
+        previous: int | None,
+        chosen: float,
+        rank: int,
+        top: list[tuple[int, float]],
     ) -> dict[int, Logprob]:
-        entry = {tid: Logprob(lp, r + 1, self._piece(tid)) for r, (tid, lp) in enumerate(top)}
+        """Each candidate's text as it reads after ``previous``, the token before it."""
+        before = self.tokenizer.decode([previous]) if previous is not None else ""
+        entry = {
+            tid: Logprob(lp, r + 1, self._piece(tid, previous, before))
+            for r, (tid, lp) in enumerate(top)
+        }
         if token not in entry:
-            entry[token] = Logprob(chosen, rank, self._piece(token))
+            entry[token] = Logprob(chosen, rank, self._piece(token, previous, before))
         return entry
 
     def _append(self, child: ChildState, req: Request, logprob: TokenLogprobs | None) -> None:
@@ -151,14 +164,25 @@ class OutputProcessor:
         child.detok.add(token)
         if logprob is not None and comp.logprobs is not None:
             chosen, rank, top = logprob
-            comp.logprobs.append(self._logprob_entry(token, chosen, rank, top))
+            outputs = req.output_token_ids
+            previous = outputs[-2] if len(outputs) > 1 else req.prompt_token_ids[-1]
+            comp.logprobs.append(self._logprob_entry(token, previous, chosen, rank, top))
             comp.cumulative_logprob = (comp.cumulative_logprob or 0.0) + chosen
         comp.text = self._visible(child, finished=req.status.finished)
 
-    def _piece(self, token_id: int) -> str:
-        piece = self._pieces.get(token_id)
+    def _piece(self, token_id: int, previous: int | None, before: str) -> str:
+        """The text ``token_id`` adds after ``previous`` (decoded as ``before``). Decoded
+        alone, a SentencePiece token loses its word-boundary space ("▁Paris" reads
+        "Paris"); after a neighbour it keeps it, as OpenAI's logprob tokens do (they
+        concatenate to the completion's text). Decoded alone where the pair merges (a
+        multi-byte character split across tokens)."""
+        if previous is not None:
+            pair = self.tokenizer.decode([previous, token_id])
+            if pair.startswith(before) and len(pair) > len(before):
+                return pair[len(before) :]
+        piece = self._alone.get(token_id)
         if piece is None:
-            piece = self._pieces[token_id] = self.tokenizer.decode([token_id])
+            piece = self._alone[token_id] = self.tokenizer.decode([token_id])
         return piece
 
     @staticmethod
