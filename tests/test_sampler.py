@@ -135,8 +135,12 @@ def test_plain_greedy_bf16_batch_takes_the_argmax_of_the_fp32_logits():
     torch.manual_seed(0)
     logits = torch.randn(16, VOCAB).to(torch.bfloat16)
     plain = [seq(SamplingParams(temperature=0.0)) for _ in range(16)]
+    # Ties (bf16 holds few distinct values): the first maximal index, as argmax gives.
+    logits[0] = 0.0
+    logits[0, 2] = logits[0, 7] = logits[0, VOCAB - 1] = 1.5
     tokens, logprobs = Sampler()(logits, plain)
     assert tokens == logits.float().argmax(-1).tolist()
+    assert tokens[0] == 2
     assert logprobs is None
     # One penalised greedy row makes the whole batch take the full path: its top token,
     # ahead by 1.0, loses to the runner-up under a presence penalty of 2.0.

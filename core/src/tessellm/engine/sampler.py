@@ -195,6 +195,15 @@ def _plain_greedy(seq: ScheduledSeq) -> bool:
     )
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's maximum. On the CPU, in bf16/fp16, through ``max``:
+    torch's CPU ``argmax`` does not vectorise half types (64 x 49,152 bf16 logits: 5.7 ms
+    against 1.8 ms on two cores); both return the first maximal index."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float16):
+        return logits.max(dim=-1).indices
+    return logits.argmax(dim=-1)
+
+
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -224,7 +233,7 @@ class Sampler:
         if all(_plain_greedy(s) for s in seqs):
             # Widening to fp32 is exact, so the argmax is the same without it; skipping it
             # saves a [rows, vocab] copy per step (milliseconds on a CPU at batch 64).
-            return logits.argmax(dim=-1), None
+            return greedy_tokens(logits), None
         raw = logits.float()
         logits = apply_logit_bias(raw, seqs)
         logits = apply_min_tokens(logits, seqs)
