@@ -5,6 +5,8 @@ off or fails. The traced attention computes what the eager backend computes."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from conftest import TEST_PROMPTS, hf_greedy, save_tiny_model, tiny_llama_config
@@ -73,12 +75,19 @@ def test_fp32_compiled_decode_matches_hf(tiny_llama, prompt_ids, reference):
     for prompt, expected in zip(prompt_ids[:3], reference[:3], strict=True):
         assert generate_ids(llm, [prompt]) == [expected]
     assert runner.steps >= batched_steps + 3 * (NEW_TOKENS - 1)
+    # 20 sequences at once: the second library (17-64 sequences, dense linears).
+    assert [r[:2] for r in runner._libraries] == [(1, 16), (17, 64)]
+    rng = random.Random(5)
+    many = [[rng.randrange(3, 256) for _ in range(rng.randrange(2, 30))] for _ in range(20)]
+    before = runner.steps
+    assert generate_ids(llm, many) == hf_greedy(tiny_llama, many, NEW_TOKENS)
+    assert runner.steps >= before + NEW_TOKENS - 1
 
 
 def test_cached_library_survives_preemption_and_prefix_hits(
     tiny_llama, prompt_ids, reference, monkeypatch
 ):
-    def no_build(self, path):
+    def no_build(self, path, batch_range):
         raise AssertionError("the library should come from the cache")
 
     monkeypatch.setattr(CompiledDecodeRunner, "_build", no_build)
@@ -105,7 +114,7 @@ def test_cached_library_survives_preemption_and_prefix_hits(
 def test_bf16_int4_compiled_decode_stays_within_hf_top5(tmp_path):
     path = save_tiny_model(tiny_llama_config(), tmp_path / "grid")
     snap_to_4bit_grid(path)
-    llm = LLM(model=str(path), dtype="bfloat16", device="cpu")
+    llm = LLM(model=str(path), dtype="bfloat16", device="cpu", max_num_seqs=8)
     assert llm.engine.executor.runner.quantization == "woq_grid"
     runner = compiled_runner(llm)
     assert runner.failure is None
@@ -142,7 +151,7 @@ def test_model_families_compile_and_match_hf(architecture, tmp_path):
     shortest = PHI3_LONG_ORIGINAL_MAX if architecture == "Phi3ForCausalLM" else 0
     prompts = [ids for p in TEST_PROMPTS if len(ids := tok.encode(p)) > shortest][:4]
     reference = hf_greedy(path, prompts, NEW_TOKENS, attn_implementation="eager")
-    llm = LLM(model=str(path), dtype="float32", device="cpu")
+    llm = LLM(model=str(path), dtype="float32", device="cpu", max_num_seqs=8)
     runner = compiled_runner(llm)
     assert generate_ids(llm, prompts) == reference
     if architecture in EAGER_FAMILIES:
@@ -154,11 +163,11 @@ def test_model_families_compile_and_match_hf(architecture, tmp_path):
 
 
 def test_failed_compile_falls_back_to_eager(tiny_llama, prompt_ids, reference, monkeypatch):
-    def broken_export(self):
+    def broken_export(self, batch_range):
         raise RuntimeError("data-dependent branch")
 
     monkeypatch.setattr(CompiledDecodeRunner, "_export", broken_export)
-    monkeypatch.setattr(CompiledDecodeRunner, "cache_key", lambda self: "never-built")
+    monkeypatch.setattr(CompiledDecodeRunner, "cache_key", lambda self, r: "never-built")
     llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu")
     runner = compiled_runner(llm)
     assert runner.failure == "RuntimeError: data-dependent branch"

@@ -8,16 +8,17 @@ runtime (guards, input collection, the Python wrapper calling each kernel) still
 norms, rotary, residuals and the attention's gather/mask/softmax become a few fused
 loops, the int4 matmuls are called directly.
 
-The compiled step (:class:`DecodeStep`) takes ``B`` one-token sequences (1..16) and a
-block table ``W`` columns wide, both dynamic, so one library serves every decode batch
-up to 16 and every context length. Weights and KV caches are inputs, not constants: the
-library holds only code, shares the model's tensors, and does not depend on the weights'
-values. It is cached under ``<cache>/compiled/`` keyed by everything that shapes it
-(torch version, the tessellm sources that were traced, the model's config and class,
-dtype, the input tensors' names, shapes and dtypes, threads); a later start loads it
-in about a second. Larger batches and steps with prompt tokens run eagerly, as do
-models the exporter cannot trace (a step whose Python branches on tensor values, such
-as MoE routing): the runner logs why and returns None.
+The compiled step (:class:`DecodeStep`) takes ``B`` one-token sequences and a block
+table ``W`` columns wide, both dynamic: one library serves every decode batch of 1-16
+sequences (int4 linears) and every context length, another 17-64 (dense linears).
+Weights and KV caches are inputs, not constants: the library holds only code, shares the
+model's tensors, and does not depend on the weights' values. Libraries are cached under
+``<cache>/compiled/``, keyed by everything that shapes them (torch version, the tessellm
+sources that were traced, the model's config and class, dtype, the input tensors' names,
+shapes and dtypes, threads, the batch range); a later start loads them in about a
+second. Larger batches and steps with prompt tokens run eagerly, as do models the
+exporter cannot trace (a step whose Python branches on tensor values, such as MoE
+routing): the runner logs why and returns None.
 """
 
 from __future__ import annotations
@@ -43,10 +44,12 @@ from tessellm.layers.attention import Attention
 
 logger = logging.getLogger(__name__)
 
-# Beyond this many sequences a step's matmuls dominate its dispatch overhead, and the
-# weight-only int4 kernels stop being used (woq.PACKED_MAX_ROWS): the traced branch
-# would no longer be the one eager code takes.
-MAX_COMPILED_BATCH = 16
+# Decode batch sizes with a library each. Up to 16 sequences the linears take the int4
+# kernels (woq.PACKED_MAX_ROWS), beyond it the dense ones: a trace follows one branch, so
+# the ranges split there. Past 64 the dense matmuls are most of a step (the eager step's
+# Python overhead is a few percent) and larger batches run eagerly. A range is built only
+# where max_num_seqs reaches it (`generate`, one sequence, builds only the first).
+BATCH_RANGES = ((1, 16), (17, 64))
 ENABLE_ENV = "TESSELLM_CPU_COMPILE"  # "0": never compile (tests; the eager reference)
 CACHE_FORMAT = 1
 
@@ -123,16 +126,16 @@ class CompiledDecodeRunner:
     ) -> None:
         self.model = model
         self.attention = attention
-        # Built for 16 sequences whatever max_num_seqs is: one library (one cache entry)
-        # serves `generate` (one sequence) and a server alike.
-        self.max_batch = MAX_COMPILED_BATCH
+        # Whole ranges whatever max_num_seqs is within them: `generate` (one sequence) and
+        # a server share the first range's library (one cache entry).
+        self.batch_ranges = [r for r in BATCH_RANGES if r[0] <= spec.max_num_seqs]
         self.cache_dir = cache_dir
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.weights = {
             **dict(model.named_parameters(remove_duplicate=False)),
             **dict(model.named_buffers(remove_duplicate=False)),
         }
-        self._compiled: Any = None
+        self._libraries: list[tuple[int, int, Any]] = []  # (fewest, most sequences, library)
         self._static: list[torch.Tensor] = []
         self.failure: str | None = None
         self.steps = 0  # decode steps run compiled
@@ -141,7 +144,7 @@ class CompiledDecodeRunner:
     def _kv_caches(self) -> list[torch.Tensor]:
         return [t for layer in self.attn_layers for t in (layer.k_cache, layer.v_cache)]
 
-    def cache_key(self) -> str:
+    def cache_key(self, batch_range: tuple[int, int]) -> str:
         h = hashlib.sha256()
         config = getattr(self.model, "config", None)
         facts = {
@@ -149,7 +152,7 @@ class CompiledDecodeRunner:
             "torch": torch.__version__,
             "model": type(self.model).__qualname__,
             "config": config.to_json_string() if hasattr(config, "to_json_string") else "",
-            "max_batch": self.max_batch,
+            "batch_range": list(batch_range),
             "threads": torch.get_num_threads(),
             "capability": torch.backends.cpu.get_cpu_capability(),
             # The caches' block count is a dynamic dimension (it follows free memory).
@@ -165,9 +168,9 @@ class CompiledDecodeRunner:
             h.update(path.read_bytes())
         return h.hexdigest()[:32]
 
-    def _example_args(self) -> tuple[Any, ...]:
-        # Distinct example sizes (2 sequences, 3 blocks): equal ones could be unified.
-        batch, width = 2, 3
+    def _example_args(self, batch_range: tuple[int, int]) -> tuple[Any, ...]:
+        # Distinct example sizes (sequences, 3 blocks): equal ones could be unified.
+        batch, width = batch_range[0] + 1, 3
         return (
             torch.zeros(batch, dtype=torch.int64),
             torch.arange(batch, dtype=torch.int64),
@@ -178,9 +181,9 @@ class CompiledDecodeRunner:
             self.weights,
         )
 
-    def _export(self) -> torch.export.ExportedProgram:
-        args = self._example_args()
-        seqs = torch.export.Dim("num_seqs", min=1, max=self.max_batch)
+    def _export(self, batch_range: tuple[int, int]) -> torch.export.ExportedProgram:
+        args = self._example_args(batch_range)
+        seqs = torch.export.Dim("num_seqs", min=batch_range[0], max=batch_range[1])
         width = torch.export.Dim("table_width", min=1, max=1 << 20)
         blocks = torch.export.Dim("num_blocks", min=2, max=1 << 30)
         dynamic = (
@@ -213,9 +216,9 @@ class CompiledDecodeRunner:
             for layer, k, v in caches:
                 layer.bind_kv_cache(k, v)
 
-    def _build(self, path: Path) -> None:
+    def _build(self, path: Path, batch_range: tuple[int, int]) -> None:
         with torch.no_grad():
-            program = self._export()
+            program = self._export(batch_range)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
         # The trace assumes dynamic sizes of at least 2 (sizes 0 and 1 would specialise),
@@ -238,42 +241,45 @@ class CompiledDecodeRunner:
             logger.warning("CPU decode steps run eagerly: %s", self.failure)
             return
         start = time.monotonic()
-        path = self.cache_dir / "compiled" / f"decode-{self.cache_key()}.pt2"
         try:
-            if not path.exists():
-                logger.warning(
-                    "compiling the CPU decode step (once for this model and tessellm; "
-                    "1-2 minutes for a 135M model on two cores) into %s",
-                    path.parent,
-                )
-                self._build(path)
-            self._compiled = torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
+            for batch_range in self.batch_ranges:
+                path = self.cache_dir / "compiled" / f"decode-{self.cache_key(batch_range)}.pt2"
+                if not path.exists():
+                    logger.warning(
+                        "compiling the CPU decode step for %d-%d sequences (once for this "
+                        "model and tessellm; 1-2 minutes for a 135M model on two cores) "
+                        "into %s",
+                        *batch_range,
+                        path.parent,
+                    )
+                    self._build(path, batch_range)
+                library = torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
+                self._libraries.append((*batch_range, library))
         except Exception as exc:  # any failure leaves eager decode working
             self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
             logger.warning("CPU decode steps run eagerly (compiling failed): %s", self.failure)
+            self._libraries.clear()
             return
         self._static = pytree.tree_leaves((self._kv_caches(), self.weights))
-        logger.info("CPU decode step ready in %.1f s (%s)", time.monotonic() - start, path.name)
+        logger.info("CPU decode steps ready in %.1f s", time.monotonic() - start)
 
     # -- running -----------------------------------------------------------------------
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor | None:
         n = input_ids.shape[0]
-        if (
-            self._compiled is None
-            or metadata.max_query_len != 1
-            or n != metadata.num_seqs
-            or n > self.max_batch
-        ):
+        if metadata.max_query_len != 1 or n != metadata.num_seqs:
             return None
-        inputs = [
-            input_ids,
-            positions,
-            metadata.slot_mapping,
-            metadata.block_tables,
-            metadata.seq_lens,
-            *self._static,
-        ]
-        self.steps += 1
-        return self._compiled.loader.boxed_run(inputs)[0]
+        for fewest, most, library in self._libraries:
+            if fewest <= n <= most:
+                inputs = [
+                    input_ids,
+                    positions,
+                    metadata.slot_mapping,
+                    metadata.block_tables,
+                    metadata.seq_lens,
+                    *self._static,
+                ]
+                self.steps += 1
+                return library.loader.boxed_run(inputs)[0]
+        return None
