@@ -142,6 +142,15 @@ def tiny_llama(tmp_path_factory) -> Path:
     return save_tiny_model(tiny_llama_config(), tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_prompt_ids(tiny_llama) -> list[list[int]]:
+    """TEST_PROMPTS in the tiny Llama's tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    return [tok.encode(p) for p in TEST_PROMPTS]
+
+
 def hf_greedy(
     path: Path, prompt_ids: list[list[int]], max_new_tokens: int, **load_kwargs
 ) -> list[list[int]]:

@@ -42,11 +42,8 @@ def compiling(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prompt_ids(tiny_llama):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
-    return [tok.encode(p) for p in TEST_PROMPTS]
+def prompt_ids(tiny_llama_prompt_ids):
+    return tiny_llama_prompt_ids
 
 
 @pytest.fixture(scope="module")

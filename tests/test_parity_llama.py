@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import TEST_PROMPTS, hf_greedy
+from conftest import hf_greedy
 
 from tessellm import LLM, SamplingParams
 
@@ -11,11 +11,8 @@ NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def prompt_ids(tiny_llama):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
-    return [tok.encode(p) for p in TEST_PROMPTS]
+def prompt_ids(tiny_llama_prompt_ids):
+    return tiny_llama_prompt_ids
 
 
 @pytest.fixture(scope="module")
