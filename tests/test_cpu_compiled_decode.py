@@ -6,6 +6,7 @@ off or fails. The traced attention computes what the eager backend computes."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from test_parity_qwen_mistral import WINDOW, qwen3_config, qwen3_moe_config
 
 from tessellm import LLM, SamplingParams
 from tessellm.interfaces.attention import AttentionMetadata, AttentionSpec
+from tessellm.interfaces.platform import GraphSpec
 from tessellm_attention_cpu.backend import CpuPagedAttention
 from tessellm_attention_cpu.traced import traced_decode
 from tessellm_cpu.compiled_decode import CompiledDecodeRunner
@@ -177,7 +179,14 @@ def test_compiling_can_be_turned_off(tiny_llama, monkeypatch):
     llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu")
     assert compiled_runner(llm).failure == "TESSELLM_CPU_COMPILE=0"
     eager = LLM(model=str(tiny_llama), device="cpu", enforce_eager=True)
-    assert eager.engine.executor.runner.graph_runner is None
+    runner = eager.engine.executor.runner
+    assert runner.graph_runner is None
+    # A tensor-parallel rank's forward has collectives, which are not exported: eager.
+    monkeypatch.setenv("TESSELLM_CPU_COMPILE", "1")
+    spec = GraphSpec(8, 512, 16, world_size=2)
+    tensor_parallel = CompiledDecodeRunner(runner.model, runner.attention, spec, Path("/nowhere"))
+    tensor_parallel.capture()
+    assert tensor_parallel.failure == "tensor parallel (2 ranks)"
 
 
 @pytest.mark.parametrize(("window", "cap"), [(None, None), (5, None), (None, 30.0), (7, 20.0)])

@@ -129,6 +129,7 @@ class CompiledDecodeRunner:
         # Whole ranges whatever max_num_seqs is within them: `generate` (one sequence) and
         # a server share the first range's library (one cache entry).
         self.batch_ranges = [r for r in BATCH_RANGES if r[0] <= spec.max_num_seqs]
+        self.world_size = spec.world_size
         self.cache_dir = cache_dir
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.weights = {
@@ -236,7 +237,11 @@ class CompiledDecodeRunner:
         if not compile_enabled():
             self.failure = f"{ENABLE_ENV}=0"
             return
-        self.failure = compiler_missing()
+        # The gloo collectives of a tensor-parallel forward are not exported.
+        tensor_parallel = (
+            f"tensor parallel ({self.world_size} ranks)" if self.world_size > 1 else None
+        )
+        self.failure = tensor_parallel or compiler_missing()
         if self.failure:
             logger.warning("CPU decode steps run eagerly: %s", self.failure)
             return

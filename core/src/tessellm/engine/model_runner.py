@@ -98,7 +98,12 @@ class ModelRunner:
             v = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.bind_kv_cache(k, v)
         if not self.args.enforce_eager:
-            spec = GraphSpec(self.args.max_num_seqs, self.max_model_len, self.block_size)
+            spec = GraphSpec(
+                self.args.max_num_seqs,
+                self.max_model_len,
+                self.block_size,
+                self.parallel.world_size,
+            )
             self.graph_runner = self.platform.graph_runner(self.model, self.attention, spec)
             if self.graph_runner is not None:
                 self.graph_runner.capture()

@@ -23,6 +23,7 @@ class GraphSpec:
     max_num_seqs: int  # the largest decode batch the scheduler forms
     max_model_len: int  # the longest context (sets the block table width)
     block_size: int
+    world_size: int = 1  # tensor-parallel ranks (the forward has collectives above 1)
 
 
 class GraphRunner(Protocol):
