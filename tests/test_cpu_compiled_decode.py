@@ -25,9 +25,14 @@ from tessellm.interfaces.attention import AttentionMetadata, AttentionSpec
 from tessellm.interfaces.platform import GraphSpec
 from tessellm_attention_cpu.backend import CpuPagedAttention
 from tessellm_attention_cpu.traced import traced_decode
-from tessellm_cpu.compiled_decode import CompiledDecodeRunner
+from tessellm_cpu.compiled_decode import CompiledDecodeRunner, compiler_missing
 
 NEW_TOKENS = 16
+# Building a library needs a C++ compiler; without one the runner's fallback is what runs
+# (tested below by hiding the compiler).
+needs_compiler = pytest.mark.skipif(
+    compiler_missing() is not None, reason="no C++ compiler to build decode libraries"
+)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
@@ -64,6 +69,7 @@ def compiled_runner(llm: LLM) -> CompiledDecodeRunner:
     return runner
 
 
+@needs_compiler
 def test_fp32_compiled_decode_matches_hf(tiny_llama, prompt_ids, reference):
     llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu")
     runner = compiled_runner(llm)
@@ -83,6 +89,7 @@ def test_fp32_compiled_decode_matches_hf(tiny_llama, prompt_ids, reference):
     assert runner.steps >= before + NEW_TOKENS - 1
 
 
+@needs_compiler
 def test_cached_library_survives_preemption_and_prefix_hits(
     tiny_llama, prompt_ids, reference, monkeypatch
 ):
@@ -110,6 +117,7 @@ def test_cached_library_survives_preemption_and_prefix_hits(
     assert stats["kv_cache_usage"] == 0.0
 
 
+@needs_compiler
 def test_bf16_int4_compiled_decode_stays_within_hf_top5(tmp_path):
     path = save_tiny_model(tiny_llama_config(), tmp_path / "grid")
     snap_to_4bit_grid(path)
@@ -139,6 +147,7 @@ FAMILIES = {
 }
 
 
+@needs_compiler
 @pytest.mark.parametrize("architecture", sorted(FAMILIES))
 def test_model_families_compile_and_match_hf(architecture, tmp_path):
     from transformers import PreTrainedTokenizerFast
@@ -170,6 +179,15 @@ def test_failed_compile_falls_back_to_eager(tiny_llama, prompt_ids, reference, m
     llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu")
     runner = compiled_runner(llm)
     assert runner.failure == "RuntimeError: data-dependent branch"
+    assert generate_ids(llm, prompt_ids[:2]) == reference[:2]
+    assert runner.steps == 0
+
+
+def test_no_compiler_leaves_decode_eager(tiny_llama, prompt_ids, reference, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu", max_num_seqs=4)
+    runner = compiled_runner(llm)
+    assert runner.failure == "no C++ compiler (g++) on PATH"
     assert generate_ids(llm, prompt_ids[:2]) == reference[:2]
     assert runner.steps == 0
 
