@@ -202,7 +202,7 @@ def test_compiling_can_be_turned_off(tiny_llama, monkeypatch):
     # A tensor-parallel rank's forward has collectives, which are not exported: eager.
     monkeypatch.setenv("TESSELLM_CPU_COMPILE", "1")
     spec = GraphSpec(8, 512, 16, world_size=2)
-    tensor_parallel = CompiledDecodeRunner(runner.model, runner.attention, spec, Path("/nowhere"))
+    tensor_parallel = CompiledDecodeRunner(runner.model, spec, Path("/nowhere"))
     tensor_parallel.capture()
     assert tensor_parallel.failure == "tensor parallel (2 ranks)"
 

@@ -23,6 +23,7 @@ routing): the runner logs why and returns None.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from tessellm.interfaces.attention import AttentionBackend, AttentionMetadata
+from tessellm.interfaces.attention import AttentionMetadata
 from tessellm.interfaces.platform import GraphSpec
 from tessellm.layers.attention import Attention
 
@@ -103,11 +104,12 @@ class DecodeStep(nn.Module):
         return torch.func.functional_call(self.model, weights, (input_ids, positions, metadata))
 
 
-def traced_sources() -> list[Path]:
-    """The code a trace may run: core's layers and interfaces, and every file of each
-    tessellm plugin package loaded (platforms, families, backends, quantization). Whole
-    directories, so that the key is the same whichever command (and so whichever of
-    their modules) loaded them."""
+@functools.cache
+def traced_sources_digest() -> str:
+    """A hash of the code a trace may run: core's layers and interfaces, and every file of
+    each tessellm plugin package loaded (platforms, families, backends, quantization).
+    Whole directories, so that the key is the same whichever command (and so whichever
+    of their modules) loaded them. Once per process: the files do not change under it."""
     import tessellm.interfaces
     import tessellm.layers
 
@@ -115,17 +117,18 @@ def traced_sources() -> list[Path]:
     for name, module in list(sys.modules.items()):
         if name.startswith("tessellm_") and "." not in name and getattr(module, "__file__", None):
             dirs.add(Path(module.__file__).parent)
-    return sorted(f for d in dirs for f in d.rglob("*.py"))
+    h = hashlib.sha256()
+    for path in sorted(f for d in dirs for f in d.rglob("*.py")):
+        h.update(str(path).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 class CompiledDecodeRunner:
     """A :class:`~tessellm.interfaces.platform.GraphRunner` over an AOTInductor library."""
 
-    def __init__(
-        self, model: nn.Module, attention: AttentionBackend, spec: GraphSpec, cache_dir: Path
-    ) -> None:
+    def __init__(self, model: nn.Module, spec: GraphSpec, cache_dir: Path) -> None:
         self.model = model
-        self.attention = attention
         # Whole ranges whatever max_num_seqs is within them: `generate` (one sequence) and
         # a server share the first range's library (one cache entry).
         self.batch_ranges = [r for r in BATCH_RANGES if r[0] <= spec.max_num_seqs]
@@ -164,9 +167,7 @@ class CompiledDecodeRunner:
             ],
         }
         h.update(json.dumps(facts, sort_keys=True).encode())
-        for path in traced_sources():
-            h.update(str(path).encode())
-            h.update(path.read_bytes())
+        h.update(traced_sources_digest().encode())
         return h.hexdigest()[:32]
 
     def _example_args(self, batch_range: tuple[int, int]) -> tuple[Any, ...]:

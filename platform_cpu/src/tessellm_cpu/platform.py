@@ -115,7 +115,7 @@ class CpuPlatform(Platform):
             return None
         from tessellm_cpu.compiled_decode import CompiledDecodeRunner
 
-        return CompiledDecodeRunner(model, attention, spec, default_cache_dir())
+        return CompiledDecodeRunner(model, spec, default_cache_dir())
 
     def available_kv_cache_bytes(self, utilization: float, model_bytes: int) -> int:
         free = mem_available_bytes() * utilization - model_bytes

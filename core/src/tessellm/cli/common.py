@@ -24,7 +24,5 @@ def progress_note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-EnforceEager = Annotated[
-    bool,
-    typer.Option(help="Run every step eagerly: no CUDA graphs, no compiled CPU decode steps."),
-]
+ENFORCE_EAGER_HELP = "Run every step eagerly: no CUDA graphs, no compiled CPU decode steps."
+EnforceEager = Annotated[bool, typer.Option(help=ENFORCE_EAGER_HELP)]

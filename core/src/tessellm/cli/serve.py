@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from tessellm.cli.common import MODEL_HELP, fail, progress_note
+from tessellm.cli.common import ENFORCE_EAGER_HELP, MODEL_HELP, fail, progress_note
 from tessellm.config import DEFAULT_MODEL
 
 ENGINE = "Engine"
@@ -99,10 +99,7 @@ def serve(
     attention_backend: Annotated[str | None, typer.Option(rich_help_panel=ENGINE)] = None,
     enforce_eager: Annotated[
         bool,
-        typer.Option(
-            help="Run every step eagerly: no CUDA graphs, no compiled CPU decode steps.",
-            rich_help_panel=ENGINE,
-        ),
+        typer.Option(help=ENFORCE_EAGER_HELP, rich_help_panel=ENGINE),
     ] = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions,

@@ -30,7 +30,7 @@ from tessellm.interfaces.attention import (
     AttentionSpec,
 )
 from tessellm_attention_cpu.plan import GroupPlan, StepPlan, build_plan
-from tessellm_attention_cpu.traced import traced_decode, traced_write_kv
+from tessellm_attention_cpu.traced import traced_decode
 
 PLAN_KEY = "cpu_attention_plan"
 # The block-diagonal decode (see _decode_block_diagonal) wastes Hkv times the score and
@@ -88,11 +88,10 @@ class CpuPagedAttention(AttentionBackend):
         return plan
 
     def write_kv(self, key, value, k_cache, v_cache, metadata: AttentionMetadata) -> None:
-        if torch.compiler.is_compiling():
-            traced_write_kv(key, value, k_cache, v_cache, metadata.slot_mapping)
-            return
         slots = metadata.slot_mapping
-        if not self._plan(metadata).all_slots_valid:
+        # A traced decode step has no host-side plan, and every slot is valid in it (one
+        # token per real sequence, no padding).
+        if not torch.compiler.is_compiling() and not self._plan(metadata).all_slots_valid:
             keep = slots >= 0
             slots, key, value = slots[keep], key[keep], value[keep]
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))

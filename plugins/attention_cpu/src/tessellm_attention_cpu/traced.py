@@ -2,7 +2,7 @@
 
 The backend's usual path plans each step on the host (``prepare``: groups, block lists,
 whether blocks are consecutive), which a captured graph cannot redo per step. Under
-tracing (``torch.compiler.is_compiling()``) the backend uses these functions instead:
+tracing (``torch.compiler.is_compiling()``) the backend attends through this function:
 every sequence has one query token, its context is read through its row of the block
 table (``W`` blocks, ``W`` a dynamic dimension of the compiled step) and positions at or
 past its length are masked. Inductor fuses the gather, the masking and the softmax into
@@ -12,18 +12,6 @@ a few loops; nothing is planned on the host.
 from __future__ import annotations
 
 import torch
-
-
-def traced_write_kv(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Store ``key``/``value`` ``[B, Hkv, D]`` at ``slot_mapping`` (every slot valid)."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
 def traced_decode(
