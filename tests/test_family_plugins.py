@@ -10,7 +10,7 @@ from test_parity_gemma_phi_gpt import CONFIGS
 
 from tessellm import LLM
 from tessellm.errors import ModelLoadError
-from tessellm.known_families import KNOWN_MODEL_PLUGINS, model_plugin_hint
+from tessellm.install_hints import FIRST_PARTY_FAMILIES, model_plugin_hint
 from tessellm.plugins import ALLOW_ENV, get_plugins
 
 ARCHITECTURES = sorted({name.split("-")[0] for name in CONFIGS})
@@ -19,7 +19,7 @@ BASE_PLUGINS = "platform_cpu,attention_torch,gguf"
 
 def test_every_known_architecture_comes_from_the_plugin_the_table_names():
     plugins = get_plugins(refresh=True)
-    for architecture, family in KNOWN_MODEL_PLUGINS.items():
+    for architecture, family in FIRST_PARTY_FAMILIES.items():
         registration = plugins.get("models", architecture)
         assert registration is not None, f"{family.distribution} is not installed"
         assert registration.plugin == family.entry_point, architecture
@@ -30,8 +30,8 @@ def test_disallowed_family_fails_naming_its_entry_point(architecture, tmp_path, 
     config = CONFIGS[architecture]()
     config.architectures = [architecture]
     path = save_tiny_model(config, tmp_path / architecture)
-    entry_point = KNOWN_MODEL_PLUGINS[architecture].entry_point
-    others = {family.entry_point for family in KNOWN_MODEL_PLUGINS.values()} - {entry_point}
+    entry_point = FIRST_PARTY_FAMILIES[architecture].entry_point
+    others = {family.entry_point for family in FIRST_PARTY_FAMILIES.values()} - {entry_point}
     monkeypatch.setenv(ALLOW_ENV, ",".join([BASE_PLUGINS, *sorted(others)]))
     try:
         plugins = get_plugins(refresh=True)
@@ -47,9 +47,28 @@ def test_disallowed_family_fails_naming_its_entry_point(architecture, tmp_path, 
 
 
 def test_missing_family_names_the_package_to_install():
-    hint = model_plugin_hint("Gemma3ForCausalLM", allowed=None, installed_entry_points=set())
-    assert "pip install tessellm-gemma" in hint
-    hint = model_plugin_hint("OPTForCausalLM", allowed={"llama"}, installed_entry_points={"llama"})
-    assert "pip install tessellm-gpt-opt" in hint
-    unknown = model_plugin_hint("FooForCausalLM", allowed=None, installed_entry_points=set())
-    assert "model-family plugin" in unknown
+    gemma = FIRST_PARTY_FAMILIES["Gemma3ForCausalLM"]
+    assert "pip install tessellm-gemma" in model_plugin_hint(gemma, None, set())
+    opt = FIRST_PARTY_FAMILIES["OPTForCausalLM"]
+    assert "pip install tessellm-gpt-opt" in model_plugin_hint(opt, {"llama"}, {"llama"})
+    assert "model-family plugin" in model_plugin_hint(None, None, set())
+
+
+def test_a_plugin_registers_its_own_install_hint(monkeypatch):
+    from tessellm import hookimpl
+    from tessellm.hookspecs import InstallHint
+    from tessellm.plugins import register_plugin
+
+    class Hints:
+        TESSELLM_PLUGIN_API = ">=1.0,<2"
+
+        @hookimpl
+        def register_install_hints(self, register):
+            register("GraniteMoeForCausalLM", InstallHint("tessellm-granite", "granite"))
+
+    try:
+        plugins = register_plugin(Hints(), "granite-hints")
+        message = plugins.missing_message("models", "GraniteMoeForCausalLM")
+        assert "pip install tessellm-granite" in message
+    finally:
+        get_plugins(refresh=True)

@@ -55,7 +55,7 @@ def site(tmp_path, monkeypatch):
     site.mkdir()
     monkeypatch.syspath_prepend(str(site))
     yield site
-    for mod in [m for m in sys.modules if m.startswith(("toy_family", "broken_plugin"))]:
+    for mod in [m for m in sys.modules if m.startswith(("toy_family", "broken_plugin", "vplug"))]:
         del sys.modules[mod]
     get_plugins(refresh=True)
 
@@ -127,3 +127,122 @@ def test_platform_and_backend_choices_are_explained(tiny_llama):
     described = engine.describe()
     assert described["platform"].startswith("platform: cpu")
     assert "attention:" in described["attention"]
+
+
+def _install_plugin(site, name: str, source: str) -> None:
+    install_distribution(
+        site,
+        name,
+        {f"{name}/__init__.py": textwrap.dedent(source)},
+        f"[tessellm]\n{name} = {name}\n",
+    )
+
+
+@pytest.mark.parametrize(
+    ("source", "reason"),
+    [
+        (
+            """
+            from tessellm import hookimpl
+            TESSELLM_PLUGIN_API = ">=2.0,<3"
+            @hookimpl
+            def register_models(register):
+                register("VForCausalLM", "vplug_a:Nothing")
+            """,
+            "supports tessellm plugin API >=2.0,<3, but this tessellm provides 1.0.0",
+        ),
+        (
+            """
+            from tessellm import hookimpl
+            TESSELLM_PLUGIN_API = "version one please"
+            @hookimpl
+            def register_models(register):
+                register("VForCausalLM", "vplug_a:Nothing")
+            """,
+            "is not a version range",
+        ),
+        (
+            """
+            from tessellm import hookimpl
+            TESSELLM_PLUGIN_API = ">=1.0,<2"
+            @hookimpl
+            def register_model(register):
+                register("VForCausalLM", "vplug_a:Nothing")
+            """,
+            "'register_model' is not a tessellm hook (did you mean 'register_models'?)",
+        ),
+        (
+            """
+            TESSELLM_PLUGIN_API = ">=1.0,<2"
+            def register_models(register):
+                register("VForCausalLM", "vplug_a:Nothing")
+            """,
+            "'register_models' is not marked @hookimpl",
+        ),
+        (
+            """
+            from tessellm import hookimpl
+            TESSELLM_PLUGIN_API = ">=1.0,<2"
+            @hookimpl
+            def register_models(register, extra):
+                register("VForCausalLM", "vplug_a:Nothing")
+            """,
+            "cannot be registered",
+        ),
+    ],
+    ids=["api-range", "bad-range", "misspelled-hook", "unmarked-hook", "bad-arguments"],
+)
+def test_an_unfit_plugin_is_refused_with_its_reason_and_the_rest_load(
+    site, tiny_llama, monkeypatch, source, reason
+):
+    monkeypatch.delenv("TESSELLM_PLUGINS", raising=False)
+    _install_plugin(site, "vplug_a", source)
+    plugins = get_plugins(refresh=True)
+    assert "vplug_a" not in plugins.plugins
+    assert reason in plugins.failures["vplug_a"]
+    assert "plugin 'vplug_a' (vplug_a 0.1)" in plugins.failures["vplug_a"]
+    assert plugins.get("models", "VForCausalLM") is None
+    # Every other plugin still loads and serves.
+    assert plugins.get("models", "LlamaForCausalLM") is not None
+    llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu")
+    assert llm.generate("A", SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+
+
+def test_a_plugin_without_a_declared_range_loads_with_a_warning(site, monkeypatch):
+    monkeypatch.delenv("TESSELLM_PLUGINS", raising=False)
+    _install_plugin(
+        site,
+        "vplug_b",
+        """
+        from tessellm import hookimpl
+        @hookimpl
+        def register_models(register):
+            register("VbForCausalLM", "vplug_b:Nothing")
+        """,
+    )
+    plugins = get_plugins(refresh=True)
+    assert plugins.get("models", "VbForCausalLM").plugin == "vplug_b"
+    assert "declares no TESSELLM_PLUGIN_API" in plugins.warnings["vplug_b"]
+
+
+def test_every_in_tree_plugin_declares_a_range_this_version_satisfies():
+    plugins = get_plugins(refresh=True)
+    assert not plugins.failures
+    assert not plugins.warnings
+    for info in plugins.plugins.values():
+        if info.distribution.startswith("tessellm"):
+            assert info.api_range is not None, info.name
+
+
+def test_register_plugin_refuses_a_misspelled_hook():
+    from tessellm import hookimpl
+    from tessellm.errors import PluginError
+    from tessellm.plugins import register_plugin
+
+    class Misspelled:
+        @hookimpl
+        def register_attention_backend(self, register):
+            raise AssertionError("never called")
+
+    with pytest.raises(PluginError, match="did you mean 'register_attention_backends'"):
+        register_plugin(Misspelled(), "misspelled")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tessellm.hookspecs import hookimpl
+from tessellm.hookspecs import PLUGIN_API_VERSION, hookimpl
 from tessellm.outputs import CompletionOutput, RequestOutput
 from tessellm.sampling_params import SamplingParams
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LLM",
+    "PLUGIN_API_VERSION",
     "CompletionOutput",
     "EngineArgs",
     "LLMEngine",

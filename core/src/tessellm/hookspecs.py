@@ -27,7 +27,7 @@ order, or by capability checks that record why a candidate was refused).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import pluggy
 
@@ -35,6 +35,22 @@ if TYPE_CHECKING:
     import typer
 
 PROJECT_NAME = "tessellm"
+
+PLUGIN_API_VERSION = "1.0.0"
+"""The version of the plugin API: these hooks and the seams in ``tessellm.interfaces``.
+
+Semantic versioning: a minor release may add hooks, interface members with defaults and
+capability attributes; a member or hook is removed (or its meaning changed) only in a
+major release, and only after a minor release in which using it raises
+``DeprecationWarning``. A plugin states the versions it supports in its entry-point module::
+
+    TESSELLM_PLUGIN_API = ">=1.0,<2"   # a PEP 440 specifier set
+
+A plugin whose range excludes this version is refused with the reason (``tessellm
+plugins`` shows it) and the other plugins load as usual.
+"""
+
+PLUGIN_API_ATTRIBUTE = "TESSELLM_PLUGIN_API"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -148,6 +164,26 @@ def register_commands(app: typer.Typer) -> None:
     """
 
 
+class InstallHint(NamedTuple):
+    """Where a component that is not loaded can be found: the distribution to install and,
+    if it is known, its entry-point name (to suggest for ``TESSELLM_PLUGINS``)."""
+
+    distribution: str
+    entry_point: str | None = None
+
+
+@hookspec
+def register_install_hints(register: Register) -> None:
+    """Say which package provides a model architecture that may not be installed.
+
+    ``name`` is an HF architecture name, the target an :class:`InstallHint`. When no
+    loaded plugin provides that architecture, the engine's error names the package to
+    install (or the entry point to allow). Core registers hints for the first-party
+    families this way; a plugin may add hints for the architectures its extras or
+    sibling packages provide.
+    """
+
+
 # Plugins that only need to react to the engine's life cycle can implement this.
 @hookspec
 def engine_started(engine: Any) -> None:
@@ -164,6 +200,7 @@ HOOK_NAMES: tuple[str, ...] = (
     "register_schedulers",
     "register_kv_cache_managers",
     "register_executors",
+    "register_install_hints",
 )
 
 RegisterHook = Callable[[Register], None]

@@ -1,8 +1,11 @@
 """Plugin discovery (entry points under the group ``tessellm``) and the lazy registries.
 
 ``TESSELLM_PLUGINS`` (comma-separated entry-point names) limits which installed plugins
-autoload; core's built-ins always load. A plugin that fails to import or to register is
-recorded in ``PluginSet.failures`` and skipped.
+autoload; core's built-ins always load. A plugin that fails to import, declares a plugin
+API range this tessellm is outside of, implements a hook that does not exist, or raises
+while registering is recorded in ``PluginSet.failures`` with the reason and skipped; the
+others load as usual. A plugin that declares no API range loads with a warning
+(``PluginSet.warnings``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 import pluggy
 
-from tessellm import hookspecs
+from tessellm import hookspecs, plugin_checks
 from tessellm.errors import PluginError
 
 ENTRY_POINT_GROUP = "tessellm"
@@ -53,6 +56,7 @@ class PluginInfo:
     distribution: str
     version: str
     registered: list[tuple[str, str]] = field(default_factory=list)
+    api_range: str | None = None  # the plugin's TESSELLM_PLUGIN_API, as declared
 
 
 @dataclass
@@ -62,6 +66,7 @@ class PluginSet:
     registries: dict[str, dict[str, Registration]] = field(default_factory=dict)
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    warnings: dict[str, str] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     manager: pluggy.PluginManager | None = None
 
@@ -82,10 +87,12 @@ class PluginSet:
         label = kind.rstrip("s").replace("_", " ")
         hint = ""
         if kind == "models":
-            from tessellm.known_families import model_plugin_hint
+            from tessellm.install_hints import model_plugin_hint
 
             installed = {ep.name for ep in md.entry_points(group=ENTRY_POINT_GROUP)}
-            hint = " " + model_plugin_hint(name, _allowed(), installed)
+            known_hint = self.get("install_hints", name)
+            target = known_hint.load() if known_hint is not None else None
+            hint = " " + model_plugin_hint(target, _allowed(), installed)
         return f"no plugin provides {label} {name!r} (known: {known}).{hint}"
 
 
@@ -135,7 +142,9 @@ def discover(builtins: bool = True) -> PluginSet:
         from tessellm import builtin
 
         pm.register(builtin, name="tessellm.builtin")
-        result.plugins["tessellm.builtin"] = PluginInfo("tessellm.builtin", "tessellm", _version())
+        result.plugins["tessellm.builtin"] = PluginInfo(
+            "tessellm.builtin", "tessellm", _version(), api_range=hookspecs.PLUGIN_API_VERSION
+        )
     allowed = _allowed()
     seen: set[str] = set()
     for ep in md.entry_points(group=ENTRY_POINT_GROUP):
@@ -144,15 +153,36 @@ def discover(builtins: bool = True) -> PluginSet:
         seen.add(ep.name)
         dist = ep.dist.name if ep.dist else "?"
         version = ep.dist.version if ep.dist else "?"
+        label = f"plugin {ep.name!r} ({dist} {version})"
         try:
             module = ep.load()
-            pm.register(module, name=ep.name)
         except Exception as exc:
             result.failures[ep.name] = f"import of {ep.value!r} failed: {exc!r}"
             continue
-        result.plugins[ep.name] = PluginInfo(ep.name, dist, version)
+        problems = _contract_problems(module, label)
+        if problems:
+            result.failures[ep.name] = "; ".join(problems)
+            continue
+        try:
+            pm.register(module, name=ep.name)
+        except Exception as exc:  # pluggy refuses a hook whose arguments the spec lacks
+            result.failures[ep.name] = f"{label} cannot be registered: {exc}"
+            continue
+        warning = plugin_checks.missing_api_range(module, label)
+        if warning:
+            result.warnings[ep.name] = warning
+        result.plugins[ep.name] = PluginInfo(
+            ep.name, dist, version, api_range=plugin_checks.declared_api_range(module)
+        )
     _collect(pm, result)
     return result
+
+
+def _contract_problems(module: object, label: str) -> list[str]:
+    """Reasons to refuse a loaded plugin module before any of its hooks runs."""
+    problems = plugin_checks.hook_problems(module, label)
+    api = plugin_checks.api_range_problem(module, label)
+    return [api, *problems] if api else problems
 
 
 def _version() -> str:
@@ -176,11 +206,19 @@ def get_plugins(refresh: bool = False) -> PluginSet:
 
 
 def register_plugin(module: object, name: str) -> PluginSet:
-    """Register an in-process plugin object (tests, notebooks) and rebuild the registries."""
+    """Register an in-process plugin object (tests, notebooks) and rebuild the registries.
+
+    Raises ``PluginError`` for a plugin the discovery would refuse (API range, hook names).
+    """
     plugins = get_plugins()
     assert plugins.manager is not None
+    problems = _contract_problems(module, f"plugin {name!r}")
+    if problems:
+        raise PluginError("; ".join(problems))
     plugins.manager.register(module, name=name)
-    plugins.plugins[name] = PluginInfo(name, "(in process)", "-")
+    plugins.plugins[name] = PluginInfo(
+        name, "(in process)", "-", api_range=plugin_checks.declared_api_range(module)
+    )
     plugins.registries.clear()
     for info in plugins.plugins.values():
         info.registered.clear()
