@@ -42,6 +42,14 @@ def register_model_sources(register):
 
 
 @hookimpl
+def register_install_hints(register):
+    from tessellm.install_hints import FIRST_PARTY_FAMILIES
+
+    for architecture, hint in FIRST_PARTY_FAMILIES.items():
+        register(architecture, hint)
+
+
+@hookimpl
 def register_commands(app):
     from tessellm.cli import chat, generate, plugins_cmd, serve
 
