@@ -1,0 +1,39 @@
+"""A griffe extension for the docs build: the codebase's docstrings are reST-ish prose.
+
+``:class:`X``` and its siblings become Markdown: a cross-reference where ``X`` is on a
+page of the API reference (so a stale name fails the strict build), inline code
+elsewhere. A paragraph ending in ``::`` (reST's literal-block marker) ends in ``:``, and a
+``::`` alone on its line goes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import griffe
+
+# Modules rendered in docs/reference/: references into them are checked links.
+_DOCUMENTED_PREFIXES = ("tessellm.hookspecs.", "tessellm.interfaces.", "tessellm.testing.")
+_ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|mod|data|exc|obj|const):`(~?)([^`]+)`")
+_LITERAL_MARKER = re.compile(r"(\S)::$", re.MULTILINE)
+_BARE_LITERAL_MARKER = re.compile(r"^[ \t]*::[ \t]*$", re.MULTILINE)
+
+
+def _role_to_markdown(match: re.Match[str]) -> str:
+    short, target = match.group(1), match.group(2).strip()
+    shown = target.rsplit(".", 1)[-1] if short else target
+    if target.startswith(_DOCUMENTED_PREFIXES):
+        return f"[`{shown}`][{target}]"
+    return f"`{shown}`"
+
+
+def rest_to_markdown(text: str) -> str:
+    text = _ROLE.sub(_role_to_markdown, text)
+    return _BARE_LITERAL_MARKER.sub("", _LITERAL_MARKER.sub(r"\1:", text))
+
+
+class RestRoles(griffe.Extension):
+    def on_object(self, *, obj: griffe.Object, **kwargs: Any) -> None:
+        if obj.docstring is not None:
+            obj.docstring.value = rest_to_markdown(obj.docstring.value)
