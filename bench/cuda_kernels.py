@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "plugins/kernels_triton/src"))
+sys.path.insert(0, str(ROOT / "kernels/triton/src"))
 
 from cuda_steps import events_ms  # noqa: E402
 
 from tessellm.layers.activation import GatedActivation  # noqa: E402
 from tessellm.layers.norm import RMSNorm  # noqa: E402
 from tessellm.layers.rotary import RotaryEmbedding  # noqa: E402
-from tessellm_kernels_triton.ops import triton_fused_ops  # noqa: E402
+from tessellm_triton_kernels.ops import triton_fused_ops  # noqa: E402
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD = 4096, 14336, 32, 8, 128
 TOKENS = (1, 256, 8192)

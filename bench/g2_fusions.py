@@ -64,10 +64,10 @@ def gemv_table(copy_tb: float) -> list[dict]:
 
 
 def _gemv_rows(name, n, silu, copy_tb, gen) -> list[dict]:
-    from tessellm_kernels_triton.activation import silu_and_mul
-    from tessellm_kernels_triton.gemv import gemv
-    from tessellm_kernels_triton.norm import add_rms_norm
-    from tessellm_kernels_triton.norm_gemv import PersistentGemvConfig, norm_gemv
+    from tessellm_triton_kernels.activation import silu_and_mul
+    from tessellm_triton_kernels.gemv import gemv
+    from tessellm_triton_kernels.norm import add_rms_norm
+    from tessellm_triton_kernels.norm_gemv import PersistentGemvConfig, norm_gemv
 
     k = 4096
     nbytes = n * k * 2
@@ -117,8 +117,8 @@ def _gemv_rows(name, n, silu, copy_tb, gen) -> list[dict]:
 
 @torch.inference_mode()
 def decode_levers(model: str, prompt_len: int, new_tokens: int, sets: list[str]) -> dict:
-    from tessellm_kernels_triton.linear_ops import LinearFusions
-    from tessellm_kernels_triton.ops import triton_fused_ops
+    from tessellm_triton_kernels.linear_ops import LinearFusions
+    from tessellm_triton_kernels.ops import triton_fused_ops
 
     engine = LLMEngine(EngineArgs(model=model, max_model_len=1024, max_num_seqs=8))
     runner = engine.executor.runner
@@ -158,7 +158,7 @@ def decode_levers(model: str, prompt_len: int, new_tokens: int, sets: list[str])
 
 def _best_persistent(rows: list[dict]) -> dict:
     """LinearFusions kwargs with the fastest persistent tiles for q/k/v and gate/up."""
-    from tessellm_kernels_triton.norm_gemv import PersistentGemvConfig
+    from tessellm_triton_kernels.norm_gemv import PersistentGemvConfig
 
     best = {}
     for proj, key in (("qkv", "norm_config"), ("gate_up", "silu_config")):

@@ -87,7 +87,7 @@ def graph_us_per_call(calls, reps: int = 20) -> float:
 
 @torch.inference_mode()
 def gemv_table(copy_tb: float) -> list[dict]:
-    from tessellm_kernels_triton.gemv import GemvConfig, gemv
+    from tessellm_triton_kernels.gemv import GemvConfig, gemv
 
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)

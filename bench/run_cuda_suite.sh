@@ -35,7 +35,7 @@ run_one() {
         fi
         python3 -m pip install -q --no-index --no-deps --no-build-isolation \
             -e core -e platform_cpu -e platform_cuda -e plugins/llama -e plugins/qwen \
-            -e plugins/attention_triton -e plugins/attention_torch -e plugins/kernels_triton
+            -e plugins/attention_triton -e plugins/attention_torch -e kernels/triton
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
         ;;
     tests)

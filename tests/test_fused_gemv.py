@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import use_triton_plugins
 
-use_triton_plugins("plugins/kernels_triton/src")
+use_triton_plugins("kernels/triton/src")
 
 from tessellm.interfaces.model import ModelContext, ParallelInfo  # noqa: E402
 from tessellm.interfaces.quantization import Unquantized  # noqa: E402
@@ -24,10 +24,10 @@ from tessellm.layers.linear import (  # noqa: E402
     RowParallelLinear,
 )
 from tessellm.layers.norm import LayerNorm, RMSNorm  # noqa: E402
-from tessellm_kernels_triton.dense_gemv import UnquantizedGemv  # noqa: E402
-from tessellm_kernels_triton.gemv import GemvConfig, gemv  # noqa: E402
-from tessellm_kernels_triton.linear_ops import LinearFusions  # noqa: E402
-from tessellm_kernels_triton.norm_gemv import MAX_K, PersistentGemvConfig, norm_gemv  # noqa: E402
+from tessellm_triton_kernels.dense_gemv import UnquantizedGemv  # noqa: E402
+from tessellm_triton_kernels.gemv import GemvConfig, gemv  # noqa: E402
+from tessellm_triton_kernels.linear_ops import LinearFusions  # noqa: E402
+from tessellm_triton_kernels.norm_gemv import MAX_K, PersistentGemvConfig, norm_gemv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -211,8 +211,8 @@ def test_entries_decline_what_the_gemv_does_not_run():
 @gpu
 @pytest.mark.parametrize(("n", "k", "silu"), [(6144, 4096, False), (28672, 4096, True)])
 def test_gpu_bf16_llama_shapes_match_the_unfused_kernels(n, k, silu):
-    from tessellm_kernels_triton.activation import silu_and_mul
-    from tessellm_kernels_triton.norm import add_rms_norm
+    from tessellm_triton_kernels.activation import silu_and_mul
+    from tessellm_triton_kernels.norm import add_rms_norm
 
     gen = torch.Generator(device="cuda").manual_seed(n)
     weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02

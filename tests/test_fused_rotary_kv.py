@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import use_triton_plugins
 
-use_triton_plugins("plugins/kernels_triton/src", "plugins/attention_torch/src")
+use_triton_plugins("kernels/triton/src", "plugins/attention_torch/src")
 
 from tessellm.interfaces.attention import AttentionMetadata, AttentionSpec  # noqa: E402
 from tessellm.interfaces.model import ModelContext, ParallelInfo  # noqa: E402
@@ -20,8 +20,8 @@ from tessellm.interfaces.quantization import Unquantized  # noqa: E402
 from tessellm.layers.attention import Attention  # noqa: E402
 from tessellm.layers.rotary import RotaryEmbedding  # noqa: E402
 from tessellm_attention_torch.backend import TorchPagedAttention  # noqa: E402
-from tessellm_kernels_triton.ops import triton_fused_ops  # noqa: E402
-from tessellm_kernels_triton.rotary_kv import rotary_neox_write_kv  # noqa: E402
+from tessellm_triton_kernels.ops import triton_fused_ops  # noqa: E402
+from tessellm_triton_kernels.rotary_kv import rotary_neox_write_kv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]

@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import use_triton_plugins
 
-use_triton_plugins("plugins/kernels_triton/src")
+use_triton_plugins("kernels/triton/src")
 
 from tessellm.interfaces.quantization import QuantizationMethod  # noqa: E402
-from tessellm_kernels_triton.dense_gemv import UnquantizedGemv  # noqa: E402
-from tessellm_kernels_triton.gemv import GemvConfig, gemv  # noqa: E402
+from tessellm_triton_kernels.dense_gemv import UnquantizedGemv  # noqa: E402
+from tessellm_triton_kernels.gemv import GemvConfig, gemv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import use_triton_plugins
 
-use_triton_plugins("plugins/kernels_triton/src")
+use_triton_plugins("kernels/triton/src")
 
 from tessellm.interfaces.ops import FusedOps, bind_fused_ops  # noqa: E402
 from tessellm.layers.activation import GatedActivation  # noqa: E402
 from tessellm.layers.norm import RMSNorm  # noqa: E402
 from tessellm.layers.rotary import RotaryEmbedding  # noqa: E402
-from tessellm_kernels_triton.ops import triton_fused_ops  # noqa: E402
+from tessellm_triton_kernels.ops import triton_fused_ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = triton_fused_ops()

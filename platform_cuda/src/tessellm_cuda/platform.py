@@ -135,7 +135,7 @@ class CudaPlatform(Platform):
         if names == []:
             return None
         try:
-            from tessellm_kernels_triton.ops import triton_fused_ops
+            from tessellm_triton_kernels.ops import triton_fused_ops
         except ImportError as exc:  # the kernels are an optional speed-up
             logger.warning("fused kernels unavailable (%s); using plain torch layers", exc)
             return None

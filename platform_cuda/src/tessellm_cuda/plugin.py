@@ -12,4 +12,4 @@ def register_platforms(register):
 @hookimpl
 def register_quantization_methods(register):
     # Dense weights; one-row products on a Triton GEMV (the default here in bf16/fp16).
-    register("unquantized_gemv", "tessellm_kernels_triton.dense_gemv:UnquantizedGemv")
+    register("unquantized_gemv", "tessellm_triton_kernels.dense_gemv:UnquantizedGemv")
