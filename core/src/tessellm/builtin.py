@@ -1,4 +1,9 @@
-"""Core's own features, registered through the same hooks as any plugin."""
+"""Core's own features, registered through the same hooks as any plugin.
+
+Every target is a lazy ``"module:Class"`` string, so this module imports nothing of the
+engine. The CLI's own commands are registered by the CLI (``tessellm.cli.core_commands``),
+not here: discovery must not import the command line it serves.
+"""
 
 from __future__ import annotations
 
@@ -47,17 +52,3 @@ def register_install_hints(register):
 
     for architecture, hint in FIRST_PARTY_FAMILIES.items():
         register(architecture, hint)
-
-
-@hookimpl
-def register_commands(app):
-    from tessellm.cli import chat, generate, plugins_cmd, serve
-
-    app.command("generate")(generate.generate)
-    app.command("plugins")(plugins_cmd.plugins)
-    app.command("serve")(serve.serve)
-    app.command("chat")(chat.chat)
-
-    from tessellm.cli.bench import bench_app
-
-    app.add_typer(bench_app, name="bench")

@@ -1,5 +1,5 @@
-"""Root of the command line. Sub-commands come from core's built-in plugin and from any
-installed plugin's ``register_commands`` hook."""
+"""Root of the command line. Sub-commands come from core's own (``core_commands``) and
+from any installed plugin's ``register_commands`` hook."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ def build_app() -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
+    from tessellm.cli import core_commands
+
+    core_commands.register_commands(app=app)
     plugins = get_plugins()
     assert plugins.manager is not None
     for impl in plugins.manager.hook.register_commands.get_hookimpls():
