@@ -32,7 +32,7 @@ from typing import Any
 from tessellm.bench.workload import LengthRange, make_workload, usable_token_ids
 from tessellm.config import EngineArgs
 from tessellm.engine.llm_engine import LLMEngine
-from tessellm.engine.schedule import SchedulerOutput, StepResult
+from tessellm.interfaces.schedule import SchedulerOutput, StepResult
 from tessellm.plugins import Registration, discover
 from tessellm.sampling_params import SamplingParams
 

@@ -6,7 +6,7 @@ import pytest
 
 from tessellm.engine.block_pool import BlockPool
 from tessellm.engine.kv_cache_manager import KVCacheManager, hash_block
-from tessellm.engine.request import Request
+from tessellm.interfaces.request import Request
 from tessellm.sampling_params import SamplingParams
 
 

@@ -18,9 +18,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from test_scheduler import FakeRunner, make_request, reference_output
 
 from tessellm.engine.kv_cache_manager import KVCacheManager
-from tessellm.engine.request import RequestStatus
 from tessellm.engine.scheduler import Scheduler, SchedulerConfig
 from tessellm.errors import InvalidRequestError
+from tessellm.interfaces.request import RequestStatus
 
 # A few shared prefixes, so that prefix hits (and evictions of cached blocks) happen.
 PREFIXES = [list(range(3, 3 + 12)), list(range(20, 26)), []]

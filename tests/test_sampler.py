@@ -15,7 +15,7 @@ from tessellm.engine.sampler import (
     compute_prompt_logprobs,
     mask_min_p_top_k_top_p,
 )
-from tessellm.engine.schedule import ScheduledSeq, SchedulerOutput
+from tessellm.interfaces.schedule import ScheduledSeq, SchedulerOutput
 
 VOCAB = 32
 

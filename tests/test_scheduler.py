@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 
 from tessellm.engine.kv_cache_manager import KVCacheManager
-from tessellm.engine.request import Request, RequestStatus
-from tessellm.engine.schedule import SchedulerOutput, StepResult
 from tessellm.engine.scheduler import Scheduler, SchedulerConfig
 from tessellm.errors import InvalidRequestError
+from tessellm.interfaces.request import Request, RequestStatus
+from tessellm.interfaces.schedule import SchedulerOutput, StepResult
 from tessellm.sampling_params import SamplingParams
 
 VOCAB = 50

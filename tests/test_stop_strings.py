@@ -7,7 +7,7 @@ import pytest
 
 from tessellm import LLM, SamplingParams
 from tessellm.engine.output_processor import OutputProcessor
-from tessellm.engine.request import Request
+from tessellm.interfaces.request import Request
 
 PIECES = ["<s>", "He", "llo", " wo", "rld", "!", " S", "TOP", " the", " end", "ST", "OP"]
 

@@ -14,9 +14,9 @@ import torch
 from conftest import TEST_PROMPTS, live_descendants, save_tiny_model, tiny_llama_config
 
 from tessellm import LLM, SamplingParams
-from tessellm.engine.schedule import ScheduledSeq, SchedulerOutput
 from tessellm.errors import ConfigError, WorkerError
 from tessellm.executors.base import check_tensor_parallel_fit
+from tessellm.interfaces.schedule import ScheduledSeq, SchedulerOutput
 
 NEW_TOKENS = 12
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2)

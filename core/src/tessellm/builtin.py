@@ -22,7 +22,7 @@ def register_kv_cache_managers(register):
 
 @hookimpl
 def register_executors(register):
-    register("uniproc", "tessellm.engine.executor:UniProcExecutor")
+    register("uniproc", "tessellm.executors.uniproc:UniProcExecutor")
     register("mp", "tessellm.executors.mp:MultiprocExecutor")
     register("ray", "tessellm.executors.ray:RayExecutor")
 

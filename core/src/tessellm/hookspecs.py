@@ -133,7 +133,7 @@ def register_model_sources(register: Register) -> None:
 def register_schedulers(register: Register) -> None:
     """Register schedulers (core registers ``"default"``).
 
-    The target follows :class:`tessellm.interfaces.engine.SchedulerInterface`.
+    The target is a subclass of :class:`tessellm.interfaces.engine.Scheduler`.
     """
 
 
@@ -141,7 +141,7 @@ def register_schedulers(register: Register) -> None:
 def register_kv_cache_managers(register: Register) -> None:
     """Register KV cache managers (core registers ``"default"``, a paged block manager).
 
-    The target follows :class:`tessellm.interfaces.engine.KVCacheManagerInterface`.
+    The target is a subclass of :class:`tessellm.interfaces.engine.KVCacheManager`.
     """
 
 
@@ -149,7 +149,7 @@ def register_kv_cache_managers(register: Register) -> None:
 def register_executors(register: Register) -> None:
     """Register executors (core registers ``"uniproc"``, ``"mp"`` and ``"ray"``).
 
-    The target follows :class:`tessellm.interfaces.engine.ExecutorInterface`: it owns the
+    The target is a subclass of :class:`tessellm.interfaces.engine.Executor`: it owns the
     model runner(s), in this process or in one process per rank.
     """
 

@@ -18,12 +18,12 @@ from array import array
 from collections.abc import Sequence
 
 from tessellm.engine.block_pool import BlockHash, BlockPool
-from tessellm.engine.request import Request
+from tessellm.interfaces import engine as seams
+from tessellm.interfaces.request import Request
 
-# Stands for an output token sampled by a step still running on the device, when the next
-# step is scheduled before it is known (the engine's schedule-ahead loop). A block whose
-# last token it is gets its hash, and is published, once the token is filled in.
-PLACEHOLDER_TOKEN = -1
+# A block whose last token is a placeholder (an output token still being sampled, with
+# schedule-ahead) gets its hash, and is published, once the token is filled in.
+PLACEHOLDER_TOKEN = seams.PLACEHOLDER_TOKEN
 
 
 def hash_block(
@@ -40,13 +40,13 @@ def hash_block(
     return digest.digest()
 
 
-class KVCacheManager:
+class KVCacheManager(seams.KVCacheManager):
     """The default paged KV cache manager (``can_allocate`` before ``allocate``)."""
 
+    supports_schedule_ahead = True
+
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self.enable_prefix_caching = enable_prefix_caching
+        super().__init__(num_blocks, block_size, enable_prefix_caching)
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         # request id -> index of an allocated block that a placeholder token completes
         self._unpublished: dict[str, int] = {}

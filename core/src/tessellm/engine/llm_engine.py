@@ -10,15 +10,23 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, TypeVar
 
 from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
 from tessellm.engine.output_processor import OutputProcessor, child_id
-from tessellm.engine.request import Request, RequestStatus
-from tessellm.engine.schedule import SchedulerOutput, StepResult
-from tessellm.engine.scheduler import SchedulerConfig
 from tessellm.errors import ConfigError, InvalidRequestError
+from tessellm.interfaces.engine import (
+    Executor,
+    KVCacheManager,
+    PendingResult,
+    Request,
+    RequestStatus,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+    check_implementation,
+)
 from tessellm.outputs import RequestOutput
 from tessellm.plugins import PluginSet, get_plugins
 from tessellm.sampling_params import SamplingParams
@@ -48,22 +56,18 @@ def tune_garbage_collector() -> None:
     atexit.register(gc.unfreeze)
 
 
-class PendingResult(Protocol):
-    """A launched step (``executor.launch``); ``result()`` waits for its tokens."""
-
-    def result(self) -> StepResult: ...
+Seam = TypeVar("Seam", Executor, Scheduler, KVCacheManager)
 
 
-class _Done:
-    """An executor without ``launch``: the step ran in full already."""
-
-    __slots__ = ("_result",)
-
-    def __init__(self, result: StepResult) -> None:
-        self._result = result
-
-    def result(self) -> StepResult:
-        return self._result
+def load_seam(plugins: PluginSet, kind: str, name: str, base: type[Seam]) -> type[Seam]:
+    """The class registered as ``name`` under ``kind``, checked against its seam's ABC
+    once, here, so the engine may then call the declared members without probing."""
+    cls = plugins.load(kind, name)
+    registration = plugins.get(kind, name)
+    label = kind.removesuffix("s").replace("_", " ")
+    origin = f" (from plugin {registration.plugin!r})" if registration is not None else ""
+    check_implementation(cls, base, f"{label} {name!r}{origin}")
+    return cls
 
 
 def eos_ids_of(config: Any, tokenizer: Any) -> frozenset[int]:
@@ -102,7 +106,10 @@ class LLMEngine:
         executor_name = args.distributed_executor_backend or (
             "uniproc" if args.tensor_parallel_size == 1 else "mp"
         )
-        self.executor = plugins.load("executors", executor_name)(args, self.resolved, plugins)
+        executor_cls = load_seam(plugins, "executors", executor_name, Executor)
+        scheduler_cls = load_seam(plugins, "schedulers", args.scheduler, Scheduler)
+        kv_cls = load_seam(plugins, "kv_cache_managers", args.kv_cache_manager, KVCacheManager)
+        self.executor: Executor = executor_cls(args, self.resolved, plugins)
         self.max_model_len = self.executor.max_model_len
         num_blocks = self.executor.available_blocks()
         # Beyond what max_num_seqs full-length sequences could hold, blocks are wasted memory.
@@ -120,9 +127,7 @@ class LLMEngine:
             )
             self.max_model_len = capacity
         self.executor.initialize_cache(num_blocks)
-        kv = plugins.load("kv_cache_managers", args.kv_cache_manager)(
-            num_blocks, args.block_size, args.enable_prefix_caching
-        )
+        kv = kv_cls(num_blocks, args.block_size, args.enable_prefix_caching)
         batched = args.max_num_batched_tokens or max(8192, args.max_num_seqs)
         if not args.enable_chunked_prefill:
             batched = max(batched, self.max_model_len)
@@ -133,8 +138,8 @@ class LLMEngine:
             enable_chunked_prefill=args.enable_chunked_prefill,
             policy=args.scheduling_policy,
         )
-        self.scheduler = plugins.load("schedulers", args.scheduler)(sched_config, kv)
-        self.kv_cache_manager = kv
+        self.scheduler: Scheduler = scheduler_cls(sched_config, kv)
+        self.kv_cache_manager: KVCacheManager = kv
         self.num_blocks = num_blocks
         self.eos_token_ids = eos_ids_of(self.model_config, self.tokenizer) | frozenset(
             generation_eos_ids(self.resolved.path)
@@ -142,16 +147,15 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         # Overlap a step's output processing with the next step's device work where the
         # executor launches work without waiting for it (a GPU, not the CPU).
-        self.overlap_steps: bool = args.async_scheduling and bool(
-            getattr(self.executor, "asynchronous", False)
-        )
+        self.overlap_steps: bool = args.async_scheduling and bool(self.executor.asynchronous)
         # Schedule before the running step's tokens are known: needs an executor that
-        # fills placeholders in on the device, and the default scheduler's advance/fill.
+        # fills placeholders in on the device, a scheduler with advance/fill and a KV
+        # cache manager that withholds the blocks a placeholder completes.
         self.schedule_ahead: bool = (
             self.overlap_steps
-            and bool(getattr(self.executor, "feeds_sampled_tokens", False))
-            and hasattr(self.scheduler, "advance")
-            and hasattr(kv, "publish_filled")
+            and bool(self.executor.feeds_sampled_tokens)
+            and bool(self.scheduler.supports_schedule_ahead)
+            and bool(kv.supports_schedule_ahead)
         )
         self._in_flight: tuple[SchedulerOutput, PendingResult] | None = None
         self._ids = itertools.count()
@@ -290,11 +294,10 @@ class LLMEngine:
         c["batched_seqs_max"] = max(c["batched_seqs_max"], len(plan.seqs))
         return outputs
 
-    def _launch(self, plan: SchedulerOutput, previous: Any = None) -> PendingResult:
-        if previous is not None:
-            return self.executor.launch(plan, previous)
-        launch = getattr(self.executor, "launch", None)
-        return launch(plan) if launch is not None else _Done(self.executor.execute(plan))
+    def _launch(
+        self, plan: SchedulerOutput, previous: tuple[SchedulerOutput, PendingResult] | None = None
+    ) -> PendingResult:
+        return self.executor.launch(plan, previous)
 
     def _launch_next(self, previous: tuple[SchedulerOutput, PendingResult] | None) -> None:
         if self.scheduler.has_unfinished():

@@ -10,15 +10,14 @@ import torch
 
 from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
-from tessellm.engine.kv_cache_manager import PLACEHOLDER_TOKEN
 from tessellm.engine.profile_run import profile_forward
 from tessellm.engine.sampler import Sampler, compute_prompt_logprobs
-from tessellm.engine.schedule import SchedulerOutput, StepResult
 from tessellm.engine.transfer import to_device
 from tessellm.interfaces.attention import AttentionMetadata
 from tessellm.interfaces.model import ModelContext, ParallelInfo
 from tessellm.interfaces.ops import bind_fused_ops
 from tessellm.interfaces.platform import GraphRunner, GraphSpec
+from tessellm.interfaces.schedule import PLACEHOLDER_TOKEN, SchedulerOutput, StepResult
 from tessellm.layers.attention import Attention
 from tessellm.plugins import PluginSet, get_plugins
 from tessellm.selection import choose_attention_backend, choose_platform
@@ -46,7 +45,12 @@ class ModelRunner:
         self.dtype = ml.resolve_dtype(args.dtype, self.platform.default_dtype())
         self.max_model_len = ml.max_model_len_of(self.config, args.max_model_len)
         spec = ml.attention_spec(
-            self.config, self.device.type, self.dtype, args.block_size, self.parallel.world_size
+            self.config,
+            self.device.type,
+            self.dtype,
+            args.block_size,
+            self.parallel.world_size,
+            plugins,
         )
         backend_cls, self.attention_choice = choose_attention_backend(
             plugins, self.platform, spec, args.attention_backend

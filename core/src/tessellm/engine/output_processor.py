@@ -17,8 +17,8 @@ from tessellm.engine.detokenizer import (
     backend_decoder,
     make_detokenizer,
 )
-from tessellm.engine.request import Request, RequestStatus
-from tessellm.engine.schedule import TokenLogprobs
+from tessellm.interfaces.request import Request, RequestStatus
+from tessellm.interfaces.schedule import TokenLogprobs
 from tessellm.outputs import CompletionOutput, Logprob, RequestOutput
 
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from tessellm.engine.schedule import ScheduledSeq, SchedulerOutput, TokenLogprobs
 from tessellm.engine.transfer import to_device
+from tessellm.interfaces.schedule import ScheduledSeq, SchedulerOutput, TokenLogprobs
 
 NEG_INF = float("-inf")
 

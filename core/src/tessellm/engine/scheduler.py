@@ -20,10 +20,17 @@ import itertools
 import time
 from dataclasses import dataclass, field, fields
 
-from tessellm.engine.kv_cache_manager import PLACEHOLDER_TOKEN, KVCacheManager
-from tessellm.engine.request import Request, RequestStatus
-from tessellm.engine.schedule import ScheduledSeq, SchedulerOutput, StepResult
 from tessellm.errors import InvalidRequestError
+from tessellm.interfaces import engine as seams
+from tessellm.interfaces.engine import (
+    PLACEHOLDER_TOKEN,
+    Request,
+    RequestStatus,
+    ScheduledSeq,
+    SchedulerConfig,
+    SchedulerOutput,
+    StepResult,
+)
 
 # Scheduler._to_seq passes these positionally (keywords cost twice as much a sequence).
 _SEQ_FIELDS = (
@@ -32,15 +39,6 @@ _SEQ_FIELDS = (
 )
 if " ".join(f.name for f in fields(ScheduledSeq)[: _SEQ_FIELDS.count(" ") + 1]) != _SEQ_FIELDS:
     raise ImportError("ScheduledSeq's fields changed: update Scheduler._to_seq")
-
-
-@dataclass(slots=True)
-class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_model_len: int = 4096
-    enable_chunked_prefill: bool = True
-    policy: str = "fcfs"  # or "priority"
 
 
 @dataclass(slots=True)
@@ -63,12 +61,16 @@ class _StepDraft:
     admitted_any: bool = False
 
 
-class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+class Scheduler(seams.Scheduler):
+    """The default scheduler (this module's docstring says how it plans a step)."""
+
+    supports_schedule_ahead = True
+
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: seams.KVCacheManager) -> None:
         if config.policy not in ("fcfs", "priority"):
             raise ValueError(f"unknown scheduling policy {config.policy!r}")
-        self.config = config
-        self.kv = kv_cache_manager
+        super().__init__(config, kv_cache_manager)
+        self.kv = kv_cache_manager  # the short name: it is on every hot path
         self.waiting: list[Request] = []  # kept sorted by rank
         self.running: list[Request] = []  # kept sorted by rank too
         self.requests: dict[str, Request] = {}
@@ -109,9 +111,6 @@ class Scheduler:
         request.arrival_index = next(self._arrivals)
         self.requests[request.request_id] = request
         self._enqueue(request)
-
-    def abort_requests(self, request_ids: list[str]) -> list[Request]:
-        return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
         done = []

@@ -9,14 +9,14 @@ it again at once, so the engine never waits on workers that are gone.
 from __future__ import annotations
 
 import logging
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from typing import Any, ClassVar, NoReturn
 
 from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
-from tessellm.engine.schedule import SchedulerOutput, StepResult
 from tessellm.errors import ConfigError, WorkerError
 from tessellm.executors.worker import execute_timeout
+from tessellm.interfaces.engine import Executor, SchedulerOutput, StepResult
 from tessellm.model_loader import ResolvedModel
 from tessellm.plugins import PluginSet
 
@@ -42,7 +42,10 @@ def check_tensor_parallel_fit(config: Any, tp: int) -> None:
         )
 
 
-class DistributedExecutor(ABC):
+class DistributedExecutor(Executor):
+    """One worker per tensor-parallel rank; ``execute`` waits for every rank (not
+    ``asynchronous``: the default ``launch`` runs ``execute``)."""
+
     name: ClassVar[str]
 
     def __init__(self, args: EngineArgs, resolved: ResolvedModel, plugins: PluginSet) -> None:

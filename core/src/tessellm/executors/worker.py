@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tessellm.config import EngineArgs
-from tessellm.engine.schedule import SchedulerOutput, StepResult
+from tessellm.interfaces.schedule import SchedulerOutput, StepResult
 from tessellm.model_loader import ResolvedModel
 
 STARTUP_TIMEOUT_ENV = "TESSELLM_WORKER_STARTUP_TIMEOUT_SECONDS"
@@ -93,7 +93,7 @@ class Worker:
             torch.set_num_threads(max(1, share))
 
     def ready_info(self) -> dict[str, Any]:
-        from tessellm.engine.executor import describe_runner
+        from tessellm.executors.uniproc import describe_runner
 
         return {
             "pid": os.getpid(),

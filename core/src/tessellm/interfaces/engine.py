@@ -1,47 +1,308 @@
-"""Core's own seams: scheduler, KV cache manager and executor (each replaceable by plugins)."""
+"""The engine's own seams: executor, scheduler and KV cache manager, each replaceable by a
+plugin, and the data that crosses them.
+
+``LLMEngine`` calls nothing on these objects beyond what is declared here. Optional
+behaviour is a class-level capability attribute (``False`` in the base class); the engine
+reads it once, at construction, and never probes for methods. A plugin subclasses the
+base class and implements its abstract members; the engine refuses (``PluginError``) a
+registered class that is not a subclass, leaves an abstract member out, or claims a
+capability without the members it needs.
+
+One step: ``Scheduler.schedule()`` plans it (a ``SchedulerOutput``, which holds block
+tables the ``KVCacheManager`` handed out), ``Executor.execute(plan)`` (or ``launch``) runs
+the model and samples (a ``StepResult``), ``Scheduler.update(plan, result)`` appends the
+tokens and finishes requests.
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Protocol
 
+from tessellm.errors import PluginError
+from tessellm.interfaces.request import Request, RequestStatus
+from tessellm.interfaces.schedule import (
+    PLACEHOLDER_TOKEN,
+    ScheduledSeq,
+    SchedulerConfig,
+    SchedulerOutput,
+    StepResult,
+    TokenLogprobs,
+)
+
 if TYPE_CHECKING:
-    from tessellm.engine.request import Request
-    from tessellm.engine.schedule import SchedulerOutput, StepResult
+    from tessellm.config import EngineArgs
+    from tessellm.model_loader import ResolvedModel
+    from tessellm.plugins import PluginSet
+
+__all__ = [
+    "PLACEHOLDER_TOKEN",
+    "CompletedStep",
+    "Executor",
+    "KVCacheManager",
+    "PendingResult",
+    "Request",
+    "RequestStatus",
+    "ScheduledSeq",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "StepResult",
+    "TokenLogprobs",
+    "check_implementation",
+]
 
 
-class KVCacheManagerInterface(Protocol):
-    """Hands out KV blocks to requests; the scheduler asks before it commits."""
+class KVCacheManager(ABC):
+    """Hands out KV cache blocks to requests, and finds cached prefixes.
 
-    num_blocks: int
-    block_size: int
+    Constructed by the engine as ``cls(num_blocks, block_size, enable_prefix_caching)``
+    (the base ``__init__`` stores the three; call it). Only the scheduler calls it, always
+    ``can_allocate`` before ``allocate``.
 
+    Data contract: the manager owns ``Request.block_ids``, the blocks holding a request's
+    KV in position order (block ``i`` holds positions ``i * block_size`` up to
+    ``(i + 1) * block_size``); every method that hands out or takes back blocks writes it,
+    and the scheduler copies it into ``ScheduledSeq.block_ids`` for the executor. The
+    manager reads ``Request.num_computed_tokens`` (positions whose KV is written or being
+    written this step) and may keep its own bookkeeping in ``Request.block_hashes``.
+    Blocks are ids in ``range(num_blocks)``; the executor's cache holds as many.
+    """
+
+    #: Whether ``allocate`` copes with a ``PLACEHOLDER_TOKEN`` as a request's last output
+    #: token (schedule-ahead): it must not publish, as a prefix-cache hit, a block whose
+    #: tokens include it until ``publish_filled`` says the token is known. A manager
+    #: without a prefix cache can set it ``True`` as is.
+    supports_schedule_ahead: bool = False
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        #: Blocks in the pool (the executor's cache was sized for this many).
+        self.num_blocks = num_blocks
+        #: Tokens per block.
+        self.block_size = block_size
+        #: Whether requests may share the blocks of a common prefix.
+        self.enable_prefix_caching = enable_prefix_caching
+
+    @abstractmethod
     def get_computed_blocks(self, request: Request) -> int:
-        """Attach cached prefix blocks to a new request; returns the number of cached tokens."""
+        """Attach the longest cached prefix of a request that holds no blocks (sets its
+        ``block_ids`` to the hits); return how many tokens need no compute: a multiple of
+        ``block_size``, and less than ``request.num_tokens`` (the last token is always
+        computed, for its logits). Return 0 with nothing attached if there is no cache."""
 
-    def can_allocate(self, request: Request, num_new_tokens: int) -> bool: ...
+    @abstractmethod
+    def can_allocate(self, request: Request, num_new_tokens: int) -> bool:
+        """Whether ``allocate(request, num_new_tokens)`` would succeed now. Changes nothing."""
 
-    def allocate(self, request: Request, num_new_tokens: int) -> None: ...
+    @abstractmethod
+    def allocate(self, request: Request, num_new_tokens: int) -> None:
+        """Extend ``request.block_ids`` to cover positions up to ``num_computed_tokens +
+        num_new_tokens`` (the tokens the coming step computes). Only after
+        ``can_allocate`` said yes for the same arguments."""
 
-    def free(self, request: Request) -> None: ...
+    @abstractmethod
+    def free(self, request: Request) -> None:
+        """Take back every block of the request and empty ``request.block_ids``. Called on
+        finish, abort and preemption, before the scheduler resets the request's progress:
+        ``num_computed_tokens`` still says which blocks hold written KV."""
 
+    @abstractmethod
     def usage(self) -> float:
-        """Fraction of blocks held by running requests."""
+        """Fraction of the blocks that requests hold (0.0 to 1.0), for stats and metrics."""
+
+    def publish_filled(self, request: Request) -> None:  # noqa: B027 - optional hook
+        """Schedule-ahead only (``supports_schedule_ahead``): the placeholder that was the
+        request's last output token when a block was allocated is now its real token;
+        publish a block it completed. The default does nothing (right for a manager
+        without a prefix cache)."""
 
 
-class SchedulerInterface(Protocol):
-    def add_request(self, request: Request) -> None: ...
+class Scheduler(ABC):
+    """Decides, each step, which requests compute which tokens, within the token budget,
+    the sequence limit and the KV blocks the manager has.
 
-    def abort_requests(self, request_ids: list[str]) -> list[Request]: ...
+    Constructed by the engine as ``cls(config, kv_cache_manager)`` (the base ``__init__``
+    stores both; call it). The scheduler owns each request's progress
+    (``Request.status``, ``num_computed_tokens``, ``output_token_ids``) and is the only
+    caller of the KV cache manager.
+    """
 
-    def schedule(self) -> SchedulerOutput: ...
+    #: Whether ``advance`` and ``fill`` are implemented: the engine may then schedule a
+    #: step before the running step's tokens are known (with an asynchronous executor that
+    #: ``feeds_sampled_tokens`` and a KV cache manager that ``supports_schedule_ahead``).
+    supports_schedule_ahead: bool = False
 
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache_manager = kv_cache_manager
+
+    @abstractmethod
+    def add_request(self, request: Request) -> None:
+        """Queue a new request. Raise ``InvalidRequestError`` for one that can never run
+        (e.g. a prompt that leaves no room to generate)."""
+
+    def abort_requests(self, request_ids: list[str]) -> list[Request]:
+        """Finish these requests as aborted (ids not known are skipped); return those
+        finished. The default calls ``finish_requests`` with ``FINISHED_ABORTED``."""
+        return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    @abstractmethod
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
+        """Finish these requests with ``status`` (the engine passes ``FINISHED_STOPPED``
+        for a stop string it found in the text): drop them from the queues, free their
+        blocks, set their status; skip ids not known. Return those finished."""
+
+    @abstractmethod
+    def schedule(self) -> SchedulerOutput:
+        """Plan the next step: allocate blocks (preempting if needed) and return what each
+        scheduled request computes. An empty plan (no ``seqs``) is valid."""
+
+    @abstractmethod
     def update(self, plan: SchedulerOutput, result: StepResult) -> list[Request]:
-        """Apply sampled tokens; returns the requests that changed (finished ones included)."""
+        """Apply a step's result: advance progress by the tokens computed, append the
+        sampled tokens (``result.sampled_token_ids``, one per seq with ``sample=True``, in
+        plan order) and finish requests that stop (EOS, stop tokens, ``max_tokens``,
+        length). Skip seqs whose request finished meanwhile. Return the requests that got
+        a token, finished ones included."""
 
-    def has_unfinished(self) -> bool: ...
+    @abstractmethod
+    def has_unfinished(self) -> bool:
+        """Whether any request is waiting or running."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, float]:
+        """Counters for ``LLMEngine.stats()`` and the server's metrics. Keys the metrics
+        read when present: ``num_running``, ``num_waiting``, ``num_preemptions``,
+        ``kv_cache_usage``, ``prefix_cache_queried_tokens``, ``prefix_cache_hit_tokens``
+        (``docs/scheduling.md`` lists the default scheduler's)."""
+
+    def advance(self, plan: SchedulerOutput) -> None:
+        """Schedule-ahead (``supports_schedule_ahead``): count ``plan`` as computed before
+        its tokens are known, giving each sampling request a ``PLACEHOLDER_TOKEN`` output
+        token, so that ``schedule()`` can plan the next step now."""
+        raise NotImplementedError(f"{type(self).__name__} does not support schedule-ahead")
+
+    def fill(self, plan: SchedulerOutput, result: StepResult) -> list[Request]:
+        """Schedule-ahead: replace the placeholders ``advance(plan)`` left with the sampled
+        tokens, finish what stops and call ``KVCacheManager.publish_filled`` for each
+        request still running. Returns what ``update`` returns."""
+        raise NotImplementedError(f"{type(self).__name__} does not support schedule-ahead")
+
+    @classmethod
+    def _capability_gaps(cls) -> list[str]:
+        if cls.supports_schedule_ahead and (
+            cls.advance is Scheduler.advance or cls.fill is Scheduler.fill
+        ):
+            return ["advance and fill (it sets supports_schedule_ahead = True)"]
+        return []
 
 
-class ExecutorInterface(Protocol):
-    def execute(self, plan: SchedulerOutput) -> StepResult: ...
+class PendingResult(Protocol):
+    """A launched step (``Executor.launch``)."""
 
-    def shutdown(self) -> None: ...
+    def result(self) -> StepResult:
+        """Wait for the step's sampled tokens (and logprobs) and return them."""
+        ...
+
+
+class CompletedStep:
+    """A step that ran in full already: what ``Executor.launch`` returns by default."""
+
+    __slots__ = ("_result",)
+
+    def __init__(self, result: StepResult) -> None:
+        self._result = result
+
+    def result(self) -> StepResult:
+        """The step's result, at once."""
+        return self._result
+
+
+class Executor(ABC):
+    """Owns the model runner(s), in this process or in one process per rank, and runs steps.
+
+    Constructed by the engine as ``cls(args, resolved, plugins)``: the ``EngineArgs``, the
+    ``ResolvedModel`` to load, the ``PluginSet``. The constructor loads the model. The
+    engine then asks ``available_blocks()``, picks a block count and calls
+    ``initialize_cache`` once before the first step.
+    """
+
+    #: Whether ``launch`` returns before the device is done with the step, so that the
+    #: engine can prepare the next step meanwhile (``LLMEngine.overlap_steps``). May be a
+    #: property where it depends on the device; the engine reads it once, after
+    #: construction.
+    asynchronous: bool = False
+
+    #: Whether ``launch(plan, previous)`` accepts ``previous``: it replaces, on the device,
+    #: each ``PLACEHOLDER_TOKEN`` in ``plan`` (the last token of a seq that sampled in
+    #: ``previous``) with the token ``previous`` sampled. Requires overriding ``launch``.
+    feeds_sampled_tokens: bool = False
+
+    def __init__(  # noqa: B027 - states the constructor the engine calls
+        self, args: EngineArgs, resolved: ResolvedModel, plugins: PluginSet
+    ) -> None:
+        """Load the model described by ``resolved`` as ``args`` say."""
+
+    @property
+    @abstractmethod
+    def max_model_len(self) -> int:
+        """The longest sequence (prompt + output tokens) the loaded model takes."""
+
+    @abstractmethod
+    def available_blocks(self) -> int:
+        """How many KV cache blocks (of ``args.block_size`` tokens) fit in the memory left
+        after loading the model; the engine allocates at most this many."""
+
+    @abstractmethod
+    def initialize_cache(self, num_blocks: int) -> None:
+        """Allocate the KV cache: ``num_blocks`` blocks, ids ``range(num_blocks)``."""
+
+    @abstractmethod
+    def execute(self, plan: SchedulerOutput) -> StepResult:
+        """Run one step to the end: compute the plan's tokens (KV written to the blocks in
+        each seq's ``block_ids``) and sample one token per seq with ``sample=True``."""
+
+    def launch(
+        self, plan: SchedulerOutput, previous: tuple[SchedulerOutput, PendingResult] | None = None
+    ) -> PendingResult:
+        """Start a step; ``result()`` on what returns waits for its tokens. ``previous`` (the
+        step launched before, not yet waited for) is passed only to an executor that
+        ``feeds_sampled_tokens``. The default runs ``execute`` to the end."""
+        if previous is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not feed sampled tokens (feeds_sampled_tokens)"
+            )
+        return CompletedStep(self.execute(plan))
+
+    def describe(self) -> dict[str, str]:
+        """What this executor runs on, for logs and benchmark reports (e.g. ``platform``,
+        ``attention``, ``dtype``, ``device``, ``quantization``)."""
+        return {"executor": type(self).__name__}
+
+    def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Release the model, the cache and any worker processes. Called once; the default
+        does nothing."""
+
+    @classmethod
+    def _capability_gaps(cls) -> list[str]:
+        if cls.feeds_sampled_tokens and cls.launch is Executor.launch:
+            return ["launch (it sets feeds_sampled_tokens = True)"]
+        return []
+
+
+def check_implementation(cls: object, base: type, what: str) -> None:
+    """Raise ``PluginError`` unless ``cls`` is a concrete subclass of ``base`` that has
+    the members its capability attributes promise. ``what`` names it in the message
+    (e.g. ``executor 'fast' from plugin 'tessellm-fast'``)."""
+    where = f"{base.__module__}.{base.__qualname__}"
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        declared = sorted(base.__abstractmethods__)  # type: ignore[attr-defined]
+        lacking = [m for m in declared if not isinstance(cls, type) or m not in dir(cls)]
+        detail = f"; it also lacks {', '.join(lacking)}" if lacking else ""
+        raise PluginError(f"{what} must be a subclass of {where}{detail}")
+    missing = sorted(cls.__abstractmethods__)  # type: ignore[attr-defined]
+    gaps = [f"{m} (abstract in {base.__qualname__})" for m in missing]
+    if issubclass(cls, (Scheduler, Executor)):
+        gaps += cls._capability_gaps()
+    if gaps:
+        raise PluginError(f"{what} does not implement {where}: missing {'; '.join(gaps)}")

@@ -1,4 +1,5 @@
-"""A request as the scheduler sees it: tokens, progress, blocks and status."""
+"""A request as the scheduler and the KV cache manager see it: tokens, progress, blocks and
+status. It crosses the scheduler and KV cache manager seams (``tessellm.interfaces.engine``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from tessellm.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
+    """Where a request is in its life; the ``FINISHED_*`` values are its finish reasons."""
+
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
@@ -24,6 +27,13 @@ class RequestStatus(enum.Enum):
 
 @dataclass(slots=True, eq=False)
 class Request:
+    """One sequence to generate (an ``n > 1`` request is ``n`` of these).
+
+    The engine creates it; the scheduler owns its progress (``status``,
+    ``num_computed_tokens``, ``output_token_ids``); the KV cache manager owns
+    ``block_ids`` (and ``block_hashes``, its prefix-cache bookkeeping).
+    """
+
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -40,6 +50,8 @@ class Request:
     # Tokens whose KV is in the cache (or scheduled to be written this step).
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit on first schedule; -1 before that
+    # Written by the KV cache manager: the blocks holding this request's KV, in order
+    # (block ``i`` holds positions ``i * block_size`` up to the next block).
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
     stop_reason: int | str | None = None

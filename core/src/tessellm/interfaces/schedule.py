@@ -1,4 +1,7 @@
-"""The plain data a step passes between scheduler, executor and back."""
+"""The plain data a step passes between scheduler, executor and back.
+
+All of it is plain dataclasses (picklable), so a plan goes to worker processes unchanged.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,25 @@ from tessellm.sampling_params import SamplingParams
 # One scored token: (its logprob, its rank in the vocabulary (1 = most likely),
 # [(token id, logprob), ...] the top-k alternatives, most likely first).
 TokenLogprobs = tuple[float, int, list[tuple[int, float]]]
+
+# Stands for an output token sampled by a step still running on the device, when the next
+# step is scheduled before it is known (the engine's schedule-ahead loop):
+# ``Scheduler.advance`` appends it to ``Request.output_token_ids``, so it may be the last
+# token of a ``ScheduledSeq``; an executor that ``feeds_sampled_tokens`` replaces it on the
+# device, and a KV cache manager that ``supports_schedule_ahead`` publishes no block it
+# completes until ``publish_filled``.
+PLACEHOLDER_TOKEN = -1
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """The limits the engine gives its scheduler (the scheduler's first constructor argument)."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192  # tokens computed in one step, prompts included
+    max_model_len: int = 4096  # prompt + output tokens of one request
+    enable_chunked_prefill: bool = True  # a prompt may be split over several steps
+    policy: str = "fcfs"  # or "priority"
 
 
 @dataclass(slots=True)
@@ -33,9 +55,11 @@ class ScheduledSeq:
 
 @dataclass(slots=True)
 class SchedulerOutput:
+    """One step's plan (``Scheduler.schedule()``): what the executor computes."""
+
     seqs: list[ScheduledSeq]
     num_batched_tokens: int
-    preempted_ids: list[str] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)  # preempted while planning it
 
     @property
     def empty(self) -> bool:

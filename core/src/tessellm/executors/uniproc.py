@@ -4,23 +4,28 @@ from __future__ import annotations
 
 from tessellm.config import EngineArgs
 from tessellm.engine.model_runner import ModelRunner, PendingStep
-from tessellm.engine.schedule import SchedulerOutput, StepResult
+from tessellm.interfaces.engine import Executor, PendingResult, SchedulerOutput, StepResult
 from tessellm.model_loader import ResolvedModel
 from tessellm.plugins import PluginSet
 
 
 def describe_runner(runner: ModelRunner) -> dict[str, str]:
-    """The platform, attention backend, dtype and device a runner ended up with."""
+    """The platform, attention backend, dtype, device and quantization a runner ended up with."""
     return {
         "platform": runner.platform_choice.explain("platform"),
         "attention": runner.attention_choice.explain("attention"),
         "dtype": str(runner.dtype).removeprefix("torch."),
         "device": str(runner.device),
+        "quantization": runner.quantization,
     }
 
 
-class UniProcExecutor:
+class UniProcExecutor(Executor):
     name = "uniproc"
+
+    # ``launch`` takes ``previous``: the engine may schedule a step before the tokens of
+    # the step still running are known (placeholders, filled in on the device).
+    feeds_sampled_tokens = True
 
     def __init__(self, args: EngineArgs, resolved: ResolvedModel, plugins: PluginSet) -> None:
         self.runner = ModelRunner(args, resolved, plugins=plugins)
@@ -39,22 +44,19 @@ class UniProcExecutor:
         self.runner.initialize_cache(num_blocks)
 
     @property
-    def asynchronous(self) -> bool:
+    def asynchronous(self) -> bool:  # type: ignore[override]
         """Whether ``launch`` returns before the device is done (not so on the CPU)."""
         return self.runner.device.type != "cpu"
 
     def execute(self, plan: SchedulerOutput) -> StepResult:
         return self.runner.execute(plan)
 
-    # ``launch`` takes ``previous``: the engine may schedule a step before the tokens of
-    # the step still running are known (placeholders, filled in on the device).
-    feeds_sampled_tokens = True
-
     def launch(
-        self, plan: SchedulerOutput, previous: tuple[SchedulerOutput, PendingStep] | None = None
+        self, plan: SchedulerOutput, previous: tuple[SchedulerOutput, PendingResult] | None = None
     ) -> PendingStep:
         """Queue the step; ``result()`` on what returns waits for its sampled tokens."""
-        return self.runner.launch(plan, previous)
+        # ``previous`` is always this executor's own launch: a ``PendingStep``.
+        return self.runner.launch(plan, previous)  # type: ignore[arg-type]
 
     def shutdown(self) -> None:
         pass
