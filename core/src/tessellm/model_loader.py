@@ -12,9 +12,9 @@ from torch import nn
 
 from tessellm.errors import ModelLoadError
 from tessellm.interfaces.attention import AttentionSpec
-from tessellm.interfaces.model import ModelContext
+from tessellm.interfaces.model import AttentionRequirements, ModelContext
 from tessellm.interfaces.weights import WeightFormat
-from tessellm.plugins import PluginSet
+from tessellm.plugins import PluginSet, get_plugins
 
 
 @dataclass(slots=True)
@@ -78,38 +78,54 @@ def head_size_of(config: Any) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
-def attention_spec(
-    config: Any, device_type: str, dtype: torch.dtype, block_size: int, tp: int
-) -> AttentionSpec:
-    cfg = text_config(config)
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    window = getattr(cfg, "sliding_window", None)
-    if getattr(cfg, "use_sliding_window", True) is False:
-        window = None
-    # Qwen2/Qwen3 list which layers are windowed; with max_window_layers >= the layer
-    # count none is, and the model needs no window support.
-    layer_types = getattr(cfg, "layer_types", None)
-    if window and layer_types is not None and "sliding_attention" not in layer_types:
-        window = None
-    return AttentionSpec(
-        device_type=device_type,
-        dtype=dtype,
-        head_size=head_size_of(cfg),
-        num_heads=max(1, heads // tp),
-        num_kv_heads=max(1, kv_heads // tp),
-        block_size=block_size,
-        sliding_window=bool(window),
-        logits_soft_cap=bool(getattr(cfg, "attn_logit_softcapping", None)),
-    )
-
-
-def build_model(plugins: PluginSet, config: Any, ctx: ModelContext) -> nn.Module:
+def model_class(plugins: PluginSet, config: Any) -> type[nn.Module]:
+    """The class the installed plugins register for the config's architecture."""
     arch = architecture_of(config)
     reg = plugins.get("models", arch)
     if reg is None:
         raise ModelLoadError(plugins.missing_message("models", arch))
-    model_cls = reg.load()
+    return reg.load()
+
+
+def attention_spec(
+    config: Any,
+    device_type: str,
+    dtype: torch.dtype,
+    block_size: int,
+    tp: int,
+    plugins: PluginSet | None = None,
+) -> AttentionSpec:
+    """What the model asks of attention on this device: the registered model class's
+    ``attention_requirements(config)`` (``plugins``: the process's plugins by default),
+    with the heads divided among ``tp`` ranks."""
+    model_cls = model_class(plugins if plugins is not None else get_plugins(), config)
+    name = f"{model_cls.__module__}.{model_cls.__qualname__}"
+    if not hasattr(model_cls, "attention_requirements"):  # a required member, checked once
+        raise ModelLoadError(
+            f"{name} does not say what attention it needs: define the classmethod "
+            "attention_requirements(config), or inherit "
+            "tessellm.interfaces.model.ConfigAttentionRequirements for the config's reading"
+        )
+    requirements = model_cls.attention_requirements(config)
+    if not isinstance(requirements, AttentionRequirements):
+        raise ModelLoadError(
+            f"{name}.attention_requirements returned "
+            f"{type(requirements).__name__}, not tessellm.interfaces.model.AttentionRequirements"
+        )
+    return AttentionSpec(
+        device_type=device_type,
+        dtype=dtype,
+        head_size=requirements.head_size,
+        num_heads=max(1, requirements.num_heads // tp),
+        num_kv_heads=max(1, requirements.num_kv_heads // tp),
+        block_size=block_size,
+        sliding_window=requirements.sliding_window,
+        logits_soft_cap=requirements.logits_soft_cap,
+    )
+
+
+def build_model(plugins: PluginSet, config: Any, ctx: ModelContext) -> nn.Module:
+    model_cls = model_class(plugins, config)
     with torch.device(ctx.device):
         model = model_cls(config, ctx)
     return model.eval()

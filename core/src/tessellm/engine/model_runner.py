@@ -45,7 +45,12 @@ class ModelRunner:
         self.dtype = ml.resolve_dtype(args.dtype, self.platform.default_dtype())
         self.max_model_len = ml.max_model_len_of(self.config, args.max_model_len)
         spec = ml.attention_spec(
-            self.config, self.device.type, self.dtype, args.block_size, self.parallel.world_size
+            self.config,
+            self.device.type,
+            self.dtype,
+            args.block_size,
+            self.parallel.world_size,
+            plugins,
         )
         backend_cls, self.attention_choice = choose_attention_backend(
             plugins, self.platform, spec, args.attention_backend

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -42,14 +42,71 @@ class ModelContext:
     parallel: ParallelInfo
 
 
+@dataclass(frozen=True, slots=True)
+class AttentionRequirements:
+    """What a model asks of the attention backend, read before the model is built.
+
+    Head counts are the whole model's (the engine divides them among tensor-parallel
+    ranks). ``sliding_window`` / ``logits_soft_cap``: some layer attends over a window /
+    soft-caps its scores, so a backend without that capability is refused, with the reason.
+    """
+
+    head_size: int
+    num_heads: int
+    num_kv_heads: int
+    sliding_window: bool = False
+    logits_soft_cap: bool = False
+
+
+def config_attention_requirements(config: Any) -> AttentionRequirements:
+    """The requirements read from the usual transformers config fields: ``head_dim`` (or
+    ``hidden_size / num_attention_heads``), ``num_key_value_heads``, a ``sliding_window``
+    that some layer uses (``use_sliding_window``, ``layer_types``), and
+    ``attn_logit_softcapping``. Multimodal configs are read through their text config."""
+    getter = getattr(config, "get_text_config", None)
+    cfg = getter() if getter else config
+    heads = cfg.num_attention_heads
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None
+    # Qwen2/Qwen3 list which layers are windowed; with max_window_layers >= the layer
+    # count none is, and the model needs no window support.
+    layer_types = getattr(cfg, "layer_types", None)
+    if window and layer_types is not None and "sliding_attention" not in layer_types:
+        window = None
+    return AttentionRequirements(
+        head_size=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        num_heads=heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        sliding_window=bool(window),
+        logits_soft_cap=bool(getattr(cfg, "attn_logit_softcapping", None)),
+    )
+
+
+class ConfigAttentionRequirements:
+    """Mixin giving a model class :func:`config_attention_requirements` as its
+    ``attention_requirements`` (``DecoderForCausalLM`` has it); a family whose attention
+    differs from what those fields say overrides the classmethod."""
+
+    @classmethod
+    def attention_requirements(cls, config: Any) -> AttentionRequirements:
+        return config_attention_requirements(config)
+
+
 class CausalLM(Protocol):
     """A decoder-only model over a packed batch of tokens.
 
     ``forward`` takes ``input_ids`` and ``positions`` of shape ``[num_tokens]`` and returns
     hidden states ``[num_tokens, hidden_size]``; ``compute_logits`` maps chosen rows to
     ``[rows, vocab_size]`` (the full vocabulary on every rank). ``load_weights`` consumes
-    ``(hf_name, tensor)`` pairs and returns the names it loaded.
+    ``(hf_name, tensor)`` pairs and returns the names it loaded. ``attention_requirements``
+    says, from the config alone, what the backend must support (the engine picks the
+    backend before building the model); :class:`ConfigAttentionRequirements` gives the
+    default reading of the config.
     """
+
+    @classmethod
+    def attention_requirements(cls, config: PretrainedConfig) -> AttentionRequirements: ...
 
     def __init__(self, config: PretrainedConfig, ctx: ModelContext) -> None: ...
 

@@ -11,10 +11,17 @@ as a differently ordered sum would change its last bits anyway).
 
 Some entries span layers: ``rotary_neox_write_kv`` (``Attention``) and the linear-fused
 forms (``DecoderLayer``, ``GatedMLP``) take the modules whose work they merge.
+
+An entry replaces the code of the class it was written for, so a layer uses it only where
+the module at hand runs that code (:func:`runs_methods_of`): a family's subclass that
+overrides a replaced method (a multiplier in an MLP's ``forward``, another norm) runs its
+own method, unfused, never the base class's kernel.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -76,3 +83,22 @@ def bind_fused_ops(model: nn.Module, ops: FusedOps | None) -> int:
             module.fused_ops = ops
             bound += 1
     return bound
+
+
+@functools.cache
+def _class_runs_methods_of(cls: type, base: type, methods: tuple[str, ...]) -> bool:
+    # getattr_static: the function objects themselves (a plain getattr makes a new bound
+    # object for a classmethod); per class, since checks run in every forward.
+    return issubclass(cls, base) and all(
+        inspect.getattr_static(cls, name) is inspect.getattr_static(base, name) for name in methods
+    )
+
+
+def runs_methods_of(module: object, base: type, *methods: str) -> bool:
+    """Whether ``module`` is a ``base`` whose class keeps ``base``'s own ``methods``.
+
+    The condition for a fused entry written for ``base`` to stand in for those methods:
+    ``base`` itself, or a subclass that overrides none of them (a rotary subclass that
+    only changes its tables keeps the fused rotary; one that changes ``_rotate`` does not).
+    """
+    return _class_runs_methods_of(type(module), base, methods)

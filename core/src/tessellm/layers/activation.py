@@ -34,7 +34,11 @@ class GatedActivation(nn.Module):
     def __init__(self, name: str = "silu") -> None:
         super().__init__()
         self.act = get_activation(name)
-        self.is_silu = self.act is F.silu
+
+    @property
+    def is_silu(self) -> bool:
+        """``act`` is SiLU: the function a fused ``silu_and_mul`` computes."""
+        return self.act is F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = self.fused_ops

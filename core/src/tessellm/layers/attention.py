@@ -64,8 +64,11 @@ class Attention(nn.Module):
         if rotary is not None:
             if positions is None:
                 raise ValueError("rotary needs the tokens' positions")
-            if ops is not None and ops.rotary_neox_write_kv is not None and rotary.whole_head_neox:
-                q = ops.rotary_neox_write_kv(
+            # The kernel rotates as RotaryEmbedding does and stores in the shared cache
+            # layout (interfaces/attention.py), which every backend's write_kv keeps.
+            fused = ops.rotary_neox_write_kv if ops is not None else None
+            if fused is not None and isinstance(rotary, RotaryEmbedding) and rotary.fusable:
+                q = fused(
                     positions,
                     q,
                     k,

@@ -5,6 +5,19 @@ per-head q/k RMSNorm, a per-layer sliding window), a gated MLP or any other MLP 
 RMSNorm before each sub-layer, and an LM head that may be tied to the embedding. A family
 subclasses :class:`DecoderForCausalLM`, says in ``build_layer`` how its layer ``i`` is
 made, and states its checkpoint names as ``weight_rules`` / ``weight_renames``.
+
+The scalar knobs real families use, each off by default (``None``, and then free):
+
+- ``DecoderModel(embed_scale=)``: the embedding times the scale rounded to the model
+  dtype (Gemma's ``sqrt(hidden_size)``);
+- ``DecoderModel(embedding_multiplier=)``: the embedding times the float (Granite's
+  ``embedding_multiplier``, MiniCPM's ``scale_emb``);
+- ``DecoderLayer(residual_multiplier=)``: ``residual + m * sublayer(x)`` (Granite's
+  ``residual_multiplier``, MiniCPM's ``scale_depth / sqrt(num_hidden_layers)``);
+- ``DecoderAttention(scale=)``: the score scale (Granite's ``attention_multiplier``);
+- ``DecoderForCausalLM(logits_scaling=)``: logits divided by it (Granite);
+- ``DecoderForCausalLM(head_input_scaling=)``: the final hidden states divided by it
+  before the LM head (MiniCPM's ``hidden_size / dim_model_base``).
 """
 
 from __future__ import annotations
@@ -17,139 +30,49 @@ import torch
 from torch import nn
 
 from tessellm.interfaces.attention import AttentionMetadata
-from tessellm.interfaces.model import ModelContext
-from tessellm.interfaces.ops import FusedOps
-from tessellm.layers.activation import GatedActivation
-from tessellm.layers.attention import Attention
+from tessellm.interfaces.model import ConfigAttentionRequirements, ModelContext
+from tessellm.interfaces.ops import FusedOps, runs_methods_of
+from tessellm.layers.decoder_attention import DecoderAttention, layer_sliding_window
 from tessellm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from tessellm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from tessellm.layers.gated_mlp import GatedMLP, runs_plain_linear
 from tessellm.layers.norm import RMSNorm
-from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.layers.scaled_embedding import ScaledVocabEmbedding
 from tessellm.layers.weight_loading import QKV_GATE_UP_RULES, WeightRule, load_by_rules
 
-
-def layer_sliding_window(config: Any, layer_idx: int) -> int | None:
-    """The window layer ``layer_idx`` attends over, as transformers decides it.
-
-    Configs with ``layer_types`` (Qwen2/Qwen3 derive it from ``max_window_layers``; Gemma
-    alternates) window only their ``"sliding_attention"`` layers; otherwise every layer
-    uses ``sliding_window`` unless ``use_sliding_window`` is false.
-    """
-    window = getattr(config, "sliding_window", None)
-    if not window or getattr(config, "use_sliding_window", True) is False:
-        return None
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and layer_types[layer_idx] != "sliding_attention":
-        return None
-    return int(window)
+__all__ = [
+    "DecoderAttention",
+    "DecoderForCausalLM",
+    "DecoderLayer",
+    "DecoderModel",
+    "GatedMLP",
+    "layer_sliding_window",
+]
 
 
-class DecoderAttention(nn.Module):
-    """Self-attention with grouped KV heads and rotary positions."""
-
-    def __init__(
-        self,
-        config: Any,
-        ctx: ModelContext,
-        *,
-        sliding_window: int | None = None,
-        qkv_bias: bool = False,
-        o_bias: bool = False,
-        qk_norm: bool = False,
-        rotary: nn.Module | None = None,
-        scale: float | None = None,
-        logits_soft_cap: float | None = None,
-        norm_offset: float = 0.0,
-    ) -> None:
-        """``rotary`` replaces the full-head default table (partial rotary, per-layer-type
-        bases, a table shared by layers); ``scale`` the ``head_size ** -0.5`` score scale;
-        ``norm_offset`` is the q/k norms' weight offset (1 for Gemma's ``1 + weight``)."""
-        super().__init__()
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_size = getattr(config, "head_dim", None) or config.hidden_size // heads
-        self.head_size = head_size
-        self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, head_size, heads, kv_heads, ctx, bias=qkv_bias
-        )
-        self.o_proj = RowParallelLinear(heads * head_size, config.hidden_size, ctx, bias=o_bias)
-        # Qwen3's per-head norms: one weight of head_size shared by all heads.
-        eps = config.rms_norm_eps
-        self.q_norm = RMSNorm(head_size, eps, ctx.dtype, norm_offset) if qk_norm else None
-        self.k_norm = RMSNorm(head_size, eps, ctx.dtype, norm_offset) if qk_norm else None
-        if rotary is None:
-            rotary = RotaryEmbedding(config, head_size, config.max_position_embeddings)
-        self.rotary_emb = rotary
-        self.attn = Attention(
-            self.qkv_proj.num_heads,
-            head_size,
-            head_size**-0.5 if scale is None else scale,
-            self.qkv_proj.num_kv_heads,
-            ctx,
-            sliding_window=sliding_window,
-            logits_soft_cap=logits_soft_cap,
-        )
-
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata
-    ) -> torch.Tensor:
-        return self.attend(positions, self.qkv_proj(hidden), metadata)
-
-    def attend(
-        self, positions: torch.Tensor, qkv: torch.Tensor, metadata: AttentionMetadata
-    ) -> torch.Tensor:
-        """Everything after the q/k/v projection (``qkv`` is its output)."""
-        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        num_tokens = qkv.shape[0]
-        if self.q_norm is not None and self.k_norm is not None:
-            # Rows of one head each: the 2-D shape a fused norm kernel expects.
-            q = self.q_norm(q.reshape(-1, self.head_size))
-            k = self.k_norm(k.reshape(-1, self.head_size))
-        q = q.reshape(num_tokens, -1, self.head_size)
-        k = k.reshape(num_tokens, -1, self.head_size)
-        # The attention layer rotates q and k (with the KV store, where a kernel fuses them).
-        out = self.attn(q, k, v, metadata, positions=positions, rotary=self.rotary_emb)
-        return self.o_proj(out)
+def _multiplier(value: float | None) -> float | None:
+    """``None`` for a knob that is off (absent or exactly 1), so it costs no multiply."""
+    return None if value is None or float(value) == 1.0 else float(value)
 
 
-class GatedMLP(nn.Module):
-    """``down(act(gate(x)) * up(x))`` with gate and up fused in one column-parallel matrix."""
-
-    fused_ops: FusedOps | None = None  # bound by the model runner (interfaces/ops.py)
-
-    def __init__(
-        self,
-        hidden_size: int,
-        intermediate_size: int,
-        ctx: ModelContext,
-        activation: str = "silu",
-        bias: bool = False,
-    ) -> None:
-        super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(
-            hidden_size, [intermediate_size, intermediate_size], ctx, bias=bias
-        )
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, ctx, bias=bias)
-        self.act = GatedActivation(activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = self.fused_ops
-        if ops is not None and ops.linear_silu_and_mul is not None and self.act.is_silu:
-            act = ops.linear_silu_and_mul(self.gate_up_proj, x)
-            if act is not None:
-                return self.down_proj(act)
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+def _runs_plain_norm(norm: nn.Module) -> bool:
+    return runs_methods_of(norm, RMSNorm, "forward", "_norm")
 
 
 class DecoderLayer(nn.Module):
     """RMSNorm → attention → residual → RMSNorm → MLP → residual (the adds fused in the
     norms: ``forward`` passes the residual stream along separately).
 
-    With a :class:`DecoderAttention` and a :class:`GatedMLP`, a fused-op table's
-    ``rms_norm_linear`` may fold each norm into the projection after it (and the SiLU into
-    the gate/up projection); where it declines, the modules run one by one."""
+    ``residual_multiplier`` scales each sub-layer's output before it joins the residual
+    stream (``residual + m * sublayer(x)``, Granite's and MiniCPM's form); the product is
+    rounded to the model dtype before the add, as the reference computes it, so the fused
+    add+norm that follows stays exact.
+
+    A fused-op table's ``rms_norm_linear`` may fold each norm into the projection after it
+    (and the SiLU into the gate/up projection), then the module's own methods finish:
+    ``attend`` of a :class:`DecoderAttention`, ``activate``/``down`` of a
+    :class:`GatedMLP`. It applies only where the modules run those classes' ``forward``
+    (a subclass that overrides ``forward`` runs its own, unfused) and the norms and
+    projections are the plain ones; where it declines, the modules run one by one."""
 
     fused_ops: FusedOps | None = None  # bound by the model runner (interfaces/ops.py)
 
@@ -160,6 +83,7 @@ class DecoderLayer(nn.Module):
         self_attn: nn.Module,
         mlp: nn.Module,
         norm_offset: float = 0.0,
+        residual_multiplier: float | None = None,
     ):
         super().__init__()
         self.self_attn = self_attn
@@ -167,6 +91,27 @@ class DecoderLayer(nn.Module):
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps, ctx.dtype, norm_offset)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ctx.dtype, norm_offset)
+        self.residual_multiplier = _multiplier(residual_multiplier)
+
+    def _scaled(self, out: torch.Tensor) -> torch.Tensor:
+        m = self.residual_multiplier
+        return out if m is None else out * m
+
+    def _fuse_attention(self) -> bool:
+        attn = self.self_attn
+        return (
+            runs_methods_of(attn, DecoderAttention, "forward")
+            and runs_plain_linear(attn.qkv_proj)
+            and _runs_plain_norm(self.input_layernorm)
+        )
+
+    def _fuse_mlp(self) -> bool:
+        mlp = self.mlp
+        return (
+            runs_methods_of(mlp, GatedMLP, "forward")
+            and runs_plain_linear(mlp.gate_up_proj)
+            and _runs_plain_norm(self.post_attention_layernorm)
+        )
 
     def forward(
         self,
@@ -179,7 +124,7 @@ class DecoderLayer(nn.Module):
         norm_linear = ops.rms_norm_linear if ops is not None else None
         attn, mlp = self.self_attn, self.mlp
         fused = None
-        if norm_linear is not None and isinstance(attn, DecoderAttention):
+        if norm_linear is not None and self._fuse_attention():
             fused = norm_linear(self.input_layernorm, attn.qkv_proj, hidden, residual, False)
         if fused is not None:
             qkv, residual = fused
@@ -191,25 +136,29 @@ class DecoderLayer(nn.Module):
             else:
                 hidden, residual = self.input_layernorm(hidden, residual)
             hidden = attn(positions, hidden, metadata)
-        if norm_linear is not None and isinstance(mlp, GatedMLP):
+        hidden = self._scaled(hidden)
+        if norm_linear is not None and self._fuse_mlp():
             assert ops is not None
             # The SiLU goes into the same kernel where the table offers that epilogue.
-            silu = mlp.act.is_silu and ops.linear_silu_and_mul is not None
+            silu = ops.linear_silu_and_mul is not None and mlp.silu_fusable
             fused = norm_linear(
                 self.post_attention_layernorm, mlp.gate_up_proj, hidden, residual, silu
             )
             if fused is not None:
                 out, residual = fused
-                return mlp.down_proj(out if silu else mlp.act(out)), residual
+                return self._scaled(mlp.down(out if silu else mlp.activate(out))), residual
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return mlp(hidden), residual
+        return self._scaled(mlp(hidden)), residual
 
 
 class DecoderModel(nn.Module):
     """Embedding, ``num_hidden_layers`` layers from ``build_layer(i)``, final RMSNorm.
 
-    ``embed_scale`` multiplies the embedding (Gemma: ``sqrt(hidden_size)``);
-    ``norm_offset`` is the final norm's weight offset (Gemma: 1)."""
+    ``embed_scale`` multiplies the embedding by the scale rounded to the model dtype
+    (Gemma: ``sqrt(hidden_size)``); ``embedding_multiplier`` multiplies it by the float as
+    it is (Granite's ``embedding_multiplier``, MiniCPM's ``scale_emb``): the two round
+    differently in bf16, each as its reference does. ``norm_offset`` is the final norm's
+    weight offset (Gemma: 1)."""
 
     def __init__(
         self,
@@ -218,6 +167,7 @@ class DecoderModel(nn.Module):
         build_layer: Callable[[int], nn.Module],
         embed_scale: float | None = None,
         norm_offset: float = 0.0,
+        embedding_multiplier: float | None = None,
     ) -> None:
         super().__init__()
         vocab, hidden = config.vocab_size, config.hidden_size
@@ -226,6 +176,7 @@ class DecoderModel(nn.Module):
             if embed_scale is None
             else ScaledVocabEmbedding(vocab, hidden, ctx, embed_scale)
         )
+        self.embedding_multiplier = _multiplier(embedding_multiplier)
         self.layers = nn.ModuleList(build_layer(i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(hidden, config.rms_norm_eps, ctx.dtype, norm_offset)
 
@@ -233,6 +184,8 @@ class DecoderModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        if self.embedding_multiplier is not None:
+            hidden = hidden * self.embedding_multiplier
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, metadata)
@@ -240,19 +193,33 @@ class DecoderModel(nn.Module):
         return hidden
 
 
-class DecoderForCausalLM(nn.Module, ABC):
+class DecoderForCausalLM(nn.Module, ConfigAttentionRequirements, ABC):
     """A :class:`tessellm.interfaces.model.CausalLM` over :class:`DecoderModel`.
 
     Subclasses implement ``build_layer``; ``weight_renames`` (substring replacements) and
     ``weight_rules`` (fused parameters, checked in order) map checkpoint names.
+    ``logits_scaling`` divides the logits (Granite's ``logits_scaling``);
+    ``head_input_scaling`` divides the final hidden states before the LM head (MiniCPM's
+    ``hidden_size / dim_model_base``). ``attention_requirements`` reads the config's usual
+    fields (:func:`~tessellm.interfaces.model.config_attention_requirements`); a family
+    whose attention differs overrides it.
     """
 
     weight_rules: ClassVar[tuple[WeightRule, ...]] = QKV_GATE_UP_RULES
     weight_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
 
-    def __init__(self, config: Any, ctx: ModelContext) -> None:
+    def __init__(
+        self,
+        config: Any,
+        ctx: ModelContext,
+        *,
+        logits_scaling: float | None = None,
+        head_input_scaling: float | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
+        self.logits_scaling = _multiplier(logits_scaling)
+        self.head_input_scaling = _multiplier(head_input_scaling)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.model = self.build_model(config, ctx)
         # The head maps onto the vocabulary from the embedding's width (narrower than
@@ -277,7 +244,12 @@ class DecoderForCausalLM(nn.Module, ABC):
         return self.model(input_ids, positions, metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        if self.head_input_scaling is not None:
+            hidden = hidden / self.head_input_scaling
+        logits = self.lm_head(hidden)
+        if self.logits_scaling is not None:
+            logits = logits / self.logits_scaling
+        return logits
 
     def skip_weight(self, name: str) -> bool:
         """Checkpoint entries that are not parameters here (cached rotary tables, a tied

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tessellm.interfaces.ops import FusedOps
+from tessellm.interfaces.ops import FusedOps, runs_methods_of
 
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32; ``offset=1`` for Gemma's ``(1 + weight)`` convention.
 
     ``forward(x, residual)`` adds the residual first and returns ``(normed, new_residual)``,
-    the fused form a backend kernel can replace.
+    the fused form a backend kernel can replace (unless a subclass changes ``_norm``).
     """
 
     fused_ops: FusedOps | None = None  # bound by the model runner (interfaces/ops.py)
@@ -41,7 +41,11 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         ops = self.fused_ops
-        if ops is not None and x.dtype == self.weight.dtype:
+        if (
+            ops is not None
+            and x.dtype == self.weight.dtype
+            and runs_methods_of(self, RMSNorm, "_norm")
+        ):
             if residual is None and ops.rms_norm is not None:
                 return ops.rms_norm(x, self.weight, self.eps, self.offset)
             if residual is not None and ops.add_rms_norm is not None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tessellm.interfaces.ops import FusedOps
+from tessellm.interfaces.ops import FusedOps, runs_methods_of
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
@@ -120,12 +120,18 @@ class RotaryEmbedding(nn.Module):
         """Neox style over the whole head: the form the fused rotary kernels compute."""
         return not self.interleaved and self.rotary_dim == self.head_size
 
+    @property
+    def fusable(self) -> bool:
+        """Whether a fused neox rotary computes what ``forward`` does: the whole-head form,
+        and a class that keeps this one's rotation (a subclass may change the tables)."""
+        return self.whole_head_neox and runs_methods_of(self, RotaryEmbedding, "forward", "_rotate")
+
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``q`` ``[T, Hq, D]`` and ``k`` ``[T, Hk, D]`` rotated by their ``positions``."""
         ops = self.fused_ops
-        if ops is not None and ops.rotary_neox is not None and self.whole_head_neox:
+        if ops is not None and ops.rotary_neox is not None and self.fusable:
             return ops.rotary_neox(positions, q, k, self.cos, self.sin)
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
