@@ -13,7 +13,7 @@ from tessellm.hookspecs import hookimpl
 
 @hookimpl
 def register_commands(app: typer.Typer) -> None:
-    from tessellm.cli import chat, generate, plugins_cmd, serve
+    from tessellm.cli import chat, doctor, generate, new_plugin, plugins_cmd, serve
     from tessellm.cli.bench import bench_app
 
     app.command("generate")(generate.generate)
@@ -21,3 +21,5 @@ def register_commands(app: typer.Typer) -> None:
     app.command("serve")(serve.serve)
     app.command("chat")(chat.chat)
     app.add_typer(bench_app, name="bench")
+    app.command("new-plugin")(new_plugin.new_plugin)
+    app.command("doctor")(doctor.doctor)

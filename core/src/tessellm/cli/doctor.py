@@ -1,0 +1,143 @@
+"""``tessellm doctor``: the conformance checks of ``tessellm.testing`` on every installed plugin.
+
+One line per check (PASS, FAIL with the reasons, SKIP with the reason), grouped by plugin
+with its distribution and version; plugins refused at discovery are failures too. The
+exit code is 1 when anything failed, so CI can run it on the machine it deploys to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from tessellm.cli.common import fail
+
+if TYPE_CHECKING:
+    from tessellm.plugins import PluginSet
+
+# Kinds of registration with a conformance check, and the words for them.
+CHECKED_KINDS = {
+    "platforms": "platform",
+    "attention_backends": "attention backend",
+    "quantization_methods": "quantization method",
+    "models": "model family",
+}
+# Registrations that are not components to check (metadata, CLI).
+NOT_COMPONENTS = {"install_hints", "commands"}
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: str  # "PASS", "FAIL" or "SKIP"
+    subject: str  # e.g. "attention backend 'torch'"
+    detail: str = ""
+
+    def line(self) -> str:
+        return f"  {self.status}  {self.subject}" + (f": {self.detail}" if self.detail else "")
+
+
+def doctor(
+    plugin: Annotated[
+        str | None,
+        typer.Option(help="Check only this plugin (entry-point or distribution name)."),
+    ] = None,
+) -> None:
+    """Run the conformance checks on the installed plugins; exit 1 if any fails.
+
+    Every platform, attention backend, quantization method and model family an installed
+    plugin registered is checked with tessellm.testing; plugins refused at discovery count
+    as failures."""
+    from tessellm.plugins import get_plugins
+
+    found = get_plugins()
+    names = list(found.plugins) + [n for n in found.failures if n not in found.plugins]
+    if plugin is not None:
+        names = [n for n in names if plugin in (n, _distribution(found, n))]
+        if not names:
+            fail(f"no plugin named {plugin!r} is installed (see `tessellm plugins`)", code=2)
+    counts = {"PASS": 0, "FAIL": 0, "SKIP": 0}
+    for name in names:
+        info = found.plugins.get(name)
+        version = f"{info.distribution} {info.version}" if info else "refused at discovery"
+        typer.echo(f"{name}  ({version})")
+        outcomes = []
+        if name in found.failures:
+            outcomes.append(Outcome("FAIL", "plugin", found.failures[name]))
+        if name in found.warnings:
+            typer.echo(f"  note  {found.warnings[name]}")
+        if info is not None:
+            outcomes += _check_registrations(found, name, info.registered)
+        for outcome in outcomes:
+            counts[outcome.status] += 1
+            typer.echo(outcome.line())
+    typer.echo(f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped")
+    raise typer.Exit(1 if counts["FAIL"] else 0)
+
+
+def _distribution(found: PluginSet, name: str) -> str | None:
+    info = found.plugins.get(name)
+    return info.distribution if info else None
+
+
+def _check_registrations(
+    found: PluginSet, plugin: str, registered: list[tuple[str, str]]
+) -> list[Outcome]:
+    outcomes = []
+    unchecked = []
+    for kind, name in registered:
+        if kind in NOT_COMPONENTS:
+            continue
+        if kind not in CHECKED_KINDS:
+            unchecked.append(f"{kind.rstrip('s').replace('_', ' ')} {name!r}")
+            continue
+        subject = f"{CHECKED_KINDS[kind]} {name!r}"
+        winner = found.get(kind, name)
+        if winner is not None and winner.plugin != plugin:
+            outcomes.append(Outcome("SKIP", subject, f"overridden by {winner.plugin}"))
+            continue
+        outcomes.append(_run_check(kind, name, subject))
+    if unchecked:
+        detail = "no conformance check for these kinds"
+        outcomes.append(Outcome("SKIP", ", ".join(unchecked), detail))
+    return outcomes
+
+
+def _run_check(kind: str, name: str, subject: str) -> Outcome:
+    import tessellm.testing as kit
+
+    checks: dict[str, Callable] = {
+        "platforms": kit.check_platform,
+        "attention_backends": kit.check_attention_backend,
+        "quantization_methods": kit.check_quantization_method,
+        "models": kit.check_model_family,
+    }
+    if kind == "models":
+        why_not = _no_reference(name)
+        if why_not:
+            return Outcome("SKIP", subject, why_not)
+    try:
+        result = checks[kind](name)
+    except Exception as exc:  # a check must not take the others down
+        return Outcome("FAIL", subject, f"the check raised {exc!r}")
+    if result.skipped_reason:
+        return Outcome("SKIP", subject, result.skipped_reason)
+    if result.passed and not result.failures:
+        return Outcome("PASS", subject)
+    return Outcome("FAIL", subject, "; ".join(result.failures) or "failed (no reason given)")
+
+
+def _no_reference(architecture: str) -> str | None:
+    """Why a family cannot be checked here: transformers must know the architecture (it
+    builds the random tiny checkpoint and computes the reference tokens)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if architecture in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+        return None
+    return (
+        f"transformers {transformers.__version__} has no causal-LM architecture "
+        f"{architecture!r}: nothing to compare with"
+    )
