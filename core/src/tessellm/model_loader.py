@@ -21,13 +21,15 @@ from tessellm.plugins import PluginSet, get_plugins
 class ResolvedModel:
     path: Path
     format_name: str
+    source_name: str = ""  # the model source that resolved it
 
 
 def resolve_model(plugins: PluginSet, model: str, cache_dir: Path) -> ResolvedModel:
     """Ask the model sources in order, then the weight formats, who handles ``model``."""
     path: Path | None = None
-    for name in plugins.names("model_sources"):
-        source = plugins.load("model_sources", name)()
+    source_name = ""
+    for source_name in plugins.names("model_sources"):
+        source = plugins.load("model_sources", source_name)()
         if source.matches(model):
             path = source.resolve(model, cache_dir)
             break
@@ -42,7 +44,7 @@ def resolve_model(plugins: PluginSet, model: str, cache_dir: Path) -> ResolvedMo
         )
     for name in plugins.names("weight_formats"):
         if plugins.load("weight_formats", name)().accepts(path):
-            return ResolvedModel(path, name)
+            return ResolvedModel(path, name, source_name)
     if path.suffix == ".gguf":
         raise ModelLoadError(f"{path} is a GGUF file; install `tessellm-gguf` to read it")
     raise ModelLoadError(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from tessellm.errors import ConfigError
 from tessellm.interfaces.attention import AttentionBackend, AttentionSpec
 from tessellm.interfaces.platform import Platform
@@ -81,3 +83,14 @@ def choose_attention_backend(
     raise ConfigError(
         "no attention backend can serve this model here:\n" + choice.explain("attention")
     )
+
+
+def choose_quantization(
+    plugins: PluginSet, platform: Platform, dtype: torch.dtype, requested: str | None = None
+) -> str:
+    """The user's method, else the platform's default for ``dtype`` where it is installed,
+    else ``"none"``."""
+    if requested:
+        return requested
+    name = platform.default_quantization(dtype)
+    return name if name and plugins.get("quantization_methods", name) else "none"

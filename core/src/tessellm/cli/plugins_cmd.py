@@ -1,16 +1,36 @@
-"""``tessellm plugins``: what is installed, what each registered, and what would be chosen."""
+"""``tessellm plugins``: what is installed, what each registered, and what would be chosen.
+
+With ``--model`` it names, for each role, the registration the engine would use, the class
+behind it and the distribution that registered it, through the engine's own selection
+code (``selection``, ``model_loader``), so the answer is what the engine will do.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from tessellm.cli.common import fail
+
+if TYPE_CHECKING:
+    from tessellm.interfaces.platform import Platform
+    from tessellm.plugins import PluginSet
 
 
 def plugins(
     model: Annotated[
         str | None,
-        typer.Option(help="Also explain the attention-backend choice for this model."),
+        typer.Option(help="Also name what would serve this model, role by role, and why."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="Platform to explain (as the engine's).")] = "auto",
+    dtype: Annotated[str, typer.Option(help="dtype to explain the --model choices for.")] = "auto",
+    attention_backend: Annotated[
+        str | None, typer.Option(help="Attention backend asked for (default: chosen).")
+    ] = None,
+    quantization: Annotated[
+        str | None, typer.Option(help="Quantization method asked for (default: chosen).")
     ] = None,
 ) -> None:
     """List plugins, their versions and registrations, and the platform chosen here."""
@@ -20,35 +40,96 @@ def plugins(
 
     found = get_plugins()
     for info in found.plugins.values():
-        typer.echo(f"{info.name}  ({info.distribution} {info.version})")
+        api = f", plugin API {info.api_range}" if info.api_range else ""
+        typer.echo(f"{info.name}  ({info.distribution} {info.version}{api})")
         for kind, name in info.registered:
             typer.echo(f"    {kind}: {name}")
+        if info.name in found.warnings:
+            typer.echo(f"    warning: {found.warnings[info.name]}")
     for name, why in found.failures.items():
         typer.echo(f"{name}  FAILED: {why}")
     for line in found.overrides:
         typer.echo(f"override: {line}")
     typer.echo("")
     try:
-        platform, choice = choose_platform(found)
+        platform, choice = choose_platform(found, device)
     except TessellmError as exc:
         typer.echo(f"platform: none ({exc})")
         raise typer.Exit(1) from None
     typer.echo(choice.explain("platform"))
     typer.echo(f"  attention preference: {', '.join(platform.attention_backends)}")
     if model:
-        _explain_model(found, platform, model)
+        _explain_model(
+            found, platform, choice.chosen or "?", model, dtype, attention_backend, quantization
+        )
 
 
-def _explain_model(found, platform, model: str) -> None:
+@dataclass(frozen=True, slots=True)
+class Role:
+    role: str  # what it does for the model
+    kind: str  # the registry it comes from
+    name: str  # the registered name chosen
+
+
+def _explain_model(
+    found: PluginSet,
+    platform: Platform,
+    platform_name: str,
+    model: str,
+    dtype_name: str,
+    attention_backend: str | None,
+    quantization: str | None,
+) -> None:
     from tessellm import model_loader as ml
     from tessellm.config import EngineArgs
-    from tessellm.selection import choose_attention_backend
+    from tessellm.errors import TessellmError
+    from tessellm.selection import choose_attention_backend, choose_quantization
 
-    args = EngineArgs(model=model)
-    resolved = ml.resolve_model(found, model, args.cache_dir)
-    config = ml.weight_format(found, resolved).load_config(resolved.path)
-    dtype = platform.default_dtype()
-    spec = ml.attention_spec(config, platform.device_type, dtype, args.block_size, 1)
-    typer.echo(f"model: {ml.architecture_of(config)} from {resolved.path} ({resolved.format_name})")
-    _, choice = choose_attention_backend(found, platform, spec)
-    typer.echo(choice.explain("attention"))
+    try:
+        args = EngineArgs(model=model, dtype=dtype_name)
+        resolved = ml.resolve_model(found, model, args.cache_dir)
+        config = ml.weight_format(found, resolved).load_config(resolved.path)
+        architecture = ml.architecture_of(config)
+        dtype = ml.resolve_dtype(args.dtype, platform.default_dtype())
+        # As the model runner asks, on its first device, for one tensor-parallel rank.
+        device_type = platform.device(0).type
+        spec = ml.attention_spec(config, device_type, dtype, args.block_size, 1, found)
+        _, attention = choose_attention_backend(found, platform, spec, attention_backend)
+        method = choose_quantization(found, platform, dtype, quantization)
+        found.load("quantization_methods", method)  # an unknown method is an error
+    except (TessellmError, OSError, ValueError) as exc:
+        fail(" ".join(str(exc).split()))  # one line, whatever the message's layout
+    dtype_text = str(dtype).removeprefix("torch.")
+    typer.echo(f"model: {architecture} from {resolved.path} ({resolved.format_name}), {dtype_text}")
+    typer.echo(attention.explain("attention"))
+    roles = [
+        Role("platform", "platforms", platform_name),
+        Role("attention backend", "attention_backends", attention.chosen or "?"),
+        Role("quantization method", "quantization_methods", method),
+        Role("model family", "models", architecture),
+        Role("weight format", "weight_formats", resolved.format_name),
+        Role("model source", "model_sources", resolved.source_name),
+    ]
+    rows = [(r.role, r.name, *_provenance(found, r)) for r in roles]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    typer.echo("serving roles:")
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        typer.echo("  " + "  ".join([*cells, row[3]]))
+
+
+def _provenance(found: PluginSet, role: Role) -> tuple[str, str]:
+    """``("module:Qualname", "distribution version (plugin entry point)")`` of a role."""
+    from tessellm.errors import TessellmError
+
+    registration = found.get(role.kind, role.name)
+    if registration is None:
+        return "?", "not registered"
+    try:
+        target = registration.load()
+        where = f"{target.__module__}:{target.__qualname__}"
+    except (TessellmError, AttributeError) as exc:
+        where = f"{registration.target} ({exc})"
+    info = found.plugins.get(registration.plugin)
+    dist = f"{info.distribution} {info.version}" if info else "?"
+    return where, f"{dist} (plugin {registration.plugin})"

@@ -20,7 +20,7 @@ from tessellm.interfaces.platform import GraphRunner, GraphSpec
 from tessellm.interfaces.schedule import PLACEHOLDER_TOKEN, SchedulerOutput, StepResult
 from tessellm.layers.attention import Attention
 from tessellm.plugins import PluginSet, get_plugins
-from tessellm.selection import choose_attention_backend, choose_platform
+from tessellm.selection import choose_attention_backend, choose_platform, choose_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +71,7 @@ class ModelRunner:
         self.num_blocks = 0
 
     def _default_quantization(self, plugins: PluginSet) -> str:
-        name = self.platform.default_quantization(self.dtype)
-        return name if name and plugins.get("quantization_methods", name) else "none"
+        return choose_quantization(plugins, self.platform, self.dtype)  # as `tessellm plugins`
 
     # -- KV cache ------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
