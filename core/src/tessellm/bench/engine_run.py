@@ -77,10 +77,7 @@ def describe_engine(engine: Any) -> dict[str, str]:
     info["model_path"] = str(engine.resolved.path)
     info["model_format"] = engine.resolved.format_name
     info["startup_s"] = f"{engine.startup_seconds:.1f}"
-    runner = getattr(engine.executor, "runner", None)
-    if runner is not None and hasattr(runner, "quantization"):
-        info["quantization"] = runner.quantization
-    return info
+    return info  # the executor's describe() names the quantization method
 
 
 def release_engine(engine: Any) -> None:
