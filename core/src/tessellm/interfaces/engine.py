@@ -69,19 +69,19 @@ class KVCacheManager(ABC):
     Blocks are ids in ``range(num_blocks)``; the executor's cache holds as many.
     """
 
-    #: Whether ``allocate`` copes with a ``PLACEHOLDER_TOKEN`` as a request's last output
-    #: token (schedule-ahead): it must not publish, as a prefix-cache hit, a block whose
-    #: tokens include it until ``publish_filled`` says the token is known. A manager
-    #: without a prefix cache can set it ``True`` as is.
     supports_schedule_ahead: bool = False
+    """Whether ``allocate`` copes with a ``PLACEHOLDER_TOKEN`` as a request's last output token
+    (schedule-ahead): it must not publish, as a prefix-cache hit, a block whose tokens include it
+    until ``publish_filled`` says the token is known. A manager without a prefix cache can set it
+    ``True`` as is."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
-        #: Blocks in the pool (the executor's cache was sized for this many).
         self.num_blocks = num_blocks
-        #: Tokens per block.
+        """Blocks in the pool (the executor's cache was sized for this many)."""
         self.block_size = block_size
-        #: Whether requests may share the blocks of a common prefix.
+        """Tokens per block."""
         self.enable_prefix_caching = enable_prefix_caching
+        """Whether requests may share the blocks of a common prefix."""
 
     @abstractmethod
     def get_computed_blocks(self, request: Request) -> int:
@@ -127,10 +127,10 @@ class Scheduler(ABC):
     caller of the KV cache manager.
     """
 
-    #: Whether ``advance`` and ``fill`` are implemented: the engine may then schedule a
-    #: step before the running step's tokens are known (with an asynchronous executor that
-    #: ``feeds_sampled_tokens`` and a KV cache manager that ``supports_schedule_ahead``).
     supports_schedule_ahead: bool = False
+    """Whether ``advance`` and ``fill`` are implemented: the engine may then schedule a step before
+    the running step's tokens are known (with an asynchronous executor that ``feeds_sampled_tokens``
+    and a KV cache manager that ``supports_schedule_ahead``)."""
 
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
         self.config = config
@@ -227,16 +227,15 @@ class Executor(ABC):
     ``initialize_cache`` once before the first step.
     """
 
-    #: Whether ``launch`` returns before the device is done with the step, so that the
-    #: engine can prepare the next step meanwhile (``LLMEngine.overlap_steps``). May be a
-    #: property where it depends on the device; the engine reads it once, after
-    #: construction.
     asynchronous: bool = False
+    """Whether ``launch`` returns before the device is done with the step, so that the engine can
+    prepare the next step meanwhile (``LLMEngine.overlap_steps``). May be a property where it
+    depends on the device; the engine reads it once, after construction."""
 
-    #: Whether ``launch(plan, previous)`` accepts ``previous``: it replaces, on the device,
-    #: each ``PLACEHOLDER_TOKEN`` in ``plan`` (the last token of a seq that sampled in
-    #: ``previous``) with the token ``previous`` sampled. Requires overriding ``launch``.
     feeds_sampled_tokens: bool = False
+    """Whether ``launch(plan, previous)`` accepts ``previous``: it replaces, on the device, each
+    ``PLACEHOLDER_TOKEN`` in ``plan`` (the last token of a seq that sampled in ``previous``) with
+    the token ``previous`` sampled. Requires overriding ``launch``."""
 
     def __init__(  # noqa: B027 - states the constructor the engine calls
         self, args: EngineArgs, resolved: ResolvedModel, plugins: PluginSet

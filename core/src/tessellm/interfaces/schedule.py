@@ -13,13 +13,13 @@ from tessellm.sampling_params import SamplingParams
 # [(token id, logprob), ...] the top-k alternatives, most likely first).
 TokenLogprobs = tuple[float, int, list[tuple[int, float]]]
 
-# Stands for an output token sampled by a step still running on the device, when the next
-# step is scheduled before it is known (the engine's schedule-ahead loop):
-# ``Scheduler.advance`` appends it to ``Request.output_token_ids``, so it may be the last
-# token of a ``ScheduledSeq``; an executor that ``feeds_sampled_tokens`` replaces it on the
-# device, and a KV cache manager that ``supports_schedule_ahead`` publishes no block it
-# completes until ``publish_filled``.
 PLACEHOLDER_TOKEN = -1
+"""Stands for an output token sampled by a step still running on the device, when the next
+step is scheduled before it is known (the engine's schedule-ahead loop):
+``Scheduler.advance`` appends it to ``Request.output_token_ids``, so it may be the last
+token of a ``ScheduledSeq``; an executor that ``feeds_sampled_tokens`` replaces it on the
+device, and a KV cache manager that ``supports_schedule_ahead`` publishes no block it
+completes until ``publish_filled``."""
 
 
 @dataclass(slots=True)
