@@ -177,7 +177,7 @@ def test_schedule_ahead_feeds_placeholders_and_publishes_generated_blocks(tiny_l
     """Scheduled ahead, the plans carry placeholders for the running step's tokens, and
     the blocks those tokens complete are published once the tokens are known: a second
     turn over the first turn's text hits them, as in the serial loop."""
-    from tessellm.engine.kv_cache_manager import PLACEHOLDER_TOKEN
+    from tessellm.interfaces.engine import PLACEHOLDER_TOKEN
 
     def two_turns(mode: str) -> tuple[list, int, bool]:
         llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu", block_size=4)
@@ -215,7 +215,7 @@ def test_schedule_ahead_keeps_the_kv_consistent_under_preemption_and_stops():
 
     from test_scheduler import FakeRunner, make_request, make_scheduler
 
-    from tessellm.engine.kv_cache_manager import PLACEHOLDER_TOKEN
+    from tessellm.interfaces.engine import PLACEHOLDER_TOKEN
 
     class AheadRunner(FakeRunner):
         """Resolves placeholders as the device does: from the previous step's tokens."""
