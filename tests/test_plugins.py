@@ -193,14 +193,16 @@ def _install_plugin(site, name: str, source: str) -> None:
     ids=["api-range", "bad-range", "misspelled-hook", "unmarked-hook", "bad-arguments"],
 )
 def test_an_unfit_plugin_is_refused_with_its_reason_and_the_rest_load(
-    site, tiny_llama, monkeypatch, source, reason
+    site, tiny_llama, monkeypatch, request, source, reason
 ):
     monkeypatch.delenv("TESSELLM_PLUGINS", raising=False)
-    _install_plugin(site, "vplug_a", source)
+    # A module name of its own per case: a module imported by an earlier case is not reused.
+    name = "vplug_" + request.node.callspec.id.replace("-", "_")
+    _install_plugin(site, name, source)
     plugins = get_plugins(refresh=True)
-    assert "vplug_a" not in plugins.plugins
-    assert reason in plugins.failures["vplug_a"]
-    assert "plugin 'vplug_a' (vplug_a 0.1)" in plugins.failures["vplug_a"]
+    assert name not in plugins.plugins
+    assert reason in plugins.failures[name]
+    assert f"plugin '{name}' ({name} 0.1)" in plugins.failures[name]
     assert plugins.get("models", "VForCausalLM") is None
     # Every other plugin still loads and serves.
     assert plugins.get("models", "LlamaForCausalLM") is not None
