@@ -7,7 +7,9 @@ exit code is 1 when anything failed, so CI can run it on the machine it deploys 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import io
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
@@ -45,6 +47,9 @@ def doctor(
         str | None,
         typer.Option(help="Check only this plugin (entry-point or distribution name)."),
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Let the checks' own output through.")
+    ] = False,
 ) -> None:
     """Run the conformance checks on the installed plugins; exit 1 if any fails.
 
@@ -62,7 +67,12 @@ def doctor(
     counts = {"PASS": 0, "FAIL": 0, "SKIP": 0}
     for name in names:
         info = found.plugins.get(name)
-        version = f"{info.distribution} {info.version}" if info else "refused at discovery"
+        if info is None:
+            version = "refused at discovery"
+        elif info.distribution == "(in process)":
+            version = "registered in process"
+        else:
+            version = f"{info.distribution} {info.version}"
         typer.echo(f"{name}  ({version})")
         outcomes = []
         if name in found.failures:
@@ -70,7 +80,7 @@ def doctor(
         if name in found.warnings:
             typer.echo(f"  note  {found.warnings[name]}")
         if info is not None:
-            outcomes += _check_registrations(found, name, info.registered)
+            outcomes += _check_registrations(found, name, info.registered, verbose)
         for outcome in outcomes:
             counts[outcome.status] += 1
             typer.echo(outcome.line())
@@ -84,7 +94,7 @@ def _distribution(found: PluginSet, name: str) -> str | None:
 
 
 def _check_registrations(
-    found: PluginSet, plugin: str, registered: list[tuple[str, str]]
+    found: PluginSet, plugin: str, registered: list[tuple[str, str]], verbose: bool
 ) -> list[Outcome]:
     outcomes = []
     unchecked = []
@@ -99,14 +109,14 @@ def _check_registrations(
         if winner is not None and winner.plugin != plugin:
             outcomes.append(Outcome("SKIP", subject, f"overridden by {winner.plugin}"))
             continue
-        outcomes.append(_run_check(kind, name, subject))
+        outcomes.append(_run_check(kind, name, subject, verbose))
     if unchecked:
         detail = "no conformance check for these kinds"
         outcomes.append(Outcome("SKIP", ", ".join(unchecked), detail))
     return outcomes
 
 
-def _run_check(kind: str, name: str, subject: str) -> Outcome:
+def _run_check(kind: str, name: str, subject: str, verbose: bool) -> Outcome:
     import tessellm.testing as kit
 
     # A family whose architecture transformers does not know is skipped by the check itself
@@ -118,7 +128,10 @@ def _run_check(kind: str, name: str, subject: str) -> Outcome:
         "models": kit.check_model_family,
     }
     try:
-        result = checks[kind](name)
+        # The engines and transformers that a check runs log progress bars and warnings;
+        # the report is the line below, so they are kept out of it.
+        with contextlib.nullcontext() if verbose else _quiet():
+            result = checks[kind](name)
     except Exception as exc:  # a check must not take the others down
         return Outcome("FAIL", subject, f"the check raised {exc!r}")
     if result.skipped_reason:
@@ -135,3 +148,10 @@ def _reasons(failures: list[str]) -> str:
     shown = [" ".join(failure.split()) for failure in failures[:MAX_REASONS]]
     more = len(failures) - len(shown)
     return "; ".join(shown) + (f" (+{more} more)" if more else "")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
