@@ -1,22 +1,18 @@
-"""Greedy tokens equal HF transformers' for tiny random Gemma 2/3, Phi-3, GPT-2 and OPT models.
+"""Tiny Gemma 2/3, Phi-3, GPT-2 and OPT configs with each family's special features on,
+shared by the compiled-decode and family-plugin tests. (Their greedy parity with HF runs in
+each family's own tests, plugins/*/tests, through tessellm.testing.)
 
 Each config switches on what makes its family special: a sliding window of 8 tokens
 (shorter than the longest prompts, and every sequence outgrows it while generating),
 attention and final-logit soft-caps, alternating local/global layers with their own rope
 bases, q/k norms, ``query_pre_attn_scalar``, GQA, Phi-3's partial rotary with LongRoPE
 switching to its long factors mid-generation, GPT-2's per-layer score scaling, and OPT's
-post-LN variant with projected embeddings. The reference runs eager attention, the
-implementation in which transformers applies soft-caps and windows itself.
+post-LN variant with projected embeddings. An HF reference for them runs eager attention,
+the implementation in which transformers applies soft-caps and windows itself.
 """
 
 from __future__ import annotations
 
-import pytest
-from conftest import TEST_PROMPTS, hf_greedy, save_tiny_model
-
-from tessellm import LLM, SamplingParams
-
-NEW_TOKENS = 32
 WINDOW = 8
 PHI3_LONG_ORIGINAL_MAX = 4
 IDS = dict(vocab_size=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -135,38 +131,3 @@ CONFIGS = {
 }
 # Cases that only use prompts longer than this many tokens.
 MIN_PROMPT_TOKENS = {"Phi3ForCausalLM-longrope-long": PHI3_LONG_ORIGINAL_MAX}
-
-GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
-def case(request, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    config = CONFIGS[request.param]()
-    config.architectures = [request.param.split("-")[0]]
-    path = save_tiny_model(config, tmp_path_factory.mktemp(request.param))
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    shortest = MIN_PROMPT_TOKENS.get(request.param, 0)
-    prompt_ids = [ids for p in TEST_PROMPTS if len(ids := tokenizer.encode(p)) > shortest]
-    assert len(prompt_ids) >= 4
-    assert max(len(ids) for ids in prompt_ids) > WINDOW
-    reference = hf_greedy(path, prompt_ids, NEW_TOKENS, attn_implementation="eager")
-    return path, prompt_ids, reference
-
-
-def make_llm(path, **kwargs):
-    return LLM(model=str(path), dtype="float32", device="cpu", **kwargs)
-
-
-def test_batched_matches_hf(case):
-    path, prompt_ids, reference = case
-    outs = make_llm(path).generate([{"prompt_token_ids": p} for p in prompt_ids], GREEDY)
-    assert [o.outputs[0].token_ids for o in outs] == reference
-
-
-def test_one_at_a_time_matches_hf(case):
-    path, prompt_ids, reference = case
-    llm = make_llm(path, enable_prefix_caching=False)
-    for ids, expected in zip(prompt_ids, reference, strict=True):
-        assert llm.generate({"prompt_token_ids": ids}, GREEDY)[0].outputs[0].token_ids == expected

@@ -264,3 +264,10 @@ def test_family_check_fails_a_wrong_family_and_skips_an_unknown_one(fresh_plugin
     register("models", "NoSuchForCausalLM", FavoursToken7)
     unknown = check_model_family("NoSuchForCausalLM")
     assert not unknown.failures and "no causal-LM architecture" in unknown.skipped_reason
+
+
+def test_cores_unquantized_method_conforms():
+    result = check_quantization_method("none")
+    assert result.skipped_reason is None, result.skipped_reason
+    result.raise_for_failures()
+    assert len(result.checked) >= 12
