@@ -5,7 +5,11 @@ off or fails. The traced attention computes what the eager backend computes."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import random
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,7 @@ from test_parity_qwen_mistral import WINDOW, qwen3_config, qwen3_moe_config
 from tessellm import LLM, SamplingParams
 from tessellm.interfaces.attention import AttentionMetadata, AttentionSpec
 from tessellm.interfaces.platform import GraphSpec
+from tessellm.plugins import get_plugins, register_plugin
 from tessellm_attention_cpu.backend import CpuPagedAttention
 from tessellm_attention_cpu.traced import traced_decode
 from tessellm_cpu.compiled_decode import CompiledDecodeRunner, compiler_missing
@@ -168,6 +173,77 @@ def test_model_families_compile_and_match_hf(architecture, tmp_path):
     else:
         assert runner.failure is None
         assert runner.steps >= NEW_TOKENS - 1
+
+
+OUTSIDE_PLUGIN = textwrap.dedent(
+    """
+    from tessellm import hookimpl
+
+    TESSELLM_PLUGIN_API = ">=1.0,<2"
+
+    @hookimpl
+    def register_models(register):
+        register("OutsideLlamaForCausalLM", "outside_family.model:OutsideLlama")
+    """
+)
+OUTSIDE_MODEL = textwrap.dedent(
+    """
+    from tessellm.layers.decoder import GatedMLP
+    from tessellm_llama.model import LlamaForCausalLM
+
+    MLP_SCALE = {scale}
+
+    class ScaledMLP(GatedMLP):
+        def forward(self, x):
+            return super().forward(x) * MLP_SCALE
+
+    class OutsideLlama(LlamaForCausalLM):
+        def build_layer(self, config, ctx, layer_idx):
+            layer = super().build_layer(config, ctx, layer_idx)
+            layer.mlp = ScaledMLP(config.hidden_size, config.intermediate_size, ctx)
+            return layer
+    """
+)
+
+
+@needs_compiler
+def test_editing_an_outside_plugin_rebuilds_its_library(prompt_ids, tmp_path, monkeypatch):
+    # A family in a package not named tessellm_*: its source is part of the key too.
+    package = tmp_path / "site" / "outside_family"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "plugin.py").write_text(OUTSIDE_PLUGIN)
+    monkeypatch.syspath_prepend(str(package.parent))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # an edit within a second
+    path = save_tiny_model(tiny_llama_config(num_hidden_layers=2), tmp_path / "outside")
+    config = json.loads((path / "config.json").read_text())
+    config["architectures"] = ["OutsideLlamaForCausalLM"]
+    (path / "config.json").write_text(json.dumps(config))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TESSELLM_CACHE", str(cache))
+
+    def run(scale: str) -> tuple[CompiledDecodeRunner, list[list[int]], list[list[int]]]:
+        (package / "model.py").write_text(OUTSIDE_MODEL.format(scale=scale))
+        sys.modules.pop("outside_family.model", None)  # the engine imports the edited file
+        args = dict(model=str(path), dtype="float32", device="cpu")
+        compiled = LLM(**args, max_num_seqs=4)
+        eager = generate_ids(LLM(**args, enforce_eager=True), prompt_ids[:3])
+        return compiled_runner(compiled), generate_ids(compiled, prompt_ids[:3]), eager
+
+    try:
+        register_plugin(importlib.import_module("outside_family.plugin"), "outside_family")
+        before, tokens, eager = run("0.5")
+        assert before.failure is None and tokens == eager and before.steps > 0
+        after, edited, eager_edited = run("4.0")
+    finally:
+        for name in [m for m in sys.modules if m.startswith("outside_family")]:
+            del sys.modules[name]
+        get_plugins(refresh=True)
+    assert eager_edited != eager  # the edit changes the function
+    assert after.failure is None and after.steps > 0
+    assert edited == eager_edited  # not the stale library's tokens
+    assert after.cache_key((1, 16)) != before.cache_key((1, 16))
+    assert len(list((cache / "compiled").glob("decode-*.pt2"))) == 2  # a new library
 
 
 def test_failed_compile_falls_back_to_eager(tiny_llama, prompt_ids, reference, monkeypatch):

@@ -13,10 +13,11 @@ table ``W`` columns wide, both dynamic: one library serves every decode batch of
 sequences (int4 linears) and every context length, another 17-64 (dense linears).
 Weights and KV caches are inputs, not constants: the library holds only code, shares the
 model's tensors, and does not depend on the weights' values. Libraries are cached under
-``<cache>/compiled/``, keyed by everything that shapes them (torch version, the tessellm
-sources that were traced, the model's config and class, dtype, the input tensors' names,
-shapes and dtypes, threads, the batch range); a later start loads them in about a
-second. Larger batches and steps with prompt tokens run eagerly, as do models the
+``<cache>/compiled/``, keyed by everything that shapes them (torch and transformers
+versions, the sources of every package whose code the trace may run, whatever it is
+called: see :func:`traced_module_names`; the model's config and class, dtype, the input
+tensors' names, shapes and dtypes, threads, the batch range); a later start loads them in
+about a second. Larger batches and steps with prompt tokens run eagerly, as do models the
 exporter cannot trace (a step whose Python branches on tensor values, such as MoE
 routing): the runner logs why and returns None.
 """
@@ -31,15 +32,19 @@ import os
 import shutil
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from torch.utils import _pytree as pytree
 
+import tessellm
 from tessellm.interfaces.attention import AttentionMetadata
+from tessellm.interfaces.ops import FusedOps
 from tessellm.interfaces.platform import GraphSpec
 from tessellm.layers.attention import Attention
 
@@ -104,24 +109,88 @@ class DecodeStep(nn.Module):
         return torch.func.functional_call(self.model, weights, (input_ids, positions, metadata))
 
 
-@functools.cache
-def traced_sources_digest() -> str:
-    """A hash of the code a trace may run: core's layers and interfaces, and every file of
-    each tessellm plugin package loaded (platforms, families, backends, quantization).
-    Whole directories, so that the key is the same whichever command (and so whichever
-    of their modules) loaded them. Once per process: the files do not change under it."""
-    import tessellm.interfaces
-    import tessellm.layers
+# Packages whose versions are in the key instead of their sources (and the standard
+# library, which comes with the Python version).
+VERSIONED_PACKAGES = {"torch": torch.__version__, "transformers": transformers.__version__}
 
-    dirs = {Path(tessellm.layers.__file__).parent, Path(tessellm.interfaces.__file__).parent}
-    for name, module in list(sys.modules.items()):
-        if name.startswith("tessellm_") and "." not in name and getattr(module, "__file__", None):
-            dirs.add(Path(module.__file__).parent)
+
+# Attribute values that hold no code of their own (submodules are walked as modules).
+_NOT_CODE = (torch.Tensor, nn.Module, dict, list, tuple, set, str, bytes, int, float, bool)
+
+
+def _defining_modules(obj: object) -> set[str]:
+    """Modules whose code ``obj`` runs: those defining its class and the class's bases, or
+    the module of a function (a fused-op entry); a fused-op table's entries each."""
+    if isinstance(obj, FusedOps):
+        entries = (getattr(obj, name) for name in obj.names())
+        return {type(obj).__module__} | {getattr(f, "__module__", None) or "" for f in entries}
+    if isinstance(obj, (types.FunctionType, types.MethodType, functools.partial)):
+        func = obj.func if isinstance(obj, functools.partial) else obj
+        return {getattr(func, "__module__", None) or ""}
+    return {cls.__module__ for cls in type(obj).__mro__}
+
+
+def traced_module_names(model: nn.Module) -> set[str]:
+    """Every module the traced step may run code of: those defining the model's modules'
+    classes (their bases included) and the objects they hold (attention backend,
+    quantization method, fused-op table) and those objects' own, whatever their package
+    is called."""
+    names = {__name__, "tessellm.layers", "tessellm.interfaces"}
+    seen: set[int] = set()
+
+    def held(owner: object, depth: int) -> None:
+        for value in getattr(owner, "__dict__", {}).values():
+            if isinstance(value, _NOT_CODE) or id(value) in seen:
+                continue
+            seen.add(id(value))
+            names.update(_defining_modules(value))
+            if depth:
+                held(value, depth - 1)
+
+    for module in model.modules():
+        names |= _defining_modules(module)
+        held(module, 1)
+    return {n for n in names if n}
+
+
+def _source_roots(name: str) -> set[Path]:
+    """What to hash for module ``name``: its whole top-level package (directories), so
+    that the key does not depend on which of its modules a command happened to import;
+    core by the sub-package holding the module (its layers and interfaces, not its CLI or
+    server). Nothing for torch, transformers and the standard library."""
+    top = name.partition(".")[0]
+    if top in VERSIONED_PACKAGES or top in sys.stdlib_module_names or top == "builtins":
+        return set()
+    if top == "tessellm":
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if file is None:
+            return set()
+        path, core = Path(file), Path(tessellm.__file__).parent
+        return {path.parent if path.parent != core else path}
+    module = sys.modules.get(top)
+    paths = getattr(module, "__path__", None)
+    if paths is not None:
+        return {Path(p) for p in paths}
+    file = getattr(module, "__file__", None)
+    return {Path(file)} if file else set()
+
+
+def _digest(roots: set[Path]) -> str:
     h = hashlib.sha256()
-    for path in sorted(f for d in dirs for f in d.rglob("*.py")):
-        h.update(str(path).encode())
-        h.update(path.read_bytes())
+    for root in sorted(roots):
+        files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
+        for path in files:
+            # Relative names: the same sources in another checkout give the same key.
+            h.update(str(path.relative_to(root.parent)).encode())
+            h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def traced_sources_digest(model: nn.Module) -> str:
+    """A hash of the code a trace of ``model`` may run (:func:`traced_module_names`), by
+    whole package directories (the runner takes it once, when it is made)."""
+    roots = {root for name in traced_module_names(model) for root in _source_roots(name)}
+    return _digest(roots)
 
 
 class CompiledDecodeRunner:
@@ -139,6 +208,7 @@ class CompiledDecodeRunner:
             **dict(model.named_parameters(remove_duplicate=False)),
             **dict(model.named_buffers(remove_duplicate=False)),
         }
+        self._sources_digest = traced_sources_digest(model)
         self._libraries: list[tuple[int, int, Any]] = []  # (fewest, most sequences, library)
         self._static: list[torch.Tensor] = []
         self.failure: str | None = None
@@ -153,7 +223,7 @@ class CompiledDecodeRunner:
         config = getattr(self.model, "config", None)
         facts = {
             "format": CACHE_FORMAT,
-            "torch": torch.__version__,
+            "versions": VERSIONED_PACKAGES,
             "model": type(self.model).__qualname__,
             "config": config.to_json_string() if hasattr(config, "to_json_string") else "",
             "batch_range": list(batch_range),
@@ -167,7 +237,7 @@ class CompiledDecodeRunner:
             ],
         }
         h.update(json.dumps(facts, sort_keys=True).encode())
-        h.update(traced_sources_digest().encode())
+        h.update(self._sources_digest.encode())
         return h.hexdigest()[:32]
 
     def _example_args(self, batch_range: tuple[int, int]) -> tuple[Any, ...]:
