@@ -1,0 +1,1 @@
+"""An example attention backend package for tessellm (see README.md)."""
