@@ -6,17 +6,19 @@ take one-row inputs (``unquantized_gemv`` widened to this machine's device and f
 the kernels run in Triton's interpreter without a GPU). The prompt goes through the
 per-module path (the GEMV entries decline several rows), the decode token through
 norm-in-GEMV, SiLU-in-GEMV and rotary-with-store; the decode output, the residual stream
-and the KV cache must equal the plain run's.
+and the KV cache must equal the plain run's, also with a residual multiplier (Granite's),
+which the layer applies between the fused kernels.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 import torch
 from conftest import tiny_llama_config, use_triton_plugins
 
-use_triton_plugins("plugins/kernels_triton/src", "plugins/attention_torch/src")
+use_triton_plugins("kernels/triton/src", "plugins/attention_torch/src")
 
 from tessellm.interfaces.attention import AttentionMetadata, AttentionSpec  # noqa: E402
 from tessellm.interfaces.model import ModelContext, ParallelInfo  # noqa: E402
@@ -29,11 +31,11 @@ from tessellm.layers.decoder import (  # noqa: E402
     GatedMLP,
 )
 from tessellm_attention_torch.backend import TorchPagedAttention  # noqa: E402
-from tessellm_kernels_triton.dense_gemv import UnquantizedGemv  # noqa: E402
-from tessellm_kernels_triton.gemv import GemvConfig  # noqa: E402
-from tessellm_kernels_triton.linear_ops import LinearFusions  # noqa: E402
-from tessellm_kernels_triton.norm_gemv import PersistentGemvConfig  # noqa: E402
-from tessellm_kernels_triton.ops import triton_fused_ops  # noqa: E402
+from tessellm_triton_kernels.dense_gemv import UnquantizedGemv  # noqa: E402
+from tessellm_triton_kernels.gemv import GemvConfig  # noqa: E402
+from tessellm_triton_kernels.linear_ops import LinearFusions  # noqa: E402
+from tessellm_triton_kernels.norm_gemv import PersistentGemvConfig  # noqa: E402
+from tessellm_triton_kernels.ops import triton_fused_ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 16
@@ -56,7 +58,7 @@ def _counting(table: FusedOps, calls: Counter) -> FusedOps:
     return FusedOps(**{name: wrap(name, getattr(table, name)) for name in table.names()})
 
 
-def _model(config, seed: int) -> DecoderModel:
+def _model(config, seed: int, residual_multiplier: float | None = None) -> DecoderModel:
     spec = AttentionSpec(DEVICE, torch.float32, 16, 4, 2, BLOCK)
     quant = UnquantizedGemv(SMALL, device_types=(DEVICE,), dtypes=(torch.float32,))
     ctx = ModelContext(
@@ -65,7 +67,8 @@ def _model(config, seed: int) -> DecoderModel:
 
     def layer(i: int) -> DecoderLayer:
         mlp = GatedMLP(config.hidden_size, config.intermediate_size, ctx)
-        return DecoderLayer(config, ctx, DecoderAttention(config, ctx), mlp)
+        attention = DecoderAttention(config, ctx)
+        return DecoderLayer(config, ctx, attention, mlp, residual_multiplier=residual_multiplier)
 
     model = DecoderModel(config, ctx, layer).to(DEVICE)
     gen = torch.Generator().manual_seed(seed)
@@ -97,15 +100,16 @@ def _caches(model: DecoderModel) -> list[torch.Tensor]:
     return [t for m in model.modules() if isinstance(m, Attention) for t in (m.k_cache, m.v_cache)]
 
 
+@pytest.mark.parametrize("residual_multiplier", [None, 0.35])
 @torch.inference_mode()
-def test_decode_step_with_every_fused_entry_equals_the_plain_layers():
+def test_decode_step_with_every_fused_entry_equals_the_plain_layers(residual_multiplier):
     config = tiny_llama_config(hidden_size=64, intermediate_size=96, num_hidden_layers=2)
     ids = torch.randint(0, 256, (6,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     calls: Counter = Counter()
     table = _counting(triton_fused_ops(fusions=FUSIONS), calls)
     outputs = []
     for ops in (None, table):
-        model = _model(config, seed=1)
+        model = _model(config, seed=1, residual_multiplier=residual_multiplier)
         assert bind_fused_ops(model, ops) > 0
         model(ids[:5], torch.arange(5, device=DEVICE), _metadata(0, 5))  # prompt
         prompt_calls = Counter(calls)

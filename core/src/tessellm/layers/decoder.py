@@ -9,15 +9,16 @@ made, and states its checkpoint names as ``weight_rules`` / ``weight_renames``.
 The scalar knobs real families use, each off by default (``None``, and then free):
 
 - ``DecoderModel(embed_scale=)``: the embedding times the scale rounded to the model
-  dtype (Gemma's ``sqrt(hidden_size)``);
+  dtype (Gemma's ``sqrt(hidden_size)``, transformers' MiniCPM3 ``scale_emb``);
 - ``DecoderModel(embedding_multiplier=)``: the embedding times the float (Granite's
-  ``embedding_multiplier``, MiniCPM's ``scale_emb``);
+  ``embedding_multiplier``, the original MiniCPM's ``scale_emb``);
 - ``DecoderLayer(residual_multiplier=)``: ``residual + m * sublayer(x)`` (Granite's
   ``residual_multiplier``, MiniCPM's ``scale_depth / sqrt(num_hidden_layers)``);
 - ``DecoderAttention(scale=)``: the score scale (Granite's ``attention_multiplier``);
 - ``DecoderForCausalLM(logits_scaling=)``: logits divided by it (Granite);
 - ``DecoderForCausalLM(head_input_scaling=)``: the final hidden states divided by it
-  before the LM head (MiniCPM's ``hidden_size / dim_model_base``).
+  before the LM head (MiniCPM's ``hidden_size / dim_model_base``, which transformers'
+  MiniCPM3 config calls ``logits_scaling``: not Granite's division of the logits).
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class DecoderModel(nn.Module):
 
     ``embed_scale`` multiplies the embedding by the scale rounded to the model dtype
     (Gemma: ``sqrt(hidden_size)``); ``embedding_multiplier`` multiplies it by the float as
-    it is (Granite's ``embedding_multiplier``, MiniCPM's ``scale_emb``): the two round
+    it is (Granite's ``embedding_multiplier``, the original MiniCPM's ``scale_emb``): the two round
     differently in bf16, each as its reference does. ``norm_offset`` is the final norm's
     weight offset (Gemma: 1)."""
 
