@@ -252,3 +252,35 @@ def test_a_family_states_its_attention_needs(families, checkpoint, tmp_path, mon
     with pytest.raises(ConfigError) as refused:
         LLM(model=str(path), dtype="float32", device="cpu", attention_backend="no_softcap_test")
     assert "refused no_softcap_test: model uses attention logit soft-capping" in str(refused.value)
+
+
+def test_head_knobs_divide_where_their_families_do():
+    from tessellm.interfaces.attention import AttentionSpec
+    from tessellm.interfaces.model import ModelContext, ParallelInfo
+    from tessellm.interfaces.quantization import Unquantized
+
+    config = tiny_llama_config(num_hidden_layers=1)
+    spec = AttentionSpec("cpu", torch.bfloat16, 16, 4, 2, 16)
+    ctx = ModelContext(
+        torch.bfloat16,
+        torch.device("cpu"),
+        TorchPagedAttention(spec),
+        Unquantized(),
+        ParallelInfo(),
+    )
+
+    class MiniCPMLike(LlamaForCausalLM):
+        def __init__(self, config, ctx):
+            super().__init__(config, ctx, head_input_scaling=5.0, logits_scaling=3.0)
+
+    torch.manual_seed(0)
+    model = MiniCPMLike(config, ctx)
+    model.lm_head.weight.normal_()
+    hidden = torch.randn(5, 64, dtype=torch.bfloat16)
+    # In bf16 each division rounds, so where it happens is part of the model.
+    expected = model.lm_head(hidden / 5.0) / 3.0
+    assert torch.equal(model.compute_logits(hidden), expected)
+    assert not torch.equal(expected, model.lm_head(hidden) / 15.0)
+    # A multiplier of exactly 1 is off: no multiply in the step.
+    plain = DecoderLayer(config, ctx, DecoderAttention(config, ctx), GatedMLP(64, 128, ctx), 0, 1.0)
+    assert plain.residual_multiplier is None
