@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from tessellm.testing.models import (
         TEST_PROMPTS,
         TINY_DECODER,
+        UnknownArchitectureError,
         make_tokenizer,
         save_tiny_model,
         tiny_config,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "TEST_PROMPTS": "tessellm.testing.models",
     "TINY_DECODER": "tessellm.testing.models",
+    "UnknownArchitectureError": "tessellm.testing.models",
     "make_tokenizer": "tessellm.testing.models",
     "save_tiny_model": "tessellm.testing.models",
     "tiny_config": "tessellm.testing.models",
@@ -52,6 +54,7 @@ __all__ = [
     "TEST_PROMPTS",
     "TINY_DECODER",
     "CheckResult",
+    "UnknownArchitectureError",
     "assert_greedy_parity",
     "check_attention_backend",
     "check_model_family",
