@@ -160,8 +160,9 @@ def greedy_parity_failures(
     if unknown:
         raise ValueError(f"unknown parity mode(s) {unknown}; choose from {list(MODES)}")
     prompt_ids = encode_prompts(model_dir, list(prompts) if prompts else TEST_PROMPTS)
-    block_size = engine_args.get("block_size", default_block_size())
-    prefixed = [shared_prefix(prompt_ids, 2 * block_size + 3) + ids for ids in prompt_ids]
+    # Two whole KV blocks and a partial third: hits on full blocks, a tail computed anew.
+    prefix_len = 2 * engine_args.get("block_size", default_block_size()) + 3
+    prefixed = [shared_prefix(prompt_ids, prefix_len) + ids for ids in prompt_ids]
     layout = None
     if "preemption" in modes:
         sizes = [engine_args["block_size"]] if "block_size" in engine_args else None
@@ -192,7 +193,7 @@ def greedy_parity_failures(
                 failures += describe_mismatches("one_at_a_time", prompt_ids, got, expected)
             if "prefix_cache" in modes:
                 failures += _prefix_cache_mode(
-                    run, prefixed, expected_prefixed, max_tokens, 2 * block_size + 3
+                    run, prefixed, expected_prefixed, max_tokens, prefix_len
                 )
             if "preemption" in modes:
                 assert layout is not None
