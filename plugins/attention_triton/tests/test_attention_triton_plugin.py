@@ -18,15 +18,15 @@ def test_triton_backend_conforms_or_says_why_not():
     assert result.passed, result.summary()
 
 
-# Head size 32: the smallest the backend claims. Mistral's window runs with CUDA graphs;
-# Gemma 2 (window and soft-cap) runs eagerly: its scaled embedding copies the scale from
-# the host inside the captured step, which CUDA graph capture refuses.
+# Head size 32: the smallest the backend claims. Both run with CUDA graphs (Gemma 2's
+# scaled embedding once copied its scale from the host inside the captured step, which
+# capture refuses: this case is its regression test).
 CASES = {
     "mistral-window": ("MistralForCausalLM", dict(sliding_window=8), {}),
     "gemma2-window-soft-cap": (
         "Gemma2ForCausalLM",
         dict(sliding_window=8, attn_logit_softcapping=5.0),
-        dict(enforce_eager=True),
+        {},
     ),
 }
 

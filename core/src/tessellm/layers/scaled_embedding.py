@@ -17,8 +17,9 @@ class ScaledVocabEmbedding(VocabParallelEmbedding):
 
     def __init__(self, vocab_size: int, hidden_size: int, ctx: ModelContext, scale: float):
         super().__init__(vocab_size, hidden_size, ctx)
-        self.scale = scale
+        # Rounded once, here, to a float the model dtype holds exactly: a tensor made in
+        # forward would be a host-to-device copy, which CUDA graph capture refuses.
+        self.scale = float(torch.tensor(scale, dtype=ctx.dtype))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = super().forward(input_ids)
-        return hidden * torch.tensor(self.scale, dtype=hidden.dtype, device=hidden.device)
+        return super().forward(input_ids) * self.scale
