@@ -22,6 +22,51 @@ def _split(path: Path) -> tuple[str, str]:
     return str(path.parent), path.name
 
 
+def gguf_damage(path: Path) -> str | None:
+    """What is wrong with ``path`` as a GGUF file, or None if its layout is whole.
+
+    Called when a conversion fails: the ``gguf`` reader maps every tensor as it opens a
+    file, so a file cut short fails with numpy's "cannot reshape array", which does not
+    say that the tensor data is missing.
+    """
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    extents: list[int] = []
+
+    class ExtentReader(GGUFReader):
+        """Parses the metadata and tensor table; records where each tensor ends instead of
+        mapping it."""
+
+        def _build_tensors(self, start_offs: int, fields) -> None:
+            for field in fields:
+                _name_len, _name, _n_dims, dims, raw_dtype, offset = field.parts
+                block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(raw_dtype[0])]
+                n_bytes = int(np.prod(dims)) * type_size // block_size
+                extents.append(start_offs + int(offset[0]) + n_bytes)
+
+    size = path.stat().st_size
+    try:
+        ExtentReader(path)
+    except Exception as exc:  # any parse failure means damaged metadata
+        return f"its header or metadata cannot be parsed ({exc}); truncated or not a GGUF file"
+    needed = max(extents, default=0)
+    if needed > size:
+        return (
+            f"its tensor data is truncated: the tensors need {needed} bytes but the file has "
+            f"{size} ({needed - size} missing; an interrupted download? fetch it again)"
+        )
+    return None
+
+
+def _load_error(path: Path, what: str, exc: Exception) -> ModelLoadError:
+    damage = gguf_damage(path)
+    if damage is not None:
+        return ModelLoadError(f"{path} is damaged: {damage}")
+    text = str(exc).strip().splitlines()
+    return ModelLoadError(f"cannot read GGUF {what} of {path}: {text[0] if text else exc!r}")
+
+
 class GGUFFormat(WeightFormat):
     name = "gguf"
 
@@ -40,7 +85,7 @@ class GGUFFormat(WeightFormat):
         try:
             config = AutoConfig.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
         except Exception as exc:
-            raise ModelLoadError(f"cannot read GGUF metadata of {path}: {exc}") from exc
+            raise _load_error(path, "metadata", exc) from None
         if not getattr(config, "architectures", None):
             config.architectures = [architecture_of(config)]
         return config
@@ -52,7 +97,10 @@ class GGUFFormat(WeightFormat):
         from transformers import AutoTokenizer
 
         folder, name = _split(path)
-        return AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+        try:
+            return AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+        except Exception as exc:
+            raise _load_error(path, "tokenizer", exc) from None
 
     def iter_weights(
         self, path: Path, config, dtype: torch.dtype
@@ -66,7 +114,10 @@ class GGUFFormat(WeightFormat):
         # A weightless HF model tells transformers which names the tensors map to.
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
-        result = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
+        try:
+            result = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
+        except Exception as exc:
+            raise _load_error(path, "tensors", exc) from None
         for name, tensor in result["tensors"].items():
             if not isinstance(tensor, torch.Tensor):
                 tensor = torch.from_numpy(tensor)
