@@ -153,3 +153,34 @@ def test_bad_requests_do_not_disturb_a_running_stream(http, tiny_server):
     text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
     assert text == expected
     assert http.get("/health").status_code == 200
+
+
+def test_a_wrong_method_is_a_405_that_names_the_allowed_ones(http):
+    response = http.get(COMPLETIONS)
+    error = assert_openai_error(response, 405)
+    assert response.headers["allow"] == "POST", response.headers
+    assert error["message"] == "Method Not Allowed"
+    assert http.delete("/health").headers["allow"] == "GET"
+
+
+def test_bad_json_says_where_and_why(http):
+    body = b'{"prompt": "A",\n  "max_tokens": }'
+    response = http.post(COMPLETIONS, content=body, headers={"content-type": "application/json"})
+    error = assert_openai_error(response, 400)
+    assert error["message"] == "invalid JSON at line 2 column 17: Expecting value"
+    assert error["param"] is None and error["type"] == "invalid_request_error"
+
+
+def test_metrics_is_declared_as_text(http):
+    spec = http.get("/openapi.json").json()
+    content = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(content) == ["text/plain"]
+    assert http.get("/metrics").headers["content-type"].startswith("text/plain")
+
+
+def test_docs_and_schema_hits_are_counted_by_route(http, tiny_server):
+    for path in ("/docs", "/openapi.json", "/no/such/route"):
+        http.get(path)
+    metrics = tiny_server.metrics()
+    for route, status in (("/docs", 200), ("/openapi.json", 200), ("unmatched", 404)):
+        assert metrics[f'tessellm:http_requests_total{{route="{route}",status="{status}"}}'] >= 1

@@ -45,7 +45,15 @@ def test_v1_routes_need_the_key(keyed_server):
             assert response.status_code == 401, response.text
             error = response.json()["error"]
             assert error["code"] == "invalid_api_key" and set(error) >= {"message", "type"}
-    for open_route in ("/health", "/version", "/metrics"):
+    # The key is checked before the body is read: no key, a broken body, still a 401.
+    for body in (b"{not json", b'{"prompt": 5}'):
+        response = httpx.post(
+            url + "/v1/completions", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 401, response.text
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(url + "/v1/no-such-route").status_code == 401
+    for open_route in ("/health", "/version", "/metrics", "/docs"):
         assert httpx.get(url + open_route).status_code == 200
 
 

@@ -13,6 +13,9 @@ from tessellm.config import DEFAULT_MODEL
 
 ENGINE = "Engine"
 SERVER = "Server"
+# uvicorn cancels request tasks this long after the app's own shutdown deadline (when a
+# client stopped reading and the closing messages could not be sent).
+SHUTDOWN_BACKSTOP_S = 5.0
 
 
 def serve(
@@ -41,8 +44,9 @@ def serve(
         int,
         typer.Option(
             min=0,
-            help="On SIGINT/SIGTERM, seconds to let in-flight requests finish before "
-            "cancelling them.",
+            help="On SIGINT/SIGTERM, seconds in-flight requests get to finish (new ones are "
+            "refused); then each ends with an error (a stream: an error event, then [DONE]). "
+            "A second signal ends them at once.",
             rich_help_panel=SERVER,
         ),
     ] = 30,
@@ -102,12 +106,12 @@ def serve(
         typer.Option(help=ENFORCE_EAGER_HELP, rich_help_panel=ENGINE),
     ] = False,
 ) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API (/v1/completions,
-    /v1/chat/completions, /v1/models) with /health, /metrics and /version."""
+    """Serve a model over an OpenAI-compatible HTTP API (/v1), with /health and /metrics."""
     try:
         import uvicorn
 
         from tessellm.server.app import build_app
+        from tessellm.server.shutdown import DrainingServer
     except ImportError as exc:
         fail(f"the server needs the serve extra: pip install 'tessellm[serve]' ({exc})")
 
@@ -145,23 +149,25 @@ def serve(
             engine = AsyncLLMEngine.from_engine_args(args)
     except TessellmError as exc:
         fail(str(exc))
-    app = build_app(engine, names, model_root=model, api_key=api_key)
+    app = build_app(
+        engine, names, model_root=model, api_key=api_key, shutdown_timeout=shutdown_timeout
+    )
     progress_note(
         f"tessellm serve: {', '.join(names)} (max_model_len {engine.max_model_len}) "
         f"on http://{host}:{port}/v1"
     )
-    # uvicorn handles SIGINT/SIGTERM: it stops accepting connections, lets open requests
-    # finish for up to shutdown_timeout seconds, then runs the app's shutdown (engine stop).
-    # Newer uvicorn re-raises the signal once done; a finished graceful shutdown after
-    # SIGTERM is a normal end, so that re-raise exits with status 0.
+    # A finished graceful shutdown after SIGTERM is a normal end: uvicorn re-raises the
+    # signal once done, and this handler turns it into exit status 0.
     signal.signal(signal.SIGTERM, _exit_after_graceful_shutdown)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level.lower(),
-        timeout_graceful_shutdown=shutdown_timeout,
+        # Only a backstop: the app ends what is still running at shutdown_timeout itself.
+        timeout_graceful_shutdown=shutdown_timeout + SHUTDOWN_BACKSTOP_S,
     )
+    DrainingServer(config, app.state.shutdown).run()
 
 
 def _exit_after_graceful_shutdown(signum: int, frame: FrameType | None) -> None:

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tessellm.engine.async_engine import AsyncLLMEngine
 from tessellm.server import routes_chat, routes_completions
-from tessellm.server.auth import require_api_key
+from tessellm.server.auth import APIKeyMiddleware, require_api_key
 from tessellm.server.context import ServerContext, get_context
 from tessellm.server.errors import install_error_handlers
 from tessellm.server.protocol import ModelCard, ModelList
+from tessellm.server.shutdown import GracefulShutdown, GracefulShutdownMiddleware
 
 
 def tessellm_version() -> str:
@@ -49,8 +52,21 @@ class HTTPMetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_watch)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.counter.labels(route, str(status)).inc()
+            self.counter.labels(route_label(scope), str(status)).inc()
+
+
+def route_label(scope: Scope) -> str:
+    """The route template a request matched: FastAPI's API routes name themselves in the
+    scope; plain Starlette routes (``/docs``, ``/openapi.json``) are found by matching."""
+    route = scope.get("route")
+    if route is not None:
+        return getattr(route, "path", "unmatched")
+    router = getattr(scope.get("app"), "router", None)
+    for candidate in getattr(router, "routes", ()):
+        match, _ = candidate.matches(scope)
+        if match is not Match.NONE:
+            return getattr(candidate, "path", "unmatched")
+    return "unmatched"
 
 
 def build_app(
@@ -58,14 +74,21 @@ def build_app(
     served_model_names: list[str],
     model_root: str | None = None,
     api_key: str | None = None,
+    shutdown_timeout: float = 30.0,
 ) -> FastAPI:
-    """An app serving ``engine``; the engine thread starts and stops with the app."""
+    """An app serving ``engine``; the engine thread starts and stops with the app.
+
+    ``app.state.shutdown`` (a :class:`GracefulShutdown`) is what the server's stop signal
+    drives: no new requests, then in-flight ones get up to ``shutdown_timeout`` seconds.
+    """
     if not served_model_names:
         raise ValueError("served_model_names must name at least one model")
     ctx = ServerContext(engine, served_model_names, model_root or served_model_names[0], api_key)
+    shutdown = GracefulShutdown(shutdown_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        shutdown.bind(asyncio.get_running_loop())
         engine.start()
         try:
             yield
@@ -79,7 +102,11 @@ def build_app(
         lifespan=lifespan,
     )
     app.state.ctx = ctx
+    app.state.shutdown = shutdown
     install_error_handlers(app)
+    # The last added runs first: count everything, then refuse while draining, then auth.
+    app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(GracefulShutdownMiddleware, shutdown=shutdown)
     app.add_middleware(HTTPMetricsMiddleware, counter=ctx.metrics.http_requests)
     app.include_router(routes_completions.router)
     app.include_router(routes_chat.router)
@@ -102,8 +129,9 @@ def build_app(
     async def show_version() -> dict[str, str]:
         return {"version": tessellm_version()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(request: Request) -> Response:
+        """Prometheus metrics in the text exposition format."""
         registry = get_context(request).metrics.registry
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 

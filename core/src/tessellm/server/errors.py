@@ -38,6 +38,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         error_type: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -45,6 +46,7 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.error_type = error_type or ERROR_TYPES.get(status, "invalid_request_error")
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         return {
@@ -56,9 +58,11 @@ class APIError(Exception):
             }
         }
 
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        all_headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        all_headers.update(self.headers)
+        all_headers.update(headers or {})
+        return JSONResponse(self.body(), status_code=self.status, headers=all_headers or None)
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
@@ -81,6 +85,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     details = exc.errors()
     if not details:
         return bad_request("invalid request body")
+    if details[0].get("type") == "json_invalid":
+        return _json_error(details[0], exc.body)
     parts = []
     for item in details[:5]:
         loc = [str(x) for x in item.get("loc", ()) if x != "body"]
@@ -89,6 +95,18 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     first_loc = [str(x) for x in details[0].get("loc", ()) if x != "body"]
     param = first_loc[0] if first_loc else None
     return bad_request("; ".join(parts), param=param)
+
+
+def _json_error(detail: dict[str, Any], document: Any) -> APIError:
+    """Where a body is not JSON, as the decoder says it (FastAPI gives only the offset)."""
+    reason = (detail.get("ctx") or {}).get("error") or "not valid JSON"
+    loc = detail.get("loc") or ()
+    offset = loc[-1] if loc and isinstance(loc[-1], int) else None
+    if offset is None or not isinstance(document, str):
+        return bad_request(f"invalid JSON: {reason}")
+    line = document.count("\n", 0, offset) + 1
+    column = offset - document.rfind("\n", 0, offset)
+    return bad_request(f"invalid JSON at line {line} column {column}: {reason}")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -110,7 +128,13 @@ def install_error_handlers(app: FastAPI) -> None:
         except ValueError:
             phrase = "error"
         message = exc.detail if isinstance(exc.detail, str) else phrase
-        error = APIError(exc.status_code, message, error_type=ERROR_TYPES.get(exc.status_code))
+        # Kept headers: a 405 names the allowed methods in "Allow", as HTTP requires.
+        error = APIError(
+            exc.status_code,
+            message,
+            error_type=ERROR_TYPES.get(exc.status_code),
+            headers=dict(exc.headers or {}),
+        )
         return error.response()
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
