@@ -11,7 +11,8 @@ from server_harness import cli_command, free_port
 
 pytestmark = pytest.mark.slow
 
-TURNS = ["Hello", "The quick brown fox", "/reset", "Hello", "/exit", "never read"]
+TRUNCATED_MARK = " [truncated: max tokens]"
+TURNS = ["/help", "Hello", "The quick brown fox", "/reset", "Hello", "/exit", "never read"]
 REPLY_TOKENS = 6
 
 
@@ -37,10 +38,10 @@ def expected_transcript(tiny_server):
             out = client.chat.completions.create(
                 model=model, messages=messages, temperature=0, max_tokens=REPLY_TOKENS
             )
-            return out.choices[0].message.content
+            return out.choices[0].message.content, out.choices[0].finish_reason
 
-        first = reply([{"role": "user", "content": "Hello"}])
-        second = reply(
+        first, first_end = reply([{"role": "user", "content": "Hello"}])
+        second, second_end = reply(
             [
                 {"role": "user", "content": "Hello"},
                 {"role": "assistant", "content": first},
@@ -48,20 +49,31 @@ def expected_transcript(tiny_server):
             ]
         )
     assert first and second
-    return [first, second, "(conversation cleared)", first]
+    # A reply cut by --max-tokens is marked as such (the history keeps it unmarked).
+    assert "length" in (first_end, second_end)
+    first_shown = first + (TRUNCATED_MARK if first_end == "length" else "")
+    second_shown = second + (TRUNCATED_MARK if second_end == "length" else "")
+    return [first_shown, second_shown, "(conversation cleared)", first_shown]
+
+
+def assert_transcript(stdout: str, expected: list[str]) -> None:
+    lines = stdout.splitlines()
+    # /help is answered by the chat itself (one line per command), not sent to the model.
+    assert [line.split()[0] for line in lines[:3]] == ["/help", "/reset", "/exit"], stdout
+    assert lines[3:] == expected
 
 
 def test_chat_against_a_running_server(tiny_server, expected_transcript):
     result = run_chat("--url", tiny_server.url, stdin="\n".join(TURNS) + "\n")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == expected_transcript
+    assert_transcript(result.stdout, expected_transcript)
 
 
 def test_chat_on_a_local_engine(tiny_llama, expected_transcript):
     args = ("--model", str(tiny_llama), "--dtype", "float32", "--device", "cpu")
     result = run_chat(*args, stdin="\n".join(TURNS) + "\n")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == expected_transcript
+    assert_transcript(result.stdout, expected_transcript)
 
 
 def test_chat_reports_an_unreachable_server():

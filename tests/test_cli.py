@@ -14,8 +14,8 @@ _script = Path(sys.executable).parent / "tessellm"
 TESSELLM = [str(_script)] if _script.exists() else [sys.executable, "-m", "tessellm.cli.app"]
 
 
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_cli(*args: str, timeout: int = 300, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **env_vars}
     return subprocess.run(
         [*TESSELLM, *args],
         capture_output=True,
@@ -90,3 +90,51 @@ def test_help_lists_commands():
     proc = run_cli("--help")
     assert proc.returncode == 0
     assert "generate" in proc.stdout and "plugins" in proc.stdout
+
+
+def test_version():
+    from importlib.metadata import version
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"tessellm {version('tessellm')}"
+
+
+def test_generate_takes_several_prompts_and_an_input_file(tiny_llama, tmp_path):
+    engine_args = ("--model", str(tiny_llama), "--max-tokens", "5", "--dtype", "float32")
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("The quick brown fox\n\n  \nOnce upon a time\n")
+    proc = run_cli(
+        "generate",
+        "Hello , my name is",
+        "--input-file",
+        str(prompts_file),
+        *engine_args,
+        "--no-chat",
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0::2] == [
+        "--- [1] Hello , my name is",
+        "--- [2] The quick brown fox",
+        "--- [3] Once upon a time",
+    ], proc.stdout
+    outputs = lines[1::2]
+    assert len(outputs) == 3 and all(o.strip() for o in outputs)
+    # Each prompt of the batch gets what it gets alone (greedy).
+    alone = run_cli("generate", "The quick brown fox", *engine_args, "--no-chat")
+    assert alone.stdout.splitlines() == [outputs[1]]
+
+
+def test_generate_reports_an_unreadable_input_file(tmp_path):
+    proc = run_cli("generate", "--input-file", str(tmp_path / "missing.txt"))
+    assert proc.returncode == 2
+    assert "cannot read --input-file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sampling_options_have_help():
+    proc = run_cli("generate", "--help", COLUMNS="200")
+    assert proc.returncode == 0, proc.stderr
+    help_lines = {line.split()[1]: line for line in proc.stdout.splitlines() if "--top-" in line}
+    assert "most likely tokens" in help_lines["--top-k"]
+    assert "Nucleus sampling" in help_lines["--top-p"]

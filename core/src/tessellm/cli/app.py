@@ -4,10 +4,39 @@ from any installed plugin's ``register_commands`` hook."""
 from __future__ import annotations
 
 import sys
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated
 
 import typer
 
 from tessellm.errors import TessellmError
+
+
+def tessellm_version() -> str:
+    try:
+        return version("tessellm")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "unknown"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tessellm {tessellm_version()}")
+        raise typer.Exit()
+
+
+def _root(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_show_version,
+            is_eager=True,
+            help="Print tessellm's version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """tessellm: fast LLM inference and serving, built from plugins."""
 
 
 def build_app() -> typer.Typer:
@@ -20,6 +49,7 @@ def build_app() -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
+    app.callback()(_root)
     from tessellm.cli import core_commands
 
     core_commands.register_commands(app=app)

@@ -38,10 +38,20 @@ class ReplyOptions:
 
 class ChatBackend(Protocol):
     name: str
+    # Why the last reply ended ("stop", "length", ...), once its stream is exhausted.
+    finish_reason: str | None
 
     def stream(self, messages: list[Message], options: ReplyOptions) -> Iterator[str]:
         """Yield the assistant's reply piece by piece."""
         ...
+
+
+COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "clear the conversation (the system message stays)",
+    "/exit": "quit (also /quit or Ctrl-D); Ctrl-C stops a reply",
+}
+TRUNCATED_MARK = " [truncated: max tokens]"
 
 
 class RemoteChat:
@@ -52,6 +62,7 @@ class RemoteChat:
         self.base = base if base.endswith("/v1") else base + "/v1"
         self.api_key = api_key
         self.name = model or self._first_model()
+        self.finish_reason: str | None = None
 
     def _open(self, path: str, body: dict[str, Any] | None = None) -> Any:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -84,6 +95,7 @@ class RemoteChat:
         }
         if options.seed is not None:
             body["seed"] = options.seed
+        self.finish_reason = None
         # Closing the response (also on Ctrl-C) drops the connection: the server aborts.
         with self._open("/chat/completions", body) as response:
             for raw in response:
@@ -97,6 +109,7 @@ class RemoteChat:
                 if "error" in chunk:
                     raise ChatError(_error_message(data.encode()))
                 for choice in chunk.get("choices") or []:
+                    self.finish_reason = choice.get("finish_reason") or self.finish_reason
                     piece = (choice.get("delta") or {}).get("content")
                     if piece:
                         yield piece
@@ -116,6 +129,7 @@ class LocalChat:
         self.engine = engine
         self.name = name
         self._ids = itertools.count()
+        self.finish_reason: str | None = None
 
     def stream(self, messages: list[Message], options: ReplyOptions) -> Iterator[str]:
         from tessellm.entrypoints.llm import apply_chat_template
@@ -123,6 +137,7 @@ class LocalChat:
         from tessellm.sampling_params import SamplingParams
 
         request_id = f"chat-{next(self._ids)}"
+        self.finish_reason = None
         try:
             prompt = apply_chat_template(self.engine.tokenizer, messages)
             room = self.engine.max_model_len - len(prompt)
@@ -143,6 +158,7 @@ class LocalChat:
                     if len(text) > shown:
                         yield text[shown:]
                         shown = len(text)
+                    self.finish_reason = out.outputs[0].finish_reason
         finally:
             self.engine.abort_request(request_id)  # a no-op once finished; frees on Ctrl-C
 
@@ -153,7 +169,7 @@ def run_chat(backend: ChatBackend, system: str | None, options: ReplyOptions) ->
     start: list[Message] = [{"role": "system", "content": system}] if system else []
     history = list(start)
     if interactive:
-        print(f"Chatting with {backend.name}. /reset clears the chat, /exit or Ctrl-D quits.")
+        print(f"Chatting with {backend.name}. /help lists commands, /exit or Ctrl-D quits.")
     while True:
         try:
             line = input("> " if interactive else "")
@@ -168,6 +184,10 @@ def run_chat(backend: ChatBackend, system: str | None, options: ReplyOptions) ->
             history = list(start)
             print("(conversation cleared)")
             continue
+        if command == "/help":
+            for name, what in COMMANDS.items():
+                print(f"{name:8} {what}")
+            continue
         history.append({"role": "user", "content": line})
         pieces: list[str] = []
         try:
@@ -175,6 +195,8 @@ def run_chat(backend: ChatBackend, system: str | None, options: ReplyOptions) ->
                 sys.stdout.write(piece)
                 sys.stdout.flush()
                 pieces.append(piece)
+            if backend.finish_reason == "length":
+                sys.stdout.write(TRUNCATED_MARK)  # shown, not kept in the history
         except KeyboardInterrupt:
             sys.stdout.write(" [interrupted]")
         except ChatError as exc:

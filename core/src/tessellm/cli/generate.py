@@ -1,25 +1,115 @@
-"""``tessellm generate``: stream one completion to the terminal."""
+"""``tessellm generate``: stream completions of one or more prompts to the terminal."""
 
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
 from tessellm.cli.common import MODEL_HELP, EnforceEager, fail
 from tessellm.config import DEFAULT_MODEL
 
+DEFAULT_PROMPT = "Write a haiku about the sea."
+# Prompts run as one batch up to this many at a time (larger batches on the CPU cost a
+# one-off compile of their decode step, which a handful of prompts would not repay).
+MAX_BATCH = 16
+LABEL_WIDTH = 60
+
+
+def read_prompts(prompts: list[str], input_file: Path | None) -> list[str]:
+    """The positional prompts (``-``: all of standard input), then the file's non-empty
+    lines; the default prompt when there are none."""
+    result = [sys.stdin.read() if p == "-" else p for p in prompts]
+    if input_file is not None:
+        try:
+            text = sys.stdin.read() if str(input_file) == "-" else input_file.read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"cannot read --input-file {input_file}: {exc}", code=2)
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            fail(f"--input-file {input_file} has no prompt (one per line)", code=2)
+        result.extend(lines)
+    return result or [DEFAULT_PROMPT]
+
+
+def label(number: int, prompt: str) -> str:
+    """The line that introduces one prompt's output when there are several."""
+    text = " ".join(prompt.split())
+    if len(text) > LABEL_WIDTH:
+        text = text[: LABEL_WIDTH - 3] + "..."
+    return f"--- [{number}] {text}"
+
+
+def stream_in_order(engine: Any, prompts: list[str], labelled: bool) -> None:
+    """Run the engine until the requests named ``"0" .. str(len(prompts) - 1)`` finish,
+    printing each one's text in order: the current prompt's as it is generated, a later
+    one's (generated alongside) when its turn comes, each after its label if ``labelled``."""
+    count = len(prompts)
+    texts = [""] * count
+    finished = [False] * count
+    current, shown, started = 0, 0, False
+    while True:
+        while current < count:
+            if not started:
+                if labelled:
+                    sys.stdout.write(label(current + 1, prompts[current]) + "\n")
+                started = True
+            piece = texts[current][shown:]
+            sys.stdout.write(piece)
+            shown += len(piece)
+            if not finished[current]:
+                break
+            sys.stdout.write("\n")
+            current, shown, started = current + 1, 0, False
+        sys.stdout.flush()
+        if current == count:
+            return
+        if not engine.has_unfinished_requests():  # nothing left to run (aborted)
+            print(flush=True)
+            return
+        for out in engine.step():
+            i = int(out.request_id)
+            texts[i] = out.outputs[0].text
+            finished[i] = out.finished
+
 
 def generate(
-    prompt: Annotated[str, typer.Argument(help="The prompt (read from stdin when '-').")] = (
-        "Write a haiku about the sea."
-    ),
+    prompts: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Prompts, each generated in turn ('-': read one from standard input). "
+            f"Default: {DEFAULT_PROMPT!r}.",
+            show_default=False,
+        ),
+    ] = None,
+    input_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--input-file",
+            "-f",
+            help="A text file of prompts, one per line (blank lines skipped; '-': stdin).",
+        ),
+    ] = None,
     model: Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)] = DEFAULT_MODEL,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 128,
+    max_tokens: Annotated[
+        int, typer.Option(min=1, help="Tokens to generate at most, per prompt.")
+    ] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
-    top_k: Annotated[int, typer.Option(min=-1)] = 0,
+    top_p: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Nucleus sampling: draw from the smallest set of tokens whose probabilities "
+            "add up to this (1: all).",
+        ),
+    ] = 1.0,
+    top_k: Annotated[
+        int,
+        typer.Option(min=-1, help="Draw from the K most likely tokens only (0 or -1: all)."),
+    ] = 0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     chat: Annotated[
         bool, typer.Option("--chat/--no-chat", help="Apply the chat template if the model has one.")
@@ -39,15 +129,16 @@ def generate(
     ] = None,
     enforce_eager: EnforceEager = False,
 ) -> None:
-    """Generate text from PROMPT and stream it to the terminal."""
+    """Generate text from each PROMPT and stream it to the terminal; with several prompts,
+    each output follows a '--- [N] prompt' line."""
     from tessellm.config import EngineArgs
     from tessellm.engine.llm_engine import LLMEngine
     from tessellm.entrypoints.llm import apply_chat_template
     from tessellm.errors import TessellmError
     from tessellm.sampling_params import SamplingParams
 
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    texts = read_prompts(list(prompts or []), input_file)
+    labelled = len(texts) > 1
     try:
         params = SamplingParams(
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens
@@ -60,26 +151,22 @@ def generate(
                 max_model_len=max_model_len,
                 tensor_parallel_size=tensor_parallel_size,
                 distributed_executor_backend=distributed_executor_backend,
-                max_num_seqs=1,
+                max_num_seqs=min(len(texts), MAX_BATCH),
                 enforce_eager=enforce_eager,
             )
         )
         tokenizer = engine.tokenizer
-        inputs: str | list[int] = prompt
-        if chat and getattr(tokenizer, "chat_template", None):
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}
-            ]
-            inputs = apply_chat_template(tokenizer, messages)
-        engine.add_request("cli", inputs, params)
-        shown = 0
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                text = out.outputs[0].text
-                sys.stdout.write(text[shown:])
-                sys.stdout.flush()
-                shown = len(text)
-        sys.stdout.write("\n")
+        use_template = chat and getattr(tokenizer, "chat_template", None)
+        for i, text in enumerate(texts):
+            inputs: str | list[int] = text
+            if use_template:
+                messages = ([{"role": "system", "content": system}] if system else []) + [
+                    {"role": "user", "content": text}
+                ]
+                inputs = apply_chat_template(tokenizer, messages)
+            engine.add_request(str(i), inputs, params)
+
+        stream_in_order(engine, texts, labelled)
         engine.shutdown()
     except TessellmError as exc:
         fail(str(exc))
