@@ -2,9 +2,51 @@
 
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 from tessellm.errors import InvalidRequestError
+
+# Bounds that hold whatever the model; the engine checks token ids, top_k and logprobs
+# against the model's vocabulary and its own limits when a request is added.
+MAX_TOKEN_ID = 2**31 - 1  # no vocabulary is larger; beyond it int64 index math overflows
+MAX_COUNT = 2**31 - 1  # max_tokens, min_tokens, logprobs (the context length bounds them)
+MAX_N = 1024  # completions of one request: each is a sequence in the engine
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; signed keeps it portable
+
+
+def _integer(name: str, value: Any, low: int, high: int) -> int:
+    """``value`` as a plain ``int`` within ``[low, high]`` (numpy integers too)."""
+    if isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise InvalidRequestError(f"{name} must be an integer, got {value!r}") from None
+    if not low <= number <= high:
+        raise InvalidRequestError(f"{name} must be in [{low}, {high}], got {number}")
+    return number
+
+
+def _real(name: str, value: Any) -> float:
+    """``value`` as a finite ``float``: NaN or infinity would poison a whole batch's logits."""
+    if isinstance(value, (bool, str, bytes)):
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 @dataclass(slots=True)
@@ -12,6 +54,8 @@ class SamplingParams:
     """How to sample one request. ``temperature=0`` is greedy.
 
     Field names and meanings follow vLLM's ``SamplingParams`` so code switches by import.
+    Every field is checked on construction (``InvalidRequestError`` names the field):
+    numbers are finite and within range, token ids are non-negative and counts bounded.
     """
 
     n: int = 1
@@ -45,28 +89,45 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
+        """Check every field, normalising numbers to plain ``int``/``float``."""
+        self.n = _integer("n", self.n, 1, MAX_N)
+        self.temperature = _real("temperature", self.temperature)
+        self.top_p = _real("top_p", self.top_p)
+        self.top_k = _integer("top_k (-1 or 0: off)", self.top_k, 0, MAX_TOKEN_ID)
+        self.min_p = _real("min_p", self.min_p)
+        self.presence_penalty = _real("presence_penalty", self.presence_penalty)
+        self.frequency_penalty = _real("frequency_penalty", self.frequency_penalty)
+        self.repetition_penalty = _real("repetition_penalty", self.repetition_penalty)
+        if self.seed is not None:
+            self.seed = _integer("seed", self.seed, 0, MAX_SEED)
+        if self.max_tokens is not None:
+            self.max_tokens = _integer("max_tokens", self.max_tokens, 1, MAX_COUNT)
+        self.min_tokens = _integer("min_tokens", self.min_tokens, 0, MAX_COUNT)
+        if self.logprobs is not None:
+            self.logprobs = _integer("logprobs", self.logprobs, 0, MAX_COUNT)
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = _integer("prompt_logprobs", self.prompt_logprobs, 0, MAX_COUNT)
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = [
+                _integer("stop_token_ids", t, 0, MAX_TOKEN_ID) for t in self.stop_token_ids
+            ]
+        if self.logit_bias is not None:
+            self.logit_bias = {
+                _integer("logit_bias key", t, 0, MAX_TOKEN_ID): _real("logit_bias value", b)
+                for t, b in self.logit_bias.items()
+            }
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            _flag(name, getattr(self, name))
         checks: list[tuple[bool, str]] = [
-            (self.n >= 1, f"n must be at least 1, got {self.n}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"top_k must be -1, 0 or positive, got {self.top_k}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (
-                self.max_tokens is None or self.max_tokens >= 1,
-                f"max_tokens must be at least 1, got {self.max_tokens}",
-            ),
-            (self.min_tokens >= 0, "min_tokens must be >= 0"),
-            (
                 self.max_tokens is None or self.min_tokens <= self.max_tokens,
                 "min_tokens must not exceed max_tokens",
-            ),
-            (self.logprobs is None or self.logprobs >= 0, "logprobs must be >= 0"),
-            (
-                self.prompt_logprobs is None or self.prompt_logprobs >= 0,
-                "prompt_logprobs must be >= 0",
             ),
             (all(isinstance(s, str) and s for s in self.stop_strings), "stop must be non-empty"),
         ]

@@ -6,6 +6,12 @@ abort, tokenize ...) between steps, then calls ``step()`` while there is work, a
 each step's outputs to the event loop in one ``call_soon_threadsafe``. Requests from all
 clients therefore share the same steps (continuous batching across clients) and the event
 loop never waits on a forward pass.
+
+A request that breaks a step fails alone: ``LLMEngine.step`` finds it and returns its final
+output as a ``FailedRequestOutput``, which its stream raises as the error. An exception
+that leaves ``step()`` is not attributable to a request (a worker died, the device is
+lost): it marks the engine dead, fails every request and calls the ``on_dead`` callbacks
+(the server exits on it, non-zero, so that a supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any, TypeVar
 
 from tessellm.config import EngineArgs
 from tessellm.engine.llm_engine import LLMEngine
+from tessellm.engine.step_recovery import FailedRequestOutput
 from tessellm.errors import TessellmError
 from tessellm.outputs import RequestOutput
 from tessellm.sampling_params import SamplingParams
@@ -108,6 +115,9 @@ class OutputStream:
             items.append(self._queue.get_nowait())
         latest: dict[str, RequestOutput] = {}
         for item in items:
+            if isinstance(item, FailedRequestOutput):  # this request broke a step
+                self._unfinished.discard(item.request_id)
+                item = item.error or EngineDeadError("the request failed")
             if isinstance(item, BaseException):
                 self.abort()
                 raise item
@@ -137,13 +147,39 @@ class RequestSinks:
     """Where each request's outputs go on the event loop, and whether new ones may come.
 
     Shared by the single-process and the data-parallel engine; ``dead`` is the error that
-    stopped the engine, ``_stopping`` is set by ``shutdown``.
+    stopped the engine (setting it, from any thread, runs the ``on_dead`` callbacks on the
+    event loop), ``_stopping`` is set by ``shutdown``.
     """
 
     def __init__(self) -> None:
         self._sinks: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._stopping = False
-        self.dead: BaseException | None = None
+        self._dead: BaseException | None = None
+        self._dead_callbacks: list[Callable[[BaseException], Any]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def dead(self) -> BaseException | None:
+        return self._dead
+
+    @dead.setter
+    def dead(self, error: BaseException | None) -> None:
+        first = self._dead is None and error is not None
+        self._dead = error
+        if first and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._run_dead_callbacks, error)
+
+    def on_dead(self, callback: Callable[[BaseException], Any]) -> None:
+        """Call ``callback(error)`` on the event loop once the engine dies (not on a
+        shutdown): e.g. to stop the server, which should then exit non-zero."""
+        self._dead_callbacks.append(callback)
+
+    def _run_dead_callbacks(self, error: BaseException) -> None:
+        for callback in self._dead_callbacks:
+            try:
+                callback(error)
+            except Exception:
+                logger.exception("an on_dead callback failed")
 
     def _check_alive(self) -> None:
         if self.dead is not None:
@@ -175,7 +211,6 @@ class AsyncLLMEngine(RequestSinks):
         self.stats: dict[str, float] = engine.stats()
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -250,11 +285,11 @@ class AsyncLLMEngine(RequestSinks):
                     self._wakeup.clear()  # commands queued meanwhile run on the next pass
                 self.stats = self.engine.stats()
             self._drain_commands(loop, EngineDeadError("the server is shutting down"))
-        except BaseException as exc:  # a bug in a step: report it to every waiting request
-            logger.exception("the engine loop failed")
-            self.dead = exc
+        except BaseException as exc:  # not attributable to a request: nothing can run
+            logger.exception("the engine stopped; failing every request")
             error = EngineDeadError(f"the engine stopped: {exc!r}")
             loop.call_soon_threadsafe(self._fail_all, error)
+            self.dead = exc  # after the failures are queued: callbacks run behind them
             self._drain_commands(loop, error)
 
     def _run_commands(self, loop: asyncio.AbstractEventLoop) -> None:

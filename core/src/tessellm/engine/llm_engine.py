@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
 from tessellm.engine.output_processor import OutputProcessor, child_id
+from tessellm.engine.step_recovery import is_fatal, recover_step
 from tessellm.errors import ConfigError, InvalidRequestError
 from tessellm.interfaces.engine import (
     Executor,
@@ -29,7 +30,7 @@ from tessellm.interfaces.engine import (
 )
 from tessellm.outputs import RequestOutput
 from tessellm.plugins import PluginSet, get_plugins
-from tessellm.sampling_params import SamplingParams
+from tessellm.sampling_params import MAX_SEED, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,10 @@ class LLMEngine:
             else ml.resolve_model(plugins, args.tokenizer, args.cache_dir)
         )
         self.tokenizer = ml.weight_format(plugins, tok_source).load_tokenizer(tok_source.path)
+        # The logits' width; token ids a request names must also be ones the tokenizer has.
+        model_vocab = getattr(ml.text_config(self.model_config), "vocab_size", None)
+        self.vocab_size: int = int(model_vocab or len(self.tokenizer))
+        self.max_token_id: int = min(self.vocab_size, len(self.tokenizer)) - 1
         executor_name = args.distributed_executor_backend or (
             "uniproc" if args.tensor_parallel_size == 1 else "mp"
         )
@@ -158,6 +163,8 @@ class LLMEngine:
             and bool(kv.supports_schedule_ahead)
         )
         self._in_flight: tuple[SchedulerOutput, PendingResult] | None = None
+        # A next step whose launch raised (overlapped loop): recovered at the end of step().
+        self._failed_launch: tuple[SchedulerOutput, Any, Exception] | None = None
         self._ids = itertools.count()
         self.counters = {
             "prompt_tokens": 0,
@@ -180,20 +187,40 @@ class LLMEngine:
         return self.tokenizer.encode(prompt)
 
     def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ``InvalidRequestError`` for a prompt or parameters this model cannot run."""
         if not token_ids:
             raise InvalidRequestError("the prompt is empty")
-        vocab = len(self.tokenizer)
-        if any((not isinstance(t, int)) or t < 0 or t >= max(vocab, 1) for t in token_ids):
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        top = self.max_token_id
+        if any(
+            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= top for t in token_ids
+        ):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {top}]")
         if len(token_ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {len(token_ids)} tokens; this model's context is "
                 f"{self.max_model_len} tokens, leaving no room to generate"
             )
-        if params.logprobs is not None and params.logprobs > self.args.max_logprobs:
-            raise InvalidRequestError(f"logprobs must be at most {self.args.max_logprobs}")
-        if params.prompt_logprobs is not None and params.prompt_logprobs > self.args.max_logprobs:
-            raise InvalidRequestError(f"prompt_logprobs must be at most {self.args.max_logprobs}")
+        self.validate_params(params)
+
+    def validate_params(self, params: SamplingParams) -> None:
+        """What ``SamplingParams`` checks, plus the bounds that depend on this model: token
+        ids within its vocabulary, ``top_k`` and logprobs no more than it has."""
+        params.validate()  # again: the caller may have changed the object since
+        top, vocab = self.max_token_id, self.vocab_size
+        if params.top_k > vocab:
+            raise InvalidRequestError(
+                f"top_k must be at most the vocabulary size {vocab} (or -1/0 for off), "
+                f"got {params.top_k}"
+            )
+        if any(t > top for t in params.stop_token_ids or ()):
+            raise InvalidRequestError(f"stop_token_ids must be token ids in [0, {top}]")
+        if any(t > top for t in params.logit_bias or {}):
+            raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {top}]")
+        limit = min(self.args.max_logprobs, vocab)
+        if params.logprobs is not None and params.logprobs > limit:
+            raise InvalidRequestError(f"logprobs must be at most {limit}")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > limit:
+            raise InvalidRequestError(f"prompt_logprobs must be at most {limit}")
 
     def add_request(
         self,
@@ -213,7 +240,7 @@ class LLMEngine:
         for i in range(params.n):
             child_params = params
             if params.n > 1 and params.seed is not None:
-                child_params = replace(params, seed=params.seed + i, n=1)
+                child_params = replace(params, seed=(params.seed + i) % (MAX_SEED + 1), n=1)
             children.append(
                 Request(
                     child_id(request_id, i, params.n),
@@ -268,12 +295,25 @@ class LLMEngine:
             self._in_flight = None
         else:
             plan = self.scheduler.schedule()
-            pending = self._launch(plan)
+            try:
+                pending = self._launch(plan)
+            except Exception as exc:
+                if is_fatal(exc):
+                    raise
+                return recover_step(self, plan, None, exc)
         ahead = self.overlap_steps and self.schedule_ahead and self._can_schedule_ahead(plan)
         if ahead:
             self.scheduler.advance(plan)
             self._launch_next((plan, pending))
-        result = pending.result()
+        try:
+            result = pending.result()
+        except Exception as exc:
+            # Scheduled ahead, the scheduler has counted ``plan`` as computed and the next
+            # step is built on its placeholders; the seams cannot undo that, so this stops
+            # the engine (there only the device fails after launch: not attributable anyway).
+            if ahead or is_fatal(exc):
+                raise
+            return recover_step(self, plan, None, exc)
         if ahead:
             changed = self.scheduler.fill(plan, result)
         else:
@@ -292,6 +332,10 @@ class LLMEngine:
         c["generation_tokens"] += len(result.sampled_token_ids)
         c["computed_tokens"] += plan.num_batched_tokens
         c["batched_seqs_max"] = max(c["batched_seqs_max"], len(plan.seqs))
+        if self._failed_launch is not None:
+            failed, previous, exc = self._failed_launch
+            self._failed_launch = None
+            outputs += recover_step(self, failed, previous, exc)
         return outputs
 
     def _launch(
@@ -303,7 +347,13 @@ class LLMEngine:
         if self.scheduler.has_unfinished():
             plan = self.scheduler.schedule()
             if not plan.empty:
-                self._in_flight = (plan, self._launch(plan, previous))
+                try:
+                    self._in_flight = (plan, self._launch(plan, previous))
+                except Exception as exc:
+                    if is_fatal(exc):
+                        raise
+                    # This step's outputs come first; the failed one is recovered after.
+                    self._failed_launch = (plan, previous, exc)
 
     @staticmethod
     def _can_schedule_ahead(plan: SchedulerOutput) -> bool:
@@ -328,5 +378,6 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self._in_flight = None
+        self._failed_launch = None
         self.executor.shutdown()
         gc.unfreeze()  # the engine's objects may be collected again once dropped

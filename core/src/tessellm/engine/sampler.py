@@ -62,6 +62,7 @@ def apply_min_tokens(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Te
     """Before ``min_tokens`` outputs, EOS (unless ignored) and stop_token_ids cannot win."""
     if not any(s.num_output_tokens < s.params.min_tokens for s in seqs):
         return logits
+    vocab = logits.shape[1]
     banned = []
     for s in seqs:
         ids: set[int] = set()
@@ -69,7 +70,9 @@ def apply_min_tokens(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Te
             ids.update(s.params.stop_token_ids or ())
             if not s.params.ignore_eos:
                 ids.update(s.eos_token_ids)
-        banned.append(sorted(ids))
+        # An id the logits do not have can never be sampled: nothing to ban (and an index
+        # past the row would fail the whole batch).
+        banned.append(sorted(t for t in ids if 0 <= t < vocab))
     if not any(banned):
         return logits
     rows, cols = _index_pairs(banned, logits.device)
@@ -134,7 +137,7 @@ def token_logprobs(
     chosen = logprobs.gather(1, token_ids[:, None])
     ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
     chosen_list = chosen.squeeze(1).tolist()
-    k = max(num_top, default=0)
+    k = min(max(num_top, default=0), logprobs.shape[-1])
     top_ids: list[list[int]] = [[] for _ in num_top]
     top_vals: list[list[float]] = [[] for _ in num_top]
     if k:

@@ -4,6 +4,11 @@ Field names, defaults and ranges follow OpenAI's API reference; the few extra sa
 fields vLLM accepts (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos`` ...) are
 accepted too, so clients can pass them with the SDK's ``extra_body``. Unknown fields are
 ignored, as OpenAI-compatible servers commonly do.
+
+Request bodies are validated strictly: every number is bounded and finite (a JSON
+``Infinity`` or ``NaN`` is a 400), a boolean is ``true`` or ``false`` (not ``"yes"`` nor
+``1``) and an integer is an integer (not ``false`` nor ``"3"``). What depends on the model
+(token ids within its vocabulary, ``top_k`` up to its size) the engine checks.
 """
 
 from __future__ import annotations
@@ -19,16 +24,24 @@ from pydantic import (
     model_serializer,
 )
 
+from tessellm.sampling_params import MAX_COUNT, MAX_SEED, MAX_TOKEN_ID
+
 MAX_N = 128
 MAX_STOP_SEQUENCES = 16
+MAX_TOKEN_LIST = 1024  # stop_token_ids and logit_bias entries
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+NonEmptyText = Annotated[str, Field(min_length=1)]
 StopField = str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None
 
 
 class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Strict: no "yes" for true, no false for 0; and no JSON Infinity/NaN for a number.
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(RequestModel):
@@ -45,30 +58,38 @@ class SamplingFields(RequestModel):
     stop: StopField = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: (
+        Annotated[
+            dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]],
+            Field(max_length=MAX_TOKEN_LIST),
+        ]
+        | None
+    ) = None
     user: str | None = None
     # vLLM's extra sampling fields.
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(
+        None, ge=-1, le=MAX_TOKEN_ID, description="-1 or 0: off; at most the vocabulary size."
+    )
     min_p: Probability | None = None
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    min_tokens: int = Field(0, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    min_tokens: int = Field(0, ge=0, le=MAX_COUNT)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_TOKEN_LIST)] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
 
 class CompletionRequest(SamplingFields):
     prompt: (
-        str
-        | Annotated[list[str], Field(min_length=1)]
-        | Annotated[list[int], Field(min_length=1)]
-        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
+        NonEmptyText
+        | Annotated[list[NonEmptyText], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
     )
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: Count | None = 16
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
@@ -95,8 +116,8 @@ class ChatMessage(RequestModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI; still honoured.")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Count | None = Field(None, description="Deprecated by OpenAI; still honoured.")
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict] | None = None
