@@ -16,6 +16,28 @@ import pytest
 CACHE_ENV = ("TESSELLM_CACHE",)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """A test run keeps tessellm's cache (fetched models, converted GGUFs, compiled decode
+    libraries) out of the user's ~/.cache/tessellm: in the project's pytest cache
+    (``.pytest_cache/d/tessellm``, kept between runs, so models are fetched once;
+    ``pytest --cache-clear`` empties it), or a temporary folder without one. A
+    ``TESSELLM_CACHE`` already set is kept. Subprocesses (CLI, servers) inherit it."""
+    import os
+
+    if os.environ.get("TESSELLM_CACHE"):
+        return
+    store = getattr(config, "cache", None)  # None under -p no:cacheprovider
+    if store is not None:
+        path = store.mkdir("tessellm")
+    else:
+        import shutil
+        import tempfile
+
+        path = Path(tempfile.mkdtemp(prefix="tessellm-test-cache-"))
+        config.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
+    os.environ["TESSELLM_CACHE"] = str(path)
+
+
 @pytest.fixture
 def tessellm_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A fresh directory that tessellm uses as its cache for the test (``TESSELLM_CACHE``
