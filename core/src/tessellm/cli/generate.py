@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tessellm.cli.common import MODEL_HELP, EnforceEager, fail
+from tessellm.cli.common import DOWNLOAD_DIR_HELP, MODEL_HELP, REVISION_HELP, EnforceEager, fail
 from tessellm.config import DEFAULT_MODEL
 
 DEFAULT_PROMPT = "Write a haiku about the sea."
@@ -128,6 +128,8 @@ def generate(
         ),
     ] = None,
     enforce_eager: EnforceEager = False,
+    revision: Annotated[str | None, typer.Option(help=REVISION_HELP)] = None,
+    download_dir: Annotated[str | None, typer.Option(help=DOWNLOAD_DIR_HELP)] = None,
 ) -> None:
     """Generate text from each PROMPT and stream it to the terminal; with several prompts,
     each output follows a '--- [N] prompt' line."""
@@ -153,6 +155,8 @@ def generate(
                 distributed_executor_backend=distributed_executor_backend,
                 max_num_seqs=min(len(texts), MAX_BATCH),
                 enforce_eager=enforce_eager,
+                revision=revision,
+                download_dir=download_dir,
             )
         )
         tokenizer = engine.tokenizer

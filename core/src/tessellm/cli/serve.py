@@ -8,7 +8,14 @@ from typing import Annotated
 
 import typer
 
-from tessellm.cli.common import ENFORCE_EAGER_HELP, MODEL_HELP, fail, progress_note
+from tessellm.cli.common import (
+    DOWNLOAD_DIR_HELP,
+    ENFORCE_EAGER_HELP,
+    MODEL_HELP,
+    REVISION_HELP,
+    fail,
+    progress_note,
+)
 from tessellm.config import DEFAULT_MODEL
 
 ENGINE = "Engine"
@@ -98,6 +105,12 @@ def serve(
         float, typer.Option(min=0.0, max=1.0, rich_help_panel=ENGINE)
     ] = 0.9,
     tokenizer: Annotated[str | None, typer.Option(rich_help_panel=ENGINE)] = None,
+    revision: Annotated[
+        str | None, typer.Option(help=REVISION_HELP, rich_help_panel=ENGINE)
+    ] = None,
+    download_dir: Annotated[
+        str | None, typer.Option(help=DOWNLOAD_DIR_HELP, rich_help_panel=ENGINE)
+    ] = None,
     seed: Annotated[int, typer.Option(rich_help_panel=ENGINE)] = 0,
     max_logprobs: Annotated[int, typer.Option(min=0, rich_help_panel=ENGINE)] = 20,
     attention_backend: Annotated[str | None, typer.Option(rich_help_panel=ENGINE)] = None,
@@ -124,6 +137,8 @@ def serve(
         args = EngineArgs(
             model=model,
             tokenizer=tokenizer,
+            revision=revision,
+            download_dir=download_dir,
             dtype=dtype,
             device=device,
             seed=seed,

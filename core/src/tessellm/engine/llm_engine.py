@@ -95,7 +95,7 @@ class LLMEngine:
         self.args = args
         self.plugins = plugins = plugins or get_plugins()
         start = time.monotonic()
-        self.resolved = ml.resolve_model(plugins, args.model, args.cache_dir)
+        self.resolved = ml.resolve_model(plugins, args.model, args.cache_dir, args.revision)
         fmt = ml.weight_format(plugins, self.resolved)
         self.model_config = fmt.load_config(self.resolved.path)
         tok_source = (
