@@ -5,6 +5,7 @@ is to blame for (a worker died, the device is lost) stops the engine."""
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import httpx
 import openai
@@ -382,3 +383,51 @@ def test_strict_chat_fields_are_400s(http):
     for extra in ({"stream": "yes"}, {"logprobs": 1}, {"stream_options": {"include_usage": 1}}):
         response = http.post("/v1/chat/completions", json={"messages": user, **extra})
         assert response.status_code == 400, (extra, response.text)
+
+
+# A server whose sampler fails as a dead worker does, for a request with POISON_SEED.
+DYING_SERVER = f"""
+from tessellm.engine.sampler import Sampler
+from tessellm.errors import WorkerError
+real = Sampler.sample
+
+def sample(self, logits, seqs):
+    if any(s.params.seed == {POISON_SEED} for s in seqs):
+        raise WorkerError("worker rank 1 (pid 4242) exited with code -9")
+    return real(self, logits, seqs)
+
+Sampler.sample = sample
+from tessellm.cli.app import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_a_dead_engine_fails_in_flight_requests_and_the_server_exits_non_zero(
+    tiny_llama, tmp_path, monkeypatch
+):
+    import server_harness
+
+    monkeypatch.setattr(
+        server_harness, "cli_command", lambda *args: [sys.executable, "-c", DYING_SERVER, *args]
+    )
+    server = server_harness.start_server(tiny_llama, tmp_path)
+    try:
+        # Long enough to be running still when the next request kills the engine.
+        body = {"prompt": "A", "max_tokens": 500, "ignore_eos": True, "stream": True}
+        with (
+            httpx.Client(base_url=server.url, timeout=60) as http,
+            http.stream("POST", "/v1/completions", json=body) as stream,
+        ):
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            killer = http.post("/v1/completions", json={"prompt": "A", "seed": POISON_SEED})
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert killer.status_code == 503, killer.text
+        assert "exited with code -9" in killer.json()["error"]["message"]
+        assert rest[-1] == "data: [DONE]"
+        assert any('"error"' in line and "the engine stopped" in line for line in rest)
+        assert server.process.wait(30) == 1
+        assert "the engine stopped" in server.log()
+    finally:
+        server.stop()

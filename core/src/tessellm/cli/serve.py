@@ -182,7 +182,13 @@ def serve(
         # Only a backstop: the app ends what is still running at shutdown_timeout itself.
         timeout_graceful_shutdown=shutdown_timeout + SHUTDOWN_BACKSTOP_S,
     )
-    DrainingServer(config, app.state.shutdown).run()
+    server = DrainingServer(config, app.state.shutdown)
+    # A dead engine (a worker process died, the device is lost) cannot serve again: stop,
+    # and exit non-zero so that a supervisor restarts the server.
+    engine.on_dead(lambda error: setattr(server, "should_exit", True))
+    server.run()
+    if engine.dead is not None:
+        fail(f"the engine stopped ({engine.dead!r}); exiting so that the server can be restarted")
 
 
 def _exit_after_graceful_shutdown(signum: int, frame: FrameType | None) -> None:
