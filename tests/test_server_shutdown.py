@@ -1,9 +1,11 @@
-"""Graceful shutdown of a real ``tessellm serve``: on SIGTERM it refuses new requests, lets
-in-flight streams finish up to --shutdown-timeout, ends the rest with an OpenAI error event
-and ``[DONE]``, and exits 0 without a traceback in its log."""
+"""Graceful shutdown: the middleware on its own (an ASGI app that streams forever), then a
+real ``tessellm serve``: on SIGTERM it refuses new requests, lets in-flight streams finish
+up to --shutdown-timeout, ends the rest with an OpenAI error event and ``[DONE]``, and
+exits 0 without a traceback in its log."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import threading
@@ -13,7 +15,71 @@ import httpx
 import pytest
 from server_harness import ServerProcess, start_server
 
-pytestmark = pytest.mark.slow
+from tessellm.server.shutdown import GracefulShutdown, GracefulShutdownMiddleware
+
+SSE_HEADERS = [(b"content-type", b"text/event-stream")]
+
+
+async def endless_stream(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+    while True:
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+        await asyncio.sleep(0.01)
+
+
+async def slow_answer(scope, receive, send):
+    await asyncio.sleep(3600)
+
+
+async def call(app, shutdown: GracefulShutdown, begin_after_s: float | None) -> list[dict]:
+    """The messages ``app`` behind the middleware sends to one request."""
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        await asyncio.sleep(3600)
+
+    shutdown.bind(asyncio.get_running_loop())
+    middleware = GracefulShutdownMiddleware(app, shutdown)
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
+    request = asyncio.ensure_future(middleware(scope, receive, send))
+    if begin_after_s is not None:
+        await asyncio.sleep(begin_after_s)
+        shutdown.begin()
+    await asyncio.wait_for(request, 5)
+    return sent
+
+
+def test_a_stream_running_at_the_deadline_ends_with_an_error_event_and_done():
+    shutdown = GracefulShutdown(timeout_s=0.05)
+    sent = asyncio.run(call(endless_stream, shutdown, begin_after_s=0.05))
+    bodies = [m["body"] for m in sent if m["type"] == "http.response.body"]
+    assert sent[0]["type"] == "http.response.start" and bodies[0] == b"data: {}\n\n"
+    error = json.loads(bodies[-3][len(b"data: ") :])["error"]
+    assert error["type"] == "service_unavailable_error"
+    assert error["code"] == "server_shutting_down" and "0.05s shutdown timeout" in error["message"]
+    assert bodies[-2:] == [b"data: [DONE]\n\n", b""] and not sent[-1]["more_body"]
+    assert shutdown.in_flight == 0
+
+
+def test_a_request_unanswered_at_the_deadline_gets_a_503():
+    sent = asyncio.run(call(slow_answer, GracefulShutdown(timeout_s=0), begin_after_s=0.01))
+    assert sent[0]["status"] == 503
+    assert json.loads(sent[1]["body"])["error"]["code"] == "server_shutting_down"
+
+
+def test_a_draining_server_refuses_new_requests():
+    async def refused():
+        shutdown = GracefulShutdown(timeout_s=60)
+        shutdown.bind(asyncio.get_running_loop())
+        shutdown.begin()
+        return await call(slow_answer, shutdown, begin_after_s=None)
+
+    sent = asyncio.run(refused())
+    assert sent[0]["status"] == 503 and (b"connection", b"close") in sent[0]["headers"]
+
 
 # Far more work than a short timeout allows: 32 sequences of 480 tokens take the tiny model
 # several seconds, while SHORT finishes in a fraction of one.
@@ -81,6 +147,7 @@ def assert_ended_by_shutdown(chunks: list[str]) -> None:
     assert len(finish_reasons(chunks[:-1])) < LONG["n"]
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_short_streams_and_ends_long_ones_at_the_timeout(tiny_llama, tmp_path):
     timeout_s = 2
     server = start_server(tiny_llama, tmp_path, "--shutdown-timeout", str(timeout_s))
@@ -110,6 +177,7 @@ def test_sigterm_finishes_short_streams_and_ends_long_ones_at_the_timeout(tiny_l
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_second_signal_ends_in_flight_streams_at_once(tiny_llama, tmp_path):
     server = start_server(tiny_llama, tmp_path, "--shutdown-timeout", "60")
     try:

@@ -41,6 +41,7 @@ class GracefulShutdown:
         self.draining = False
         self.signals = 0
         self.in_flight = 0
+        self.is_expired = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._expired: asyncio.Future[None] | None = None
 
@@ -69,16 +70,23 @@ class GracefulShutdown:
 
     def expire(self) -> None:
         self.draining = True
+        if self.is_expired:
+            return
+        self.is_expired = True
+        if self.in_flight:
+            server_logger.info("Ending %d unfinished request(s)", self.in_flight)
         expired = self.expired()
         if not expired.done():
-            if self.in_flight:
-                server_logger.info("Ending %d unfinished request(s)", self.in_flight)
             expired.set_result(None)
 
     def expired(self) -> asyncio.Future[None]:
-        """Done once in-flight requests must end (one future shared by all of them)."""
-        if self._expired is None:
-            self._expired = asyncio.get_running_loop().create_future()
+        """Done once in-flight requests must end: one future shared by all of them, made
+        on the running loop (a test client may run its requests on more than one)."""
+        loop = asyncio.get_running_loop()
+        if self._expired is None or self._expired.get_loop() is not loop:
+            self._expired = loop.create_future()
+            if self.is_expired:
+                self._expired.set_result(None)
         return self._expired
 
     def error(self) -> APIError:
