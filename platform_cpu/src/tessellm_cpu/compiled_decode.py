@@ -13,40 +13,44 @@ table ``W`` columns wide, both dynamic: one library serves every decode batch of
 sequences (int4 linears) and every context length, another 17-64 (dense linears).
 Weights and KV caches are inputs, not constants: the library holds only code, shares the
 model's tensors, and does not depend on the weights' values. Libraries are cached under
-``<cache>/compiled/``, keyed by everything that shapes them (torch and transformers
-versions, the sources of every package whose code the trace may run, whatever it is
-called: see :func:`traced_module_names`; the model's config and class, dtype, the input
-tensors' names, shapes and dtypes, threads, the batch range); a later start loads them in
-about a second. Larger batches and steps with prompt tokens run eagerly, as do models the
-exporter cannot trace (a step whose Python branches on tensor values, such as MoE
-routing): the runner logs why and returns None.
+``<cache>/compiled/`` (:mod:`tessellm_cpu.cache_store`, bounded, least recently used
+first out), keyed by everything that shapes them (:mod:`tessellm_cpu.decode_key`).
+
+A cached library loads in milliseconds when the runner is captured. A missing one is
+built in a child process (:mod:`tessellm_cpu.background_build`) while the engine serves
+eagerly; each batch range switches to its library between two steps once it is built.
+Larger batches and steps with prompt tokens run eagerly, as do models the exporter cannot
+trace (a step whose Python branches on tensor values, such as MoE routing): the runner
+logs why and returns None.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
+import contextlib
 import logging
 import os
 import shutil
 import sys
+import threading
 import time
-import types
-import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from torch import nn
 from torch.utils import _pytree as pytree
 
-import tessellm
 from tessellm.interfaces.attention import AttentionMetadata
-from tessellm.interfaces.ops import FusedOps
 from tessellm.interfaces.platform import GraphSpec
-from tessellm.layers.attention import Attention
+from tessellm_cpu import cache_store
+from tessellm_cpu.decode_key import (  # noqa: F401 - re-exported
+    VERSIONED_PACKAGES,
+    library_key,
+    traced_module_names,
+    traced_sources_digest,
+)
+from tessellm_cpu.decode_step import DecodeStep, decode_inputs, load_library  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +60,19 @@ logger = logging.getLogger(__name__)
 # Python overhead is a few percent) and larger batches run eagerly. A range is built only
 # where max_num_seqs reaches it (`generate`, one sequence, builds only the first).
 BATCH_RANGES = ((1, 16), (17, 64))
-ENABLE_ENV = "TESSELLM_CPU_COMPILE"  # "0": never compile (tests; the eager reference)
-CACHE_FORMAT = 1
+# "0": never compile (tests; the eager reference). "wait": build missing libraries before
+# serving (benchmarks that must measure the compiled step). Otherwise: in the background.
+ENABLE_ENV = "TESSELLM_CPU_COMPILE"
+
+
+def compile_mode() -> str:
+    """``off``, ``wait`` or ``background``, from ``TESSELLM_CPU_COMPILE``."""
+    raw = os.environ.get(ENABLE_ENV, "1").strip().lower()
+    return {"0": "off", "wait": "wait"}.get(raw, "background")
 
 
 def compile_enabled() -> bool:
-    return os.environ.get(ENABLE_ENV, "1") != "0"
+    return compile_mode() != "off"
 
 
 def compiler_missing() -> str | None:
@@ -71,130 +82,13 @@ def compiler_missing() -> str | None:
     return "no C++ compiler (g++) on PATH"
 
 
-class DecodeStep(nn.Module):
-    """The model's forward for a decode batch, with weights and KV caches as inputs."""
-
-    def __init__(self, model: nn.Module, attn_layers: list[Attention]) -> None:
-        super().__init__()
-        self.model = model
-        self._attn_layers = attn_layers
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        block_tables: torch.Tensor,
-        seq_lens: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        weights: dict[str, torch.Tensor],
-    ) -> torch.Tensor:
-        for i, layer in enumerate(self._attn_layers):
-            layer.bind_kv_cache(kv_caches[2 * i], kv_caches[2 * i + 1])
-        # One query token per sequence. The host-side fields are not read under tracing
-        # (a traced backend uses tensors only); they get the device tensors.
-        query_start_loc = torch.arange(
-            input_ids.shape[0] + 1, dtype=torch.int32, device=input_ids.device
-        )
-        metadata = AttentionMetadata(
-            query_start_loc=query_start_loc,
-            seq_lens=seq_lens,
-            block_tables=block_tables,
-            slot_mapping=slot_mapping,
-            max_query_len=1,
-            max_seq_len=0,
-            query_start_loc_cpu=query_start_loc,
-            seq_lens_cpu=seq_lens,
-        )
-        return torch.func.functional_call(self.model, weights, (input_ids, positions, metadata))
-
-
-# Packages whose versions are in the key instead of their sources (and the standard
-# library, which comes with the Python version).
-VERSIONED_PACKAGES = {"torch": torch.__version__, "transformers": transformers.__version__}
-
-
-# Attribute values that hold no code of their own (submodules are walked as modules).
-_NOT_CODE = (torch.Tensor, nn.Module, dict, list, tuple, set, str, bytes, int, float, bool)
-
-
-def _defining_modules(obj: object) -> set[str]:
-    """Modules whose code ``obj`` runs: those defining its class and the class's bases, or
-    the module of a function (a fused-op entry); a fused-op table's entries each."""
-    if isinstance(obj, FusedOps):
-        entries = (getattr(obj, name) for name in obj.names())
-        return {type(obj).__module__} | {getattr(f, "__module__", None) or "" for f in entries}
-    if isinstance(obj, (types.FunctionType, types.MethodType, functools.partial)):
-        func = obj.func if isinstance(obj, functools.partial) else obj
-        return {getattr(func, "__module__", None) or ""}
-    return {cls.__module__ for cls in type(obj).__mro__}
-
-
-def traced_module_names(model: nn.Module) -> set[str]:
-    """Every module the traced step may run code of: those defining the model's modules'
-    classes (their bases included) and the objects they hold (attention backend,
-    quantization method, fused-op table) and those objects' own, whatever their package
-    is called."""
-    names = {__name__, "tessellm.layers", "tessellm.interfaces"}
-    seen: set[int] = set()
-
-    def held(owner: object, depth: int) -> None:
-        for value in getattr(owner, "__dict__", {}).values():
-            if isinstance(value, _NOT_CODE) or id(value) in seen:
-                continue
-            seen.add(id(value))
-            names.update(_defining_modules(value))
-            if depth:
-                held(value, depth - 1)
-
-    for module in model.modules():
-        names |= _defining_modules(module)
-        held(module, 1)
-    return {n for n in names if n}
-
-
-def _source_roots(name: str) -> set[Path]:
-    """What to hash for module ``name``: its whole top-level package (directories), so
-    that the key does not depend on which of its modules a command happened to import;
-    core by the sub-package holding the module (its layers and interfaces, not its CLI or
-    server). Nothing for torch, transformers and the standard library."""
-    top = name.partition(".")[0]
-    if top in VERSIONED_PACKAGES or top in sys.stdlib_module_names or top == "builtins":
-        return set()
-    if top == "tessellm":
-        file = getattr(sys.modules.get(name), "__file__", None)
-        if file is None:
-            return set()
-        path, core = Path(file), Path(tessellm.__file__).parent
-        return {path.parent if path.parent != core else path}
-    module = sys.modules.get(top)
-    paths = getattr(module, "__path__", None)
-    if paths is not None:
-        return {Path(p) for p in paths}
-    file = getattr(module, "__file__", None)
-    return {Path(file)} if file else set()
-
-
-def _digest(roots: set[Path]) -> str:
-    h = hashlib.sha256()
-    for root in sorted(roots):
-        files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
-        for path in files:
-            # Relative names: the same sources in another checkout give the same key.
-            h.update(str(path.relative_to(root.parent)).encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-def traced_sources_digest(model: nn.Module) -> str:
-    """A hash of the code a trace of ``model`` may run (:func:`traced_module_names`), by
-    whole package directories (the runner takes it once, when it is made)."""
-    roots = {root for name in traced_module_names(model) for root in _source_roots(name)}
-    return _digest(roots)
+def _label(batch_range: tuple[int, int]) -> str:
+    return f"{batch_range[0]}-{batch_range[1]}"
 
 
 class CompiledDecodeRunner:
-    """A :class:`~tessellm.interfaces.platform.GraphRunner` over an AOTInductor library."""
+    """A :class:`~tessellm.interfaces.platform.GraphRunner` over AOTInductor libraries,
+    built in the background where the cache lacks them."""
 
     def __init__(self, model: nn.Module, spec: GraphSpec, cache_dir: Path) -> None:
         self.model = model
@@ -203,109 +97,44 @@ class CompiledDecodeRunner:
         self.batch_ranges = [r for r in BATCH_RANGES if r[0] <= spec.max_num_seqs]
         self.world_size = spec.world_size
         self.cache_dir = cache_dir
-        self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
-        self.weights = {
-            **dict(model.named_parameters(remove_duplicate=False)),
-            **dict(model.named_buffers(remove_duplicate=False)),
-        }
+        config = getattr(model, "config", None)
+        self.model_name = spec.model or getattr(config, "_name_or_path", "") or type(model).__name__
+        self.attn_layers, _, self.weights = decode_inputs(model)
         self._sources_digest = traced_sources_digest(model)
         self._libraries: list[tuple[int, int, Any]] = []  # (fewest, most sequences, library)
         self._static: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+        self._arrived: list[tuple[tuple[int, int], Path]] = []  # built, not yet loaded
+        self.pending: list[tuple[int, int]] = []  # ranges building in the background
+        self._build: Any = None  # background_build.BuildProcess
+        self._build_start = 0.0
+        self._closed = False
         self.failure: str | None = None
         self.steps = 0  # decode steps run compiled
 
-    # -- building ----------------------------------------------------------------------
     def _kv_caches(self) -> list[torch.Tensor]:
         return [t for layer in self.attn_layers for t in (layer.k_cache, layer.v_cache)]
 
     def cache_key(self, batch_range: tuple[int, int]) -> str:
-        h = hashlib.sha256()
-        config = getattr(self.model, "config", None)
-        facts = {
-            "format": CACHE_FORMAT,
-            "versions": VERSIONED_PACKAGES,
-            "model": type(self.model).__qualname__,
-            "config": config.to_json_string() if hasattr(config, "to_json_string") else "",
-            "batch_range": list(batch_range),
-            "threads": torch.get_num_threads(),
-            "capability": torch.backends.cpu.get_cpu_capability(),
-            # The caches' block count is a dynamic dimension (it follows free memory).
-            "kv_caches": [(list(c.shape[1:]), str(c.dtype)) for c in self._kv_caches()],
-            "weights": [
-                (name, list(t.shape), str(t.dtype), list(t.stride()))
-                for name, t in self.weights.items()
-            ],
-        }
-        h.update(json.dumps(facts, sort_keys=True).encode())
-        h.update(self._sources_digest.encode())
-        return h.hexdigest()[:32]
+        kv = self._kv_caches()
+        return library_key(self.model, self.weights, kv, batch_range, self._sources_digest)
 
-    def _example_args(self, batch_range: tuple[int, int]) -> tuple[Any, ...]:
-        # Distinct example sizes (sequences, 3 blocks): equal ones could be unified.
-        batch, width = batch_range[0] + 1, 3
+    def library_path(self, batch_range: tuple[int, int]) -> Path:
         return (
-            torch.zeros(batch, dtype=torch.int64),
-            torch.arange(batch, dtype=torch.int64),
-            torch.arange(batch, dtype=torch.int64),
-            torch.zeros(batch, width, dtype=torch.int32),
-            torch.ones(batch, dtype=torch.int32),
-            self._kv_caches(),
-            self.weights,
+            cache_store.compiled_dir(self.cache_dir) / f"decode-{self.cache_key(batch_range)}.pt2"
         )
 
-    def _export(self, batch_range: tuple[int, int]) -> torch.export.ExportedProgram:
-        args = self._example_args(batch_range)
-        seqs = torch.export.Dim("num_seqs", min=batch_range[0], max=batch_range[1])
-        width = torch.export.Dim("table_width", min=1, max=1 << 20)
-        blocks = torch.export.Dim("num_blocks", min=2, max=1 << 30)
-        dynamic = (
-            {0: seqs},
-            {0: seqs},
-            {0: seqs},
-            {0: seqs, 1: width},
-            {0: seqs},
-            [{0: blocks}] * len(args[5]),
-            dict.fromkeys(self.weights),
-        )
-        # Trace the plain torch code: a fused-op table may branch on tensor values.
-        fused = [(m, m.fused_ops) for m in self.model.modules() if hasattr(m, "fused_ops")]
-        caches = [(layer, layer.k_cache, layer.v_cache) for layer in self.attn_layers]
-        try:
-            for module, _ in fused:
-                module.fused_ops = None
-            with warnings.catch_warnings():
-                # The KV cache attributes are rebound during the trace on purpose.
-                warnings.filterwarnings("ignore", message=".*were assigned during export.*")
-                return torch.export.export(
-                    DecodeStep(self.model, self.attn_layers),
-                    args,
-                    dynamic_shapes=dynamic,
-                    strict=False,
-                )
-        finally:
-            for module, ops in fused:
-                module.fused_ops = ops
-            for layer, k, v in caches:
-                layer.bind_kv_cache(k, v)
+    @property
+    def ready_ranges(self) -> list[tuple[int, int]]:
+        """Batch ranges whose library is loaded or built (loaded at the next call)."""
+        with self._lock:
+            arrived = [r for r, _ in self._arrived]
+        return sorted([(lo, hi) for lo, hi, _ in self._libraries] + arrived)
 
-    def _build(self, path: Path, batch_range: tuple[int, int]) -> None:
-        with torch.no_grad():
-            program = self._export(batch_range)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
-        # The trace assumes dynamic sizes of at least 2 (sizes 0 and 1 would specialise),
-        # yet one sequence or one block runs the same code: the library's optional input
-        # checks (AOTI_RUNTIME_CHECK_INPUTS=1) must not reject them.
-        options = {}
-        if hasattr(torch._inductor.config.aot_inductor, "check_lowerbound"):
-            options["aot_inductor.check_lowerbound"] = False
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(partial), inductor_configs=options
-        )
-        os.replace(partial, path)
-
+    # -- starting ----------------------------------------------------------------------
     def capture(self) -> None:
-        if not compile_enabled():
+        mode = compile_mode()
+        if mode == "off":
             self.failure = f"{ENABLE_ENV}=0"
             return
         # The gloo collectives of a tensor-parallel forward are not exported.
@@ -316,33 +145,164 @@ class CompiledDecodeRunner:
         if self.failure:
             logger.warning("CPU decode steps run eagerly: %s", self.failure)
             return
-        start = time.monotonic()
-        try:
-            for batch_range in self.batch_ranges:
-                path = self.cache_dir / "compiled" / f"decode-{self.cache_key(batch_range)}.pt2"
-                if not path.exists():
-                    logger.warning(
-                        "compiling the CPU decode step for %d-%d sequences (once for this "
-                        "model and tessellm; 1-2 minutes for a 135M model on two cores) "
-                        "into %s",
-                        *batch_range,
-                        path.parent,
-                    )
-                    self._build(path, batch_range)
-                library = torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
-                self._libraries.append((*batch_range, library))
-        except Exception as exc:  # any failure leaves eager decode working
-            self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            logger.warning("CPU decode steps run eagerly (compiling failed): %s", self.failure)
-            self._libraries.clear()
-            return
         self._static = pytree.tree_leaves((self._kv_caches(), self.weights))
-        logger.info("CPU decode steps ready in %.1f s", time.monotonic() - start)
+        missing = []
+        for batch_range in self.batch_ranges:
+            path = self.library_path(batch_range)
+            try:
+                self._libraries.append((*batch_range, load_library(path)))
+            except Exception as exc:  # absent, or unreadable: (re)build it
+                if path.exists():
+                    logger.warning("rebuilding the unreadable library %s: %s", path, exc)
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                missing.append((batch_range, path))
+        if missing:
+            self._start_build(missing, mode)
+        if mode == "wait":
+            self.wait_ready()
+
+    def _start_build(self, missing: list[tuple[tuple[int, int], Path]], mode: str) -> None:
+        from tessellm_cpu import background_build
+
+        try:
+            limit = cache_store.max_bytes()
+        except ValueError as exc:
+            limit = cache_store.DEFAULT_MAX_BYTES
+            logger.warning("%s; the cache keeps at most %d bytes", exc, limit)
+        directory = cache_store.compiled_dir(self.cache_dir)
+        payload = {
+            "model": background_build.serialize_model(self.model, self._kv_caches()),
+            "model_name": self.model_name,
+            "modules": sorted(traced_module_names(self.model)),
+            "sys_path": list(sys.path),
+            "threads": torch.get_num_threads(),
+            "niceness": 0 if mode == "wait" else background_build.BUILD_NICENESS,
+            "cache_dir": str(self.cache_dir),
+            "max_cache_bytes": limit,
+            "keep": [str(self.library_path(r)) for r in self.batch_ranges],
+            "jobs": [{"batch_range": list(r), "path": str(p)} for r, p in missing],
+        }
+        self.pending = [r for r, _ in missing]
+        ranges = " and ".join(_label(r) for r in self.pending)
+        logger.warning(
+            "building the CPU decode step%s for %s sequences of %s %s into %s (once for this "
+            "model and tessellm version)",
+            "s" if len(missing) > 1 else "",
+            ranges,
+            self.model_name,
+            "before serving"
+            if mode == "wait"
+            else "in the background; decode runs eagerly until each is ready",
+            directory,
+        )
+        directory.mkdir(parents=True, exist_ok=True)
+        self._build_start = time.monotonic()
+        # The reader thread must not keep the runner alive (nor the runner the build).
+        handler = weakref.WeakMethod(self._on_event)
+        self._build = background_build.BuildProcess(
+            payload,
+            directory / f"build-{os.getpid()}-{id(self):x}.log",
+            lambda event: (h := handler()) is not None and h(event),
+        )
+        weakref.finalize(self, self._build.kill)
+
+    # -- progress (the build's reader thread) ------------------------------------------
+    def _on_event(self, event: dict) -> None:
+        kind = event.get("event")
+        batch_range = tuple(event.get("batch_range", ()))
+        elapsed = time.monotonic() - self._build_start
+        label = f"{_label(batch_range)} sequences of {self.model_name}" if batch_range else ""
+        if kind == "waiting":
+            logger.warning("waiting for another process's build in %s", self.cache_dir)
+        elif kind == "exporting":
+            logger.info("CPU decode step for %s: exporting (%.1f s in)", label, elapsed)
+        elif kind == "exported":
+            logger.info(
+                "CPU decode step for %s: exported in %.1f s, compiling C++", label, event["seconds"]
+            )
+        elif kind == "built":
+            with self._lock:
+                self._arrived.append((batch_range, self.library_path(batch_range)))
+                self.pending = [r for r in self.pending if r != batch_range]
+            phases = (
+                "built by another process"
+                if event.get("cached")
+                else f"export {event['export_seconds']:.1f} s, compile "
+                f"{event['compile_seconds']:.1f} s, {event['bytes'] / 1e6:.1f} MB"
+            )
+            logger.warning(
+                "CPU decode step for %s ready %.1f s after start (%s): such batches run "
+                "compiled from the next step",
+                label,
+                elapsed,
+                phases,
+            )
+        elif kind == "failed":
+            self._fail(f"{event['reason']} (building {_label(batch_range)})")
+        elif kind == "exit":
+            if self.pending:  # died without saying why (killed, out of memory, a crash)
+                from tessellm_cpu.background_build import last_log_line
+
+                last = last_log_line(self._build.log_path)
+                code = event["returncode"]
+                self._fail(f"the build process exited with code {code}: {last}".rstrip(": "))
+            elif event["returncode"] == 0:
+                with contextlib.suppress(OSError):
+                    self._build.log_path.unlink()
+
+    def _fail(self, reason: str) -> None:
+        with self._lock:
+            ranges, self.pending = self.pending, []
+        if self.failure is None:
+            self.failure = reason
+        if ranges and self._build is not None and not self._closed:
+            logger.warning(
+                "CPU decode steps for %s sequences run eagerly (compiling failed: %s; log: %s)",
+                " and ".join(_label(r) for r in ranges),
+                reason,
+                self._build.log_path,
+            )
+
+    # -- waiting, stopping ---------------------------------------------------------------
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait for the background build to end (at most ``timeout`` seconds) and load
+        what it built; True when every batch range has its library."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._build is not None and not self._build.done.is_set():
+            left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if left <= 0:
+                break
+            self._build.done.wait(left)  # short waits: Ctrl-C stays prompt
+        self._adopt()
+        return not self.pending and len(self._libraries) == len(self.batch_ranges)
+
+    def close(self) -> None:
+        """Stop a build in progress (its compilers too); loaded libraries stay usable."""
+        self._closed = True
+        self.pending = []
+        if self._build is not None:
+            self._build.kill()
+            with contextlib.suppress(OSError):
+                self._build.log_path.unlink()
+
+    def _adopt(self) -> None:
+        with self._lock:
+            arrived, self._arrived = self._arrived, []
+        for batch_range, path in arrived:
+            try:
+                self._libraries.append((*batch_range, load_library(path)))
+            except Exception as exc:  # removed or corrupt meanwhile: that range stays eager
+                self.failure = self.failure or f"{type(exc).__name__}: {exc}"
+                logger.warning("cannot load %s: %s; its batches stay eager", path, exc)
+        self._libraries.sort(key=lambda entry: entry[0])
 
     # -- running -----------------------------------------------------------------------
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor | None:
+        if self._arrived:  # a library finished building: switch between two steps
+            self._adopt()
         n = input_ids.shape[0]
         if metadata.max_query_len != 1 or n != metadata.num_seqs:
             return None
@@ -357,5 +317,5 @@ class CompiledDecodeRunner:
                     *self._static,
                 ]
                 self.steps += 1
-                return library.loader.boxed_run(inputs)[0]
+                return library.boxed_run(inputs)[0]
         return None

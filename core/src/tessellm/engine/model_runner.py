@@ -106,6 +106,7 @@ class ModelRunner:
                 self.max_model_len,
                 self.block_size,
                 self.parallel.world_size,
+                model=self.args.model,
             )
             self.graph_runner = self.platform.graph_runner(self.model, self.attention, spec)
             if self.graph_runner is not None:

@@ -24,6 +24,9 @@ class GraphSpec:
     max_model_len: int  # the longest context (sets the block table width)
     block_size: int
     world_size: int = 1  # tensor-parallel ranks (the forward has collectives above 1)
+    # The model as the user named it (a known name, path or Hub ID), for messages and
+    # cache listings; "" when the caller does not say (a runner then names it itself).
+    model: str = ""
 
 
 class GraphRunner(Protocol):
@@ -32,7 +35,11 @@ class GraphRunner(Protocol):
     ``capture`` runs after the KV cache is bound. Calling the runner with a decode-only
     batch (one query token per sequence) returns the model's hidden states for its real
     tokens, or ``None`` when it has no graph for a batch that large (the caller then runs
-    the model eagerly).
+    the model eagerly). ``None`` may also mean "not yet": a runner may return from
+    ``capture`` at once and prepare its graphs in the background (the CPU platform builds
+    its compiled steps in another process), switching a batch size over between two calls
+    once its graph is ready; the caller needs no change for it, since the eager and graph
+    paths give the same results.
     """
 
     def capture(self) -> None: ...
