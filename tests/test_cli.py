@@ -66,9 +66,9 @@ def test_generate_is_deterministic_with_greedy(tiny_llama):
         (("generate", "hi", "--model", "/does/not/exist"), "neither a local path"),
     ],
 )
-def test_bad_arguments_exit_nonzero_with_a_message(args, message):
+def test_bad_arguments_exit_2_with_a_message(args, message):
     proc = run_cli(*args)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -124,7 +124,7 @@ def test_broken_folder_is_one_clear_error(break_folder, case, mutate, message):
     assert "\n" not in str(info.value)
     # The CLI command as a user types it (in-process here; one real process below).
     result = CliRunner().invoke(build_app(), ["generate", "--model", str(folder), "x"])
-    assert result.exit_code != 0
+    assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     assert str(info.value) in lines[0]
@@ -134,7 +134,7 @@ def test_broken_folder_is_one_clear_error(break_folder, case, mutate, message):
 def test_cli_process_prints_one_line_for_a_broken_folder(break_folder):
     folder = break_folder("truncated", truncated_data)
     proc = run_cli("generate", "--model", str(folder), "x", timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and "is truncated" in errors[0], proc.stderr

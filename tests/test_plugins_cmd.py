@@ -111,21 +111,21 @@ def test_requested_backend_and_method_are_explained(tiny_llama):
         (("--model", "{tiny}", "--dtype", "float8"), "unknown dtype"),
     ],
 )
-def test_unusable_model_or_choice_is_one_line_and_exit_1(tiny_llama, args, message):
+def test_unusable_model_or_choice_is_one_line_and_exit_2(tiny_llama, args, message):
     args = tuple(a.replace("{tiny}", str(tiny_llama)) for a in args)
     result = run_plugins(*args)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "serving roles" not in result.stdout
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith("Error: ") and message in result.stderr
 
 
-def test_architecture_no_plugin_serves_is_one_line_and_exit_1(tiny_llama, tmp_path):
+def test_architecture_no_plugin_serves_is_one_line_and_exit_2(tiny_llama, tmp_path):
     model = shutil.copytree(tiny_llama, tmp_path / "unknown-arch")
     config = json.loads((model / "config.json").read_text())
     config["architectures"] = ["NoSuchFamilyForCausalLM"]
     (model / "config.json").write_text(json.dumps(config))
     result = run_plugins("--model", str(model))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "NoSuchFamilyForCausalLM" in result.stderr

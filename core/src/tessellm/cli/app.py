@@ -68,8 +68,10 @@ def main() -> None:
     try:
         build_app()()
     except TessellmError as exc:
+        from tessellm.cli.common import exit_code_for
+
         print(f"Error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(exit_code_for(exc)) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
 

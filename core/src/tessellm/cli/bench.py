@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tessellm.cli.common import MODEL_HELP, EnforceEager, fail
+from tessellm.cli.common import MODEL_HELP, EnforceEager, fail, fail_with
 from tessellm.config import DEFAULT_MODEL
 
 bench_app = typer.Typer(
@@ -65,7 +65,7 @@ def _run_and_emit(run: Callable[[], Any], as_json: bool, output_json: str | None
     try:
         report = run()
     except TessellmError as exc:
-        fail(str(exc))
+        fail_with(exc)
     if output_json:
         with open(output_json, "w") as f:
             f.write(report.to_json() + "\n")

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Protocol
 
 import typer
 
-from tessellm.cli.common import MODEL_HELP, fail, progress_note
+from tessellm.cli.common import MODEL_HELP, fail_with, progress_note
 from tessellm.config import DEFAULT_MODEL
 
 Message = dict[str, str]
@@ -253,6 +253,6 @@ def chat(
             )
             backend = LocalChat(LLMEngine(args), name)
     except (ChatError, TessellmError) as exc:
-        fail(str(exc))
+        fail_with(exc)
     with contextlib.suppress(KeyboardInterrupt):
         run_chat(backend, system, options)

@@ -17,7 +17,27 @@ REVISION_HELP = "Branch, tag or commit of a Hugging Face model ID (default: main
 DOWNLOAD_DIR_HELP = "Where Hub models are fetched to (default: the Hugging Face cache)."
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
+# Exit codes: 2 for what the user can fix (arguments, a model that cannot be read, a plugin
+# that does not fit, invalid input), 1 for a failure while running (a worker died, a server
+# unreachable), 130 for Ctrl-C.
+USER_ERROR = 2
+RUNTIME_ERROR = 1
+
+
+def exit_code_for(exc: BaseException) -> int:
+    from tessellm.errors import TessellmError, WorkerError
+
+    if isinstance(exc, WorkerError):
+        return RUNTIME_ERROR
+    return USER_ERROR if isinstance(exc, TessellmError | ValueError) else RUNTIME_ERROR
+
+
+def fail_with(exc: BaseException) -> NoReturn:
+    """Exit with ``exc``'s message on one line and the exit code its kind calls for."""
+    fail(" ".join(str(exc).split()), exit_code_for(exc))
+
+
+def fail(message: str, code: int = RUNTIME_ERROR) -> NoReturn:
     typer.echo(f"Error: {message}", err=True)
     raise typer.Exit(code)
 

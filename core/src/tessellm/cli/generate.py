@@ -8,7 +8,14 @@ from typing import Annotated, Any
 
 import typer
 
-from tessellm.cli.common import DOWNLOAD_DIR_HELP, MODEL_HELP, REVISION_HELP, EnforceEager, fail
+from tessellm.cli.common import (
+    DOWNLOAD_DIR_HELP,
+    MODEL_HELP,
+    REVISION_HELP,
+    EnforceEager,
+    fail,
+    fail_with,
+)
 from tessellm.config import DEFAULT_MODEL
 
 DEFAULT_PROMPT = "Write a haiku about the sea."
@@ -173,4 +180,4 @@ def generate(
         stream_in_order(engine, texts, labelled)
         engine.shutdown()
     except TessellmError as exc:
-        fail(str(exc))
+        fail_with(exc)

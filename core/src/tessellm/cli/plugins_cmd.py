@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from tessellm.cli.common import fail
+from tessellm.cli.common import fail_with
 
 if TYPE_CHECKING:
     from tessellm.interfaces.platform import Platform
@@ -98,7 +98,7 @@ def _explain_model(
         method = choose_quantization(found, platform, dtype, quantization)
         found.load("quantization_methods", method)  # an unknown method is an error
     except (TessellmError, OSError, ValueError) as exc:
-        fail(" ".join(str(exc).split()))  # one line, whatever the message's layout
+        fail_with(exc)
     dtype_text = str(dtype).removeprefix("torch.")
     typer.echo(f"model: {architecture} from {resolved.path} ({resolved.format_name}), {dtype_text}")
     typer.echo(attention.explain("attention"))

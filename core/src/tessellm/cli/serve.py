@@ -14,6 +14,7 @@ from tessellm.cli.common import (
     MODEL_HELP,
     REVISION_HELP,
     fail,
+    fail_with,
     progress_note,
 )
 from tessellm.config import DEFAULT_MODEL
@@ -163,7 +164,7 @@ def serve(
         else:
             engine = AsyncLLMEngine.from_engine_args(args)
     except TessellmError as exc:
-        fail(str(exc))
+        fail_with(exc)
     app = build_app(
         engine, names, model_root=model, api_key=api_key, shutdown_timeout=shutdown_timeout
     )
