@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,31 @@ def test_sampling_options_have_help():
     help_lines = {line.split()[1]: line for line in proc.stdout.splitlines() if "--top-" in line}
     assert "most likely tokens" in help_lines["--top-k"]
     assert "Nucleus sampling" in help_lines["--top-p"]
+
+
+def test_serve_takes_the_model_as_an_argument_like_vllm(tiny_llama, tmp_path):
+    import httpx
+    from server_harness import cli_command, free_port
+
+    twice = run_cli("serve", str(tiny_llama), "--model", "other-model")
+    assert twice.returncode == 2
+    assert "the model is given twice" in twice.stderr
+
+    port = free_port()
+    args = cli_command("serve", str(tiny_llama), "--port", str(port), "--device", "cpu")
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        models = None
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert models is not None, (tmp_path / "serve.log").read_text()
+        assert models["data"][0]["id"] == str(tiny_llama)
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -13,6 +13,7 @@ from tessellm.cli.common import (
     ENFORCE_EAGER_HELP,
     MODEL_HELP,
     REVISION_HELP,
+    USER_ERROR,
     fail,
     fail_with,
     progress_note,
@@ -27,6 +28,12 @@ SHUTDOWN_BACKSTOP_S = 5.0
 
 
 def serve(
+    model_tag: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[MODEL]", help="The model, as vLLM's `serve MODEL` (same as --model)."
+        ),
+    ] = None,
     model: Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)] = DEFAULT_MODEL,
     host: Annotated[str, typer.Option(help="Address to listen on.", rich_help_panel=SERVER)] = (
         "127.0.0.1"
@@ -121,6 +128,10 @@ def serve(
     ] = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1), with /health and /metrics."""
+    if model_tag is not None:
+        if model != DEFAULT_MODEL and model != model_tag:
+            fail(f"the model is given twice ({model_tag!r} and --model {model!r})", USER_ERROR)
+        model = model_tag
     try:
         import uvicorn
 
