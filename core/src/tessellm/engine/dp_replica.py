@@ -14,10 +14,8 @@ pipe continuously so the front never blocks on a replica busy in a long step.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import queue
-import signal
 import sys
 import threading
 import time
@@ -31,6 +29,14 @@ from typing import Any
 from tessellm.config import EngineArgs
 from tessellm.errors import TessellmError, WorkerError
 from tessellm.executors.mp import exit_description, exit_when_parent_dies, reap_processes
+from tessellm.executors.start_method import (
+    UNGUARDED_MAIN_EXIT_CODE,
+    prepare_child,
+    run_in_fresh_thread,
+    start_process,
+    unguarded_advice,
+    worker_context,
+)
 from tessellm.executors.worker import STARTUP_TIMEOUT_ENV
 
 STOP_GRACE_S = 10.0
@@ -58,8 +64,12 @@ def _picklable(exc: BaseException) -> TessellmError:
 
 def replica_main(config: ReplicaConfig, commands: Connection, out: Connection) -> None:
     """A replica process's whole life."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the front's to handle
+    prepare_child()  # Ctrl-C is the front's to handle; the parent's handlers are not ours
     exit_when_parent_dies()
+    run_in_fresh_thread(_run_replica, config, commands, out)
+
+
+def _run_replica(config: ReplicaConfig, commands: Connection, out: Connection) -> None:
     if config.visible_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = config.visible_devices
     if config.cpu_threads is not None:
@@ -165,7 +175,7 @@ class ReplicaProcesses:
     def __init__(
         self, args: EngineArgs, devices: list[str | None], cpu_threads: int | None = None
     ) -> None:
-        ctx = multiprocessing.get_context("spawn")
+        ctx, self._start_reason = worker_context(args, "data-parallel replicas")
         self._lock = threading.Lock()
         self.procs: list[BaseProcess] = []
         self.commands: list[Connection] = []
@@ -187,7 +197,7 @@ class ReplicaProcesses:
                 ),
                 name=f"tessellm-dp{index}",
             )
-            proc.start()
+            start_process(proc)
             commands_theirs.close()
             inbox_theirs.close()
             self.procs.append(proc)
@@ -232,6 +242,8 @@ class ReplicaProcesses:
             pass
         proc = self.procs[index]
         proc.join(1.0)
+        if proc.exitcode == UNGUARDED_MAIN_EXIT_CODE:
+            return ("error", unguarded_advice("data-parallel replicas", self._start_reason))
         return (
             "error",
             f"data-parallel replica {index} (pid {proc.pid}) {exit_description(proc.exitcode)}",

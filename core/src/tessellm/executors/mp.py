@@ -1,4 +1,7 @@
-"""The multi-process executor: one spawned local process per tensor-parallel rank.
+"""The multi-process executor: one local process per tensor-parallel rank.
+
+Workers are forked where that is safe and spawned otherwise (``start_method`` decides, and
+refuses a main script that spawn would re-run into starting workers again).
 
 The driver (the engine's process) keeps the scheduler and joins no process group; it sends
 each call to every rank over its own ``multiprocessing`` pipe and waits for all replies
@@ -24,6 +27,14 @@ from typing import Any
 
 from tessellm.config import EngineArgs
 from tessellm.executors.base import DistributedExecutor
+from tessellm.executors.start_method import (
+    UNGUARDED_MAIN_EXIT_CODE,
+    prepare_child,
+    run_in_fresh_thread,
+    start_process,
+    unguarded_advice,
+    worker_context,
+)
 from tessellm.executors.worker import (
     EXECUTE_TIMEOUT_ENV,
     STARTUP_TIMEOUT_ENV,
@@ -55,8 +66,12 @@ def exit_when_parent_dies() -> None:
 
 def worker_main(config: WorkerConfig, conn: Connection) -> None:
     """A worker process's whole life: start, answer calls until told to close."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    prepare_child()  # Ctrl-C is the driver's to handle; the parent's handlers are not ours
     exit_when_parent_dies()
+    run_in_fresh_thread(_serve_driver, config, conn)
+
+
+def _serve_driver(config: WorkerConfig, conn: Connection) -> None:
     code = 0
     try:
         worker = Worker(config)
@@ -128,7 +143,8 @@ class MultiprocExecutor(DistributedExecutor):
     name = "mp"
 
     def _start(self, args: EngineArgs, resolved: ResolvedModel) -> list[dict[str, Any]]:
-        ctx = multiprocessing.get_context("spawn")
+        ctx, self._start_reason = worker_context(args, "tensor-parallel workers")
+        self.start_method: str = ctx.get_start_method()
         world = self.world_size
         init_method = f"tcp://127.0.0.1:{free_port()}"
         self._procs: list[BaseProcess] = []
@@ -153,7 +169,7 @@ class MultiprocExecutor(DistributedExecutor):
                 target=worker_main, args=(config, theirs), name=f"tessellm-tp{rank}", daemon=True
             )
             try:
-                proc.start()
+                start_process(proc)
             except BaseException:
                 self._stop_workers()
                 raise
@@ -165,6 +181,9 @@ class MultiprocExecutor(DistributedExecutor):
         except BaseException:
             self._stop_workers()
             raise
+
+    def describe(self) -> dict[str, str]:
+        return {**super().describe(), "start_method": self.start_method}
 
     def _call_all(self, method: str, args: tuple[Any, ...], timeout: float) -> list[Any]:
         for rank, conn in enumerate(self._conns):
@@ -212,6 +231,8 @@ class MultiprocExecutor(DistributedExecutor):
     def _death_message(self, rank: int, what: str) -> str:
         proc = self._procs[rank]
         proc.join(1.0)
+        if proc.exitcode == UNGUARDED_MAIN_EXIT_CODE:
+            return unguarded_advice("tensor-parallel workers", self._start_reason)
         return (
             f"worker rank {rank} (pid {proc.pid}) {exit_description(proc.exitcode)} during "
             f"{what}; all {self.world_size} workers were stopped"
