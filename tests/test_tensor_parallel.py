@@ -3,8 +3,12 @@ and a worker that raises or dies ends the engine with a clear error and no proce
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +20,7 @@ from conftest import TEST_PROMPTS, live_descendants, save_tiny_model, tiny_llama
 from tessellm import LLM, SamplingParams
 from tessellm.errors import ConfigError, WorkerError
 from tessellm.executors.base import check_tensor_parallel_fit
+from tessellm.executors.start_method import START_METHOD_ENV, choose_start_method, line_is_guarded
 from tessellm.interfaces.schedule import ScheduledSeq, SchedulerOutput
 
 NEW_TOKENS = 12
@@ -160,3 +165,136 @@ def test_tp2_over_nccl_matches_tp1(tiny_llama, enforce_eager):
         return [o.outputs[0].token_ids for o in outs]
 
     assert run(tensor_parallel_size=2) == run()
+
+
+# -- workers that start from any script ------------------------------------------------------
+SCRIPT_TOKENS = 8
+# A plain script as a user writes one: no `if __name__ == "__main__":`. The matmul first
+# runs torch's OpenMP pool in the parent, which a forked child's first thread cannot use.
+UNGUARDED_SCRIPT = """\
+import json, torch
+from tessellm import LLM, SamplingParams
+torch.ones(256, 256) @ torch.ones(256, 256)
+llm = LLM(model={model!r}, dtype="float32", device="cpu", tensor_parallel_size=2)
+params = SamplingParams(temperature=0.0, max_tokens={tokens}, ignore_eos=True)
+outs = llm.generate({prompts!r}, params)
+print(json.dumps({{"start_method": llm.engine.describe()["start_method"],
+                  "tokens": [o.outputs[0].token_ids for o in outs]}}))
+"""
+GUARDED_SCRIPT = """\
+import json
+from tessellm import LLM, SamplingParams
+
+def main():
+    llm = LLM(model={model!r}, dtype="float32", device="cpu", tensor_parallel_size=2)
+    params = SamplingParams(temperature=0.0, max_tokens={tokens}, ignore_eos=True)
+    outs = llm.generate({prompts!r}, params)
+    print(json.dumps({{"start_method": llm.engine.describe()["start_method"],
+                      "tokens": [o.outputs[0].token_ids for o in outs]}}))
+
+if __name__ == "__main__":
+    main()
+"""
+# Starts the engine from a thread: the early check cannot see the script's top level on
+# that thread's stack, so only the spawned child's own check catches the re-run.
+THREADED_SCRIPT = """\
+import sys, threading, traceback
+from tessellm import LLM
+
+failed = []
+
+def start():
+    try:
+        LLM(model={model!r}, dtype="float32", device="cpu", tensor_parallel_size=2)
+    except Exception:
+        failed.append(traceback.format_exc())
+
+thread = threading.Thread(target=start)
+thread.start()
+thread.join()
+sys.exit("".join(failed) or None)
+"""
+
+
+def run_script(tmp_path: Path, template: str, model: Path, **env: str):
+    script = tmp_path / "script.py"
+    script.write_text(
+        template.format(model=str(model), tokens=SCRIPT_TOKENS, prompts=TEST_PROMPTS[:3])
+    )
+    environ = {k: v for k, v in os.environ.items() if k != START_METHOD_ENV}
+    return subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=240,  # a deadlocked fork fails here, not in CI's global timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def tp1_script_tokens(tiny_llama) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=SCRIPT_TOKENS, ignore_eos=True)
+    outs = make_llm(tiny_llama).generate(TEST_PROMPTS[:3], params)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_unguarded_script_forks_its_workers(tmp_path, tiny_llama, tp1_script_tokens):
+    # Two threads per worker (not one): a deadlock after fork needs a parallel region.
+    done = run_script(tmp_path, UNGUARDED_SCRIPT, tiny_llama, OMP_NUM_THREADS="2")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"start_method": "fork", "tokens": tp1_script_tokens}
+
+
+def test_spawn_override_refuses_an_unguarded_script_and_runs_a_guarded_one(
+    tmp_path, tiny_llama, tp1_script_tokens
+):
+    refused = run_script(tmp_path, UNGUARDED_SCRIPT, tiny_llama, **{START_METHOD_ENV: "spawn"})
+    assert refused.returncode != 0
+    assert "ConfigError" in refused.stderr
+    assert f"{START_METHOD_ENV}=spawn" in refused.stderr
+    assert "script.py line 4 would run" in refused.stderr
+    assert 'if __name__ == "__main__":' in refused.stderr
+    ran = run_script(tmp_path, GUARDED_SCRIPT, tiny_llama, **{START_METHOD_ENV: "spawn"})
+    assert ran.returncode == 0, ran.stderr
+    result = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert result == {"start_method": "spawn", "tokens": tp1_script_tokens}
+
+
+def test_spawned_child_that_reruns_the_script_is_explained(tmp_path, tiny_llama):
+    done = run_script(tmp_path, THREADED_SCRIPT, tiny_llama, **{START_METHOD_ENV: "spawn"})
+    assert done.returncode != 0
+    assert "WorkerError: tensor-parallel workers start with 'spawn' here" in done.stderr
+    assert 'if __name__ == "__main__":' in done.stderr
+    assert "exited with code" not in done.stderr
+
+
+def test_start_method_choice(monkeypatch):
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    assert choose_start_method("cpu")[0] == "fork"
+    assert choose_start_method("xla")[0] == "spawn"
+    monkeypatch.setenv(START_METHOD_ENV, "spawn")
+    assert choose_start_method("cpu") == ("spawn", f"{START_METHOD_ENV}=spawn")
+    monkeypatch.setenv(START_METHOD_ENV, "forkserver")
+    with pytest.raises(ConfigError, match="choose one of fork, spawn"):
+        choose_start_method("cpu")
+
+
+@pytest.mark.parametrize(
+    ("source", "line", "guarded"),
+    [
+        ("x = 1\nstart()\n", 2, False),
+        ('if __name__ == "__main__":\n    start()\n', 2, True),
+        ("if '__main__' == __name__ and True:\n    pass\nelse:\n    start()\n", 4, False),
+        ('if __name__ != "__main__":\n    pass\nelse:\n    start()\n', 4, True),
+        ('if __name__ in ("__main__",):\n    with ctx:\n        start()\n', 3, True),
+        (
+            'try:\n    start()\nexcept E:\n    pass\nif __name__ == "__main__":\n    go()\n',
+            2,
+            False,
+        ),
+    ],
+)
+def test_main_guard_detection(source, line, guarded):
+    assert line_is_guarded(ast.parse(source), line) is guarded
