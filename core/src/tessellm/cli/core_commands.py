@@ -13,12 +13,13 @@ from tessellm.hookspecs import hookimpl
 
 @hookimpl
 def register_commands(app: typer.Typer) -> None:
-    from tessellm.cli import chat, doctor, generate, new_plugin, plugins_cmd, serve
+    from tessellm.cli import chat, doctor, generate, new_plugin, plugins_cmd, run_batch, serve
     from tessellm.cli.bench import bench_app
 
     app.command("generate")(generate.generate)
     app.command("plugins")(plugins_cmd.plugins)
     app.command("serve")(serve.serve)
+    app.command("run-batch")(run_batch.run_batch)
     app.command("chat")(chat.chat)
     app.add_typer(bench_app, name="bench")
     app.command("new-plugin")(new_plugin.new_plugin)
