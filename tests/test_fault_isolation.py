@@ -365,7 +365,8 @@ def test_the_issue_requests_are_400s_and_the_server_keeps_serving(client, http, 
         b'{"prompt": "hi", "echo": 1}',
         b'{"prompt": [[false]]}',
         b'{"prompt": [1, "2"]}',
-        b'{"prompt": "hi", "max_tokens": 4.0}',
+        b'{"prompt": "hi", "max_tokens": 4.5}',
+        b'{"prompt": [1, 2.5]}',
     ],
 )
 def test_non_finite_numbers_and_loose_types_are_400s(client, http, raw):
@@ -375,6 +376,18 @@ def test_non_finite_numbers_and_loose_types_are_400s(client, http, raw):
     assert response.status_code == 400, response.text
     assert response.json()["error"]["type"] == "invalid_request_error"
     assert_still_serving(client, http)
+
+
+@pytest.mark.slow
+def test_an_integral_float_is_an_integer_as_json_schema_says(http):
+    body = {"prompt": [1, 2.0], "max_tokens": 3.0, "n": 1.0, "temperature": 0}
+    response = http.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 3,
+        "total_tokens": 5,
+    }
 
 
 @pytest.mark.slow

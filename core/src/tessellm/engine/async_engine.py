@@ -287,9 +287,9 @@ class AsyncLLMEngine(RequestSinks):
             self._drain_commands(loop, EngineDeadError("the server is shutting down"))
         except BaseException as exc:  # not attributable to a request: nothing can run
             logger.exception("the engine stopped; failing every request")
+            self.dead = exc  # first: a request that sees its failure sees a dead engine
             error = EngineDeadError(f"the engine stopped: {exc!r}")
             loop.call_soon_threadsafe(self._fail_all, error)
-            self.dead = exc  # after the failures are queued: callbacks run behind them
             self._drain_commands(loop, error)
 
     def _run_commands(self, loop: asyncio.AbstractEventLoop) -> None:

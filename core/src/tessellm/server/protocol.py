@@ -7,7 +7,8 @@ ignored, as OpenAI-compatible servers commonly do.
 
 Request bodies are validated strictly: every number is bounded and finite (a JSON
 ``Infinity`` or ``NaN`` is a 400), a boolean is ``true`` or ``false`` (not ``"yes"`` nor
-``1``) and an integer is an integer (not ``false`` nor ``"3"``). What depends on the model
+``1``) and an integer is an integer (not ``false`` nor ``"3"``; ``3.0`` is one, as JSON
+Schema counts it). What depends on the model
 (token ids within its vocabulary, ``top_k`` up to its size) the engine checks.
 """
 
@@ -18,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
@@ -30,10 +32,28 @@ MAX_N = 128
 MAX_STOP_SEQUENCES = 16
 MAX_TOKEN_LIST = 1024  # stop_token_ids and logit_bias entries
 
+
+def _integral(value: Any) -> Any:
+    # JSON Schema's "integer" includes 3.0 (as does the schema this API publishes); the
+    # strict check after this still refuses true, "3" and 3.5.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def bounded_int(low: int, high: int) -> Any:
+    """An integer in ``[low, high]``. The bounds come before the validator: after it,
+    pydantic would publish them as non-standard "ge"/"le" keys in the schema."""
+    return Annotated[int, Field(ge=low, le=high), BeforeValidator(_integral)]
+
+
+Count = bounded_int(1, MAX_COUNT)
+TokenId = bounded_int(0, MAX_TOKEN_ID)
+NumChoices = bounded_int(1, MAX_N)
+Seed = bounded_int(0, MAX_SEED)
+TopK = bounded_int(-1, MAX_TOKEN_ID)
+MinTokens = bounded_int(0, MAX_COUNT)
+NumLogprobs = bounded_int(0, 20)
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
-TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 NonEmptyText = Annotated[str, Field(min_length=1)]
 StopField = str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None
@@ -52,13 +72,13 @@ class SamplingFields(RequestModel):
     """Sampling fields shared by completions and chat completions."""
 
     model: str | None = Field(None, description="Served model name; defaults to the first one.")
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: NumChoices = 1
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: StopField = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: Seed | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     logit_bias: (
@@ -70,12 +90,10 @@ class SamplingFields(RequestModel):
     ) = None
     user: str | None = None
     # vLLM's extra sampling fields.
-    top_k: int | None = Field(
-        None, ge=-1, le=MAX_TOKEN_ID, description="-1 or 0: off; at most the vocabulary size."
-    )
+    top_k: TopK | None = Field(None, description="-1 or 0: off; at most the vocabulary size.")
     min_p: Probability | None = None
     repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
-    min_tokens: int = Field(0, ge=0, le=MAX_COUNT)
+    min_tokens: MinTokens = 0
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_TOKEN_LIST)] | None = None
     skip_special_tokens: bool = True
@@ -90,10 +108,10 @@ class CompletionRequest(SamplingFields):
         | Annotated[list[TokenIds], Field(min_length=1)]
     )
     max_tokens: Count | None = 16
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: NumLogprobs | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    best_of: NumChoices | None = None
 
 
 class TextPart(RequestModel):
@@ -119,7 +137,7 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: Count | None = Field(None, description="Deprecated by OpenAI; still honoured.")
     max_completion_tokens: Count | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: NumLogprobs | None = None
     tools: list[dict] | None = None
     response_format: dict | None = None
     add_generation_prompt: bool = True
