@@ -264,6 +264,8 @@ async def finish(stream) -> list[RequestOutput]:
 def test_a_failed_request_raises_in_its_own_stream_only():
     async def main():
         runner = AsyncLLMEngine(StubEngine())
+        died: list[BaseException] = []
+        runner.on_dead(died.append)
         runner.start()
         bad, good = runner.new_stream(), runner.new_stream()
         await bad.add("bad", [1], GREEDY)
@@ -273,6 +275,8 @@ def test_a_failed_request_raises_in_its_own_stream_only():
         assert [o.outputs[0].token_ids for o in await finish(good)] == [[7]]
         assert runner.is_running
         await runner.shutdown()
+        await asyncio.sleep(0)
+        assert died == []  # neither a failed request nor a shutdown is a death
 
     asyncio.run(main())
 
@@ -292,19 +296,6 @@ def test_an_unattributable_failure_kills_the_engine_and_calls_on_dead():
         await runner.shutdown()
 
     asyncio.run(main())
-
-
-def test_shutdown_does_not_call_on_dead():
-    async def main():
-        runner = AsyncLLMEngine(StubEngine())
-        called = []
-        runner.on_dead(called.append)
-        runner.start()
-        await runner.shutdown()
-        await asyncio.sleep(0)
-        return called
-
-    assert asyncio.run(main()) == []
 
 
 # -- the real server ------------------------------------------------------------------------
