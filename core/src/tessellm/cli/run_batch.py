@@ -149,6 +149,11 @@ async def call_app(app: Any, url: str, body: bytes) -> tuple[int, Any]:
 
     try:
         await app(scope, receive, send)
+    except Exception:
+        # Starlette re-raises an unexpected error after its handler has answered (and
+        # logged) it, for the server to see: the answer is what counts here.
+        if not responded.is_set():
+            raise
     finally:
         responded.set()
     raw = b"".join(chunks)
@@ -185,15 +190,22 @@ async def run_lines(
         finally:
             slots.release()
 
-    tasks = []
+    tasks: list[asyncio.Task[None]] = []
     async with app.router.lifespan_context(app):  # starts and stops the engine thread
-        for index, item in enumerate(items):
-            if isinstance(item, dict):
-                finish(index, item)
-                continue
-            await slots.acquire()
-            tasks.append(asyncio.create_task(run_one(item)))
-        await asyncio.gather(*tasks)
+        try:
+            for index, item in enumerate(items):
+                if isinstance(item, dict):
+                    finish(index, item)
+                    continue
+                await slots.acquire()
+                tasks.append(asyncio.create_task(run_one(item)))
+            await asyncio.gather(*tasks)
+        finally:
+            # After Ctrl-C (this task cancelled): end the requests while the engine still
+            # runs, so that none is left waiting on an engine that is gone.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     return counts[0], counts[1]
 
 
