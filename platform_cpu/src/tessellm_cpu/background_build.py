@@ -137,6 +137,7 @@ class BuildProcess:
         self, payload: dict[str, Any], log_path: Path, on_event: Callable[[dict], None]
     ) -> None:
         self.owner = os.getpid()  # a forked copy of this object must not kill the build
+        self.killed = False  # by kill(): an end, not a failure
         self.log_path = log_path
         self.done = threading.Event()
         # Inductor's pool of compile workers would be more processes for one core's work.
@@ -177,6 +178,7 @@ class BuildProcess:
         """Stop the build and every compiler it started; returns within milliseconds."""
         if os.getpid() != self.owner:
             return
+        self.killed = True
         # Only while the child is unreaped: its pid (the group's id) cannot be reused.
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -186,6 +188,8 @@ class BuildProcess:
         with contextlib.suppress(OSError, ValueError):
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
+        with contextlib.suppress(OSError):  # a stopped build's log says nothing useful
+            self.log_path.unlink()
 
 
 @atexit.register

@@ -108,7 +108,6 @@ class CompiledDecodeRunner:
         self.pending: list[tuple[int, int]] = []  # ranges building in the background
         self._build: Any = None  # background_build.BuildProcess
         self._build_start = 0.0
-        self._closed = False
         self.failure: str | None = None
         self.steps = 0  # decode steps run compiled
 
@@ -241,7 +240,9 @@ class CompiledDecodeRunner:
         elif kind == "failed":
             self._fail(f"{event['reason']} (building {_label(batch_range)})")
         elif kind == "exit":
-            if self.pending:  # died without saying why (killed, out of memory, a crash)
+            if self._build.killed:  # stopped on purpose (close, exit)
+                self.pending = []
+            elif self.pending:  # died without saying why (killed, out of memory, a crash)
                 from tessellm_cpu.background_build import last_log_line
 
                 last = last_log_line(self._build.log_path)
@@ -256,7 +257,7 @@ class CompiledDecodeRunner:
             ranges, self.pending = self.pending, []
         if self.failure is None:
             self.failure = reason
-        if ranges and self._build is not None and not self._closed:
+        if ranges and self._build is not None:
             logger.warning(
                 "CPU decode steps for %s sequences run eagerly (compiling failed: %s; log: %s)",
                 " and ".join(_label(r) for r in ranges),
@@ -279,12 +280,9 @@ class CompiledDecodeRunner:
 
     def close(self) -> None:
         """Stop a build in progress (its compilers too); loaded libraries stay usable."""
-        self._closed = True
         self.pending = []
         if self._build is not None:
             self._build.kill()
-            with contextlib.suppress(OSError):
-                self._build.log_path.unlink()
 
     def _adopt(self) -> None:
         with self._lock:
