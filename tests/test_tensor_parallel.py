@@ -271,9 +271,13 @@ def test_spawned_child_that_reruns_the_script_is_explained(tmp_path, tiny_llama)
 
 
 def test_start_method_choice(monkeypatch):
+    from tessellm.executors import start_method
+
     monkeypatch.delenv(START_METHOD_ENV, raising=False)
     assert choose_start_method("cpu")[0] == "fork"
     assert choose_start_method("xla")[0] == "spawn"
+    monkeypatch.setattr(start_method, "cuda_initialised", lambda: True)
+    assert choose_start_method("cuda") == ("spawn", "CUDA is already initialised in this process")
     monkeypatch.setenv(START_METHOD_ENV, "spawn")
     assert choose_start_method("cpu") == ("spawn", f"{START_METHOD_ENV}=spawn")
     monkeypatch.setenv(START_METHOD_ENV, "forkserver")

@@ -176,7 +176,10 @@ def unguarded_advice(what: str, why: str, where: str = "") -> str:
     if why.startswith(START_METHOD_ENV):
         other = f"set {START_METHOD_ENV}=fork"
     elif "CUDA" in why:
-        other = "start tessellm before anything in the script initialises CUDA (it then forks)"
+        other = (
+            "start tessellm before anything in the script initialises CUDA, so that it can "
+            "fork (torch.cuda.is_available() does, unless PYTORCH_NVML_BASED_CUDA_CHECK=1)"
+        )
     else:
         other = f"set {START_METHOD_ENV}=fork if forking is safe here"
     return (
