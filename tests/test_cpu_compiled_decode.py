@@ -1,20 +1,31 @@
-"""Compiled CPU decode steps (AOTInductor): the same greedy tokens as HF in fp32, batched
-and alone, after prefix-cache hits and preemption; within HF's top-5 in bf16 with int4
-weights; a library built once is loaded from the cache; eager decode when compiling is
-off or fails. The traced attention computes what the eager backend computes."""
+"""Compiled CPU decode steps (AOTInductor): the engine serves eagerly while the libraries
+build in the background, then runs them; the same greedy tokens as HF in fp32 either
+way, batched and alone, after prefix-cache hits and preemption; within HF's top-5 in
+bf16 with int4 weights; a library built once is loaded from the cache; eager decode when
+compiling is off or fails; Ctrl-C during a build stops a server at once, compilers and
+all. The traced attention computes what the eager backend computes."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import random
+import signal
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
-from conftest import TEST_PROMPTS, hf_greedy, save_tiny_model, tiny_llama_config
+from conftest import (
+    TEST_PROMPTS,
+    hf_greedy,
+    live_descendants,
+    save_tiny_model,
+    tiny_llama_config,
+)
 from test_cpu_bf16 import hf_top5_misses, snap_to_4bit_grid
 from test_parity_gemma_phi_gpt import (
     PHI3_LONG_ORIGINAL_MAX,
@@ -30,6 +41,7 @@ from tessellm.interfaces.platform import GraphSpec
 from tessellm.plugins import get_plugins, register_plugin
 from tessellm_attention_cpu.backend import CpuPagedAttention
 from tessellm_attention_cpu.traced import traced_decode
+from tessellm_cpu import background_build
 from tessellm_cpu.compiled_decode import CompiledDecodeRunner, compiler_missing
 
 NEW_TOKENS = 16
@@ -39,18 +51,26 @@ needs_compiler = pytest.mark.skipif(
     compiler_missing() is not None, reason="no C++ compiler to build decode libraries"
 )
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+BUILD_TIMEOUT_S = 900  # a tiny model's library: 15 s on two idle cores, minutes when busy
 
 
 @pytest.fixture(scope="module", autouse=True)
 def compiling(tmp_path_factory):
-    """Compiling on, into a cache of this module's own."""
+    """Compiling on, into a cache of this module's own (empty at the start)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TESSELLM_CPU_COMPILE", "1")
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        mp.setenv("TESSELLM_CACHE", str(tmp_path_factory.mktemp("compile-cache")))
         # The libraries check every input's dtype, sizes and strides against the traced
         # ones (off by default: a cost per input per step).
         mp.setenv("AOTI_RUNTIME_CHECK_INPUTS", "1")
         yield
+
+
+@pytest.fixture(autouse=True)
+def no_build_outlives_its_test():
+    yield
+    for build in list(background_build._LIVE):
+        build.kill()
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +88,29 @@ def generate_ids(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-def compiled_runner(llm: LLM) -> CompiledDecodeRunner:
+def compiled_runner(llm: LLM, wait: bool = True) -> CompiledDecodeRunner:
+    """The engine's runner; with ``wait``, once its background build has ended."""
     runner = llm.engine.executor.runner.graph_runner
     assert isinstance(runner, CompiledDecodeRunner)
+    if wait:
+        runner.wait_ready(BUILD_TIMEOUT_S)
     return runner
 
 
 @needs_compiler
-def test_fp32_compiled_decode_matches_hf(tiny_llama, prompt_ids, reference):
+def test_fp32_serves_eagerly_while_building_then_compiled(tiny_llama, prompt_ids, reference):
+    started = time.monotonic()
     llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu")
-    runner = compiled_runner(llm)
-    assert runner.failure is None
+    runner = compiled_runner(llm, wait=False)
+    # An empty cache: the engine is up at once, both libraries building in the background.
+    assert runner.pending == [(1, 16), (17, 64)]
+    assert generate_ids(llm, prompt_ids) == reference
+    served = time.monotonic() - started
+    assert runner.steps == 0  # every decode step ran eagerly
+    assert not runner.library_path((1, 16)).exists(), f"built within {served:.1f} s?"
+    assert runner.pending == [(1, 16), (17, 64)]
+    assert runner.wait_ready(BUILD_TIMEOUT_S), runner.failure
+    assert runner.failure is None and runner.pending == []
     assert generate_ids(llm, prompt_ids) == reference
     batched_steps = runner.steps
     assert batched_steps >= NEW_TOKENS - 1
@@ -86,7 +118,7 @@ def test_fp32_compiled_decode_matches_hf(tiny_llama, prompt_ids, reference):
         assert generate_ids(llm, [prompt]) == [expected]
     assert runner.steps >= batched_steps + 3 * (NEW_TOKENS - 1)
     # 20 sequences at once: the second library (17-64 sequences, dense linears).
-    assert [r[:2] for r in runner._libraries] == [(1, 16), (17, 64)]
+    assert runner.ready_ranges == [(1, 16), (17, 64)]
     rng = random.Random(5)
     many = [[rng.randrange(3, 256) for _ in range(rng.randrange(2, 30))] for _ in range(20)]
     before = runner.steps
@@ -98,10 +130,10 @@ def test_fp32_compiled_decode_matches_hf(tiny_llama, prompt_ids, reference):
 def test_cached_library_survives_preemption_and_prefix_hits(
     tiny_llama, prompt_ids, reference, monkeypatch
 ):
-    def no_build(self, path, batch_range):
+    def no_build(*args, **kwargs):
         raise AssertionError("the library should come from the cache")
 
-    monkeypatch.setattr(CompiledDecodeRunner, "_build", no_build)
+    monkeypatch.setattr(background_build, "BuildProcess", no_build)
     # 5 blocks of 16 tokens: the longest prompts cannot all run at once.
     llm = LLM(
         model=str(tiny_llama),
@@ -110,8 +142,10 @@ def test_cached_library_survives_preemption_and_prefix_hits(
         num_gpu_blocks_override=5,
         enable_prefix_caching=True,
     )
-    runner = compiled_runner(llm)
+    runner = compiled_runner(llm, wait=False)
     assert runner.failure is None
+    # Loaded when the engine started: compiled from the first decode step.
+    assert runner.ready_ranges == [(1, 16), (17, 64)] and runner.pending == []
     shared = [prompt_ids[2] + p for p in prompt_ids[:3]]
     expected = hf_greedy(tiny_llama, shared, NEW_TOKENS)
     assert generate_ids(llm, [prompt_ids[2], *shared]) == [reference[2], *expected]
@@ -246,15 +280,15 @@ def test_editing_an_outside_plugin_rebuilds_its_library(prompt_ids, tmp_path, mo
     assert len(list((cache / "compiled").glob("decode-*.pt2"))) == 2  # a new library
 
 
-def test_failed_compile_falls_back_to_eager(tiny_llama, prompt_ids, reference, monkeypatch):
-    def broken_export(self, batch_range):
-        raise RuntimeError("data-dependent branch")
-
-    monkeypatch.setattr(CompiledDecodeRunner, "_export", broken_export)
+def test_failed_build_falls_back_to_eager(tiny_llama, prompt_ids, reference, monkeypatch):
+    # A build process that dies (a crash, out of memory): its last words are the reason.
+    crash = "import sys; print('MemoryError: out of memory', file=sys.stderr); sys.exit(3)"
+    monkeypatch.setattr(background_build, "child_command", lambda: [sys.executable, "-c", crash])
     monkeypatch.setattr(CompiledDecodeRunner, "cache_key", lambda self, r: "never-built")
-    llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu")
+    llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu", max_num_seqs=4)
     runner = compiled_runner(llm)
-    assert runner.failure == "RuntimeError: data-dependent branch"
+    assert runner.failure == "the build process exited with code 3: MemoryError: out of memory"
+    assert runner.pending == [] and runner.ready_ranges == []
     assert generate_ids(llm, prompt_ids[:2]) == reference[:2]
     assert runner.steps == 0
 
@@ -281,6 +315,64 @@ def test_compiling_can_be_turned_off(tiny_llama, monkeypatch):
     tensor_parallel = CompiledDecodeRunner(runner.model, spec, Path("/nowhere"))
     tensor_parallel.capture()
     assert tensor_parallel.failure == "tensor parallel (2 ranks)"
+
+
+COMPILERS = {"g++", "c++", "cc1plus", "as", "ld", "collect2", "clang++"}
+
+
+def process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@needs_compiler
+def test_ctrl_c_during_a_build_stops_the_server_and_its_compilers(
+    tiny_llama, tmp_path, monkeypatch
+):
+    from server_harness import start_server
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TESSELLM_CACHE", str(cache))  # empty: the server builds
+    server = start_server(tiny_llama, tmp_path)
+    pid = server.process.pid
+    try:
+        # Healthy and answering before any library exists.
+        assert not list(cache.glob("compiled/decode-*.pt2"))
+        reply = httpx.post(
+            server.base_url + "/completions",
+            json={"model": str(tiny_llama), "prompt": "hi", "max_tokens": 4},
+            timeout=60,
+        )
+        assert reply.status_code == 200, reply.text
+        deadline = time.monotonic() + BUILD_TIMEOUT_S
+        while not any(process_name(p) in COMPILERS for p in live_descendants(pid)):
+            assert time.monotonic() < deadline, "no C++ compiler ever ran"
+            assert not list(cache.glob("compiled/decode-*.pt2")), "built before a look"
+            time.sleep(0.1)
+        build = live_descendants(pid)  # the build process, its compilers
+        server.process.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        server.process.wait(30)
+        stopped_after = time.monotonic() - interrupted
+    finally:
+        server.stop()
+    assert stopped_after < 2.0, server.log()
+    deadline = time.monotonic() + 1.0  # SIGKILLed already; let the kernel finish them
+    while (left := [p for p in build if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == [], [(p, process_name(p)) for p in left]
+    assert "Traceback" not in server.log()
+    assert not list(cache.glob("compiled/*.partial*"))
 
 
 @pytest.mark.parametrize(("window", "cap"), [(None, None), (5, None), (None, 30.0), (7, 20.0)])

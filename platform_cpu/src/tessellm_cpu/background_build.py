@@ -125,6 +125,11 @@ def deserialize_model(blob: bytes) -> Any:
 _LIVE: weakref.WeakSet[BuildProcess] = weakref.WeakSet()
 
 
+def child_command() -> list[str]:
+    """How the build process starts: this module, by the running interpreter."""
+    return [sys.executable, "-m", __name__]
+
+
 class BuildProcess:
     """A child process building the libraries that ``payload`` lists.
 
@@ -144,7 +149,7 @@ class BuildProcess:
         env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"}
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", __name__],
+                child_command(),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
