@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
 import io
 import json
+import logging
 import os
 import pickle
 import signal
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -45,9 +48,27 @@ from typing import Any
 # from unifying the dimensions.
 KV_EXAMPLE_BLOCKS = 7
 BUILD_NICENESS = 10  # below the serving process on shared cores
+logger = logging.getLogger(__name__)
 
 
 # -- the model, without its weights ----------------------------------------------------
+def _function_address(func: types.FunctionType) -> tuple | None:
+    """Where a lambda or local function is reachable from its module: a module global, or
+    an entry of a dict, list or tuple there (an activation table's lambdas). Pickle finds
+    module-level functions by name itself, these not."""
+    module = sys.modules.get(func.__module__ or "")
+    for name, value in vars(module).items() if module else ():
+        if value is func:
+            return ("global", func.__module__, name, None)
+        items = value.items() if isinstance(value, dict) else ()
+        if isinstance(value, (list, tuple)):
+            items = enumerate(value)
+        for key, item in items:
+            if item is func and isinstance(key, (str, int)):
+                return ("item", func.__module__, name, key)
+    return None
+
+
 def serialize_model(model: Any, kv_caches: list[Any]) -> bytes:
     """``model`` pickled with its parameters, buffers and ``kv_caches`` as layouts only."""
     import torch
@@ -66,6 +87,8 @@ def serialize_model(model: Any, kv_caches: list[Any]) -> bytes:
             # A fused-op table is unbound while exporting anyway (it branches on values).
             if isinstance(obj, FusedOps):
                 return ("none",)
+            if isinstance(obj, types.FunctionType) and "<" in obj.__qualname__:
+                return _function_address(obj)  # None: pickle then says why it cannot
             if not isinstance(obj, torch.Tensor) or id(obj) not in kinds:
                 return None
             number = numbers.setdefault(id(obj), len(numbers))
@@ -104,6 +127,10 @@ def deserialize_model(blob: bytes) -> Any:
         def persistent_load(self, pid: tuple) -> object:
             if pid[0] == "none":
                 return None
+            if pid[0] in ("global", "item"):
+                _, module, name, key = pid
+                value = getattr(importlib.import_module(module), name)
+                return value if pid[0] == "global" else value[key]
             number = pid[1]
             if number in tensors:
                 return tensors[number]
@@ -139,9 +166,15 @@ class BuildProcess:
     """
 
     def __init__(
-        self, payload: dict[str, Any], log_path: Path, on_event: Callable[[dict], None]
+        self,
+        payload: dict[str, Any],
+        log_path: Path,
+        on_event: Callable[[dict], None],
+        description: str = "compiled decode steps",
     ) -> None:
         self.owner = os.getpid()  # a forked copy of this object must not kill the build
+        self.description = description  # what it builds, for the note at exit
+        self.started = time.monotonic()
         self.killed = False  # by kill(): an end, not a failure
         self.log_path = log_path
         self.done = threading.Event()
@@ -200,6 +233,13 @@ class BuildProcess:
 @atexit.register
 def _kill_builds() -> None:
     for build in list(_LIVE):
+        if build.running() and os.getpid() == build.owner:
+            logger.warning(
+                "stopped building %s at exit, %.0f s in; the next start builds it again "
+                "(TESSELLM_CPU_COMPILE=wait builds before serving)",
+                build.description,
+                time.monotonic() - build.started,
+            )
         build.kill()
 
 
@@ -252,8 +292,6 @@ def main() -> int:
 
     os.nice(payload["niceness"])
     sys.path[:0] = [p for p in payload["sys_path"] if p not in sys.path]
-    import importlib
-
     import torch
 
     torch.set_num_threads(payload["threads"])  # the generated code's thread count

@@ -170,8 +170,14 @@ class CompiledDecodeRunner:
             limit = cache_store.DEFAULT_MAX_BYTES
             logger.warning("%s; the cache keeps at most %d bytes", exc, limit)
         directory = cache_store.compiled_dir(self.cache_dir)
+        try:
+            blob = background_build.serialize_model(self.model, self._kv_caches())
+        except Exception as exc:  # e.g. a module holding an object pickle cannot take
+            self.failure = f"cannot send the model to a build process: {type(exc).__name__}: {exc}"
+            logger.warning("CPU decode steps run eagerly: %s", self.failure)
+            return
         payload = {
-            "model": background_build.serialize_model(self.model, self._kv_caches()),
+            "model": blob,
             "model_name": self.model_name,
             "modules": sorted(traced_module_names(self.model)),
             "sys_path": list(sys.path),
@@ -203,6 +209,8 @@ class CompiledDecodeRunner:
             payload,
             directory / f"build-{os.getpid()}-{id(self):x}.log",
             lambda event: (h := handler()) is not None and h(event),
+            f"the CPU decode step{'s' if len(missing) > 1 else ''} for {ranges} sequences "
+            f"of {self.model_name}",
         )
         weakref.finalize(self, self._build.kill)
 
