@@ -235,8 +235,8 @@ def _kill_builds() -> None:
     for build in list(_LIVE):
         if build.running() and os.getpid() == build.owner:
             logger.warning(
-                "stopped building %s at exit, %.0f s in; the next start builds it again "
-                "(TESSELLM_CPU_COMPILE=wait builds before serving)",
+                "stopped building %s at exit, %.0f s in (the next start builds again; "
+                "TESSELLM_CPU_COMPILE=wait builds before serving)",
                 build.description,
                 time.monotonic() - build.started,
             )
