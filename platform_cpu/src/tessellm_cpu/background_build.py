@@ -2,8 +2,10 @@
 
 Export and AOTInductor compilation are mostly Python (tracing, lowering, code
 generation) plus C++ compiler processes. In a thread of the serving process they would
-hold the GIL for a minute or more, and an eager decode step, which gives the GIL up and
-takes it back around each of its ~2,300 small torch ops, would wait for it every time.
+hold the GIL for a minute or more, against an eager decode step that gives the GIL up
+and takes it back around each of its ~2,300 small torch ops; worse, a non-strict export
+turns ``torch.compiler.is_compiling()`` on for the whole process, which sends the serving
+thread's attention down its traced path (tried: every request failed while a trace ran).
 So the model goes to a child process instead: pickled with every parameter, buffer and
 KV cache replaced by its storage layout, shape, dtype and strides (the library takes them
 as inputs, so their values do not matter; any other tensor, which a trace could bake in
@@ -38,10 +40,6 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-# The parent side imports this module inside torch-using code; the child reads its
-# payload before importing torch (a second or two), so that a parent that gives up early
-# does not wait on a full pipe.
 
 # Block count of the child's stand-in KV caches: the dimension is dynamic, and a value
 # unlike the other example sizes (2 or 18 sequences, 3 blocks a row) keeps the exporter
@@ -280,6 +278,7 @@ def _build_lock(directory: Path, emit: Callable[..., None]):
 
 
 def main() -> int:
+    # The payload first, before importing torch: the parent's write never waits long.
     size = int.from_bytes(_read_exactly(0, 8), "big")
     payload = pickle.loads(_read_exactly(0, size))
     threading.Thread(target=_watch_parent, args=(0,), daemon=True).start()
@@ -322,7 +321,8 @@ def main() -> int:
                 import traceback
 
                 traceback.print_exc()
-                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                first_line = (str(exc).splitlines() or [""])[0][:300]
+                reason = f"{type(exc).__name__}: {first_line}"
                 emit("failed", batch_range=batch_range, reason=reason)
                 return 1
             cache_store.write_sidecar(path, payload["model_name"], batch_range)

@@ -108,6 +108,7 @@ class CompiledDecodeRunner:
         self.pending: list[tuple[int, int]] = []  # ranges building in the background
         self._build: Any = None  # background_build.BuildProcess
         self._build_start = 0.0
+        self._paths: dict[tuple[int, int], Path] = {}
         self.failure: str | None = None
         self.steps = 0  # decode steps run compiled
 
@@ -119,9 +120,12 @@ class CompiledDecodeRunner:
         return library_key(self.model, self.weights, kv, batch_range, self._sources_digest)
 
     def library_path(self, batch_range: tuple[int, int]) -> Path:
-        return (
-            cache_store.compiled_dir(self.cache_dir) / f"decode-{self.cache_key(batch_range)}.pt2"
-        )
+        if batch_range not in self._paths:  # the key hashes every weight's layout: once
+            key = self.cache_key(batch_range)
+            self._paths[batch_range] = (
+                cache_store.compiled_dir(self.cache_dir) / f"decode-{key}.pt2"
+            )
+        return self._paths[batch_range]
 
     @property
     def ready_ranges(self) -> list[tuple[int, int]]:
@@ -225,8 +229,11 @@ class CompiledDecodeRunner:
         elif kind == "exporting":
             logger.info("CPU decode step for %s: exporting (%.1f s in)", label, elapsed)
         elif kind == "exported":
-            logger.info(
-                "CPU decode step for %s: exported in %.1f s, compiling C++", label, event["seconds"]
+            logger.warning(
+                "CPU decode step for %s: exported in %.1f s, compiling (%.1f s after start)",
+                label,
+                event["seconds"],
+                elapsed,
             )
         elif kind == "built":
             with self._lock:
@@ -293,15 +300,19 @@ class CompiledDecodeRunner:
             self._build.kill()
 
     def _adopt(self) -> None:
+        """Load the libraries built since the last call (the engine's thread, between two
+        steps, or a thread in wait_ready: the list is replaced whole, never edited in
+        place under a step that reads it)."""
         with self._lock:
             arrived, self._arrived = self._arrived, []
-        for batch_range, path in arrived:
-            try:
-                self._libraries.append((*batch_range, load_library(path)))
-            except Exception as exc:  # removed or corrupt meanwhile: that range stays eager
-                self.failure = self.failure or f"{type(exc).__name__}: {exc}"
-                logger.warning("cannot load %s: %s; its batches stay eager", path, exc)
-        self._libraries.sort(key=lambda entry: entry[0])
+            loaded = list(self._libraries)
+            for batch_range, path in arrived:
+                try:
+                    loaded.append((*batch_range, load_library(path)))
+                except Exception as exc:  # removed or corrupt meanwhile: that range stays eager
+                    self.failure = self.failure or f"{type(exc).__name__}: {exc}"
+                    logger.warning("cannot load %s: %s; its batches stay eager", path, exc)
+            self._libraries = sorted(loaded, key=lambda entry: entry[0])
 
     # -- running -----------------------------------------------------------------------
     def __call__(
