@@ -214,6 +214,13 @@ class BuildProcess:
         """Stop the build and every compiler it started; returns within milliseconds."""
         if os.getpid() != self.owner:
             return
+        if self.running() and not self.killed:
+            logger.warning(
+                "stopped building %s, %.0f s in (the next start builds again; "
+                "TESSELLM_CPU_COMPILE=wait builds before serving)",
+                self.description,
+                time.monotonic() - self.started,
+            )
         self.killed = True
         # Only while the child is unreaped: its pid (the group's id) cannot be reused.
         if self.proc.returncode is None:
@@ -231,13 +238,6 @@ class BuildProcess:
 @atexit.register
 def _kill_builds() -> None:
     for build in list(_LIVE):
-        if build.running() and os.getpid() == build.owner:
-            logger.warning(
-                "stopped building %s at exit, %.0f s in (the next start builds again; "
-                "TESSELLM_CPU_COMPILE=wait builds before serving)",
-                build.description,
-                time.monotonic() - build.started,
-            )
         build.kill()
 
 
