@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -148,6 +149,9 @@ def generate(
 
     texts = read_prompts(list(prompts or []), input_file)
     labelled = len(texts) > 1
+    # One-shot: a background build would be stopped at exit and never finish, so a missing
+    # CPU decode library is built before decoding (once; later runs load it at start).
+    os.environ.setdefault("TESSELLM_CPU_COMPILE", "wait")
     try:
         params = SamplingParams(
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens
