@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 from tessellm.config import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from tessellm.config import EngineArgs
 
 MODEL_HELP = (
     "A local HF directory, a .gguf file, a Hugging Face model ID (org/name, or org/name:QUANT "
@@ -40,6 +43,18 @@ def fail_with(exc: BaseException) -> NoReturn:
 def fail(message: str, code: int = RUNTIME_ERROR) -> NoReturn:
     typer.echo(f"Error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def start_async_engine(args: EngineArgs, data_parallel_size: int) -> Any:
+    """The engine a server-style command runs on: one ``AsyncLLMEngine``, or
+    ``data_parallel_size`` replicas behind one front (``serve`` and ``run-batch``)."""
+    if data_parallel_size > 1:
+        from tessellm.engine.dp_engine import DataParallelEngine
+
+        return DataParallelEngine.from_engine_args(args, data_parallel_size)
+    from tessellm.engine.async_engine import AsyncLLMEngine
+
+    return AsyncLLMEngine.from_engine_args(args)
 
 
 def progress_note(message: str) -> None:

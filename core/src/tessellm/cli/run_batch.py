@@ -35,6 +35,7 @@ from tessellm.cli.common import (
     fail,
     fail_with,
     progress_note,
+    start_async_engine,
 )
 from tessellm.config import DEFAULT_MODEL
 
@@ -305,7 +306,6 @@ def run_batch(
     except ImportError as exc:
         fail(f"run-batch needs the serve extra: pip install 'tessellm[serve]' ({exc})")
     from tessellm.config import EngineArgs
-    from tessellm.engine.async_engine import AsyncLLMEngine
     from tessellm.errors import TessellmError
 
     items = read_items(input_file)
@@ -342,12 +342,7 @@ def run_batch(
             served_model_name=names[0],
         )
         progress_note(f"tessellm run-batch: loading {model} ...")
-        if data_parallel_size > 1:
-            from tessellm.engine.dp_engine import DataParallelEngine
-
-            engine = DataParallelEngine.from_engine_args(args, data_parallel_size)
-        else:
-            engine = AsyncLLMEngine.from_engine_args(args)
+        engine = start_async_engine(args, data_parallel_size)
     except TessellmError as exc:
         sink.close()
         fail_with(exc)

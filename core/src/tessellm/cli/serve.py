@@ -17,6 +17,7 @@ from tessellm.cli.common import (
     fail,
     fail_with,
     progress_note,
+    start_async_engine,
 )
 from tessellm.config import DEFAULT_MODEL
 
@@ -141,7 +142,6 @@ def serve(
         fail(f"the server needs the serve extra: pip install 'tessellm[serve]' ({exc})")
 
     from tessellm.config import EngineArgs
-    from tessellm.engine.async_engine import AsyncLLMEngine
     from tessellm.errors import TessellmError
 
     names = list(served_model_name or [model])
@@ -168,12 +168,7 @@ def serve(
             served_model_name=names[0],
         )
         progress_note(f"tessellm serve: loading {model} ...")
-        if data_parallel_size > 1:
-            from tessellm.engine.dp_engine import DataParallelEngine
-
-            engine = DataParallelEngine.from_engine_args(args, data_parallel_size)
-        else:
-            engine = AsyncLLMEngine.from_engine_args(args)
+        engine = start_async_engine(args, data_parallel_size)
     except TessellmError as exc:
         fail_with(exc)
     app = build_app(
