@@ -102,3 +102,26 @@ def tiny_server(tiny_llama, tmp_path_factory):
     )
     yield server
     server.stop()
+
+
+def in_process_plugin(name: str = "in_process_test_plugin", **hooks):
+    """A plugin module made in the test: ``hooks`` maps hook names to their bodies."""
+    import types
+
+    from tessellm import hookimpl
+
+    plugin = types.ModuleType(name)
+    plugin.TESSELLM_PLUGIN_API = ">=1.0,<2"
+    for hook_name, body in hooks.items():
+        setattr(plugin, hook_name, hookimpl(body))
+    return plugin
+
+
+@pytest.fixture
+def fresh_plugins():
+    """Plugins discovered anew around the test, so in-process registrations are forgotten."""
+    from tessellm.plugins import get_plugins
+
+    get_plugins(refresh=True)
+    yield
+    get_plugins(refresh=True)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import types
-
-import pytest
 import torch
+from conftest import in_process_plugin
 from typer.testing import CliRunner
 
-from tessellm import hookimpl
 from tessellm.cli.app import build_app
 from tessellm.plugins import get_plugins, register_plugin
 from tessellm_attention_torch.backend import TorchPagedAttention
@@ -25,21 +22,6 @@ class ZeroAttention(TorchPagedAttention):
 
     def forward(self, query, k_cache, v_cache, metadata, **kwargs) -> torch.Tensor:
         return torch.zeros_like(query)
-
-
-def in_process_plugin(**hooks) -> types.ModuleType:
-    plugin = types.ModuleType("doctor_test_plugin")
-    plugin.TESSELLM_PLUGIN_API = ">=1.0,<2"
-    for hook_name, body in hooks.items():
-        setattr(plugin, hook_name, hookimpl(body))
-    return plugin
-
-
-@pytest.fixture
-def fresh_plugins():
-    get_plugins(refresh=True)
-    yield
-    get_plugins(refresh=True)  # forget the in-process registrations
 
 
 def test_passes_on_the_torch_attention_backend():

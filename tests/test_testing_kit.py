@@ -7,16 +7,15 @@ from __future__ import annotations
 import json
 import os
 import time
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import in_process_plugin
 
-from tessellm import hookimpl
 from tessellm.interfaces.platform import Platform
 from tessellm.interfaces.quantization import Unquantized
-from tessellm.plugins import get_plugins, register_plugin
+from tessellm.plugins import register_plugin
 from tessellm.testing import (
     assert_greedy_parity,
     check_attention_backend,
@@ -28,21 +27,6 @@ from tessellm.testing import (
 from tessellm.testing.models import UnknownArchitectureError
 from tessellm_attention_torch.backend import TorchPagedAttention
 from tessellm_llama.model import LlamaForCausalLM
-
-
-def in_process_plugin(**hooks) -> types.ModuleType:
-    plugin = types.ModuleType("testing_kit_plugin")
-    plugin.TESSELLM_PLUGIN_API = ">=1.0,<2"
-    for hook_name, body in hooks.items():
-        setattr(plugin, hook_name, hookimpl(body))
-    return plugin
-
-
-@pytest.fixture
-def fresh_plugins():
-    get_plugins(refresh=True)
-    yield
-    get_plugins(refresh=True)  # forget the in-process registrations
 
 
 def register(kind: str, name: str, target: object) -> None:
