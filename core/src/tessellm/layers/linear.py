@@ -12,16 +12,58 @@ import torch
 from torch import nn
 
 from tessellm.interfaces.model import ModelContext
+from tessellm.interfaces.quantization import input_dim_of, output_dim_of
 from tessellm.layers.parallel import all_gather_last_dim, all_reduce, divide
 
 
+def _place_output_shard(
+    layer: _ParallelLinear,
+    param: nn.Parameter,
+    loaded: torch.Tensor,
+    shard_index: int,
+    offset: int,
+    size: int,
+    source_index: int,
+) -> None:
+    """Copy part ``source_index`` (of ``size`` output features) of a checkpoint tensor into
+    output features ``[offset, offset + size)`` of this rank's ``param``, in the param's
+    stored layout (packed or grouped along its output dimension; see
+    :mod:`tessellm.interfaces.quantization`)."""
+    if getattr(param, "shard_indexed", False):
+        param.data[shard_index].copy_(loaded.reshape(()))
+        return
+    dim = output_dim_of(param)
+    if dim is None:  # the same for every shard (e.g. g_idx): any copy will do
+        param.data.copy_(loaded.reshape(param.shape))
+        return
+    stored = param.shape[dim]
+    if stored * size % layer.out_features or stored * offset % layer.out_features:
+        raise ValueError(
+            f"a fused shard of {size} output features at {offset} does not fall on the "
+            f"stored layout of a parameter with {stored} entries for {layer.out_features}"
+        )
+    size_s = stored * size // layer.out_features
+    offset_s = stored * offset // layer.out_features
+    part = loaded.narrow(dim, source_index * size_s, size_s)
+    param.data.narrow(dim, offset_s, size_s).copy_(part)
+
+
 class _ParallelLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ModelContext) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        ctx: ModelContext,
+        output_shard_sizes: list[int] | None = None,
+    ) -> None:
         super().__init__()
         self.ctx = ctx
         self.parallel = ctx.parallel
         self.in_features = in_features
         self.out_features = out_features
+        # This rank's output features of each checkpoint matrix fused into this layer.
+        self.output_shard_sizes = output_shard_sizes or [out_features]
         self.quant = ctx.quantization
         self.quant.create_weights(self, in_features, out_features, ctx.dtype)
         self.bias = (
@@ -44,13 +86,17 @@ class ColumnParallelLinear(_ParallelLinear):
         ctx: ModelContext,
         bias: bool = False,
         gather_output: bool = False,
+        rank_shard_sizes: list[int] | None = None,
     ) -> None:
-        super().__init__(in_features, divide(out_features, ctx.parallel.world_size), bias, ctx)
+        """``rank_shard_sizes``: for a fused layer, this rank's output features of each
+        checkpoint matrix it holds (default: one matrix)."""
+        out_here = divide(out_features, ctx.parallel.world_size)
+        super().__init__(in_features, out_here, bias, ctx, rank_shard_sizes)
         self.gather_output = gather_output
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        rows = param.shape[0]
-        param.data.copy_(loaded.narrow(0, self.parallel.rank * rows, rows))
+        rank = self.parallel.rank
+        _place_output_shard(self, param, loaded, 0, 0, self.out_features, rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x, self.bias)
@@ -64,14 +110,15 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self, in_features: int, out_sizes: list[int], ctx: ModelContext, bias: bool = False
     ) -> None:
         self.out_sizes = out_sizes
-        super().__init__(in_features, sum(out_sizes), ctx, bias=bias)
+        tp = ctx.parallel.world_size
+        rank_sizes = [divide(size, tp) for size in out_sizes]
+        super().__init__(in_features, sum(out_sizes), ctx, bias=bias, rank_shard_sizes=rank_sizes)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: int) -> None:
         tp = self.parallel.world_size
         offset = sum(self.out_sizes[:shard]) // tp
         size = self.out_sizes[shard] // tp
-        part = loaded.narrow(0, self.parallel.rank * size, size)
-        param.data.narrow(0, offset, size).copy_(part)
+        _place_output_shard(self, param, loaded, shard, offset, size, self.parallel.rank)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -94,8 +141,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.num_heads = divide(num_heads, tp)
         self.kv_replicas = max(1, divide(tp, num_kv_heads) if num_kv_heads < tp else 1)
         self.num_kv_heads = max(1, num_kv_heads // tp)
+        q, kv = self.num_heads * head_size, self.num_kv_heads * head_size
         out = (self.num_heads + 2 * self.num_kv_heads) * head_size * tp
-        super().__init__(hidden_size, out, ctx, bias=bias)
+        super().__init__(hidden_size, out, ctx, bias=bias, rank_shard_sizes=[q, kv, kv])
 
     @property
     def q_size(self) -> int:
@@ -112,7 +160,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             offset = self.q_size + (0 if shard == "k" else self.kv_size)
             size, index = self.kv_size, rank // self.kv_replicas
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, index * size, size))
+        shard_index = "qkv".index(shard)
+        _place_output_shard(self, param, loaded, shard_index, offset, size, index)
 
 
 class RowParallelLinear(_ParallelLinear):
@@ -124,11 +173,12 @@ class RowParallelLinear(_ParallelLinear):
         super().__init__(divide(in_features, ctx.parallel.world_size), out_features, bias, ctx)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        if param.dim() == 1:  # the bias is added once, after the reduction
-            param.data.copy_(loaded)
+        dim = input_dim_of(param)
+        if dim is None:  # the bias (added once, after the reduction), per-output scales
+            param.data.copy_(loaded.reshape(param.shape))
             return
-        cols = param.shape[1]
-        param.data.copy_(loaded.narrow(1, self.parallel.rank * cols, cols))
+        size = param.shape[dim]  # this rank's inputs in the stored (packed, grouped) layout
+        param.data.copy_(loaded.narrow(dim, self.parallel.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x, None)
