@@ -22,6 +22,10 @@ tensor by the parameter's attributes (set with :func:`set_weight_attrs`):
   gate, up), e.g. a per-tensor scale of each checkpoint matrix that one fused layer
   holds; its shape is ``[len(layer.output_shard_sizes)]``.
 
+- ``load_shard``: a callable ``(layer, loaded, shard_index, tp_index)`` that stores the
+  checkpoint tensor itself, for storage whose shape is known only from the tensor (GGUF
+  blocks whose quantization type varies per matrix); it replaces the placement above.
+
 A layer exposes ``output_shard_sizes`` (this rank's output features of each fused
 checkpoint matrix, in order) before ``create_weights`` is called.
 """

@@ -29,6 +29,10 @@ def _place_output_shard(
     output features ``[offset, offset + size)`` of this rank's ``param``, in the param's
     stored layout (packed or grouped along its output dimension; see
     :mod:`tessellm.interfaces.quantization`)."""
+    custom = getattr(param, "load_shard", None)
+    if custom is not None:
+        custom(layer, loaded, shard_index, source_index)
+        return
     if getattr(param, "shard_indexed", False):
         param.data[shard_index].copy_(loaded.reshape(()))
         return
@@ -173,6 +177,10 @@ class RowParallelLinear(_ParallelLinear):
         super().__init__(divide(in_features, ctx.parallel.world_size), out_features, bias, ctx)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        custom = getattr(param, "load_shard", None)
+        if custom is not None:
+            custom(self, loaded, 0, self.parallel.rank)
+            return
         dim = input_dim_of(param)
         if dim is None:  # the bias (added once, after the reduction), per-output scales
             param.data.copy_(loaded.reshape(param.shape))
