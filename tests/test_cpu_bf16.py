@@ -13,7 +13,8 @@ import torch
 from conftest import TEST_PROMPTS, save_tiny_model, tiny_llama_config
 
 from tessellm import LLM, SamplingParams
-from tessellm_cpu.woq import GROUP_SIZE, WeightOnlyInt4, pack_int4, packed_layer_count
+from tessellm_quant_int4.cpu_int4 import GROUP_SIZE, pack_int4
+from tessellm_quant_int4.woq import WeightOnlyInt4, packed_layer_count
 
 NEW_TOKENS = 24
 
@@ -124,7 +125,7 @@ def test_lossy_method_packs_everything_and_uses_dense_weights_for_big_batches():
 
 
 def test_int8_group_head_computes_the_grid_weights():
-    from tessellm_cpu.woq import Int8GroupLogitsMatmul, pack_int8_groups
+    from tessellm_quant_int4.cpu_int4 import Int8GroupLogitsMatmul, pack_int8_groups
 
     g = torch.Generator().manual_seed(1)
     q = torch.randint(-127, 128, (48, 64), generator=g).float()

@@ -85,7 +85,11 @@ def test_platform_default_quantization_is_named_with_its_distribution(tiny_llama
     result = run_plugins("--model", str(tiny_llama), "--dtype", "bfloat16")
     assert result.exit_code == 0, result.output
     row = serving_roles(result.stdout)["quantization method"]
-    assert row[:3] == ["woq_grid", "tessellm_cpu.woq:GridWeightOnlyInt4", "tessellm-cpu"]
+    assert row[:3] == [
+        "woq_grid",
+        "tessellm_quant_int4.woq:GridWeightOnlyInt4",
+        "tessellm-quant-int4",
+    ]
 
 
 def test_requested_backend_and_method_are_explained(tiny_llama):

@@ -7,9 +7,3 @@ TESSELLM_PLUGIN_API = ">=1.0,<2"
 @hookimpl
 def register_platforms(register):
     register("cpu", "tessellm_cpu.platform:CpuPlatform")
-
-
-@hookimpl
-def register_quantization_methods(register):
-    register("woq_int4", "tessellm_cpu.woq:WeightOnlyInt4")
-    register("woq_grid", "tessellm_cpu.woq:GridWeightOnlyInt4")
