@@ -10,7 +10,7 @@ from test_parity_gemma_phi_gpt import CONFIGS
 
 from tessellm import LLM
 from tessellm.errors import ModelLoadError
-from tessellm.install_hints import FIRST_PARTY_FAMILIES, model_plugin_hint
+from tessellm.install_hints import FIRST_PARTY_FAMILIES, plugin_hint
 from tessellm.plugins import ALLOW_ENV, get_plugins
 
 ARCHITECTURES = sorted({name.split("-")[0] for name in CONFIGS})
@@ -48,10 +48,10 @@ def test_disallowed_family_fails_naming_its_entry_point(architecture, tmp_path, 
 
 def test_missing_family_names_the_package_to_install():
     gemma = FIRST_PARTY_FAMILIES["Gemma3ForCausalLM"]
-    assert "pip install tessellm-gemma" in model_plugin_hint(gemma, None, set())
+    assert "pip install tessellm-gemma" in plugin_hint(gemma, None, set())
     opt = FIRST_PARTY_FAMILIES["OPTForCausalLM"]
-    assert "pip install tessellm-gpt-opt" in model_plugin_hint(opt, {"llama"}, {"llama"})
-    assert "model-family plugin" in model_plugin_hint(None, None, set())
+    assert "pip install tessellm-gpt-opt" in plugin_hint(opt, {"llama"}, {"llama"})
+    assert "model-family plugin" in plugin_hint(None, None, set())
 
 
 def test_a_plugin_registers_its_own_install_hint(monkeypatch):

@@ -50,7 +50,7 @@ def register_model_sources(register):
 
 @hookimpl
 def register_install_hints(register):
-    from tessellm.install_hints import FIRST_PARTY_FAMILIES
+    from tessellm.install_hints import FIRST_PARTY_FAMILIES, FIRST_PARTY_QUANTIZATION
 
-    for architecture, hint in FIRST_PARTY_FAMILIES.items():
-        register(architecture, hint)
+    for name, hint in (FIRST_PARTY_FAMILIES | FIRST_PARTY_QUANTIZATION).items():
+        register(name, hint)

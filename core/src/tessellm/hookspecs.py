@@ -174,11 +174,13 @@ class InstallHint(NamedTuple):
 
 @hookspec
 def register_install_hints(register: Register) -> None:
-    """Say which package provides a model architecture that may not be installed.
+    """Say which package provides a model architecture or quantization method that may not
+    be installed.
 
-    ``name`` is an HF architecture name, the target an :class:`InstallHint`. When no
-    loaded plugin provides that architecture, the engine's error names the package to
-    install (or the entry point to allow). Core registers hints for the first-party
+    ``name`` is an HF architecture name, a quantization method's name or a checkpoint
+    ``quant_method`` (e.g. ``"gptq"``); the target an :class:`InstallHint`. When no loaded
+    plugin provides it, the engine's error names the package to install (or the entry
+    point to allow). Core registers hints for the first-party
     families this way; a plugin may add hints for the architectures its extras or
     sibling packages provide.
     """

@@ -86,14 +86,19 @@ class PluginSet:
         known = ", ".join(sorted(self.names(kind))) or "none"
         label = kind.rstrip("s").replace("_", " ")
         hint = ""
-        if kind == "models":
-            from tessellm.install_hints import model_plugin_hint
-
-            installed = {ep.name for ep in md.entry_points(group=ENTRY_POINT_GROUP)}
-            known_hint = self.get("install_hints", name)
-            target = known_hint.load() if known_hint is not None else None
-            hint = " " + model_plugin_hint(target, _allowed(), installed)
+        if kind in ("models", "quantization_methods"):
+            hint = " " + self.install_hint(name, kind)
         return f"no plugin provides {label} {name!r} (known: {known}).{hint}"
+
+    def install_hint(self, name: str, kind: str = "models") -> str:
+        """What to install (or allow) to get ``name`` (an architecture, a quantization
+        method or checkpoint format), from the registered install hints."""
+        from tessellm.install_hints import plugin_hint
+
+        installed = {ep.name for ep in md.entry_points(group=ENTRY_POINT_GROUP)}
+        known_hint = self.get("install_hints", name)
+        target = known_hint.load() if known_hint is not None else None
+        return plugin_hint(target, _allowed(), installed, kind)
 
 
 def _allowed() -> set[str] | None:

@@ -1,14 +1,16 @@
-"""Choosing a platform and an attention backend, recording why each candidate was refused."""
+"""Choosing a platform, an attention backend and a quantization method, recording why."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from tessellm.errors import ConfigError
+from tessellm.errors import ConfigError, ModelLoadError
 from tessellm.interfaces.attention import AttentionBackend, AttentionSpec
 from tessellm.interfaces.platform import Platform
+from tessellm.interfaces.quantization import QuantCapabilities, QuantizationMethod
 from tessellm.plugins import PluginError, PluginSet
 
 
@@ -85,12 +87,124 @@ def choose_attention_backend(
     )
 
 
+# Checkpoint formats whose weight format can also hand out dense weights, so a method that
+# does not read the format may still load the checkpoint (dequantized on load).
+DEQUANTIZABLE_FORMATS = ("gguf",)
+
+
+@dataclass
+class QuantizationChoice:
+    """The method for a model and why: ``checkpoint_format`` is the checkpoint's
+    ``quant_method`` (None: dense); ``dequantize`` means the chosen method does not read
+    that format, so the weight format must dequantize it on load."""
+
+    name: str
+    reason: str
+    checkpoint_format: str | None = None
+    checkpoint_config: dict[str, Any] | None = None
+    dequantize: bool = False
+
+    def method_config(self) -> dict[str, Any] | None:
+        """What ``from_config`` receives: the checkpoint's quantization config when the
+        method reads it, else None."""
+        return None if self.dequantize else self.checkpoint_config
+
+
+def checkpoint_quantization(config: Any) -> dict[str, Any] | None:
+    """A checkpoint config's ``quantization_config`` as a dict (None: a dense checkpoint)."""
+    if config is None:
+        return None
+    getter = getattr(config, "get_text_config", None)
+    qc = getattr(config, "quantization_config", None)
+    if qc is None and getter is not None:
+        qc = getattr(getter(), "quantization_config", None)
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(vars(qc))
+    return qc if qc.get("quant_method") else None
+
+
+def methods_reading(plugins: PluginSet, checkpoint_format: str) -> list[str]:
+    """Registered methods whose capabilities say they load ``checkpoint_format``; the one
+    named as the format first."""
+    readers = []
+    for name in plugins.names("quantization_methods"):
+        try:
+            cls = plugins.load("quantization_methods", name)
+        except PluginError:
+            continue
+        if (
+            checkpoint_format
+            in getattr(cls, "capabilities", QuantCapabilities()).checkpoint_formats
+        ):
+            readers.append(name)
+    return sorted(readers, key=lambda name: name != checkpoint_format)
+
+
 def choose_quantization(
-    plugins: PluginSet, platform: Platform, dtype: torch.dtype, requested: str | None = None
-) -> str:
-    """The user's method, else the platform's default for ``dtype`` where it is installed,
-    else ``"none"``."""
+    plugins: PluginSet,
+    platform: Platform,
+    dtype: torch.dtype,
+    requested: str | None = None,
+    config: Any = None,
+) -> QuantizationChoice:
+    """A quantized checkpoint's own method (its ``quant_method``), else the user's method,
+    else the platform's default for ``dtype`` where it is installed, else ``"none"``.
+
+    The user may name another method for a checkpoint only where that method reads its
+    format, or the format is one its weight format dequantizes (GGUF)."""
+    qc = checkpoint_quantization(config)
+    fmt = str(qc["quant_method"]).lower() if qc else None
+    if fmt is None:
+        if requested:
+            return QuantizationChoice(requested, "requested")
+        name = platform.default_quantization(dtype)
+        if name and plugins.get("quantization_methods", name):
+            return QuantizationChoice(name, "the platform's default for this dtype")
+        return QuantizationChoice("none", "dense checkpoint")
+    readers = methods_reading(plugins, fmt)
     if requested:
-        return requested
-    name = platform.default_quantization(dtype)
-    return name if name and plugins.get("quantization_methods", name) else "none"
+        if requested in readers:
+            return QuantizationChoice(requested, "requested", fmt, qc)
+        if fmt in DEQUANTIZABLE_FORMATS:
+            reason = f"requested; the {fmt} weights are dequantized on load"
+            return QuantizationChoice(requested, reason, fmt, qc, dequantize=True)
+        raise ConfigError(
+            f"the checkpoint is quantized with {fmt!r}; quantization={requested!r} cannot "
+            f"load it (methods that can: {', '.join(readers) or 'none installed'})"
+        )
+    if readers:
+        return QuantizationChoice(readers[0], f"the checkpoint's quant_method {fmt!r}", fmt, qc)
+    if fmt in DEQUANTIZABLE_FORMATS:
+        fallback = choose_quantization(plugins, platform, dtype)
+        reason = f"no installed method reads {fmt} weights: dequantized on load"
+        return QuantizationChoice(fallback.name, reason, fmt, qc, dequantize=True)
+    raise ModelLoadError(
+        f"the checkpoint is quantized with {fmt!r}, which no installed quantization method "
+        "reads. " + plugins.install_hint(fmt, "quantization_methods")
+    )
+
+
+def build_quantization(
+    plugins: PluginSet,
+    choice: QuantizationChoice,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> QuantizationMethod:
+    """The chosen method, built from the checkpoint's config and checked against where it
+    runs; a ``ConfigError`` carries the reasons it cannot."""
+    cls = plugins.load("quantization_methods", choice.name)
+    try:
+        method = cls.from_config(choice.method_config())
+    except ValueError as exc:
+        raise ConfigError(f"quantization method {choice.name!r}: {exc}") from None
+    capability = None
+    if device.type == "cuda":
+        capability = tuple(torch.cuda.get_device_capability(device))
+    reasons = method.validate(device.type, dtype, capability)
+    if reasons:
+        raise ConfigError(
+            f"quantization method {choice.name!r} cannot run here: " + "; ".join(reasons)
+        )
+    return method

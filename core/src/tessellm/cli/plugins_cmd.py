@@ -95,13 +95,24 @@ def _explain_model(
         device_type = platform.device(0).type
         spec = ml.attention_spec(config, device_type, dtype, args.block_size, 1, found)
         _, attention = choose_attention_backend(found, platform, spec, attention_backend)
-        method = choose_quantization(found, platform, dtype, quantization)
-        found.load("quantization_methods", method)  # an unknown method is an error
+        quant = choose_quantization(found, platform, dtype, quantization, config)
+        method = quant.name
+        quant_cls = found.load("quantization_methods", method)  # an unknown one is an error
+        try:
+            quant_problems = quant_cls.from_config(quant.method_config()).validate(
+                device_type, dtype, _cuda_capability(device_type)
+            )
+        except ValueError as exc:
+            quant_problems = [str(exc)]
     except (TessellmError, OSError, ValueError) as exc:
         fail_with(exc)
     dtype_text = str(dtype).removeprefix("torch.")
     typer.echo(f"model: {architecture} from {resolved.path} ({resolved.format_name}), {dtype_text}")
     typer.echo(attention.explain("attention"))
+    typer.echo(f"quantization: {method} ({quant.reason})")
+    typer.echo(f"  can run: {quant_cls.capabilities.describe()}")
+    for problem in quant_problems:
+        typer.echo(f"  refused here: {problem}")
     roles = [
         Role("platform", "platforms", platform_name),
         Role("attention backend", "attention_backends", attention.chosen or "?"),
@@ -116,6 +127,14 @@ def _explain_model(
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         typer.echo("  " + "  ".join([*cells, row[3]]))
+
+
+def _cuda_capability(device_type: str) -> tuple[int, int] | None:
+    if device_type != "cuda":
+        return None
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(0))
 
 
 def _provenance(found: PluginSet, role: Role) -> tuple[str, str]:

@@ -20,7 +20,12 @@ from tessellm.interfaces.platform import GraphRunner, GraphSpec
 from tessellm.interfaces.schedule import PLACEHOLDER_TOKEN, SchedulerOutput, StepResult
 from tessellm.layers.attention import Attention
 from tessellm.plugins import PluginSet, get_plugins
-from tessellm.selection import choose_attention_backend, choose_platform, choose_quantization
+from tessellm.selection import (
+    build_quantization,
+    choose_attention_backend,
+    choose_platform,
+    choose_quantization,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +61,13 @@ class ModelRunner:
             plugins, self.platform, spec, args.attention_backend
         )
         self.attention = backend_cls(spec)
-        self.quantization = args.quantization or self._default_quantization(plugins)
-        quant = plugins.load("quantization_methods", self.quantization)()
+        self.quantization_choice = choose_quantization(
+            plugins, self.platform, self.dtype, args.quantization, self.config
+        )
+        self.quantization = self.quantization_choice.name
+        quant = build_quantization(plugins, self.quantization_choice, self.device, self.dtype)
+        if self.quantization_choice.dequantize:  # the weight format hands out dense weights
+            self.config.quantization_config = None
         ctx = ModelContext(self.dtype, self.device, self.attention, quant, self.parallel)
         self.model = ml.build_model(plugins, self.config, ctx)
         with torch.inference_mode():
@@ -69,9 +79,6 @@ class ModelRunner:
         self.sampler = Sampler(args.seed)
         self.block_size = args.block_size
         self.num_blocks = 0
-
-    def _default_quantization(self, plugins: PluginSet) -> str:
-        return choose_quantization(plugins, self.platform, self.dtype)  # as `tessellm plugins`
 
     # -- KV cache ------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
