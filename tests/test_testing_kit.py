@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import in_process_plugin
+from torch import nn
 
 from tessellm.interfaces.platform import Platform
-from tessellm.interfaces.quantization import Unquantized
+from tessellm.interfaces.quantization import Unquantized, set_weight_attrs
 from tessellm.plugins import register_plugin
 from tessellm.testing import (
     assert_greedy_parity,
@@ -176,8 +177,41 @@ def test_quantization_check_catches_a_dropped_bias_and_a_lossy_format(fresh_plug
     assert failures and all(", bias]" in f for f in failures)
     register("quantization_methods", "rounds_to_int2", RoundsToInt2)
     result = check_quantization_method("rounds_to_int2", dtypes=[torch.float32])
-    assert len(result.failures) == 36  # every shape, layer kind, bias and batch
+    assert len(result.failures) == 72  # every shape, layer kind, bias and batch
     assert "relative error" in result.failures[0]
+
+
+class StoresTransposed(Unquantized):
+    """Keeps ``W.T`` (as some kernels want it); right only if it declares its dims."""
+
+    name = "stores_transposed"
+    declares_dims = True
+
+    def create_weights(self, layer, in_features, out_features, dtype) -> None:
+        weight_t = nn.Parameter(torch.empty(in_features, out_features, dtype=dtype), False)
+        if self.declares_dims:
+            set_weight_attrs(weight_t, output_dim=1, input_dim=0)
+        layer.weight_t = weight_t
+
+    def checkpoint_tensors(self, weight):
+        return {"weight_t": weight.t().contiguous()}
+
+    def apply(self, layer, x, bias):
+        return F.linear(x, layer.weight_t.t(), bias)
+
+
+class StoresTransposedUndeclared(StoresTransposed):
+    name = "stores_transposed_undeclared"
+    declares_dims = False
+
+
+def test_quantization_check_loads_fused_layers_through_declared_dims(fresh_plugins):
+    register("quantization_methods", "stores_transposed", StoresTransposed)
+    check_quantization_method("stores_transposed", dtypes=[torch.float32]).raise_for_failures()
+    register("quantization_methods", "stores_transposed_undeclared", StoresTransposedUndeclared)
+    result = check_quantization_method("stores_transposed_undeclared", dtypes=[torch.float32])
+    assert any("merged" in f for f in result.failures)
+    assert any("qkv" in f for f in result.failures)
 
 
 # -- check_platform ---------------------------------------------------------------------------

@@ -33,7 +33,7 @@ checkpoint matrix, in order) before ``create_weights`` is called.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -60,7 +60,7 @@ class QuantCapabilities:
     checkpoint_formats: tuple[str, ...] = ()
     bits: tuple[int, ...] = ()
     group_sizes: tuple[int, ...] = ()
-    notes: tuple[str, ...] = field(default=())
+    row_error: float = 0.0
 
     def describe(self) -> str:
         dtypes = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
@@ -83,8 +83,9 @@ class QuantizationMethod(ABC):
     @classmethod
     def from_config(cls, quant_config: dict[str, Any] | None) -> QuantizationMethod:
         """Build the method for a checkpoint's ``quantization_config`` (None for a dense
-        checkpoint). Raise ``ValueError`` naming what is unsupported (bits, group size,
-        scheme) so the load fails with that reason."""
+        checkpoint, or when a test builds the method: then the format's common defaults,
+        e.g. 4 bits in groups of 128). Raise ``ValueError`` naming what is unsupported
+        (bits, group size, scheme) so the load fails with that reason."""
         return cls()
 
     def validate(

@@ -37,63 +37,113 @@ def grid_weight(out_features: int, in_features: int, generator: torch.Generator)
     return (q - 8).float() * scale.repeat_interleave(GROUP, dim=1)[:, :in_features]
 
 
-def _layer(kind: str, in_f: int, out_f: int, bias: bool, method, dtype, device) -> nn.Module:
+# The layers the kit builds: (kind, checkpoint matrices' output features). Fused layers
+# load several checkpoint matrices (q, k, v; gate, up) into one, as the model families do.
+LAYER_KINDS = ("column", "row", "merged", "qkv")
+QKV_HEAD_SIZE = 16
+
+
+def _layer(kind: str, in_f: int, out_f: int, bias: bool, method, dtype, device):
+    """``(layer, [(shard arguments, output features)] of its checkpoint matrices)``."""
     from tessellm.interfaces.model import ModelContext, ParallelInfo
-    from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear
+    from tessellm.layers.linear import (
+        ColumnParallelLinear,
+        MergedColumnParallelLinear,
+        QKVParallelLinear,
+        RowParallelLinear,
+    )
 
     ctx = ModelContext(dtype, device, None, method, ParallelInfo())  # type: ignore[arg-type]
-    cls = ColumnParallelLinear if kind == "column" else RowParallelLinear
     with torch.device(device):
-        return cls(in_f, out_f, ctx, bias=bias)
+        if kind == "merged":  # gate and up of unequal widths
+            sizes = [out_f, out_f // 2]
+            return MergedColumnParallelLinear(in_f, sizes, ctx, bias=bias), [
+                ((0,), sizes[0]),
+                ((1,), sizes[1]),
+            ]
+        if kind == "qkv":  # grouped-query: two query heads per KV head
+            kv_heads = max(1, out_f // (4 * QKV_HEAD_SIZE))
+            layer = QKVParallelLinear(in_f, QKV_HEAD_SIZE, 2 * kv_heads, kv_heads, ctx, bias=bias)
+            kv = kv_heads * QKV_HEAD_SIZE
+            return layer, [(("q",), 2 * kv), (("k",), kv), (("v",), kv)]
+        cls = ColumnParallelLinear if kind == "column" else RowParallelLinear
+        return cls(in_f, out_f, ctx, bias=bias), [((), out_f)]
+
+
+def _load_checkpoint_matrix(
+    layer: nn.Module, method: QuantizationMethod, dense: torch.Tensor, shard: tuple
+) -> None:
+    """As the engine loads a checkpoint: each tensor the format stores for ``dense``
+    through the layer's ``weight_loader``."""
+    stored = method.checkpoint_tensors(dense)
+    params = dict(layer.named_parameters(recurse=False))
+    unknown = sorted(set(stored) - set(params))
+    if unknown:
+        raise ValueError(
+            f"checkpoint_tensors gave {unknown}, which name no parameter of the layer "
+            f"(its parameters: {sorted(params)})"
+        )
+    for name, tensor in stored.items():
+        layer.weight_loader(params[name], tensor.to(params[name].dtype), *shard)
 
 
 def _run_dtype(checker: Checker, method: QuantizationMethod, dtype, device, tol: float) -> None:
     g = torch.Generator().manual_seed(0)
     for in_f, out_f in SHAPES:
-        for kind in ("column", "row"):
+        for kind in LAYER_KINDS:
             for bias in (False, True):
-                where = f"[{device.type}, {str(dtype).removeprefix('torch.')}, {kind}-parallel "
+                where = f"[{device.type}, {str(dtype).removeprefix('torch.')}, {kind} "
                 where += f"{in_f}->{out_f}{', bias' if bias else ''}]"
-                dense = grid_weight(out_f, in_f, g).to(dtype)
-                b = (torch.randn(out_f, generator=g) * 0.1).to(dtype) if bias else None
                 try:
-                    layer = _layer(kind, in_f, out_f, bias, method, dtype, device)
+                    layer, matrices = _layer(kind, in_f, out_f, bias, method, dtype, device)
+                    weights = [grid_weight(rows, in_f, g).to(dtype) for _, rows in matrices]
+                    dense = torch.cat(weights)
+                    b = (torch.randn(dense.shape[0], generator=g) * 0.1).to(dtype)
+                    b = b if bias else None
                     holder = nn.Module()
                     holder.linear = layer
-                    # As the engine loads a checkpoint: through the layer's weight_loader,
-                    # then the method's processing of the layer and of the model.
-                    layer.weight_loader(layer.weight, dense.to(device))
+                    for (shard, _), weight in zip(matrices, weights, strict=True):
+                        _load_checkpoint_matrix(layer, method, weight.to(device), shard)
                     if b is not None:
-                        layer.weight_loader(layer.bias, b.to(device))
+                        offset = 0
+                        for (shard, rows), _ in zip(matrices, weights, strict=True):
+                            part = b[offset : offset + rows].to(device)
+                            layer.weight_loader(layer.bias, part, *shard)
+                            offset += rows
                     method.process_weights_after_loading(layer)
                     method.process_model_after_loading(holder)
                 except Exception as exc:
                     checker.crashed(f"{where} building and loading the layer", exc)
                     continue
-                for batch in BATCHES:
-                    x = torch.randn(batch, in_f, generator=g).to(dtype)
-                    try:
-                        with torch.no_grad():
-                            y = layer(x.to(device))
-                    except Exception as exc:
-                        checker.crashed(f"{where} apply at batch {batch}", exc)
-                        continue
-                    if y.shape != (batch, out_f) or y.dtype != dtype:
-                        checker.fail(
-                            f"{where} batch {batch}: output {tuple(y.shape)} {y.dtype}, "
-                            f"expected {(batch, out_f)} {dtype}"
-                        )
-                        continue
-                    ref = F.linear(x.double(), dense.double(), None if b is None else b.double())
-                    err = (y.detach().cpu().double() - ref).norm(dim=1)
-                    size = ref.norm(dim=1).clamp_min(1e-12)
-                    worst = float((err / size).nan_to_num(float("inf")).max())
-                    checker.expect(
-                        worst <= tol,
-                        f"{where} batch {batch}: a row's relative error is {worst:.3g} "
-                        f"(tolerance {tol}) against x @ W.T + b of the loaded weights",
-                    )
+                _check_outputs(checker, layer, where, dense, b, dtype, device, tol, g)
                 checker.result.checked.append(where)
+
+
+def _check_outputs(checker, layer, where, dense, b, dtype, device, tol, g) -> None:
+    out_f, in_f = dense.shape
+    for batch in BATCHES:
+        x = torch.randn(batch, in_f, generator=g).to(dtype)
+        try:
+            with torch.no_grad():
+                y = layer(x.to(device))
+        except Exception as exc:
+            checker.crashed(f"{where} apply at batch {batch}", exc)
+            continue
+        if y.shape != (batch, out_f) or y.dtype != dtype:
+            checker.fail(
+                f"{where} batch {batch}: output {tuple(y.shape)} {y.dtype}, "
+                f"expected {(batch, out_f)} {dtype}"
+            )
+            continue
+        ref = F.linear(x.double(), dense.double(), None if b is None else b.double())
+        err = (y.detach().cpu().double() - ref).norm(dim=1)
+        size = ref.norm(dim=1).clamp_min(1e-12)
+        worst = float((err / size).nan_to_num(float("inf")).max())
+        checker.expect(
+            worst <= tol,
+            f"{where} batch {batch}: a row's relative error is {worst:.3g} "
+            f"(tolerance {tol:.3g}) against x @ W.T + b of the loaded weights",
+        )
 
 
 def _device_and_dtypes() -> tuple[torch.device, list[torch.dtype]]:
@@ -110,24 +160,32 @@ def _device_and_dtypes() -> tuple[torch.device, list[torch.dtype]]:
 
 
 def check_quantization_method(
-    name: str, *, dtypes: list[torch.dtype] | None = None, rel_tol: float | None = None
+    name: str,
+    *,
+    dtypes: list[torch.dtype] | None = None,
+    rel_tol: float | None = None,
+    quant_config: dict | None = None,
 ) -> CheckResult:
     """Check the quantization method registered as ``name``.
 
-    On the device of the platform the engine picks here, column- and row-parallel linear
-    layers of several shapes, with and without bias, are created through the method
-    (``create_weights``), loaded with dense weights through the layers' ``weight_loader``,
+    The method is built with ``from_config(quant_config)`` (default None: the format's
+    defaults). On the device of the platform the engine picks here, if the method's
+    ``validate`` accepts it, linear layers of several shapes (column- and row-parallel,
+    and fused gate/up and q/k/v layers that load several checkpoint matrices), with and
+    without bias, are created through the method (``create_weights``), loaded from what
+    ``checkpoint_tensors`` stores for each matrix through the layers' ``weight_loader``,
     processed (``process_weights_after_loading``, ``process_model_after_loading``) and
     applied at batch 1, 5 and 40; each output row must lie within ``rel_tol`` (default
-    ``ROW_TOLERANCES[dtype]``) of ``x @ W.T + b`` computed in float64. The weights lie on
-    a 4-bit grid (see ``grid_weight``). ``dtypes``: default every dtype of
-    ``ROW_TOLERANCES`` that the platform supports."""
+    ``ROW_TOLERANCES[dtype]`` plus the method's declared ``capabilities.row_error``) of
+    ``x @ W.T + b`` computed in float64. The weights lie on a 4-bit grid (see
+    ``grid_weight``). ``dtypes``: default every dtype of ``ROW_TOLERANCES`` that both the
+    platform and the method support."""
     from tessellm.plugins import get_plugins
 
     checker = Checker(name, "quantization_method")
     try:
         cls = get_plugins().load("quantization_methods", name)
-        method = cls()
+        method = cls.from_config(quant_config)
     except Exception as exc:
         checker.crashed("loading and constructing the method", exc)
         return checker.finish()
@@ -135,10 +193,23 @@ def check_quantization_method(
         checker.fail(f"registered target {cls!r} does not build a QuantizationMethod")
         return checker.finish()
     device, default_dtypes = _device_and_dtypes()
-    for dtype in dtypes or default_dtypes:
-        tol = rel_tol if rel_tol is not None else ROW_TOLERANCES.get(dtype, 2e-2)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    chosen = dtypes or [d for d in default_dtypes if d in method.capabilities.dtypes]
+    refusals = []
+    for dtype in chosen:
+        reasons = method.validate(device.type, dtype, capability)
+        if reasons:
+            refusals.append(f"{str(dtype).removeprefix('torch.')}: {'; '.join(reasons)}")
+            continue
+        tol = rel_tol
+        if tol is None:
+            tol = ROW_TOLERANCES.get(dtype, 2e-2) + method.capabilities.row_error
         try:
             _run_dtype(checker, method, dtype, device, tol)
         except Exception as exc:
             checker.crashed(f"[{dtype}]", exc)
+    if not checker.result.checked and not checker.result.failures:
+        return checker.skip(
+            f"cannot run on {device.type} here ({' / '.join(refusals) or 'no dtype'})"
+        )
     return checker.finish()
