@@ -22,6 +22,8 @@ PACKED_MAX_ROWS = 16
 # are not 4-bit move by up to half a step).
 GRID_TOLERANCE = 0.1
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Group sizes _weight_int4pack_mm_for_cpu accepts (torch 2.11 through 2.13).
+KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 
 
@@ -56,14 +58,57 @@ def pack_int4(weight: torch.Tensor, grid_only: bool) -> tuple[torch.Tensor, torc
 
 
 def int4_matmul(
-    x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int = GROUP_SIZE,
 ) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     if rows.dtype != scales_zeros.dtype:
         rows = rows.to(scales_zeros.dtype)
-    out = INT4_MM(rows.contiguous(), packed, GROUP_SIZE, scales_zeros)
+    out = INT4_MM(rows.contiguous(), packed, group_size, scales_zeros)
     out = out.view(*x.shape[:-1], out.shape[-1])
     return out + bias if bias is not None else out
+
+
+def kernel_group_size(group_of_input: torch.Tensor) -> int | None:
+    """The largest group size the kernel takes (256, 128, 64 or 32) whose every group of
+    consecutive inputs lies in one group of ``group_of_input`` (the quantization group of
+    each input, in the kernel's input order), or None."""
+    in_features = group_of_input.numel()
+    for size in KERNEL_GROUP_SIZES:
+        if in_features % size == 0:
+            blocks = group_of_input.view(-1, size)
+            if bool((blocks == blocks[:, :1]).all()):
+                return size
+    return None
+
+
+def pack_quantized_groups(
+    q: torch.Tensor,
+    zeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_of_input: torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """Already-quantized 4-bit weights ``w[n, k] = (q[k, n] - z[g, n]) * s[g, n]``, ``g =
+    group_of_input[k]`` (``q [K, N]``, ``zeros``/``scales [groups, N]``), packed for the
+    kernel with no rounding of ``q``: ``(packed, scales_and_zeros, group size)``, or None
+    where the shape or the groups do not fit the kernel. The kernel's zero is ``(8 - z) s``
+    so that ``(q - 8) s + (8 - z) s = (q - z) s``."""
+    out_features = q.shape[1]
+    size = kernel_group_size(group_of_input)
+    if size is None or out_features % 16 or dtype not in PACKABLE_DTYPES:
+        return None
+    source = group_of_input[::size].long()
+    group_scales = scales[source].float()
+    group_zeros = (8 - zeros[source].float()) * group_scales
+    scales_zeros = torch.stack((group_scales, group_zeros), dim=-1).to(dtype).contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        q.t().to(torch.int32).contiguous(), 1
+    )
+    return packed, scales_zeros, size
 
 
 def pack_int8_groups(

@@ -1,0 +1,155 @@
+"""Where loaded 4-bit group-quantized weights run: the CPU's int4 kernel, the Triton
+kernels on CUDA, or a reference dequantize-and-multiply for what neither takes.
+
+A format's method unpacks its checkpoint tensors to :class:`QuantizedGroups` (one
+layout for GPTQ and AWQ) and :func:`install` repacks that for the layer's device,
+replacing the checkpoint tensors; :func:`int4_linear` multiplies. No path keeps a dense
+weight: the reference path dequantizes one layer per call and drops it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tessellm_quant_int4.cpu_int4 import int4_matmul, pack_quantized_groups
+from tessellm_quant_int4.formats import pack_along_rows, unpack_along_rows
+
+logger = logging.getLogger(__name__)
+
+# The layer attributes each path sets (buffers, so they count in the model's bytes).
+BUFFERS = (
+    "int4_packed",
+    "int4_scales_zeros",
+    "int4_scales",
+    "int4_zeros",
+    "int4_groups",
+    "int4_perm",
+)
+
+
+@dataclass
+class QuantizedGroups:
+    """``w[n, perm[k]] = (q[k, n] - zeros[g, n]) * scales[g, n]``, ``g = group_of_input[k]``:
+    inputs in kernel order (grouped; ``perm`` None: the layer's own order)."""
+
+    q: torch.Tensor  # [K, N], values 0..15
+    zeros: torch.Tensor  # [groups, N], 0..15
+    scales: torch.Tensor  # [groups, N]
+    group_of_input: torch.Tensor  # [K] int64
+    perm: torch.Tensor | None = None
+
+    @classmethod
+    def grouped(
+        cls,
+        q: torch.Tensor,
+        zeros: torch.Tensor,
+        scales: torch.Tensor,
+        group_of_input: torch.Tensor,
+    ) -> QuantizedGroups:
+        """From tensors in the layer's input order; inputs sorted by group (act-order)."""
+        group_of_input = group_of_input.long()
+        if bool((group_of_input[1:] >= group_of_input[:-1]).all()):
+            return cls(q, zeros, scales, group_of_input)
+        perm = torch.argsort(group_of_input, stable=True)
+        return cls(q[perm], zeros, scales, group_of_input[perm], perm)
+
+    def dense(self) -> torch.Tensor:
+        """The ``[N, K]`` weight in the layer's input order, in fp32."""
+        g = self.group_of_input
+        w = (self.q.float() - self.zeros[g].float()) * self.scales[g].float()
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(0, self.perm, w)
+        return w.t()
+
+    def uniform_group_size(self) -> int | None:
+        """``G`` with ``group_of_input[k] == k // G`` (the Triton kernels' indexing), a
+        multiple of 32 or the whole input; None where the groups are not so."""
+        in_features = self.q.shape[0]
+        first = self.group_of_input
+        if bool((first == first[0]).all()):
+            return max(in_features, 32) if int(first[0]) == 0 else None
+        size = int((first == 0).sum())
+        expected = torch.arange(in_features, device=first.device) // size
+        return size if size % 32 == 0 and bool((first == expected).all()) else None
+
+
+def _triton_ready(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        logger.warning(
+            "4-bit weights on CUDA without triton run dequantized per call (slow): "
+            "pip install 'tessellm-quant-int4[cuda]'"
+        )
+        return False
+    return True
+
+
+def _scales_storage(scales: torch.Tensor) -> torch.Tensor:
+    """fp16 where that is exact (checkpoints store fp16), else fp32."""
+    half = scales.half()
+    return half if bool((half.float() == scales.float()).all()) else scales.float()
+
+
+def install(layer: nn.Module, groups: QuantizedGroups, dtype: torch.dtype) -> str:
+    """Repack ``groups`` for the layer's device and set ``layer.int4_path``: ``"cpu"``
+    (torch's int4 kernel), ``"triton"`` or ``"reference"``. Returns the path."""
+    device = groups.q.device
+    for name in BUFFERS:
+        layer.register_buffer(name, None, persistent=False)
+    layer.int4_perm = groups.perm
+    if device.type == "cpu":
+        packed = pack_quantized_groups(
+            groups.q, groups.zeros, groups.scales, groups.group_of_input, dtype
+        )
+        if packed is not None:
+            layer.int4_packed, layer.int4_scales_zeros, layer.int4_group_size = packed
+            layer.int4_path = "cpu"
+            return layer.int4_path
+    size = groups.uniform_group_size()
+    layer.int4_packed = pack_along_rows(groups.q)
+    layer.int4_scales = _scales_storage(groups.scales)
+    layer.int4_zeros = groups.zeros.to(torch.uint8)
+    if size is not None and _triton_ready(device):
+        layer.int4_group_size = size
+        layer.int4_path = "triton"
+    else:
+        layer.int4_groups = groups.group_of_input
+        layer.int4_path = "reference"
+    return layer.int4_path
+
+
+def _reference_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The ``[K, N]`` weight in kernel input order, dequantized for one call."""
+    g = layer.int4_groups
+    q = unpack_along_rows(layer.int4_packed)
+    return ((q - layer.int4_zeros[g].int()) * layer.int4_scales[g].float()).to(dtype)
+
+
+def int4_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` for a layer :func:`install` prepared."""
+    rows = x.reshape(-1, x.shape[-1])
+    if layer.int4_perm is not None:
+        rows = rows.index_select(1, layer.int4_perm)
+    path = layer.int4_path
+    if path == "cpu":
+        out = int4_matmul(
+            rows, layer.int4_packed, layer.int4_scales_zeros, None, layer.int4_group_size
+        )
+        out = out.to(x.dtype)
+    elif path == "triton":
+        from tessellm_quant_int4.triton_int4 import int4_group_matmul
+
+        out = int4_group_matmul(
+            rows, layer.int4_packed, layer.int4_scales, layer.int4_zeros, layer.int4_group_size
+        )
+    else:
+        out = rows @ _reference_weight(layer, x.dtype)
+    out = out.view(*x.shape[:-1], out.shape[-1])
+    return out + bias if bias is not None else out
