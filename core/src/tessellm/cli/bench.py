@@ -1,4 +1,5 @@
-"""``tessellm bench throughput|latency|serve``: measure tessellm next to its baselines."""
+"""``tessellm bench throughput|latency|serve|perplexity``: measure tessellm next to its
+baselines."""
 
 from __future__ import annotations
 
@@ -175,6 +176,48 @@ def latency(
             seed=seed,
         )
         return run_latency(options, settings)
+
+    _run_and_emit(run, json_output, output_json)
+
+
+@bench_app.command("perplexity")
+def perplexity(
+    model: Model = DEFAULT_MODEL,
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help="Quantization method to score (repeatable); the first is the baseline the "
+            "others are compared with. Default: none, then the model's default (auto).",
+        ),
+    ] = None,
+    window: Annotated[int, typer.Option(min=2, help="Tokens per scored window.")] = 256,
+    text_file: Annotated[
+        str | None, typer.Option(help="Text to score (default: the text shipped with tessellm).")
+    ] = None,
+    max_windows: Annotated[int | None, typer.Option(min=1, help="Score at most this many.")] = None,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    attention_backend: AttentionBackend = None,
+    max_model_len: MaxModelLen = None,
+    engine_arg: EngineArg = None,
+    json_output: Json = False,
+    output_json: OutputJson = None,
+) -> None:
+    """Perplexity of a fixed text under each quantization method, in one run."""
+    from tessellm.bench.perplexity import PerplexitySettings, run_perplexity
+
+    def run():
+        options = _options(
+            model, dtype, device, None, attention_backend, max_model_len, 1, True, engine_arg
+        )
+        settings = PerplexitySettings(
+            methods=method or ["none", "auto"],
+            window=window,
+            text_file=text_file,
+            max_windows=max_windows,
+        )
+        return run_perplexity(options, settings)
 
     _run_and_emit(run, json_output, output_json)
 
