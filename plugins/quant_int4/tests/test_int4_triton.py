@@ -16,14 +16,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from quant_int4_reference import dequantize, gptq_checkpoint, random_quantized  # noqa: E402
+from quant_int4_reference import dequantize, gptq_checkpoint, random_quantized
 
-from tessellm.interfaces.model import ModelContext, ParallelInfo  # noqa: E402
-from tessellm.layers.linear import ColumnParallelLinear  # noqa: E402
-from tessellm_quant_int4 import int4_groups  # noqa: E402
-from tessellm_quant_int4.formats import pack_along_rows  # noqa: E402
-from tessellm_quant_int4.gptq_awq import GPTQ  # noqa: E402
-from tessellm_quant_int4.triton_int4 import int4_group_matmul  # noqa: E402
+from tessellm.interfaces.model import ModelContext, ParallelInfo
+from tessellm.layers.linear import ColumnParallelLinear
+from tessellm_quant_int4 import int4_groups
+from tessellm_quant_int4.formats import pack_along_rows
+from tessellm_quant_int4.gptq_awq import GPTQ
+from tessellm_quant_int4.triton_int4 import int4_group_matmul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

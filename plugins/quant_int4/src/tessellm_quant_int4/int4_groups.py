@@ -20,17 +20,6 @@ from tessellm_quant_int4.formats import pack_along_rows, unpack_along_rows
 
 logger = logging.getLogger(__name__)
 
-# The layer attributes each path sets (buffers, so they count in the model's bytes).
-BUFFERS = (
-    "int4_packed",
-    "int4_scales_zeros",
-    "int4_scales",
-    "int4_zeros",
-    "int4_groups",
-    "int4_perm",
-)
-
-
 @dataclass
 class QuantizedGroups:
     """``w[n, perm[k]] = (q[k, n] - zeros[g, n]) * scales[g, n]``, ``g = group_of_input[k]``:
@@ -101,27 +90,31 @@ def install(layer: nn.Module, groups: QuantizedGroups, dtype: torch.dtype) -> st
     """Repack ``groups`` for the layer's device and set ``layer.int4_path``: ``"cpu"``
     (torch's int4 kernel), ``"triton"`` or ``"reference"``. Returns the path."""
     device = groups.q.device
-    for name in BUFFERS:
-        layer.register_buffer(name, None, persistent=False)
-    layer.int4_perm = groups.perm
+    buffers: dict[str, torch.Tensor | None] = {"int4_perm": groups.perm}
+    packed = None
     if device.type == "cpu":
         packed = pack_quantized_groups(
             groups.q, groups.zeros, groups.scales, groups.group_of_input, dtype
         )
-        if packed is not None:
-            layer.int4_packed, layer.int4_scales_zeros, layer.int4_group_size = packed
-            layer.int4_path = "cpu"
-            return layer.int4_path
-    size = groups.uniform_group_size()
-    layer.int4_packed = pack_along_rows(groups.q)
-    layer.int4_scales = _scales_storage(groups.scales)
-    layer.int4_zeros = groups.zeros.to(torch.uint8)
-    if size is not None and _triton_ready(device):
-        layer.int4_group_size = size
-        layer.int4_path = "triton"
+    if packed is not None:
+        buffers["int4_packed"], buffers["int4_scales_zeros"], layer.int4_group_size = packed
+        layer.int4_path = "cpu"
     else:
-        layer.int4_groups = groups.group_of_input
-        layer.int4_path = "reference"
+        buffers["int4_packed"] = pack_along_rows(groups.q)
+        buffers["int4_scales"] = _scales_storage(groups.scales)
+        buffers["int4_zeros"] = groups.zeros.to(torch.uint8)
+        size = groups.uniform_group_size()
+        if size is not None and _triton_ready(device):
+            layer.int4_group_size = size
+            layer.int4_path = "triton"
+        else:
+            buffers["int4_groups"] = groups.group_of_input
+            layer.int4_path = "reference"
+    for name, tensor in buffers.items():
+        if tensor is None:  # a None buffer trips torch.export (the CPU's compiled decode)
+            setattr(layer, name, None)
+        else:
+            layer.register_buffer(name, tensor, persistent=False)
     return layer.int4_path
 
 
