@@ -1,0 +1,105 @@
+"""Time the int8 matmul paths against dense matmuls on this machine's CPU.
+
+    OMP_NUM_THREADS=1 python plugins/quant_int8/bench/int8_matmul.py [--threads 1 2]
+
+Shapes are SmolLM2-135M's (the default model): hidden 576, MLP 1536 (the fused
+gate/up layer is 3072 x 576, down 576 x 1536). For each batch size M it times, per
+linear, the median of many runs:
+
+- ``dense fp32`` / ``dense bf16``: ``F.linear`` with the dense weight;
+- ``w8a8 int_mm``: per-token activation quantization, ``torch._int_mm`` on the
+  ``[N, K]`` int8 weight viewed transposed, rescale (what ``int8`` runs);
+- ``w8a8 int_mm KN``: the same with the weight stored contiguous as ``[K, N]``;
+- ``w8a8 dequant``: the activations quantized and dequantized, then a dense matmul
+  with the weight cast per call (the numerics of W8A8 without an int8 kernel);
+- ``woq int8pack fp32/bf16``: ``aten._weight_int8pack_mm`` (int8 weights, activations in
+  the run dtype: what ``int8_weight_only`` runs on the CPU);
+- ``woq dequant fp32/bf16``: the weight cast to the run dtype per call, matmul, scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from tessellm_quant_int8.kernels import (
+    int8_linear,
+    quantize_per_channel_int8,
+    quantize_per_token_int8,
+    weight_only_int8_linear,
+)
+
+SHAPES = {"up 1536x576": (1536, 576), "gate_up 3072x576": (3072, 576), "down 576x1536": (576, 1536)}
+
+
+def median_us(fn: Callable[[], object], min_time: float = 0.3) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_time or len(times) < 20:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def paths(m: int, n: int, k: int) -> dict[str, Callable[[], object]]:
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(n, k, generator=g) * 0.05
+    x = torch.randn(m, k, generator=g)
+    q, scale = quantize_per_channel_int8(weight)
+    q_kn = q.t().contiguous()
+    w_bf16, x_bf16 = weight.bfloat16(), x.bfloat16()
+    scale_row = scale.view(-1)
+
+    def int_mm_kn() -> torch.Tensor:
+        xq, xs = quantize_per_token_int8(x)
+        return torch._int_mm(xq, q_kn).float() * xs * scale_row
+
+    def w8a8_dequant() -> torch.Tensor:
+        xq, xs = quantize_per_token_int8(x)
+        return F.linear(xq.float() * xs, q.float()) * scale_row
+
+    return {
+        "dense fp32": lambda: F.linear(x, weight),
+        "dense bf16": lambda: F.linear(x_bf16, w_bf16),
+        "w8a8 int_mm": lambda: int8_linear(x, q, scale, None, use_int_mm=True),
+        "w8a8 int_mm KN": int_mm_kn,
+        "w8a8 dequant": w8a8_dequant,
+        "woq int8pack fp32": lambda: torch.ops.aten._weight_int8pack_mm(x, q, scale_row),
+        "woq int8pack bf16": lambda: torch.ops.aten._weight_int8pack_mm(
+            x_bf16, q, scale_row.bfloat16()
+        ),
+        "woq dequant fp32": lambda: F.linear(x, q.float()) * scale_row,
+        "woq dequant bf16": lambda: F.linear(x_bf16, q.bfloat16()) * scale_row.bfloat16(),
+        "woq int8 (method fp32)": lambda: weight_only_int8_linear(x, q, scale, None),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for shape in args.shapes:
+            n, k = SHAPES[shape]
+            for m in args.batches:
+                print(f"\n{threads} thread(s), {shape} (N x K), M={m}: median us")
+                results = {name: median_us(fn) for name, fn in paths(m, n, k).items()}
+                base = results["dense fp32"]
+                for name, us in results.items():
+                    print(f"  {name:24s} {us:9.1f}   x{base / us:5.2f} vs dense fp32")
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()
