@@ -13,6 +13,7 @@ from tessellm_quant_fp8.fp8 import (
     emulated_linear,
     pad_for_scaled_mm,
     quantize_activations,
+    reference_linear,
     scaled_mm_linear,
 )
 from tessellm_quant_fp8.method import Fp8Method
@@ -58,6 +59,14 @@ def test_emulation_is_the_float64_product_of_the_fp8_operands(static):
     x_q, x_scale = quantize_activations(x, input_scale)
     ref = (x_q.double() @ q.double().T) * x_scale.double() * w_scale.double().T + bias.double()
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_float16_reference_does_not_overflow_on_unscaled_products():
+    # 448 * 10 * 64 = 286720 unscaled, past float16's 65504; scaled: 286.72.
+    q = torch.full((8, 64), FP8_MAX).to(torch.float8_e4m3fn)
+    scale = torch.full((8,), 1e-3)
+    y = reference_linear(torch.full((2, 64), 10.0, dtype=torch.float16), q, scale, None)
+    torch.testing.assert_close(y.float(), torch.full((2, 8), 286.72), rtol=2e-3, atol=0)
 
 
 def test_padding_keeps_the_weight_row_major_and_the_pad_inert():

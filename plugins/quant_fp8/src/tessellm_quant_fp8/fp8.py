@@ -75,9 +75,13 @@ def reference_linear(
 ) -> torch.Tensor:
     """Weight-only: ``(x @ q.T) * scale`` in ``x``'s dtype, ``scale`` ``[N]``. fp8 values
     are exact in every run dtype, and a per-output-channel scale commutes with the matmul,
-    so no dense ``[N, K]`` copy is scaled, only the ``[M, N]`` output. The cast of ``q``
-    is a per-call temporary: nothing dense is kept."""
-    y = F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    so no dense ``[N, K]`` copy is scaled, only the ``[M, N]`` output. In float16 the
+    unscaled products (fp8 values up to 448) can pass its 65504 limit, so there the weight
+    is scaled first. Either way the dense weight is a per-call temporary: nothing is kept."""
+    if x.dtype == torch.float16:
+        y = F.linear(x, dequantize(q, scale.reshape(-1, 1), x.dtype))
+    else:
+        y = F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
     return y + bias if bias is not None else y
 
 

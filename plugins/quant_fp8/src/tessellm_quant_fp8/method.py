@@ -106,13 +106,13 @@ class Fp8Method(QuantizationMethod):
     ) -> None:
         if activation_scheme not in ACTIVATION_SCHEMES:
             raise ValueError(
-                f"fp8: activation_scheme {activation_scheme!r} is not supported "
+                f"activation_scheme {activation_scheme!r} is not supported "
                 f"(supported: {', '.join(ACTIVATION_SCHEMES)})"
             )
         if kernel not in KERNELS:
-            raise ValueError(f"fp8: kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+            raise ValueError(f"kernel {kernel!r} is not one of {', '.join(KERNELS)}")
         if activation_scheme == "static" and not checkpoint:
-            raise ValueError("fp8: static activation scales come only from an fp8 checkpoint")
+            raise ValueError("static activation scales come only from an fp8 checkpoint")
         self.checkpoint = checkpoint
         self.activation_scheme = activation_scheme
         self.kernel = kernel
@@ -128,16 +128,16 @@ class Fp8Method(QuantizationMethod):
             return cls()
         method = str(quant_config.get("quant_method", "fp8")).lower()
         if method != "fp8":
-            raise ValueError(f"fp8 reads quant_method 'fp8' checkpoints, not {method!r}")
+            raise ValueError(f"reads quant_method 'fp8' checkpoints, not {method!r}")
         block = quant_config.get("weight_block_size")
         if block:
             raise ValueError(
-                f"fp8: block-wise scales (weight_block_size {list(block)}) are not supported; "
+                f"block-wise scales (weight_block_size {list(block)}) are not supported; "
                 "tessellm-quant-fp8 reads per-tensor and per-channel fp8 checkpoints"
             )
         fmt = str(quant_config.get("fmt", "e4m3")).lower()
         if fmt != "e4m3":
-            raise ValueError(f"fp8: fmt {fmt!r} is not supported (float8_e4m3fn only)")
+            raise ValueError(f"fmt {fmt!r} is not supported (float8_e4m3fn only)")
         left_dense = [
             name
             for key in ("ignored_layers", "modules_to_not_convert")
@@ -147,7 +147,7 @@ class Fp8Method(QuantizationMethod):
         if left_dense:
             shown = ", ".join(left_dense[:4]) + (" ..." if len(left_dense) > 4 else "")
             raise ValueError(
-                f"fp8: checkpoints with unquantized linear layers are not supported ({shown})"
+                f"checkpoints with unquantized linear layers are not supported ({shown})"
             )
         scheme = str(quant_config.get("activation_scheme", "dynamic")).lower()
         return cls(checkpoint=True, activation_scheme=scheme)
