@@ -17,10 +17,10 @@ import pytest
 import torch
 from quant_fp8_checkpoints import write_fp8_checkpoint
 from safetensors.torch import load_file, save_file
-from tessellm_quant_fp8.method import Fp8Method
 
 from tessellm import LLM, SamplingParams
 from tessellm.testing import tiny_model
+from tessellm_quant_fp8.method import Fp8Method
 
 PROMPTS = [[1, 5, 6, 7], [1, 9, 30, 31, 40], [1, 100, 101], [1, 17, 18, 19, 20, 21]]
 NEW_TOKENS = 24

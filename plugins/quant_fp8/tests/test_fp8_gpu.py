@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from quant_fp8_checkpoints import fp8_per_channel, write_fp8_checkpoint
-from tessellm_quant_fp8.fp8 import emulated_linear
-from tessellm_quant_fp8.method import Fp8Method
 
 from tessellm import LLM, SamplingParams
 from tessellm.testing import check_quantization_method, tiny_model
+from tessellm_quant_fp8.fp8 import emulated_linear
+from tessellm_quant_fp8.method import Fp8Method
 
 pytestmark = [
     pytest.mark.gpu,

@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from quant_fp8_checkpoints import fp8_per_channel
+
+from tessellm.testing import check_quantization_method
 from tessellm_quant_fp8.fp8 import (
     FP8_MAX,
     emulated_linear,
@@ -17,8 +19,6 @@ from tessellm_quant_fp8.fp8 import (
     scaled_mm_linear,
 )
 from tessellm_quant_fp8.method import Fp8Method
-
-from tessellm.testing import check_quantization_method
 
 
 def _cpu_scaled_mm() -> bool:

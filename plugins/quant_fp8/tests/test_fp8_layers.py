@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from quant_fp8_checkpoints import dequantized, fp8_per_channel, fp8_per_tensor
-from tessellm_quant_fp8.method import Fp8Method
 
 from tessellm.interfaces.model import ModelContext, ParallelInfo
 from tessellm.layers.linear import (
@@ -17,6 +16,7 @@ from tessellm.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
+from tessellm_quant_fp8.method import Fp8Method
 
 HIDDEN, HEAD = 64, 16
 STATIC = {"quant_method": "fp8", "activation_scheme": "static"}
