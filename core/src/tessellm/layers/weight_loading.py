@@ -15,7 +15,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from tessellm.errors import ModelLoadError
+from tessellm.layers.attention import load_kv_cache_scale
 from tessellm.layers.linear import default_weight_loader
+
+FLOAT8_DTYPES = frozenset(
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+)
 
 ShardOf = Callable[[re.Match[str]], tuple[Any, ...]]
 
@@ -87,9 +95,18 @@ def load_by_rules(
         target, shard = parameter_name(name, rules)
         param = params.get(target)
         if param is None:
+            load_kv_cache_scale(model, target, tensor)  # an fp8 KV cache's per-layer scale
             continue
         owner = model.get_submodule(target.rpartition(".")[0])
         loader = getattr(owner, "weight_loader", None)
+        if tensor.dtype in FLOAT8_DTYPES and param.dtype not in FLOAT8_DTYPES:
+            # Casting would keep the values without their scales: silently wrong weights.
+            raise ModelLoadError(
+                f"{checkpoint_name} holds {str(tensor.dtype).removeprefix('torch.')} "
+                f"weights, but {target} is a {str(param.dtype).removeprefix('torch.')} "
+                f"parameter of {type(owner).__name__}, which the checkpoint's quantization "
+                "method does not handle (quantized MoE experts are not supported yet)"
+            )
         tensor = tensor.to(param.dtype)
         if loader is not None:
             loader(param, tensor, *shard)
