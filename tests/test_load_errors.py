@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from test_cli import run_cli
 from typer.testing import CliRunner
 
@@ -86,6 +87,22 @@ def auto_map_unknown_type(folder: Path) -> None:
 
 
 # (case, how to break the folder, what the one line says)
+def fp8_weight_in_a_dense_model(folder: Path) -> None:
+    """An fp8 weight where no quantization method expects one: cast, it would load without
+    its scale (as an fp8 MoE expert would)."""
+    from safetensors.torch import load_file, save_file
+
+    file = shard(folder)
+    tensors = load_file(file)
+    name = next(n for n in tensors if n.endswith("mlp.down_proj.weight"))
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_file(tensors, file)
+
+
+def unknown_quant_method(folder: Path) -> None:
+    edit_config(folder, quantization_config={"quant_method": "mystery-q", "bits": 3})
+
+
 BROKEN_FOLDERS: list[tuple[str, Callable[[Path], None], str]] = [
     ("no-model-type", lambda d: edit_config(d, model_type=None), r"config\.json has no model_type"),
     ("unknown-model-type", lambda d: edit_config(d, model_type="zzz_nope"), "unknown to transform"),
@@ -100,6 +117,12 @@ BROKEN_FOLDERS: list[tuple[str, Callable[[Path], None], str]] = [
     ("bad-offsets", bad_offsets, r"data_offsets \[\d+, \d+\] that do not match"),
     ("truncated-data", truncated_data, r"is truncated: its tensors need \d+ bytes"),
     ("auto-map-unknown-type", auto_map_unknown_type, "model_type 'evil_unknown_type'.*remote"),
+    ("fp8-without-its-method", fp8_weight_in_a_dense_model, "holds float8_e4m3fn weights, but"),
+    (
+        "unknown-quant-method",
+        unknown_quant_method,
+        "quantized with 'mystery-q', which no installed",
+    ),
 ]
 
 
