@@ -1,20 +1,24 @@
 """Time the int8 matmul paths against dense matmuls on this machine's CPU.
 
-    OMP_NUM_THREADS=1 python plugins/quant_int8/bench/int8_matmul.py [--threads 1 2]
+    python plugins/quant_int8/bench/int8_matmul.py [--threads 1 2] [--batches 1 16 64]
 
-Shapes are SmolLM2-135M's (the default model): hidden 576, MLP 1536 (the fused
-gate/up layer is 3072 x 576, down 576 x 1536). For each batch size M it times, per
-linear, the median of many runs:
+Shapes are SmolLM2-135M's (the default model): hidden 576, MLP 1536 (the fused gate/up
+layer is 3072 x 576, down 576 x 1536). For each batch size M (rows, tokens) it prints,
+per linear, the median time of each path:
 
 - ``dense fp32`` / ``dense bf16``: ``F.linear`` with the dense weight;
-- ``w8a8 int_mm``: per-token activation quantization, ``torch._int_mm`` on the
-  ``[N, K]`` int8 weight viewed transposed, rescale (what ``int8`` runs);
+- ``w8a8 int_mm``: activations quantized per token, ``torch._int_mm`` with the ``[N, K]``
+  int8 weight viewed transposed, rescaled (what CUDA runs);
 - ``w8a8 int_mm KN``: the same with the weight stored contiguous as ``[K, N]``;
-- ``w8a8 dequant``: the activations quantized and dequantized, then a dense matmul
-  with the weight cast per call (the numerics of W8A8 without an int8 kernel);
-- ``woq int8pack fp32/bf16``: ``aten._weight_int8pack_mm`` (int8 weights, activations in
-  the run dtype: what ``int8_weight_only`` runs on the CPU);
-- ``woq dequant fp32/bf16``: the weight cast to the run dtype per call, matmul, scale.
+- ``w8a8 int8pack``: the integer activations in bf16 through ``aten._weight_int8pack_mm``
+  with unit scales, rescaled in float32 (the CPU's path up to 16 rows);
+- ``w8a8 float32``: the float32 matmul of the integers, the weight cast per call (the
+  CPU's path beyond 16 rows);
+- ``w8a8 method``: ``int8_linear`` as the ``int8`` method calls it (the chosen path);
+- ``woq int8pack fp32/bf16``: ``aten._weight_int8pack_mm`` (int8 weight, activations in
+  the run dtype);
+- ``woq cast fp32/bf16``: the weight cast to the run dtype per call, matmul, scale;
+- ``woq method fp32/bf16``: ``weight_only_int8_linear`` as ``int8_weight_only`` calls it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
 from tessellm_quant_int8.kernels import (
     int8_linear,
     quantize_per_channel_int8,
@@ -56,35 +61,43 @@ def paths(m: int, n: int, k: int) -> dict[str, Callable[[], object]]:
     q_kn = q.t().contiguous()
     w_bf16, x_bf16 = weight.bfloat16(), x.bfloat16()
     scale_row = scale.view(-1)
+    ones = torch.ones(n, dtype=torch.bfloat16)
+    int8pack = torch.ops.aten._weight_int8pack_mm
 
     def int_mm_kn() -> torch.Tensor:
         xq, xs = quantize_per_token_int8(x)
         return torch._int_mm(xq, q_kn).float() * xs * scale_row
 
-    def w8a8_dequant() -> torch.Tensor:
+    def w8a8_int8pack() -> torch.Tensor:
+        xq, xs = quantize_per_token_int8(x, torch.bfloat16)
+        return int8pack(xq, q, ones).float() * xs * scale_row
+
+    def w8a8_float32() -> torch.Tensor:
         xq, xs = quantize_per_token_int8(x)
-        return F.linear(xq.float() * xs, q.float()) * scale_row
+        return F.linear(xq.float(), q.float()) * xs * scale_row
 
     return {
         "dense fp32": lambda: F.linear(x, weight),
         "dense bf16": lambda: F.linear(x_bf16, w_bf16),
         "w8a8 int_mm": lambda: int8_linear(x, q, scale, None, use_int_mm=True),
         "w8a8 int_mm KN": int_mm_kn,
-        "w8a8 dequant": w8a8_dequant,
-        "woq int8pack fp32": lambda: torch.ops.aten._weight_int8pack_mm(x, q, scale_row),
-        "woq int8pack bf16": lambda: torch.ops.aten._weight_int8pack_mm(
-            x_bf16, q, scale_row.bfloat16()
-        ),
-        "woq dequant fp32": lambda: F.linear(x, q.float()) * scale_row,
-        "woq dequant bf16": lambda: F.linear(x_bf16, q.bfloat16()) * scale_row.bfloat16(),
-        "woq int8 (method fp32)": lambda: weight_only_int8_linear(x, q, scale, None),
+        "w8a8 int8pack": w8a8_int8pack,
+        "w8a8 float32": w8a8_float32,
+        "w8a8 method fp32": lambda: int8_linear(x, q, scale, None),
+        "w8a8 method bf16": lambda: int8_linear(x_bf16, q, scale, None),
+        "woq int8pack fp32": lambda: int8pack(x, q, scale_row),
+        "woq int8pack bf16": lambda: int8pack(x_bf16, q, scale_row.bfloat16()),
+        "woq cast fp32": lambda: F.linear(x, q.float()) * scale_row,
+        "woq cast bf16": lambda: F.linear(x_bf16, q.bfloat16()) * scale_row.bfloat16(),
+        "woq method fp32": lambda: weight_only_int8_linear(x, q, scale, None),
+        "woq method bf16": lambda: weight_only_int8_linear(x_bf16, q, scale, None),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = parser.parse_args()
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")

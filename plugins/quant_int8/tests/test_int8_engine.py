@@ -19,11 +19,11 @@ import shutil
 
 import pytest
 import torch
-from tessellm_quant_int8 import dequantize_per_channel_int8, quantize_per_channel_int8
-from tessellm_quant_int8.kernels import CPU_PACKED_MAX_ROWS
 
 from tessellm import LLM, SamplingParams
 from tessellm.testing import TEST_PROMPTS, tiny_model
+from tessellm_quant_int8 import dequantize_per_channel_int8, quantize_per_channel_int8
+from tessellm_quant_int8.kernels import CPU_PACKED_MAX_ROWS
 
 NEW_TOKENS = 8
 SHORT_PROMPTS = ["A", "The quick brown fox"]

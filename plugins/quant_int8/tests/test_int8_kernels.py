@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tessellm_quant_int8 import (
     dequantize_per_channel_int8,
     int8_linear,

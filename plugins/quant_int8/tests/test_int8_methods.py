@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tessellm_quant_int8.methods import Int8W8A8, Int8WeightOnly
 from torch import nn
 
 from tessellm.testing import check_quantization_method
+from tessellm_quant_int8.methods import Int8W8A8, Int8WeightOnly
 
 METHODS = ["int8", "int8_weight_only"]
 

@@ -13,11 +13,12 @@ Which kernel computes the int8 product ``xq @ q.T``:
   multiples of 8; the weight goes in as the transposed view of the ``[N, K]`` tensor
   (column-major ``[K, N]``). Fewer rows are padded with zero rows (a decode step reads
   the whole weight either way); other K/N use the float matmul below.
-- CPU: ``torch._int_mm`` has no shape rules there but is a slow kernel on CPUs without
-  VNNI: 9-20x slower than a float matmul of the same integers (bench/int8_matmul.py,
-  numbers in the package README). Up to :data:`CPU_PACKED_MAX_ROWS` rows the product runs
-  through ``aten._weight_int8pack_mm``, which keeps the weight int8 and multiplies it by
-  the integer-valued activations held in bf16 (exact products, float32 sums; the int32
+- CPU: ``torch._int_mm`` has no shape rules there, but on this project's machine (AMD
+  EPYC, family 23, AVX2, no AVX-512 or VNNI) it is 5-20x slower than a float matmul of the
+  same integers (bench/int8_matmul.py; its docstring has the numbers; rerun it on a CPU
+  with VNNI or AMX). Up to :data:`CPU_PACKED_MAX_ROWS` rows the product runs through
+  ``aten._weight_int8pack_mm``, which keeps the weight int8 and multiplies it by the
+  integer-valued activations held in bf16 (exact products, float32 sums; the int32
   result comes back rounded to bf16, a relative 2**-9, before the scales are applied in
   float32); beyond, the float32 matmul of the integers (the weight cast per call).
 """
@@ -33,8 +34,8 @@ CUDA_INT_MM_MIN_ROWS = 17
 CUDA_INT_MM_ALIGN = 8
 # Up to this many rows the CPU multiplies by the int8 weight through
 # aten._weight_int8pack_mm in bf16; beyond it a float32 matmul with the weight cast per
-# call wins (measured on a 2-core AVX2 EPYC, SmolLM2-135M's 1536x576: 16 rows about
-# even, 24 rows 15% and 64 rows 30-40% in favour of the float matmul).
+# call wins (SmolLM2-135M's MLP shapes on that EPYC: about even at 16 rows, the
+# float matmul ahead from 24 rows; see bench/int8_matmul.py).
 CPU_PACKED_MAX_ROWS = 16
 # aten._weight_int8pack_mm is fast in bf16 only: in float32 and float16 it runs a scalar
 # loop, 4-10x slower than casting the weight and calling the dense kernel.
@@ -90,6 +91,17 @@ def _int_mm_cuda(xq: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:
     return torch._int_mm(xq, q.t())
 
 
+def packed_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The channel scales as ``aten._weight_int8pack_mm`` takes them: ``[N]`` bf16. A
+    method keeps them on the layer (a compiled CPU decode step needs them as an input:
+    inductor's lowering of the op refuses a scale computed inside the graph)."""
+    return scale.reshape(-1).to(torch.bfloat16)
+
+
+def _cpu_packed(rows: torch.Tensor) -> bool:
+    return rows.device.type == "cpu" and rows.shape[0] <= CPU_PACKED_MAX_ROWS and _INT8PACK
+
+
 def int8_linear(
     x: torch.Tensor,
     q: torch.Tensor,
@@ -97,6 +109,7 @@ def int8_linear(
     bias: torch.Tensor | None,
     *,
     use_int_mm: bool | None = None,
+    scale_bf16: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W8A8: ``x @ W.T + bias`` with ``W = q * scale`` (int8 ``q [N, K]``, float32
     ``scale [N, 1]`` or ``[N]``) and ``x [..., K]`` quantized per token on the fly. The
@@ -104,20 +117,15 @@ def int8_linear(
     float32; the result is in ``x``'s dtype. ``use_int_mm``: True takes
     ``torch._int_mm`` on the CPU too (any shape), False never takes it (a float matmul of
     the integers instead); None picks the kernel by device and shape (module docstring).
-    On CUDA ``torch._int_mm`` runs unless False, wherever K and N allow it."""
+    On CUDA ``torch._int_mm`` runs unless False, wherever K and N allow it.
+    ``scale_bf16``: :func:`packed_scale` of ``scale``, if kept (else made per call), for
+    the CPU's packed kernel, which applies the channel scale in bf16."""
     k = x.shape[-1]
     rows = x.reshape(-1, k)
-    m = rows.shape[0]
-    packed = (
-        use_int_mm is not True
-        and rows.device.type == "cpu"
-        and m <= CPU_PACKED_MAX_ROWS
-        and _INT8PACK is not None
-    )
-    if packed:
+    if use_int_mm is not True and _cpu_packed(rows):
         xq, x_scale = quantize_per_token_int8(rows, torch.bfloat16)
-        ones = torch.ones(q.shape[0], dtype=torch.bfloat16, device=q.device)
-        acc = _INT8PACK(xq, q, ones).float()
+        channel = packed_scale(scale) if scale_bf16 is None else scale_bf16
+        out = _INT8PACK(xq, q, channel).float().mul_(x_scale)
     else:
         xq, x_scale = quantize_per_token_int8(rows)
         acc = None
@@ -127,34 +135,39 @@ def int8_linear(
             acc = torch._int_mm(xq, q.t())
         if acc is None:  # exact while |sums| < 2**24 (127 * 127 * K reaches it at K ~ 1040)
             acc = F.linear(xq.float(), q.float())
-        acc = acc.float()
-    out = acc.mul_(x_scale).mul_(scale.reshape(1, -1))
+        out = acc.float().mul_(x_scale).mul_(scale.reshape(1, -1))
     if bias is not None:
         out = out.add_(bias)
     return out.to(x.dtype).view(*x.shape[:-1], q.shape[0])
 
 
 def weight_only_int8_linear(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    scale_bf16: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weight-only int8: ``x @ (q * scale).T + bias``, ``x`` not quantized. The channel
     scale factors out of the sum, ``y[:, n] = scale[n] * (x @ q.T)[:, n]``. On the CPU in
     bf16, up to :data:`CPU_PACKED_MAX_ROWS` rows, ``aten._weight_int8pack_mm`` reads the
-    int8 weight directly (the scale rounded to bf16); otherwise the weight is cast for the
-    call and the product taken in float32 (bf16 and fp16 matmuls are the slow ones on a
-    CPU without native bf16: see bench/int8_matmul.py), or in ``x``'s dtype on a GPU."""
+    int8 weight directly (with ``scale_bf16``, as for :func:`int8_linear`); otherwise the
+    weight is cast for the call and the product taken in float32 (bf16 and fp16 matmuls
+    are the slow ones on a CPU without native bf16: see bench/int8_matmul.py), or in
+    ``x``'s dtype on a GPU."""
     k = x.shape[-1]
     rows = x.reshape(-1, k)
     n = q.shape[0]
-    scale_row = scale.reshape(-1)
     if rows.device.type == "cpu":
-        if rows.dtype == torch.bfloat16 and rows.shape[0] <= CPU_PACKED_MAX_ROWS and _INT8PACK:
-            out = _INT8PACK(rows.contiguous(), q, scale_row.to(torch.bfloat16))
+        if rows.dtype == torch.bfloat16 and _cpu_packed(rows):
+            channel = packed_scale(scale) if scale_bf16 is None else scale_bf16
+            out = _INT8PACK(rows.contiguous(), q, channel)
             out = out if bias is None else out + bias
         else:
-            out = F.linear(rows.float(), q.float()).mul_(scale_row.float())
+            out = F.linear(rows.float(), q.float()).mul_(scale.reshape(-1).float())
             out = (out if bias is None else out.add_(bias)).to(x.dtype)
     else:
-        out = F.linear(rows, q.to(rows.dtype)) * scale_row.to(rows.dtype)
+        out = F.linear(rows, q.to(rows.dtype)) * scale.reshape(-1).to(rows.dtype)
         out = out if bias is None else out + bias
     return out.view(*x.shape[:-1], n)

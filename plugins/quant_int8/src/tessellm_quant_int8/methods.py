@@ -26,6 +26,7 @@ from tessellm.interfaces.quantization import (
 )
 from tessellm_quant_int8.kernels import (
     int8_linear,
+    packed_scale,
     quantize_per_channel_int8,
     weight_only_int8_linear,
 )
@@ -88,13 +89,17 @@ class _Int8PerChannel(QuantizationMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if layer.weight.dtype == torch.int8:  # loaded int8, or already processed
             layer.weight.data = layer.weight.data.contiguous()
-            return
-        q, scale = quantize_per_channel_int8(layer.weight.data)
-        # Replacing the parameter drops the dense weight (nothing else holds it).
-        layer.weight = nn.Parameter(q, requires_grad=False)
-        set_weight_attrs(layer.weight, output_dim=0, input_dim=1)
-        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
-        set_weight_attrs(layer.weight_scale, output_dim=0, input_dim=None)
+        else:
+            q, scale = quantize_per_channel_int8(layer.weight.data)
+            # Replacing the parameter drops the dense weight (nothing else holds it).
+            layer.weight = nn.Parameter(q, requires_grad=False)
+            set_weight_attrs(layer.weight, output_dim=0, input_dim=1)
+            layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+            set_weight_attrs(layer.weight_scale, output_dim=0, input_dim=None)
+        # The CPU's packed kernel takes the scales in bf16 (kernels.packed_scale); kept
+        # here, not made per call, so a compiled decode step receives them as an input.
+        scale_bf16 = packed_scale(layer.weight_scale.data)
+        layer.register_buffer("weight_scale_bf16", scale_bf16, persistent=False)
 
     def checkpoint_tensors(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """The reference quantizer of the layout (``checkpoint=True``): ``weight`` int8
@@ -127,7 +132,9 @@ class Int8W8A8(_Int8PerChannel):
     )
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return int8_linear(x, layer.weight, layer.weight_scale, bias)
+        return int8_linear(
+            x, layer.weight, layer.weight_scale, bias, scale_bf16=layer.weight_scale_bf16
+        )
 
 
 class Int8WeightOnly(_Int8PerChannel):
@@ -142,4 +149,6 @@ class Int8WeightOnly(_Int8PerChannel):
     )
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return weight_only_int8_linear(x, layer.weight, layer.weight_scale, bias)
+        return weight_only_int8_linear(
+            x, layer.weight, layer.weight_scale, bias, scale_bf16=layer.weight_scale_bf16
+        )
