@@ -16,6 +16,8 @@ def default_cache_dir() -> Path:
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# vLLM's kv_cache_dtype values (tessellm.interfaces.attention.KV_CACHE_DTYPES maps them).
+KV_CACHE_DTYPE_NAMES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclass(slots=True)
@@ -38,6 +40,8 @@ class EngineArgs:
     device: str = "auto"  # a platform name, or auto
     attention_backend: str | None = None
     quantization: str | None = None
+    # KV cache storage: auto (the model's dtype), fp8 (= fp8_e4m3) or fp8_e5m2.
+    kv_cache_dtype: str = "auto"
     scheduler: str = "default"
     kv_cache_manager: str = "default"
     distributed_executor_backend: str | None = None  # None: uniproc at TP 1, mp above
@@ -73,6 +77,11 @@ class EngineArgs:
             (
                 self.dtype in ("auto", "float32", "float", "bfloat16", "float16", "half"),
                 f"unknown dtype {self.dtype!r}",
+            ),
+            (
+                self.kv_cache_dtype in KV_CACHE_DTYPE_NAMES,
+                f"unknown kv_cache_dtype {self.kv_cache_dtype!r}: one of "
+                + ", ".join(KV_CACHE_DTYPE_NAMES),
             ),
         ]
         for ok, message in checks:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tessellm.errors import ModelLoadError
-from tessellm.interfaces.attention import AttentionSpec
+from tessellm.interfaces.attention import AttentionSpec, canonical_kv_cache_dtype
 from tessellm.interfaces.model import AttentionRequirements, ModelContext
 from tessellm.interfaces.weights import WeightFormat
 from tessellm.plugins import PluginSet, get_plugins
@@ -112,10 +112,11 @@ def attention_spec(
     block_size: int,
     tp: int,
     plugins: PluginSet | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> AttentionSpec:
     """What the model asks of attention on this device: the registered model class's
     ``attention_requirements(config)`` (``plugins``: the process's plugins by default),
-    with the heads divided among ``tp`` ranks."""
+    with the heads divided among ``tp`` ranks, over a KV cache of ``kv_cache_dtype``."""
     model_cls = model_class(plugins if plugins is not None else get_plugins(), config)
     name = f"{model_cls.__module__}.{model_cls.__qualname__}"
     if not hasattr(model_cls, "attention_requirements"):  # a required member, checked once
@@ -139,6 +140,7 @@ def attention_spec(
         block_size=block_size,
         sliding_window=requirements.sliding_window,
         logits_soft_cap=requirements.logits_soft_cap,
+        kv_cache_dtype=canonical_kv_cache_dtype(kv_cache_dtype),
     )
 
 

@@ -13,7 +13,7 @@ from tessellm.config import EngineArgs
 from tessellm.engine.profile_run import profile_forward
 from tessellm.engine.sampler import Sampler, compute_prompt_logprobs
 from tessellm.engine.transfer import to_device
-from tessellm.interfaces.attention import AttentionMetadata
+from tessellm.interfaces.attention import AttentionMetadata, kv_cache_torch_dtype
 from tessellm.interfaces.model import ModelContext, ParallelInfo
 from tessellm.interfaces.ops import bind_fused_ops
 from tessellm.interfaces.platform import GraphRunner, GraphSpec
@@ -56,6 +56,7 @@ class ModelRunner:
             args.block_size,
             self.parallel.world_size,
             plugins,
+            args.kv_cache_dtype,
         )
         backend_cls, self.attention_choice = choose_attention_backend(
             plugins, self.platform, spec, args.attention_backend
@@ -81,8 +82,13 @@ class ModelRunner:
         self.num_blocks = 0
 
     # -- KV cache ------------------------------------------------------------------------
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """What the KV cache stores: the model's dtype, or fp8 (``kv_cache_dtype``)."""
+        return kv_cache_torch_dtype(self.args.kv_cache_dtype, self.dtype)
+
     def bytes_per_block(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = self.kv_cache_dtype.itemsize
         per_layer = sum(2 * a.num_kv_heads * a.head_size for a in self.attn_layers)
         return per_layer * self.block_size * elem
 
@@ -102,11 +108,21 @@ class ModelRunner:
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
+        dtype = self.kv_cache_dtype
         for layer in self.attn_layers:
             shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_size)
-            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            k = torch.zeros(shape, dtype=dtype, device=self.device)
+            v = torch.zeros(shape, dtype=dtype, device=self.device)
             layer.bind_kv_cache(k, v)
+        if dtype != self.dtype:
+            from_checkpoint = sum(layer.kv_scales_from_checkpoint for layer in self.attn_layers)
+            logger.info(
+                "KV cache in %s: k/v scales of %d of %d layers from the checkpoint, 1.0 for "
+                "the rest",
+                str(dtype).removeprefix("torch."),
+                from_checkpoint,
+                len(self.attn_layers),
+            )
         if not self.args.enforce_eager:
             spec = GraphSpec(
                 self.args.max_num_seqs,

@@ -10,6 +10,12 @@ tokens of sequence ``s`` are rows ``query_start_loc[s]:query_start_loc[s+1]`` an
 the last positions of its context, i.e. positions ``seq_lens[s] - q_len .. seq_lens[s]-1``.
 A query at position ``p`` sees keys at positions ``k <= p`` and, when the layer has a
 sliding window ``W``, only those with ``p - k < W``.
+
+An fp8 KV cache (``AttentionSpec.kv_cache_dtype`` other than ``"auto"``) stores
+``k / k_scale`` and ``v / v_scale`` (clamped to the format's largest finite value) as
+``torch.float8_e4m3fn`` or ``torch.float8_e5m2``; reading multiplies back. The scales are
+per layer, fp32 tensors of one element on the device, handed to ``write_kv`` and
+``forward`` as ``k_scale``/``v_scale`` only when the cache is fp8.
 """
 
 from __future__ import annotations
@@ -19,6 +25,35 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+
+# vLLM's ``kv_cache_dtype`` names and the dtype each stores ("auto": the model's dtype).
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+def canonical_kv_cache_dtype(name: str) -> str:
+    """The name backends declare and specs carry: ``"fp8"`` is ``"fp8_e4m3"``."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {name!r}: one of {', '.join(KV_CACHE_DTYPES)}")
+    return "fp8_e4m3" if name == "fp8" else name
+
+
+def kv_cache_torch_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """What a KV cache of ``kv_cache_dtype`` ``name`` stores for a model run in ``model_dtype``."""
+    return KV_CACHE_DTYPES[canonical_kv_cache_dtype(name)] or model_dtype
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """The largest finite value of an fp8 dtype (448 for e4m3fn, 57344 for e5m2)."""
+    return float(torch.finfo(dtype).max)
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +66,8 @@ class AttentionCapabilities:
     block_sizes: tuple[int, ...] | None = None
     sliding_window: bool = True
     logits_soft_cap: bool = True
+    # KV cache storage a backend reads and writes (names as canonical_kv_cache_dtype gives).
+    kv_cache_dtypes: frozenset[str] = frozenset({"auto"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +82,7 @@ class AttentionSpec:
     block_size: int
     sliding_window: bool = False
     logits_soft_cap: bool = False
+    kv_cache_dtype: str = "auto"  # canonical: "auto", "fp8_e4m3" or "fp8_e5m2"
 
 
 @dataclass(slots=True)
@@ -94,6 +132,10 @@ class AttentionBackend(ABC):
             reasons.append("model uses a sliding window, backend has none")
         if spec.logits_soft_cap and not caps.logits_soft_cap:
             reasons.append("model uses attention logit soft-capping, backend has none")
+        kv_dtype = canonical_kv_cache_dtype(spec.kv_cache_dtype)
+        if kv_dtype not in caps.kv_cache_dtypes:
+            supported = ", ".join(sorted(caps.kv_cache_dtypes))
+            reasons.append(f"KV cache dtype {kv_dtype} not supported (supports: {supported})")
         if spec.num_heads % spec.num_kv_heads:
             reasons.append(f"{spec.num_heads} heads not a multiple of {spec.num_kv_heads}")
         return reasons
@@ -112,8 +154,14 @@ class AttentionBackend(ABC):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         metadata: AttentionMetadata,
+        *,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> None:
-        """Store this step's ``key``/``value`` ``[T, Hkv, D]`` at ``metadata.slot_mapping``."""
+        """Store this step's ``key``/``value`` ``[T, Hkv, D]`` at ``metadata.slot_mapping``.
+
+        ``k_scale``/``v_scale`` come only with an fp8 cache (see the module docstring);
+        a backend without fp8 in ``kv_cache_dtypes`` may leave them out of its signature."""
 
     @abstractmethod
     def forward(
@@ -126,9 +174,11 @@ class AttentionBackend(ABC):
         scale: float,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of ``query`` ``[T, H, D]`` over the cache (this step's KV already written).
 
         Returns ``[T, H, D]``. Soft-capping applies ``cap * tanh(scores / cap)`` to the
-        scaled scores before the softmax.
+        scaled scores before the softmax. ``k_scale``/``v_scale``: as for ``write_kv``.
         """

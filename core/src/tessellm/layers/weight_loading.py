@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tessellm.errors import ModelLoadError
+from tessellm.layers.attention import load_kv_cache_scale
 from tessellm.layers.linear import default_weight_loader
 
 FLOAT8_DTYPES = frozenset(
@@ -94,6 +95,7 @@ def load_by_rules(
         target, shard = parameter_name(name, rules)
         param = params.get(target)
         if param is None:
+            load_kv_cache_scale(model, target, tensor)  # an fp8 KV cache's per-layer scale
             continue
         owner = model.get_submodule(target.rpartition(".")[0])
         loader = getattr(owner, "weight_loader", None)

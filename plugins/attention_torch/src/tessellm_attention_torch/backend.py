@@ -2,6 +2,10 @@
 
 It favours clarity: per sequence it gathers the context's K/V from the block table and
 computes masked attention in fp32. Faster backends are checked against this one.
+
+An fp8 cache (``kv_cache_dtype``) is written as ``k / k_scale`` clamped to the format's
+range and read back as ``k_fp8 * k_scale`` in fp32 (the shared definition,
+``tessellm.interfaces.attention``).
 """
 
 from __future__ import annotations
@@ -12,11 +16,31 @@ from tessellm.interfaces.attention import (
     AttentionBackend,
     AttentionCapabilities,
     AttentionMetadata,
+    fp8_max,
+    is_fp8,
 )
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a cache of ``dtype`` stores it: fp8 holds ``x / scale``, clamped (the cast
+    itself does not saturate: out-of-range values would become NaN)."""
+    if not is_fp8(dtype):
+        return x.to(dtype)
+    limit = fp8_max(dtype)
+    scaled = x.float() if scale is None else x.float() / scale
+    return scaled.clamp(-limit, limit).to(dtype)
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Cached keys or values in fp32: fp8 entries times their layer's scale."""
+    out = x.float()
+    return out * scale if is_fp8(x.dtype) and scale is not None else out
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     """``[seq_len, Hkv, D]`` of one sequence's cached keys or values."""
+    if is_fp8(cache.dtype):  # gathered as bytes: fp8 has no index kernels on every device
+        return gather_context(cache.view(torch.uint8), block_table, seq_len).view(cache.dtype)
     block_size = cache.shape[1]
     num_blocks = -(-seq_len // block_size)
     blocks = cache.index_select(0, block_table[:num_blocks].long())
@@ -54,15 +78,31 @@ class TorchPagedAttention(AttentionBackend):
     capabilities = AttentionCapabilities(
         device_types=frozenset({"*"}),
         dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
+        kv_cache_dtypes=frozenset({"auto", "fp8_e4m3", "fp8_e5m2"}),
     )
 
-    def write_kv(self, key, value, k_cache, v_cache, metadata: AttentionMetadata) -> None:
+    def write_kv(
+        self,
+        key,
+        value,
+        k_cache,
+        v_cache,
+        metadata: AttentionMetadata,
+        *,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
+    ) -> None:
         slots = metadata.slot_mapping
         keep = slots >= 0
         if not bool(keep.all()):
             slots, key, value = slots[keep], key[keep], value[keep]
-        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
-        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
+        key = quantize_kv(key, k_scale, k_cache.dtype)
+        value = quantize_kv(value, v_scale, v_cache.dtype)
+        # index_copy_ has no fp8 kernels: the bytes are copied instead.
+        for cache, rows in ((k_cache, key), (v_cache, value)):
+            if is_fp8(cache.dtype):
+                cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, rows)
 
     def forward(
         self,
@@ -74,6 +114,8 @@ class TorchPagedAttention(AttentionBackend):
         scale: float,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         out = torch.empty_like(query)
         starts = metadata.query_start_loc_cpu.tolist()
@@ -82,8 +124,9 @@ class TorchPagedAttention(AttentionBackend):
             lo, hi = starts[i], starts[i + 1]
             if hi == lo:
                 continue
-            k = gather_context(k_cache, metadata.block_tables[i], seq_len)
-            v = gather_context(v_cache, metadata.block_tables[i], seq_len)
+            table = metadata.block_tables[i]
+            k = dequantize_kv(gather_context(k_cache, table, seq_len), k_scale)
+            v = dequantize_kv(gather_context(v_cache, table, seq_len), v_scale)
             q_positions = torch.arange(seq_len - (hi - lo), seq_len, device=query.device)
             out[lo:hi] = attend(
                 query[lo:hi], k, v, q_positions, scale, sliding_window, logits_soft_cap

@@ -71,7 +71,11 @@ class TritonPagedAttention(AttentionBackend):
         block_sizes=(16, 32, 64, 128),
         sliding_window=True,
         logits_soft_cap=True,
+        kv_cache_dtypes=frozenset({"auto", "fp8_e4m3", "fp8_e5m2"}),
     )
+    # Reading an fp8 e4m3 cache: with Triton's hardware conversion (True) or by bits
+    # (False); None: by the device (kernels.common.native_e4m3).
+    fp8_native: bool | None = None
 
     # Split-K knobs. A split should cover at least ``min_split_tokens`` keys so its fixed
     # cost (loading q, writing a partial) stays small next to the key loop; splitting
@@ -143,6 +147,9 @@ class TritonPagedAttention(AttentionBackend):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         metadata: AttentionMetadata,
+        *,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> None:
         write_kv(
             _contiguous_last(key),
@@ -150,6 +157,8 @@ class TritonPagedAttention(AttentionBackend):
             k_cache,
             v_cache,
             metadata.slot_mapping,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
 
     def forward(
@@ -162,6 +171,8 @@ class TritonPagedAttention(AttentionBackend):
         scale: float,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         query = _contiguous_last(query)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -179,6 +190,7 @@ class TritonPagedAttention(AttentionBackend):
             metadata.seq_lens,
             metadata.query_start_loc,
         )
+        fp8 = {"k_scale": k_scale, "v_scale": v_scale, "fp8_native": self.fp8_native}
         if plan.decode:
             decode_attention(
                 *args,
@@ -193,6 +205,7 @@ class TritonPagedAttention(AttentionBackend):
                     if plan.merge_in_decode
                     else None
                 ),
+                **fp8,
             )
         else:
             prefill_attention(
@@ -201,5 +214,6 @@ class TritonPagedAttention(AttentionBackend):
                 scale,
                 sliding_window or None,
                 logits_soft_cap or None,
+                **fp8,
             )
         return out

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import attend_keys, next_pow2, precision_for, tile_shape
+from .common import attend_keys, kv_cache_args, next_pow2, precision_for, tile_shape
 
 
 @triton.jit
@@ -33,6 +33,8 @@ def _decode_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     block_tables_ptr,
     seq_lens_ptr,
     qsl_ptr,
@@ -61,6 +63,8 @@ def _decode_kernel(
     USE_WINDOW: tl.constexpr,
     USE_CAP: tl.constexpr,
     PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    FP8_NATIVE: tl.constexpr,
     SPLIT: tl.constexpr,
     MERGE: tl.constexpr,
     SPLITS_P: tl.constexpr,
@@ -124,6 +128,8 @@ def _decode_kernel(
         scale,
         soft_cap,
         window,
+        k_scale_ptr,
+        v_scale_ptr,
         BLOCK_SIZE,
         HEAD_SIZE,
         HEAD_P,
@@ -131,6 +137,8 @@ def _decode_kernel(
         USE_WINDOW,
         USE_CAP,
         PRECISION,
+        KV_FP8,
+        FP8_NATIVE,
     )
     if SPLIT:
         part = (seq.to(tl.int64) * num_splits + split) * num_heads + head
@@ -258,12 +266,19 @@ def decode_attention(
     tile_n: int | None = None,
     num_warps: int = 4,
     merge_counters: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    fp8_native: bool | None = None,
 ) -> None:
     """Fill ``out`` for a batch whose sequences have at most one query token each.
 
     ``tile_n`` keys per tile (a power of two, at least 16; None: by head size).
     ``merge_counters``: zeroed int32, at least ``num_seqs * num_kv_heads``, left zeroed;
-    given, the last split of each (sequence, KV head) merges instead of a second kernel."""
+    given, the last split of each (sequence, KV head) merges instead of a second kernel.
+    ``k_scale``/``v_scale``/``fp8_native``: an fp8 cache's (``common.kv_cache_args``)."""
+    k_cache, v_cache, k_scale, v_scale, kv_fp8, fp8_native = kv_cache_args(
+        k_cache, v_cache, k_scale, v_scale, fp8_native
+    )
     num_heads, head_size = query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[2]
     num_seqs = seq_lens.shape[0]
@@ -294,6 +309,8 @@ def decode_attention(
         query,
         k_cache,
         v_cache,
+        k_scale,
+        v_scale,
         block_tables,
         seq_lens,
         query_start_loc,
@@ -322,6 +339,8 @@ def decode_attention(
         USE_WINDOW=bool(sliding_window),
         USE_CAP=bool(logits_soft_cap),
         PRECISION=precision_for(query.dtype),
+        KV_FP8=kv_fp8,
+        FP8_NATIVE=fp8_native,
         SPLIT=split,
         MERGE=merge,
         SPLITS_P=next_pow2(num_splits),

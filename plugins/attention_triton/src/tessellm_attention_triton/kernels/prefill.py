@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import attend_keys, next_pow2, precision_for, tile_shape
+from .common import attend_keys, kv_cache_args, next_pow2, precision_for, tile_shape
 
 
 @triton.jit
@@ -38,6 +38,8 @@ def _prefill_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     block_tables_ptr,
     seq_lens_ptr,
     qsl_ptr,
@@ -67,6 +69,8 @@ def _prefill_kernel(
     USE_WINDOW: tl.constexpr,
     USE_CAP: tl.constexpr,
     PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    FP8_NATIVE: tl.constexpr,
 ):
     tile_id = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -125,6 +129,8 @@ def _prefill_kernel(
         scale,
         soft_cap,
         window,
+        k_scale_ptr,
+        v_scale_ptr,
         BLOCK_SIZE,
         HEAD_SIZE,
         HEAD_P,
@@ -132,6 +138,8 @@ def _prefill_kernel(
         USE_WINDOW,
         USE_CAP,
         PRECISION,
+        KV_FP8,
+        FP8_NATIVE,
     )
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
@@ -154,8 +162,17 @@ def prefill_attention(
     scale: float,
     sliding_window: int | None,
     logits_soft_cap: float | None,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    fp8_native: bool | None = None,
 ) -> None:
-    """Fill ``out`` ``[T, H, D]`` for every query row of the packed batch."""
+    """Fill ``out`` ``[T, H, D]`` for every query row of the packed batch.
+
+    ``k_scale``/``v_scale``/``fp8_native``: an fp8 cache's (``common.kv_cache_args``)."""
+    k_cache, v_cache, k_scale, v_scale, kv_fp8, fp8_native = kv_cache_args(
+        k_cache, v_cache, k_scale, v_scale, fp8_native
+    )
     num_tokens, num_heads, head_size = query.shape
     num_kv_heads = k_cache.shape[2]
     num_seqs = seq_lens.shape[0]
@@ -174,6 +191,8 @@ def prefill_attention(
         query,
         k_cache,
         v_cache,
+        k_scale,
+        v_scale,
         block_tables,
         seq_lens,
         query_start_loc,
@@ -203,5 +222,7 @@ def prefill_attention(
         USE_WINDOW=bool(sliding_window),
         USE_CAP=bool(logits_soft_cap),
         PRECISION=precision_for(query.dtype),
+        KV_FP8=kv_fp8,
+        FP8_NATIVE=fp8_native,
         num_warps=4,
     )
