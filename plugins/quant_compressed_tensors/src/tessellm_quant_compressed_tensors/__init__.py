@@ -1,0 +1,2 @@
+"""compressed-tensors checkpoints (as llm-compressor writes them) for tessellm: the
+``compressed-tensors`` quantization method."""
