@@ -247,6 +247,27 @@ def test_cpu_backend_refuses_fp8_with_a_reason(llama):
     assert "KV cache dtype" in runner.attention_choice.refused.get("cpu", "")
 
 
+def test_cli_flag_reaches_the_engine_and_the_plugins_explanation(llama):
+    from typer.testing import CliRunner
+
+    from tessellm.cli.app import build_app
+
+    def cli(*args: str):
+        return CliRunner().invoke(build_app(), list(args))
+
+    model = ["--model", str(llama), "--dtype", "float32"]
+    result = cli("plugins", *model, "--device", "cpu", "--kv-cache-dtype", "fp8")
+    assert result.exit_code == 0, result.output
+    assert "attention: torch" in result.output
+    assert "refused cpu: KV cache dtype fp8_e4m3 not supported (supports: auto)" in result.output
+    result = cli("generate", "w3 w4", *model, "--no-chat", "--enforce-eager",
+                 "--max-tokens", "3", "--kv-cache-dtype", "fp8_e5m2")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = cli("generate", "w3", *model, "--kv-cache-dtype", "int8")
+    assert result.exit_code == 2
+    assert "unknown kv_cache_dtype 'int8'" in result.output
+
+
 # ---------------------------------------------------------------- Triton kernels
 
 # (format, Triton's hardware e4m3 conversion): e4m3 both in registers and by bits.

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tessellm.cli.common import MODEL_HELP, EnforceEager, fail, fail_with
+from tessellm.cli.common import KV_CACHE_DTYPE_HELP, MODEL_HELP, EnforceEager, fail, fail_with
 from tessellm.config import DEFAULT_MODEL
 
 bench_app = typer.Typer(
@@ -22,6 +22,7 @@ Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 Device = Annotated[str, typer.Option(help="Platform: auto, cpu, cuda ...")]
 Quantization = Annotated[str | None, typer.Option(help="Quantization method name.")]
 AttentionBackend = Annotated[str | None, typer.Option(help="Attention backend name.")]
+KvCacheDtype = Annotated[str, typer.Option(help=KV_CACHE_DTYPE_HELP)]
 MaxModelLen = Annotated[int | None, typer.Option(min=2)]
 TensorParallel = Annotated[int, typer.Option(min=1)]
 EngineArg = Annotated[
@@ -103,6 +104,7 @@ def throughput(
     device: Device = "auto",
     quantization: Quantization = None,
     attention_backend: AttentionBackend = None,
+    kv_cache_dtype: KvCacheDtype = "auto",
     max_model_len: MaxModelLen = None,
     tensor_parallel_size: TensorParallel = 1,
     enforce_eager: EnforceEager = False,
@@ -120,6 +122,7 @@ def throughput(
             model, dtype, device, quantization, attention_backend, max_model_len,
             tensor_parallel_size, enforce_eager, engine_arg,
         )  # fmt: skip
+        options.extra.setdefault("kv_cache_dtype", kv_cache_dtype)  # --engine-arg wins
         options.max_num_seqs = max_num_seqs
         options.max_num_batched_tokens = max_num_batched_tokens
         settings = ThroughputSettings(
@@ -150,6 +153,7 @@ def latency(
     device: Device = "auto",
     quantization: Quantization = None,
     attention_backend: AttentionBackend = None,
+    kv_cache_dtype: KvCacheDtype = "auto",
     max_model_len: MaxModelLen = None,
     tensor_parallel_size: TensorParallel = 1,
     enforce_eager: EnforceEager = False,
@@ -166,6 +170,7 @@ def latency(
             model, dtype, device, quantization, attention_backend, max_model_len,
             tensor_parallel_size, enforce_eager, engine_arg,
         )  # fmt: skip
+        options.extra.setdefault("kv_cache_dtype", kv_cache_dtype)  # --engine-arg wins
         settings = LatencySettings(
             input_len=input_len,
             output_len=output_len,

@@ -11,6 +11,7 @@ import typer
 
 from tessellm.cli.common import (
     DOWNLOAD_DIR_HELP,
+    KV_CACHE_DTYPE_HELP,
     MODEL_HELP,
     REVISION_HELP,
     EnforceEager,
@@ -136,6 +137,7 @@ def generate(
         ),
     ] = None,
     enforce_eager: EnforceEager = False,
+    kv_cache_dtype: Annotated[str, typer.Option(help=KV_CACHE_DTYPE_HELP)] = "auto",
     revision: Annotated[str | None, typer.Option(help=REVISION_HELP)] = None,
     download_dir: Annotated[str | None, typer.Option(help=DOWNLOAD_DIR_HELP)] = None,
 ) -> None:
@@ -166,6 +168,7 @@ def generate(
                 distributed_executor_backend=distributed_executor_backend,
                 max_num_seqs=min(len(texts), MAX_BATCH),
                 enforce_eager=enforce_eager,
+                kv_cache_dtype=kv_cache_dtype,
                 revision=revision,
                 download_dir=download_dir,
             )

@@ -32,6 +32,9 @@ def plugins(
     quantization: Annotated[
         str | None, typer.Option(help="Quantization method asked for (default: chosen).")
     ] = None,
+    kv_cache_dtype: Annotated[
+        str, typer.Option(help="KV cache dtype to explain the attention choice for.")
+    ] = "auto",
 ) -> None:
     """List plugins, their versions and registrations, and the platform chosen here."""
     from tessellm.errors import TessellmError
@@ -60,8 +63,9 @@ def plugins(
     typer.echo(f"  attention preference: {', '.join(platform.attention_backends)}")
     if model:
         _explain_model(
-            found, platform, choice.chosen or "?", model, dtype, attention_backend, quantization
-        )
+            found, platform, choice.chosen or "?", model, dtype, attention_backend, quantization,
+            kv_cache_dtype,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,7 @@ def _explain_model(
     dtype_name: str,
     attention_backend: str | None,
     quantization: str | None,
+    kv_cache_dtype: str = "auto",
 ) -> None:
     from tessellm import model_loader as ml
     from tessellm.config import EngineArgs
@@ -86,14 +91,16 @@ def _explain_model(
     from tessellm.selection import choose_attention_backend, choose_quantization
 
     try:
-        args = EngineArgs(model=model, dtype=dtype_name)
+        args = EngineArgs(model=model, dtype=dtype_name, kv_cache_dtype=kv_cache_dtype)
         resolved = ml.resolve_model(found, model, args.cache_dir)
         config = ml.weight_format(found, resolved).load_config(resolved.path)
         architecture = ml.architecture_of(config)
         dtype = ml.resolve_dtype(args.dtype, platform.default_dtype())
         # As the model runner asks, on its first device, for one tensor-parallel rank.
         device_type = platform.device(0).type
-        spec = ml.attention_spec(config, device_type, dtype, args.block_size, 1, found)
+        spec = ml.attention_spec(
+            config, device_type, dtype, args.block_size, 1, found, args.kv_cache_dtype
+        )
         _, attention = choose_attention_backend(found, platform, spec, attention_backend)
         quant = choose_quantization(found, platform, dtype, quantization, config)
         method = quant.name

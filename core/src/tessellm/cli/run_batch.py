@@ -29,6 +29,7 @@ import typer
 from tessellm.cli.common import (
     DOWNLOAD_DIR_HELP,
     ENFORCE_EAGER_HELP,
+    KV_CACHE_DTYPE_HELP,
     MODEL_HELP,
     REVISION_HELP,
     USER_ERROR,
@@ -293,6 +294,9 @@ def run_batch(
     seed: Annotated[int, typer.Option(rich_help_panel=ENGINE)] = 0,
     max_logprobs: Annotated[int, typer.Option(min=0, rich_help_panel=ENGINE)] = 20,
     attention_backend: Annotated[str | None, typer.Option(rich_help_panel=ENGINE)] = None,
+    kv_cache_dtype: Annotated[
+        str, typer.Option(help=KV_CACHE_DTYPE_HELP, rich_help_panel=ENGINE)
+    ] = "auto",
     enforce_eager: Annotated[
         bool, typer.Option(help=ENFORCE_EAGER_HELP, rich_help_panel=ENGINE)
     ] = False,
@@ -339,6 +343,7 @@ def run_batch(
             max_logprobs=max_logprobs,
             enforce_eager=enforce_eager,
             attention_backend=attention_backend,
+            kv_cache_dtype=kv_cache_dtype,
             served_model_name=names[0],
         )
         progress_note(f"tessellm run-batch: loading {model} ...")

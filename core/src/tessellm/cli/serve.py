@@ -11,6 +11,7 @@ import typer
 from tessellm.cli.common import (
     DOWNLOAD_DIR_HELP,
     ENFORCE_EAGER_HELP,
+    KV_CACHE_DTYPE_HELP,
     MODEL_HELP,
     REVISION_HELP,
     USER_ERROR,
@@ -123,6 +124,9 @@ def serve(
     seed: Annotated[int, typer.Option(rich_help_panel=ENGINE)] = 0,
     max_logprobs: Annotated[int, typer.Option(min=0, rich_help_panel=ENGINE)] = 20,
     attention_backend: Annotated[str | None, typer.Option(rich_help_panel=ENGINE)] = None,
+    kv_cache_dtype: Annotated[
+        str, typer.Option(help=KV_CACHE_DTYPE_HELP, rich_help_panel=ENGINE)
+    ] = "auto",
     enforce_eager: Annotated[
         bool,
         typer.Option(help=ENFORCE_EAGER_HELP, rich_help_panel=ENGINE),
@@ -165,6 +169,7 @@ def serve(
             max_logprobs=max_logprobs,
             enforce_eager=enforce_eager,
             attention_backend=attention_backend,
+            kv_cache_dtype=kv_cache_dtype,
             served_model_name=names[0],
         )
         progress_note(f"tessellm serve: loading {model} ...")
