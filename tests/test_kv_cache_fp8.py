@@ -277,7 +277,7 @@ FORMAT_IDS = ["e4m3-native", "e4m3-bits", "e5m2"]
 
 def fp8_batch(seqs, fp8: torch.dtype, **shape):
     """A hand-built step (``test_attention_triton.Batch``: NaN wherever no token lives)
-    whose caches are fp8, written by the torch reference with per-layer scales."""
+    whose caches hold its K/V in ``fp8`` with per-layer scales (``b.k_scale``, ...)."""
     from test_attention_triton import Batch
 
     b = Batch(seqs, **shape)

@@ -79,12 +79,13 @@ def kv_cache_args(
     native: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, bool]:
     """``(k_cache, v_cache, k_scale, v_scale, KV_FP8, FP8_NATIVE)`` as the attention
-    kernels take them: an fp8 cache as its bytes, missing scales as 1.0 (never read for a
-    cache in the run dtype); ``native``: None decides by the device."""
+    kernels take them: an fp8 cache as its bytes, missing scales as 1.0 (allocated once
+    per device: the model's layers always pass theirs); ``native``: None decides by the
+    device."""
     fmt = kv_format(k_cache.dtype)
+    if fmt == KV_SAME:  # the cache stands in for the scale pointers, never read
+        return k_cache, v_cache, k_cache, k_cache, KV_SAME, False
     unit = unit_scale(k_cache.device)
-    if fmt == KV_SAME:
-        return k_cache, v_cache, unit, unit, KV_SAME, False
     if native is None:
         native = native_e4m3(k_cache.device)
     return (

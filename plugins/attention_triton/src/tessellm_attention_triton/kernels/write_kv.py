@@ -84,16 +84,19 @@ def write_kv(
     if num_tokens == 0:
         return
     fmt = kv_format(k_cache.dtype)
-    if fmt != KV_SAME:
+    if fmt == KV_SAME:  # the key stands in for the scale pointers, never read
+        k_scale = v_scale = key
+    else:
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
-    unit = unit_scale(key.device)
+        k_scale = unit_scale(key.device) if k_scale is None else k_scale
+        v_scale = unit_scale(key.device) if v_scale is None else v_scale
     _write_kv_kernel[(num_tokens, num_kv_heads)](
         key,
         value,
         k_cache,
         v_cache,
-        unit if k_scale is None else k_scale,
-        unit if v_scale is None else v_scale,
+        k_scale,
+        v_scale,
         slot_mapping,
         key.stride(0),
         key.stride(1),
