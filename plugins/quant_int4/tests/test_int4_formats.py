@@ -1,6 +1,6 @@
 """GPTQ and AWQ checkpoints packed by the tests' own loops load to exactly the weights an
-independent dequantization gives, and multiply by them on every path (the CPU int4
-kernel, the dequantize-per-call reference, Triton in its interpreter)."""
+independent dequantization gives, and multiply by them on the CPU paths (torch's int4
+kernel, dequantize-per-call) in fp32 to fp32 accuracy; Triton's are in test_int4_triton."""
 
 from __future__ import annotations
 
@@ -17,7 +17,17 @@ from quant_int4_reference import (
 
 from tessellm.interfaces.model import ModelContext, ParallelInfo
 from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear
+from tessellm_quant_int4 import int4_groups
 from tessellm_quant_int4.gptq_awq import AWQ, GPTQ
+
+CPU_PATHS = ["cpu", "dequantize"]
+
+
+@pytest.fixture(params=CPU_PATHS)
+def cpu_path(request, monkeypatch):
+    """Each CPU path in fp32 (the int4 kernel is slow but exact there)."""
+    monkeypatch.setattr(int4_groups, "cpu_kernel_fast", lambda dtype: request.param == "cpu")
+    return request.param
 
 
 def load_layer(method, stored, in_features, out_features, dtype=torch.float32, row=False):
@@ -55,7 +65,7 @@ GPTQ_CASES = [
 
 @pytest.mark.parametrize(("group_size", "act_order", "sym", "k", "n"), GPTQ_CASES)
 @pytest.mark.parametrize("v2", [False, True])
-def test_gptq_loads_the_independent_dequantization(group_size, act_order, sym, k, n, v2):
+def test_gptq_loads_the_independent_dequantization(group_size, act_order, sym, k, n, v2, cpu_path):
     parts = random_quantized(k, n, group_size, torch.Generator().manual_seed(k + n), act_order, sym)
     stored = gptq_checkpoint(parts, v2=v2)
     config = {"bits": 4, "group_size": group_size, "desc_act": act_order, "sym": sym}
@@ -65,13 +75,13 @@ def test_gptq_loads_the_independent_dequantization(group_size, act_order, sym, k
     dense = dequantize(parts)
     assert torch.equal(method.unpack(layer).dense(), dense)
     method.process_weights_after_loading(layer)
-    assert layer.int4_path == "cpu"
+    assert layer.int4_path == cpu_path
     assert not hasattr(layer, "qweight")  # the checkpoint tensors are dropped
     check_product(layer, dense)
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_awq_loads_the_independent_dequantization(group_size):
+def test_awq_loads_the_independent_dequantization(group_size, cpu_path):
     k, n = 256, 48
     parts = random_quantized(k, n, group_size, torch.Generator().manual_seed(group_size))
     method = AWQ.from_config({"bits": 4, "group_size": group_size, "zero_point": True})
@@ -79,7 +89,7 @@ def test_awq_loads_the_independent_dequantization(group_size):
     dense = dequantize(parts)
     assert torch.equal(method.unpack(layer).dense(), dense)
     method.process_weights_after_loading(layer)
-    assert layer.int4_path == "cpu"
+    assert layer.int4_path == cpu_path
     check_product(layer, dense)
 
 
@@ -92,27 +102,29 @@ def test_zero_point_zero_round_trips_through_v1s_minus_one():
     assert torch.equal(method.unpack(load_layer(method, stored, 64, 16)).dense(), dequantize(parts))
 
 
-def test_shapes_the_cpu_kernel_cannot_take_run_on_the_reference_path():
+def test_shapes_the_cpu_kernel_cannot_take_are_dequantized_per_call(monkeypatch):
+    monkeypatch.setattr(int4_groups, "cpu_kernel_fast", lambda dtype: True)
     k, n = 64, 24  # N not a multiple of 16
     parts = random_quantized(k, n, 32, torch.Generator().manual_seed(9), act_order=True)
     method = GPTQ.from_config({"group_size": 32, "desc_act": True, "sym": False})
     layer = load_layer(method, gptq_checkpoint(parts), k, n)
     method.process_weights_after_loading(layer)
-    assert layer.int4_path == "reference"
+    assert layer.int4_path == "dequantize"
     check_product(layer, dequantize(parts))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_runs_within_rounding(dtype):
+    """bf16 on the int4 kernel (vectorized on x86), fp16 as the platform allows."""
     parts = random_quantized(128, 32, 64, torch.Generator().manual_seed(2), act_order=True)
     method = GPTQ.from_config({"group_size": 64, "desc_act": True, "sym": False})
     layer = load_layer(method, gptq_checkpoint(parts), 128, 32, dtype=dtype)
     method.process_weights_after_loading(layer)
-    assert layer.int4_path == "cpu"
+    assert layer.int4_path == ("cpu" if int4_groups.cpu_kernel_fast(dtype) else "dequantize")
     check_product(layer, dequantize(parts), dtype, tol=2e-2)
 
 
-def test_row_parallel_layer_loads_the_same():
+def test_row_parallel_layer_loads_the_same(cpu_path):
     parts = random_quantized(128, 32, 32, torch.Generator().manual_seed(4))
     method = AWQ.from_config({"group_size": 32})
     layer = load_layer(method, awq_checkpoint(parts), 128, 32, row=True)
