@@ -45,9 +45,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize(
     ("rows", "k", "n", "group_size"),
     [
-        (1, 128, 64, 32),  # GEMV, whole tiles
+        (1, 128, 64, 32),  # GEMV, groups smaller than a step
+        (1, 384, 48, 128),  # GEMV, a group per step, a ragged last step
         (1, 96, 40, 128),  # GEMV, one ragged group, ragged outputs
         (5, 128, 48, 64),  # GEMM, fewer rows than a tile
+        (7, 128, 32, 32),  # GEMM, 32-input steps
         (40, 256, 80, 128),  # GEMM, several row and K tiles, ragged outputs
         (3, 96, 32, -1),  # GEMM, one group over all inputs
     ],

@@ -8,11 +8,12 @@ once at load, their activations at each call). The 4-bit values are unpacked, sh
 and scaled in registers; no dense weight is ever written.
 
 - GEMM (prompts, batches): ``[BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]`` tiles on
-  ``tl.dot`` with an fp32 accumulator; each step's ``BLOCK_K`` inputs lie in one group
-  (``group_size % BLOCK_K == 0``), so it loads one row of scales and zeros.
+  ``tl.dot`` with an fp32 accumulator; each step's ``BLOCK_K`` (32 or 64) inputs lie in
+  one group (``group_size % BLOCK_K == 0``), so it loads one row of scales and zeros.
 - GEMV (one row, batch-1 decode): no tensor cores to feed, the time is the weight's
   bytes; each program owns ``BLOCK_N`` outputs and reads each packed word once, taking
-  its eight inputs as eight strided slices of ``x``.
+  its eight inputs as eight strided slices of ``x``; 128 inputs a step, with one row of
+  scales and zeros where they lie in one group (groups of 128 or more).
 
 Imported lazily (triton is the package's ``[cuda]`` extra).
 """
@@ -22,8 +23,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-GEMM_BLOCK_K = 32  # divides every supported group size (32/64/128)
 
 
 @triton.jit
@@ -95,6 +94,7 @@ def _int4_gemv_kernel(
     group_size,
     BLOCK_N: tl.constexpr,
     BLOCK_WORDS: tl.constexpr,
+    STEP_IN_ONE_GROUP: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     words = tl.arange(0, BLOCK_WORDS)
@@ -108,12 +108,18 @@ def _int4_gemv_kernel(
             mask=word_ok[:, None] & n_ok[None, :],
             other=0,
         )
-        # Each word's group, per word (a step may cross groups of 32 inputs).
-        group = (word * 8) // group_size
-        ptrs = group[:, None] * N + cols[None, :]
-        mask = word_ok[:, None] & n_ok[None, :]
-        scale = tl.load(scales_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
+        if STEP_IN_ONE_GROUP:  # one row of scales and zeros for the step
+            group = (w0 * 8) // group_size
+            scale = tl.load(scales_ptr + group * N + cols, mask=n_ok, other=0.0)
+            zero = tl.load(zeros_ptr + group * N + cols, mask=n_ok, other=0.0)
+            scale = scale.to(tl.float32)[None, :]
+            zero = zero.to(tl.float32)[None, :]
+        else:  # smaller groups than a step: each word's own
+            group = (word * 8) // group_size
+            ptrs = group[:, None] * N + cols[None, :]
+            mask = word_ok[:, None] & n_ok[None, :]
+            scale = tl.load(scales_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
+            zero = tl.load(zeros_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
         for j in tl.static_range(8):
             k = word * 8 + j
             x = tl.load(x_ptr + k, mask=word_ok & (k < K), other=0.0).to(tl.float32)
@@ -151,6 +157,7 @@ def int4_group_matmul(
             group_size,
             BLOCK_N=block_n,
             BLOCK_WORDS=block_words,
+            STEP_IN_ONE_GROUP=group_size % (8 * block_words) == 0 or group_size >= in_features,
         )
         return out
     block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
@@ -170,7 +177,7 @@ def int4_group_matmul(
         out.stride(0),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_K=GEMM_BLOCK_K,
+        BLOCK_K=64 if group_size % 64 == 0 or group_size >= in_features else 32,
         IEEE=x.dtype == torch.float32,
     )
     return out
