@@ -96,6 +96,11 @@ def test_a_dense_checkpoint_gets_the_request_or_the_platform_default(plugins):
     assert _choose(plugins, SimpleNamespace(quantization_config=None)).name == "none"  # fp32
 
 
+def test_a_method_that_needs_its_checkpoint_format_refuses_a_dense_one(plugins):
+    with pytest.raises(ConfigError, match=r"'fakeq' loads fakeq checkpoints.*dense.*fp32only"):
+        _choose(plugins, SimpleNamespace(), requested="fakeq")
+
+
 def test_unsupported_checkpoint_settings_and_devices_are_config_errors(plugins):
     with pytest.raises(ConfigError, match="'fakeq': 3-bit weights are not supported"):
         build_quantization(

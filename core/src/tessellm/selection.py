@@ -128,18 +128,36 @@ def checkpoint_quantization(config: Any) -> dict[str, Any] | None:
 def methods_reading(plugins: PluginSet, checkpoint_format: str) -> list[str]:
     """Registered methods whose capabilities say they load ``checkpoint_format``; the one
     named as the format first."""
-    readers = []
-    for name in plugins.names("quantization_methods"):
-        try:
-            cls = plugins.load("quantization_methods", name)
-        except PluginError:
-            continue
-        if (
-            checkpoint_format
-            in getattr(cls, "capabilities", QuantCapabilities()).checkpoint_formats
-        ):
-            readers.append(name)
+    readers = [
+        name
+        for name in plugins.names("quantization_methods")
+        if checkpoint_format in _capabilities(plugins, name).checkpoint_formats
+    ]
     return sorted(readers, key=lambda name: name != checkpoint_format)
+
+
+def _capabilities(plugins: PluginSet, name: str) -> QuantCapabilities:
+    try:
+        cls = plugins.load("quantization_methods", name)
+    except PluginError:
+        return QuantCapabilities()
+    return getattr(cls, "capabilities", QuantCapabilities())
+
+
+def _check_loads_dense(plugins: PluginSet, requested: str) -> None:
+    caps = _capabilities(plugins, requested)
+    if caps.loads_dense or plugins.get("quantization_methods", requested) is None:
+        return
+    online = [
+        name
+        for name in plugins.names("quantization_methods")
+        if name != "none" and _capabilities(plugins, name).loads_dense
+    ]
+    raise ConfigError(
+        f"quantization {requested!r} loads {'/'.join(caps.checkpoint_formats)} checkpoints, "
+        "and this checkpoint is dense; methods that quantize a dense checkpoint on load: "
+        f"{', '.join(online) or 'none installed'}"
+    )
 
 
 def choose_quantization(
@@ -158,6 +176,7 @@ def choose_quantization(
     fmt = str(qc["quant_method"]).lower() if qc else None
     if fmt is None:
         if requested:
+            _check_loads_dense(plugins, requested)
             return QuantizationChoice(requested, "requested")
         name = platform.default_quantization(dtype)
         if name and plugins.get("quantization_methods", name):

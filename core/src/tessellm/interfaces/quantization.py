@@ -61,6 +61,13 @@ class QuantCapabilities:
     bits: tuple[int, ...] = ()
     group_sizes: tuple[int, ...] = ()
     row_error: float = 0.0
+    dense_checkpoints: bool | None = None
+
+    @property
+    def loads_dense(self) -> bool:
+        if self.dense_checkpoints is not None:
+            return self.dense_checkpoints
+        return not self.checkpoint_formats
 
     def describe(self) -> str:
         dtypes = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)

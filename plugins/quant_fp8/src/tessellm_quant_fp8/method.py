@@ -89,6 +89,7 @@ class Fp8Method(QuantizationMethod):
         min_cuda_capability=MIN_CUDA_CAPABILITY,
         dtypes=(torch.bfloat16, torch.float16, torch.float32),
         checkpoint_formats=("fp8",),
+        dense_checkpoints=True,  # quantized online (quantization="fp8")
         bits=(8,),
         group_sizes=(-1,),
         # A row's relative error against the dense weights, beyond the kit's own: e4m3
