@@ -19,19 +19,28 @@ packages, keeping no dense weight:
 - 4 bits: ``tessellm_quant_int4``'s group-quantized runtime (torch's int4 CPU kernel,
   the Triton dequant-GEMM/GEMV on CUDA, a per-call dequantization elsewhere);
 - 8 bits per channel, symmetric: ``tessellm_quant_int8``'s weight-only int8 matmul;
-- 8 bits in groups or with zero points: the same 4-bit runtime over a doubled K, each
-  8-bit value split into its high and low nibbles: ``s (q - z) = 16 s (q_hi - z_hi) +
-  s (q_lo - z_lo)``, the input repeated for the second half. Same bytes as int8, exact
-  arithmetic, twice the multiply-adds of a 4-bit layer.
+- 8 bits in groups or with zero points, where that runtime has a fast kernel (torch's
+  int4 CPU kernel in bf16 or on Arm, Triton on CUDA): the 4-bit runtime over a doubled
+  K, each 8-bit value split into its high and low nibbles: ``s (q - z) = 16 s (q_hi -
+  z_hi) + s (q_lo - z_lo)``, the input repeated for the second half. Same bytes as int8,
+  exact arithmetic, twice the multiply-adds of a 4-bit layer. Elsewhere (x86 in fp32 or
+  fp16, where that kernel is a scalar loop and the int4 runtime dequantizes per call) the
+  int8 values are kept and dequantized per call, one layer at a time.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tessellm.interfaces.quantization import QuantizationMethod, set_weight_attrs
-from tessellm_quant_int4.int4_groups import QuantizedGroups, install, int4_linear
+from tessellm_quant_int4.int4_groups import (
+    QuantizedGroups,
+    cpu_kernel_fast,
+    install,
+    int4_linear,
+)
 from tessellm_quant_int8 import weight_only_int8_linear
 
 CHECKPOINT_TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
@@ -136,7 +145,7 @@ class PackedWeightOnly(QuantizationMethod):
             zeros = zeros.to(q.device)
         else:  # packed along N: unpack the transpose, whose words run along its last dim
             zeros = unpack_unsigned(layer.weight_zero_point.data.t().contiguous(), self.bits)
-            zeros = zeros.t()[: q.shape[0]]
+            zeros = zeros.t()[: q.shape[0]].contiguous()
         return q, zeros, scales
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
@@ -155,9 +164,16 @@ class PackedWeightOnly(QuantizationMethod):
             layer.register_buffer("ct_int8_weight", (q - 128).to(torch.int8), persistent=False)
             layer.register_buffer("ct_int8_scale", scales.reshape(-1, 1), persistent=False)
             layer.ct_path = "int8"
-        else:
+        elif q.device.type == "cuda" or cpu_kernel_fast(layer.ct_dtype):
             install(layer, _as_nibble_halves(q, zeros, scales, group_of_input), layer.ct_dtype)
             layer.ct_path = "int8_halves"
+        else:
+            zero_scales = (-(zeros - 128).float() * scales).contiguous()
+            layer.register_buffer("ct_int8_weight", (q - 128).to(torch.int8), persistent=False)
+            layer.register_buffer("ct_int8_scales", scales, persistent=False)
+            layer.register_buffer("ct_int8_zero_scales", zero_scales, persistent=False)
+            layer.ct_group_size = span
+            layer.ct_path = "int8_dequantize"
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         path = layer.ct_path
@@ -165,7 +181,31 @@ class PackedWeightOnly(QuantizationMethod):
             return int4_linear(layer, x, bias)
         if path == "int8":
             return weight_only_int8_linear(x, layer.ct_int8_weight, layer.ct_int8_scale, bias)
-        return int4_linear(layer, torch.cat((x, x), dim=-1), bias)
+        if path == "int8_halves":
+            return int4_linear(layer, torch.cat((x, x), dim=-1), bias)
+        weight = dequantize_int8_groups(
+            layer.ct_int8_weight,
+            layer.ct_int8_scales,
+            layer.ct_int8_zero_scales,
+            layer.ct_group_size,
+        )
+        return F.linear(x, weight.to(x.dtype), bias)
+
+
+def dequantize_int8_groups(
+    q: torch.Tensor, scales: torch.Tensor, zero_scales: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """``q * s - z * s`` per group of ``group_size`` inputs as a float32 ``[N, K]`` weight
+    (``q`` int8 ``[N, K]``; ``scales``, ``zero_scales = -z * s`` ``[N, groups]``; the last
+    group may be partial)."""
+    out_features, in_features = q.shape
+    groups = scales.shape[1]
+    values = q.float()
+    if groups * group_size != in_features:
+        values = F.pad(values, (0, groups * group_size - in_features))
+    grouped = values.view(out_features, groups, group_size)
+    weight = torch.addcmul(zero_scales[..., None], grouped, scales[..., None])
+    return weight.reshape(out_features, -1)[:, :in_features]
 
 
 def _as_nibble_halves(
