@@ -48,9 +48,10 @@ class Attention(nn.Module):
         self.backend = ctx.attention
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
-        # Buffers, not parameters: a checkpoint without them still loads completely.
-        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32), persistent=False)
-        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        # Plain tensors, neither parameters (a checkpoint without them still loads
+        # completely) nor buffers (the model's buffers are its rotary tables).
+        self.k_scale = torch.ones((), dtype=torch.float32, device=ctx.device)
+        self.v_scale = torch.ones((), dtype=torch.float32, device=ctx.device)
         self.kv_scales_from_checkpoint = False
         self._fp8_cache = False
 
