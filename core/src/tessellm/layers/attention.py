@@ -63,7 +63,7 @@ class Attention(nn.Module):
         """Set ``k_scale``/``v_scale`` (``which``: "k", "v" or "kv") from a checkpoint."""
         # A scale per head or per channel has no place in a per-layer scale: the largest
         # keeps every value within the fp8 range (as vLLM reads such checkpoints).
-        value = tensor.detach().float().abs().max()
+        value = float(tensor.detach().float().abs().max())
         for name in ("k", "v") if which == "kv" else (which,):
             getattr(self, f"{name}_scale").fill_(value)
         self.kv_scales_from_checkpoint = True
