@@ -1,13 +1,20 @@
 """Reads a ``.gguf`` file: the config, tokenizer and chat template from its metadata, and its
-tensors dequantized (by the ``gguf`` package) and renamed to Hugging Face names.
+tensors renamed to Hugging Face names.
 
 transformers' GGUF integration supplies the metadata-to-config and tokenizer conversion and
 the tensor-name mapping (including the reverse of llama.cpp's Q/K row permutation), so the
 weights come out exactly as the HF reference model sees them.
+
+The config says ``quantization_config = {"quant_method": "gguf"}`` for the architectures
+whose quantized matrices load natively (``native_weights.py``): the engine then picks the
+``gguf`` quantization method, and the linear weights come out as raw blocks. When another
+method is chosen the engine clears ``quantization_config`` and every tensor comes out
+dequantized (by the ``gguf`` package, through the conversion cache).
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +23,9 @@ import torch
 from tessellm.errors import ModelLoadError
 from tessellm.interfaces.weights import WeightFormat
 from tessellm_gguf.conversion_cache import cached_config, cached_tokenizer, cached_weights
+from tessellm_gguf.native_weights import iter_native_weights, supports_native
+
+GGUF_QUANTIZATION = {"quant_method": "gguf"}
 
 
 def _split(path: Path) -> tuple[str, str]:
@@ -67,6 +77,13 @@ def _load_error(path: Path, what: str, exc: Exception) -> ModelLoadError:
     return ModelLoadError(f"cannot read GGUF {what} of {path}: {text[0] if text else exc!r}")
 
 
+def _quant_method(config) -> str | None:
+    qc = getattr(config, "quantization_config", None)
+    if isinstance(qc, dict):
+        return qc.get("quant_method")
+    return getattr(qc, "quant_method", None)
+
+
 class GGUFFormat(WeightFormat):
     name = "gguf"
 
@@ -74,7 +91,11 @@ class GGUFFormat(WeightFormat):
         return path.is_file() and path.suffix == ".gguf"
 
     def load_config(self, path: Path):
-        return cached_config(path, lambda: self._convert_config(path))
+        config = cached_config(path, lambda: self._convert_config(path))
+        # Set on every load, never cached: the converted config stays the file's own.
+        if supports_native(config):
+            config.quantization_config = dict(GGUF_QUANTIZATION)
+        return config
 
     def _convert_config(self, path: Path):
         from transformers import AutoConfig
@@ -105,7 +126,15 @@ class GGUFFormat(WeightFormat):
     def iter_weights(
         self, path: Path, config, dtype: torch.dtype
     ) -> Iterator[tuple[str, torch.Tensor]]:
+        if _quant_method(config) == "gguf":
+            return self._native_weights(path, config)
         return cached_weights(path, dtype, lambda: self._convert_weights(path, config))
+
+    def _native_weights(self, path: Path, config) -> Iterator[tuple[str, torch.Tensor]]:
+        try:
+            yield from iter_native_weights(path, config)
+        except (ValueError, KeyError, struct.error) as exc:
+            raise _load_error(path, "tensors", exc) from None
 
     def _convert_weights(self, path: Path, config) -> Iterator[tuple[str, torch.Tensor]]:
         from transformers import AutoModelForCausalLM

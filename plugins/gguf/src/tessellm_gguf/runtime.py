@@ -1,0 +1,185 @@
+"""Quantized GGUF matrices in the form each device multiplies them in.
+
+A linear layer holds one or more *segments*, each a run of output rows (adjacent fused
+checkpoint matrices of one kind are merged into one segment):
+
+- ``Int4KernelSegment`` (CPU, bf16): torch's int4 CPU kernel, groups of 32 with a scale
+  and zero, ``w = (q - 8) * scale + zero``. 4-bit codes (Q4_0, Q4_1, Q4_K) map onto it
+  exactly (``zero + 8 scale``). 5- and 8-bit codes (Q5_0, Q5_1, Q5_K, Q8_0) are split
+  into two 4-bit halves, ``c - o = 16 a + b`` (``o`` = 128 for 8-bit codes, else 0),
+  stored along a doubled input, so one kernel call over ``[x | x]`` computes
+  ``16 s (a' - 8) + s (b - 8) + (z + o s + 8 s)`` with ``a' = a + 8``: every term exact.
+- ``DequantSegment`` (any device): codes kept (two per byte at 4 bits), dequantized to
+  the run dtype in chunks of rows at each call and multiplied densely; no dense copy
+  outlives the call. Q6_K takes this path on the CPU (its scales cover 16 inputs and the
+  kernel's smallest group is 32), and so does every type in fp32, where the int4
+  kernel's fp32 path is not vectorized (measured: 15x slower than a dequantize per
+  call at one row), and any matrix whose shape the kernel refuses.
+- ``TritonSegment`` (CUDA, ``triton_matmul.py``): the codes, scales and zeros read by a
+  Triton dequantize-and-multiply kernel.
+- ``DenseSegment``: matrices the file stores unquantized (F32/F16/BF16).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessellm_gguf.blocks import GroupedCodes
+from tessellm_quant_int4.cpu_int4 import GROUP_SIZE as KERNEL_GROUP
+from tessellm_quant_int4.cpu_int4 import int4_matmul
+
+# Run dtypes in which the CPU uses the int4 kernel (its fp32 path is scalar code).
+INT4_KERNEL_DTYPES = (torch.bfloat16,)
+# A DequantSegment's temporary dense weight stays under this many elements per chunk.
+DEQUANT_CHUNK_ELEMENTS = 1 << 20
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` codes below 16 as ``[N, K / 2]`` bytes, even inputs in the low nibble."""
+    pairs = codes.view(codes.shape[0], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).view(packed.shape[0], -1)
+
+
+class DenseSegment(nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.out_features = weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class DequantSegment(nn.Module):
+    def __init__(self, g: GroupedCodes) -> None:
+        super().__init__()
+        self.out_features, self.in_features = g.codes.shape
+        self.group, self.nibbles = g.group, g.bits <= 4
+        codes = pack_nibbles(g.codes) if self.nibbles else g.codes
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scale", g.scale.float().contiguous())
+        self.register_buffer("zero", g.zero.float().contiguous())
+        self.chunk_rows = max(1, DEQUANT_CHUNK_ELEMENTS // self.in_features)
+
+    def weight_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``[start, stop)`` dequantized: fp32 arithmetic (exact for every kept type),
+        then one rounding to ``dtype``."""
+        codes = self.codes[start:stop]
+        codes = unpack_nibbles(codes) if self.nibbles else codes
+        n, groups = stop - start, self.in_features // self.group
+        c = codes.view(n, groups, self.group).float()
+        w = c.mul_(self.scale[start:stop, :, None]).add_(self.zero[start:stop, :, None])
+        return w.view(n, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.out_features
+        if n <= self.chunk_rows:
+            return F.linear(x, self.weight_rows(0, n, x.dtype))
+        parts = [
+            F.linear(x, self.weight_rows(i, min(i + self.chunk_rows, n), x.dtype))
+            for i in range(0, n, self.chunk_rows)
+        ]
+        return torch.cat(parts, dim=-1)
+
+
+def int4_kernel_fits(g: GroupedCodes, dtype: torch.dtype) -> bool:
+    return (
+        dtype in INT4_KERNEL_DTYPES
+        and g.group == KERNEL_GROUP
+        and g.bits <= 8
+        and g.codes.shape[0] % 16 == 0
+        and g.codes.shape[1] % KERNEL_GROUP == 0
+    )
+
+
+class Int4KernelSegment(nn.Module):
+    def __init__(self, g: GroupedCodes, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = g.codes.shape
+        s, z = g.scale, g.zero
+        if g.bits <= 4:
+            self.halves = 1
+            nibbles, scales, zeros = g.codes, s, z + 8 * s
+        else:
+            self.halves = 2
+            offset = 128 if g.bits == 8 else 0
+            signed = g.codes.to(torch.int16) - offset
+            high = torch.div(signed, 16, rounding_mode="floor")
+            low = signed - 16 * high
+            nibbles = torch.cat((high + 8, low), dim=1)
+            scales = torch.cat((16 * s, s), dim=1)
+            zeros = torch.cat((torch.zeros_like(z), z + (offset + 8) * s), dim=1)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            nibbles.to(torch.int32).contiguous(), 1
+        )
+        scales_zeros = torch.stack((scales.t(), zeros.t()), dim=-1).to(dtype).contiguous()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if self.halves == 2:
+            rows = torch.cat((rows, rows), dim=1)
+        out = int4_matmul(rows, self.packed, self.scales_zeros, None)
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def segment_kind(part: GroupedCodes | torch.Tensor, device: torch.device, dtype) -> tuple:
+    """Adjacent matrices of one kind share a segment."""
+    if isinstance(part, torch.Tensor):
+        return ("dense",)
+    if device.type == "cuda":
+        return ("triton", part.group, part.bits <= 4)
+    if int4_kernel_fits(part, dtype):
+        return ("int4", part.bits <= 4)
+    return ("dequant", part.group, part.bits <= 4)
+
+
+def build_segment(part: GroupedCodes | torch.Tensor, kind: tuple, dtype) -> nn.Module:
+    if kind[0] == "dense":
+        return DenseSegment(part.to(dtype))
+    if kind[0] == "int4":
+        if int4_kernel_fits(part, dtype):  # merged rows still fit (a multiple of 16)
+            return Int4KernelSegment(part, dtype)
+        return DequantSegment(part)
+    if kind[0] == "triton":
+        from tessellm_gguf.triton_matmul import TritonSegment
+
+        return TritonSegment(part)
+    return DequantSegment(part)
+
+
+class GGUFLinearRuntime(nn.Module):
+    """The segments of one linear layer, applied in output order."""
+
+    def __init__(
+        self, parts: list[GroupedCodes | torch.Tensor], device: torch.device, dtype
+    ) -> None:
+        super().__init__()
+        runs: list[tuple[tuple, list]] = []
+        for part in parts:
+            kind = segment_kind(part, device, dtype)
+            if runs and runs[-1][0] == kind:
+                runs[-1][1].append(part)
+            else:
+                runs.append((kind, [part]))
+        segments = []
+        for kind, members in runs:
+            if kind[0] == "dense":
+                merged = torch.cat(members)
+            else:
+                merged = GroupedCodes.cat(members) if len(members) > 1 else members[0]
+            segments.append(build_segment(merged, kind, dtype))
+        self.segments = nn.ModuleList(segments)
+        self.kinds = [type(s).__name__ for s in segments]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.segments) == 1:
+            return self.segments[0](x)
+        return torch.cat([segment(x) for segment in self.segments], dim=-1)
