@@ -13,12 +13,19 @@ arithmetic, ``w = (q - z) * s`` (no compressed-tensors code, no plugin code)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+# compressed-tensors imports triton, and Triton decides whether kernels are interpreted
+# when it is first imported: without a GPU, interpreted (test_ct_triton.py, and any other
+# Triton test later in the same process), so set before any test imports the library.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 LINEAR = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
 
@@ -32,6 +39,18 @@ def scheme(preset: str, **weight_overrides):
         setattr(result.weights, key, value)
     if weight_overrides.get("strategy") == "channel":
         result.weights.group_size = None
+    return result
+
+
+def static_int8_scheme(weight_strategy: str = "channel"):
+    """W8A8 int8 with a static per-tensor activation scale (llm-compressor writes it
+    from a recipe; no preset)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    result = scheme("W8A8", strategy=weight_strategy)
+    result.input_activations = QuantizationArgs(
+        num_bits=8, type="int", strategy="tensor", symmetric=True, dynamic=False
+    )
     return result
 
 

@@ -6,19 +6,9 @@ method's declared ``row_error`` for the scheme."""
 from __future__ import annotations
 
 import pytest
-from compressed_tensors.quantization import QuantizationArgs
-from quant_ct_checkpoints import quant_config_dict, scheme
+from quant_ct_checkpoints import quant_config_dict, scheme, static_int8_scheme
 
 from tessellm.testing import check_quantization_method
-
-
-def static_int8():
-    result = scheme("W8A8", strategy="tensor")
-    result.input_activations = QuantizationArgs(
-        num_bits=8, type="int", strategy="tensor", symmetric=True, dynamic=False
-    )
-    return result
-
 
 CONFIGS = {
     "default (W4A16 g128)": lambda: None,
@@ -35,7 +25,9 @@ CONFIGS = {
         scheme("W8A16", group_size=64, symmetric=False), "pack-quantized"
     ),
     "W8A8 int8 dynamic": lambda: quant_config_dict(scheme("W8A8"), "int-quantized"),
-    "W8A8 int8 static per-tensor": lambda: quant_config_dict(static_int8(), "int-quantized"),
+    "W8A8 int8 static per-tensor": lambda: quant_config_dict(
+        static_int8_scheme("tensor"), "int-quantized"
+    ),
     "FP8 dynamic": lambda: quant_config_dict(scheme("FP8_DYNAMIC"), "float-quantized"),
     "FP8 static": lambda: quant_config_dict(scheme("FP8"), "float-quantized"),
 }

@@ -22,8 +22,7 @@ import shutil
 
 import pytest
 import torch
-from compressed_tensors.quantization import QuantizationArgs
-from quant_ct_checkpoints import scheme, write_ct_checkpoint
+from quant_ct_checkpoints import scheme, static_int8_scheme, write_ct_checkpoint
 from safetensors.torch import load_file, save_file
 
 from tessellm import LLM, SamplingParams
@@ -37,21 +36,13 @@ W8A8_LOGIT_TOL = 0.04
 LINEARS_PER_LAYER = 4  # qkv_proj, o_proj, gate_up_proj, down_proj
 
 
-def static_int8():
-    result = scheme("W8A8")
-    result.input_activations = QuantizationArgs(
-        num_bits=8, type="int", strategy="tensor", symmetric=True, dynamic=False
-    )
-    return result
-
-
 SCHEMES = {
     "W4A16 g32": lambda: scheme("W4A16", group_size=32),
     "W4A16 asym g64": lambda: scheme("W4A16_ASYM", group_size=64),
     "W8A16 g32": lambda: scheme("W8A16", group_size=32),
     "W8A16 channel": lambda: scheme("W8A16", strategy="channel"),
     "W8A8 int8 dynamic": lambda: scheme("W8A8"),
-    "W8A8 int8 static": static_int8,
+    "W8A8 int8 static": static_int8_scheme,
     "FP8 dynamic": lambda: scheme("FP8_DYNAMIC"),
     "FP8 static": lambda: scheme("FP8"),
 }

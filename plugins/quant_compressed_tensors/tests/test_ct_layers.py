@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quant_ct_checkpoints import dequantize_linear, library_tensors, quant_config_dict, scheme
+from quant_ct_checkpoints import (
+    dequantize_linear,
+    library_tensors,
+    quant_config_dict,
+    scheme,
+    static_int8_scheme,
+)
 
 from tessellm.interfaces.model import ModelContext, ParallelInfo
 from tessellm.layers.linear import (
@@ -195,13 +201,9 @@ def test_a_weight_shape_of_another_layer_is_refused():
     ],
 )
 def test_w8a8_fused_layers_hold_each_shards_scales(preset, fmt, weights, static):
-    from compressed_tensors.quantization import QuantizationArgs
-
     linear_scheme = scheme(preset, **weights)
     if static and fmt == "int-quantized":
-        linear_scheme.input_activations = QuantizationArgs(
-            num_bits=8, type="int", strategy="tensor", symmetric=True, dynamic=False
-        )
+        linear_scheme = static_int8_scheme(weights["strategy"])
     method = method_for(linear_scheme, fmt)
     layer, shards = make_layer("qkv", method)
     amaxes = (3.0, 5.0, 4.0)

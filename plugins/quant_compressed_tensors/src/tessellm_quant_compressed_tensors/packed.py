@@ -157,7 +157,7 @@ class PackedWeightOnly(QuantizationMethod):
         span = in_features if self.group_size == -1 else self.group_size
         group_of_input = torch.arange(in_features, device=q.device) // span
         if self.bits == 4:
-            groups = QuantizedGroups(q.t().contiguous(), zeros.t(), scales.t(), group_of_input)
+            groups = _groups(q, zeros, scales, group_of_input)
             install(layer, groups, layer.ct_dtype)
             layer.ct_path = "int4"
         elif self.group_size == -1 and self.symmetric:
@@ -219,4 +219,14 @@ def _as_nibble_halves(
     zeros4 = torch.cat((zeros >> 4, zeros & 0xF), dim=1)
     scales4 = torch.cat((scales * 16, scales), dim=1)
     halves = torch.cat((group_of_input, group_of_input + groups))
-    return QuantizedGroups(q4.t().contiguous(), zeros4.t(), scales4.t(), halves)
+    return _groups(q4, zeros4, scales4, halves)
+
+
+def _groups(
+    q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_of_input: torch.Tensor
+) -> QuantizedGroups:
+    """The int4 runtime's layout, ``[K, N]`` and ``[groups, N]``, row-major (the Triton
+    kernels index them as such)."""
+    return QuantizedGroups(
+        q.t().contiguous(), zeros.t().contiguous(), scales.t().contiguous(), group_of_input
+    )
