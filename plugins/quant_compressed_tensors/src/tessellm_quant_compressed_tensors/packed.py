@@ -93,7 +93,7 @@ class PackedWeightOnly(QuantizationMethod):
         self.group_size = group_size  # -1: one group per output channel
         self.symmetric = symmetric
 
-    def _groups(self, layer: nn.Module, in_features: int) -> tuple[int, int | None]:
+    def _scale_columns(self, layer: nn.Module, in_features: int) -> tuple[int, int | None]:
         """(scale columns on this rank, their input_dim): per channel one column, kept
         whole; per group ``ceil(K / G)``, split with the inputs across ranks."""
         if self.group_size == -1:
@@ -114,7 +114,7 @@ class PackedWeightOnly(QuantizationMethod):
                 f"points, output features) in multiples of {per_word}: this layer has "
                 f"{in_features} -> {out_features} per rank"
             )
-        groups, group_dim = self._groups(layer, in_features)
+        groups, group_dim = self._scale_columns(layer, in_features)
         layer.ct_dtype = dtype
         layer.ct_checkpoint_in_features = _checkpoint_in_features(layer, in_features)
         packed = torch.zeros(out_features, in_features // per_word, dtype=torch.int32)
@@ -157,7 +157,7 @@ class PackedWeightOnly(QuantizationMethod):
         span = in_features if self.group_size == -1 else self.group_size
         group_of_input = torch.arange(in_features, device=q.device) // span
         if self.bits == 4:
-            groups = _groups(q, zeros, scales, group_of_input)
+            groups = _runtime_groups(q, zeros, scales, group_of_input)
             install(layer, groups, layer.ct_dtype)
             layer.ct_path = "int4"
         elif self.group_size == -1 and self.symmetric:
@@ -219,10 +219,10 @@ def _as_nibble_halves(
     zeros4 = torch.cat((zeros >> 4, zeros & 0xF), dim=1)
     scales4 = torch.cat((scales * 16, scales), dim=1)
     halves = torch.cat((group_of_input, group_of_input + groups))
-    return _groups(q4, zeros4, scales4, halves)
+    return _runtime_groups(q4, zeros4, scales4, halves)
 
 
-def _groups(
+def _runtime_groups(
     q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_of_input: torch.Tensor
 ) -> QuantizedGroups:
     """The int4 runtime's layout, ``[K, N]`` and ``[groups, N]``, row-major (the Triton
