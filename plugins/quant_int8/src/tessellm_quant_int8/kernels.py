@@ -99,7 +99,9 @@ def packed_scale(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _cpu_packed(rows: torch.Tensor) -> bool:
-    return rows.device.type == "cpu" and rows.shape[0] <= CPU_PACKED_MAX_ROWS and _INT8PACK
+    """Whether the CPU's packed kernel takes these rows (see CPU_PACKED_MAX_ROWS)."""
+    packed = rows.device.type == "cpu" and rows.shape[0] <= CPU_PACKED_MAX_ROWS
+    return packed and _INT8PACK is not None
 
 
 def int8_linear(
