@@ -31,6 +31,11 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # Engines in tests run their CPU decode steps eagerly: compiling one (a C++ build) per test
 # model would take most of the suite's time. test_cpu_compiled_decode.py turns it on.
 os.environ.setdefault("TESSELLM_CPU_COMPILE", "0")
+# Without a GPU, Triton kernels run only in its interpreter, and Triton reads the switch
+# once, when it is first imported: some dependencies (compressed-tensors) import it, so
+# it is set before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
