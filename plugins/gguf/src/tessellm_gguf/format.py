@@ -127,12 +127,14 @@ class GGUFFormat(WeightFormat):
         self, path: Path, config, dtype: torch.dtype
     ) -> Iterator[tuple[str, torch.Tensor]]:
         if _quant_method(config) == "gguf":
-            return self._native_weights(path, config)
+            return self._native_weights(path, config, dtype)
         return cached_weights(path, dtype, lambda: self._convert_weights(path, config))
 
-    def _native_weights(self, path: Path, config) -> Iterator[tuple[str, torch.Tensor]]:
+    def _native_weights(
+        self, path: Path, config, dtype: torch.dtype
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         try:
-            yield from iter_native_weights(path, config)
+            yield from iter_native_weights(path, config, dtype)
         except (ValueError, KeyError, struct.error) as exc:
             raise _load_error(path, "tensors", exc) from None
 

@@ -132,9 +132,27 @@ class GGUFNative(QuantizationMethod):
                 continue
             if weight.device.type != "cpu" or weight.dtype not in INT4_KERNEL_DTYPES:
                 continue
-            packed = pack_int8_groups(weight.data, grid_only=True)
+            packed = _pack_rows_in_chunks(weight.data, pack_int8_groups)
             if packed is not None:
                 module.logits_matmul = Int8GroupLogitsMatmul(weight.data, packed)
+
+
+# Rows packed at a time: the packer's fp32 temporaries of a whole 50k-262k vocabulary
+# would be the largest allocation of the load (measured: +600 MiB for SmolLM2's head).
+PACK_CHUNK_ROWS = 4096
+
+
+def _pack_rows_in_chunks(weight: torch.Tensor, pack) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``pack(weight, grid_only=True)`` by chunks of rows (the int4 layout and its
+    ``[K/32, N, 2]`` scales split along N), or None if any chunk is not on the grid."""
+    packs, scales = [], []
+    for start in range(0, weight.shape[0], PACK_CHUNK_ROWS):
+        result = pack(weight[start : start + PACK_CHUNK_ROWS], grid_only=True)
+        if result is None:
+            return None
+        packs.append(result[0])
+        scales.append(result[1])
+    return torch.cat(packs), torch.cat(scales, dim=1)
 
 
 def describe_layer(layer: nn.Module) -> str:

@@ -96,7 +96,31 @@ def gguf_to_hf_names(
     return mapping
 
 
-def iter_native_weights(path: Path, config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+# Rows of an embedding dequantized at a time (fp32 temporaries of this many rows only).
+DEQUANT_CHUNK_ROWS = 4096
+
+
+def _dense_matrix(raw: np.ndarray, entry: Any, processor: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A matrix that is not a linear layer's (the embedding, an untied LM head) dense in
+    ``dtype``, dequantized by chunks of rows: no fp32 copy of a 50k-262k vocabulary. The
+    supported architectures' processors leave these tensors as they are; they still see
+    every chunk, so a row-wise change would apply."""
+    from gguf import dequantize
+
+    out = torch.empty(entry.shape, dtype=dtype)
+    for start in range(0, entry.shape[0], DEQUANT_CHUNK_ROWS):
+        rows = raw[start : start + DEQUANT_CHUNK_ROWS]
+        dense = dequantize(rows, QT(entry.qtype))
+        dense = processor.process(weights=dense, name=entry.name).weights
+        out[start : start + len(rows)] = torch.from_numpy(np.asarray(dense, dtype=np.float32))
+    return out
+
+
+def iter_native_weights(
+    path: Path, config: Any, dtype: torch.dtype = torch.float32
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of the GGUF file at ``path`` for the ``gguf`` method: linear weights as
+    raw blocks, the embedding and LM head dense in ``dtype``, vectors in fp32."""
     from gguf import dequantize
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
@@ -121,6 +145,9 @@ def iter_native_weights(path: Path, config: Any) -> Iterator[tuple[str, torch.Te
             blocks = processor.process(weights=raw, name=entry.name).weights
             yield f"{prefix}.qweight_type", torch.tensor(entry.qtype, dtype=torch.int64)
             yield f"{prefix}.qweight", torch.from_numpy(np.array(blocks, copy=True))
+            continue
+        if not linear and hf_name is not None and len(entry.shape) == 2:
+            yield hf_name, _dense_matrix(raw, entry, processor, dtype)
             continue
         dense = dequantize(raw, QT(entry.qtype))
         result = processor.process(
