@@ -8,6 +8,7 @@ range. The libraries hold no weights, so the weights' values are not in it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -68,6 +69,41 @@ def traced_module_names(model: nn.Module) -> set[str]:
     return {n for n in names if n}
 
 
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _settings_of(obj: object) -> str:
+    """``obj``'s class and its plain settings (numbers, strings, dataclasses, tuples of
+    them): two quantization methods of one package whose classes differ or that are built
+    differently (W8A8 vs weight-only int8) must not share a library."""
+
+    def plain(value: object) -> bool:
+        if isinstance(value, tuple):
+            return all(plain(v) for v in value)
+        return isinstance(value, _PLAIN) or (
+            dataclasses.is_dataclass(value) and not isinstance(value, type)
+        )
+
+    cls = type(obj)
+    state = sorted((k, repr(v)) for k, v in getattr(obj, "__dict__", {}).items() if plain(v))
+    return f"{cls.__module__}.{cls.__qualname__}{state}"
+
+
+def held_objects_settings(model: nn.Module) -> list[str]:
+    """The settings (:func:`_settings_of`) of the code-bearing objects the model's modules
+    hold (quantization method, attention backend, fused-op table), each once."""
+    found: set[str] = set()
+    for module in model.modules():
+        for value in vars(module).values():
+            functions = (types.FunctionType, types.MethodType, functools.partial)
+            # Model configs are in the key already, as JSON (and their repr names a path).
+            if value is None or hasattr(value, "to_json_string"):
+                continue
+            if not isinstance(value, (*_NOT_CODE, *functions)):
+                found.add(_settings_of(value))
+    return sorted(found)
+
+
 def _source_roots(name: str) -> set[Path]:
     """What to hash for module ``name``: its whole top-level package (directories), so
     that the key does not depend on which of its modules a command happened to import;
@@ -121,6 +157,7 @@ def library_key(
         "format": CACHE_FORMAT,
         "versions": VERSIONED_PACKAGES,
         "model": type(model).__qualname__,
+        "held": held_objects_settings(model),
         "config": config.to_json_string() if hasattr(config, "to_json_string") else "",
         "batch_range": list(batch_range),
         "threads": torch.get_num_threads(),
