@@ -41,7 +41,7 @@ from tessellm_quant_int4.int4_groups import (
     install,
     int4_linear,
 )
-from tessellm_quant_int8 import weight_only_int8_linear
+from tessellm_quant_int8 import packed_scale, weight_only_int8_linear
 
 CHECKPOINT_TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
@@ -163,6 +163,10 @@ class PackedWeightOnly(QuantizationMethod):
         elif self.group_size == -1 and self.symmetric:
             layer.register_buffer("ct_int8_weight", (q - 128).to(torch.int8), persistent=False)
             layer.register_buffer("ct_int8_scale", scales.reshape(-1, 1), persistent=False)
+            # Kept on the layer: computed inside a compiled CPU step, inductor cannot lower
+            # the packed int8 kernel's scale argument.
+            scale_bf16 = packed_scale(layer.ct_int8_scale)
+            layer.register_buffer("ct_int8_scale_bf16", scale_bf16, persistent=False)
             layer.ct_path = "int8"
         elif q.device.type == "cuda" or cpu_kernel_fast(layer.ct_dtype):
             install(layer, _as_nibble_halves(q, zeros, scales, group_of_input), layer.ct_dtype)
@@ -180,7 +184,13 @@ class PackedWeightOnly(QuantizationMethod):
         if path == "int4":
             return int4_linear(layer, x, bias)
         if path == "int8":
-            return weight_only_int8_linear(x, layer.ct_int8_weight, layer.ct_int8_scale, bias)
+            return weight_only_int8_linear(
+                x,
+                layer.ct_int8_weight,
+                layer.ct_int8_scale,
+                bias,
+                scale_bf16=layer.ct_int8_scale_bf16,
+            )
         if path == "int8_halves":
             return int4_linear(layer, torch.cat((x, x), dim=-1), bias)
         weight = dequantize_int8_groups(

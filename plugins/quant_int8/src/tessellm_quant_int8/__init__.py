@@ -3,6 +3,7 @@
 from tessellm_quant_int8.kernels import (
     dequantize_per_channel_int8,
     int8_linear,
+    packed_scale,
     quantize_per_channel_int8,
     quantize_per_token_int8,
     weight_only_int8_linear,
@@ -11,6 +12,7 @@ from tessellm_quant_int8.kernels import (
 __all__ = [
     "dequantize_per_channel_int8",
     "int8_linear",
+    "packed_scale",
     "quantize_per_channel_int8",
     "quantize_per_token_int8",
     "weight_only_int8_linear",
