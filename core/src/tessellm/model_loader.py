@@ -164,10 +164,14 @@ def load_weights(model: nn.Module, weights) -> None:
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ModelLoadError(f"checkpoint lacks {len(missing)} weight(s): {shown}")
-    for module in model.modules():
+    for name, module in model.named_modules():
         quant = getattr(module, "quant", None)
-        if quant is not None:
+        if quant is None:
+            continue
+        try:
             quant.process_weights_after_loading(module)
+        except ValueError as exc:  # what the checkpoint holds does not fit the method
+            raise ModelLoadError(f"{name}: {exc}") from exc
 
 
 def model_bytes(model: nn.Module) -> int:

@@ -131,3 +131,15 @@ def test_online_quantization_equals_the_per_channel_checkpoint(models):
     assert greedy(llm) == tokens
     got = token_logprobs(llm, sequences)
     assert float((got - expected).abs().max()) <= EXACT_LOGPROB_TOL
+
+
+def test_a_checkpoint_without_one_shards_scale_names_the_layer(models, tmp_path):
+    from tessellm.errors import ModelLoadError
+
+    broken = tmp_path / "no-k-scale"
+    shutil.copytree(models["per-tensor"], broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.0.self_attn.k_proj.weight_scale"]
+    save_file(tensors, broken / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"^model\.layers\.0\.self_attn\.qkv_proj: fp8: "):
+        engine(broken)
