@@ -16,6 +16,15 @@ import time
 
 
 def peak_mib() -> float:
+    """This process's peak RSS: ``VmHWM`` (reset by exec; ``ru_maxrss`` is not, so a
+    child of a large process would report its parent's size), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

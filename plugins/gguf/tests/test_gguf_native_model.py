@@ -202,3 +202,18 @@ def test_from_config_reads_only_gguf():
 def test_conformance_kit():
     result = check_quantization_method("gguf", dtypes=[torch.float32, torch.bfloat16])
     assert result.passed, result.failures
+
+
+def test_only_the_dense_path_caches_converted_weights(tiny_gguf, tessellm_cache_dir):
+    """Raw blocks are read from the file itself each time; the dense path still writes
+    (and reads back) its dequantized conversion."""
+
+    def cached_weight_files():
+        return sorted(p.name for p in tessellm_cache_dir.rglob("weights-*.safetensors"))
+
+    native, _ = _greedy(tiny_gguf, "float32")
+    assert cached_weight_files() == []
+    dense, _ = _greedy(tiny_gguf, "float32", quantization="none")
+    assert cached_weight_files() == ["weights-float32.safetensors"]
+    again, _ = _greedy(tiny_gguf, "float32", quantization="none")
+    assert native == dense == again

@@ -1,0 +1,79 @@
+"""The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF) with its weights kept
+quantized: it answers the README's question on the CPU in bf16 (the int4 kernel) and in
+fp32 (dequantized per call: the same tokens as the dense load), and loading it takes
+less memory than the dense load (peak RSS of a process that only builds the model).
+
+The fp32 comparison with transformers is tests/test_default_model.py's (the engine picks
+this method there too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tessellm import LLM, SamplingParams
+from tessellm.config import DEFAULT_MODEL
+from tessellm_gguf.method import describe_layer
+
+pytestmark = pytest.mark.slow
+
+os.environ.setdefault("TESSELLM_CPU_COMPILE", "0")
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+def _answer(dtype: str, **kwargs) -> tuple[str, list[int], LLM]:
+    llm = LLM(model=DEFAULT_MODEL, dtype=dtype, device="cpu", **kwargs)
+    out = llm.chat(QUESTION, GREEDY)[0].outputs[0]
+    return out.text, list(out.token_ids), llm
+
+
+def test_bf16_answer_through_the_int4_kernel():
+    text, _, llm = _answer("bfloat16")
+    runner = llm.engine.executor.runner
+    assert runner.quantization == "gguf"
+    layer = runner.model.model.layers[0]
+    assert describe_layer(layer.self_attn.qkv_proj) == "Int4KernelSegment"  # Q4_1
+    assert describe_layer(layer.mlp.down_proj) == "Int4KernelSegment"
+    assert "Paris" in text
+
+
+def test_fp32_answer_equals_the_dense_load():
+    text, native, llm = _answer("float32")
+    assert llm.engine.executor.runner.quantization == "gguf"
+    del llm
+    _, dense, _ = _answer("float32", quantization="none")
+    assert "Paris" in text
+    assert native == dense
+
+
+def _load_peak(dtype: str, quantization: str) -> dict:
+    script = Path(__file__).with_name("load_memory.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), DEFAULT_MODEL, dtype, quantization],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loading_allocates_no_dense_copy(dtype):
+    native = _load_peak(dtype, "auto")
+    dense = _load_peak(dtype, "none")
+    assert native["method"] == "gguf" and dense["method"] == "none"
+    # The linear weights (80% of the parameters) are kept at ~4.5-6 bits, not 16 or 32.
+    assert native["model_mib"] < 0.5 * dense["model_mib"]
+    native_growth = native["peak_mib"] - native["baseline_peak_mib"]
+    dense_growth = dense["peak_mib"] - dense["baseline_peak_mib"]
+    assert native_growth < dense_growth - 0.5 * (dense["model_mib"] - native["model_mib"])
