@@ -23,7 +23,7 @@ from tessellm.interfaces.quantization import (
     QuantizationMethod,
     set_weight_attrs,
 )
-from tessellm_gguf.blocks import DENSE_TYPES, QT, bytes_per_row, decode, dense_rows, type_name
+from tessellm_gguf.blocks import DENSE_TYPES, QT, bytes_per_row, decode, dense_rows
 from tessellm_gguf.runtime import INT4_KERNEL_DTYPES, GGUFLinearRuntime
 
 # What ``checkpoint_tensors`` writes: llama.cpp's near-lossless 8-bit type.
@@ -144,21 +144,27 @@ PACK_CHUNK_ROWS = 4096
 
 def _pack_rows_in_chunks(weight: torch.Tensor, pack) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``pack(weight, grid_only=True)`` by chunks of rows (the int4 layout and its
-    ``[K/32, N, 2]`` scales split along N), or None if any chunk is not on the grid."""
-    packs, scales = [], []
-    for start in range(0, weight.shape[0], PACK_CHUNK_ROWS):
-        result = pack(weight[start : start + PACK_CHUNK_ROWS], grid_only=True)
+    ``[K/32, N, 2]`` scales split along N), or None if any chunk is not on the grid. The
+    results are allocated once and filled: chunk results kept until a final ``cat`` would
+    sit between the chunks' freed temporaries and pin them (measured: +1.2 GiB of RSS for
+    Gemma 3's 262k-row head)."""
+    rows = weight.shape[0]
+    packed = scales = None
+    for start in range(0, rows, PACK_CHUNK_ROWS):
+        stop = min(start + PACK_CHUNK_ROWS, rows)
+        result = pack(weight[start:stop], grid_only=True)
         if result is None:
             return None
-        packs.append(result[0])
-        scales.append(result[1])
-    return torch.cat(packs), torch.cat(scales, dim=1)
+        if packed is None:
+            packed = result[0].new_empty((rows, *result[0].shape[1:]))
+            scales = result[1].new_empty((result[1].shape[0], rows, *result[1].shape[2:]))
+        packed[start:stop] = result[0]
+        scales[:, start:stop] = result[1]
+        del result
+    return packed, scales
 
 
 def describe_layer(layer: nn.Module) -> str:
     """The runtime segments of a loaded layer (for tests and reports)."""
     runtime = getattr(layer, "gguf_runtime", None)
     return ", ".join(runtime.kinds) if runtime is not None else "not loaded"
-
-
-__all__ = ["GGUFNative", "describe_layer", "type_name"]
