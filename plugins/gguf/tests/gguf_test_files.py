@@ -91,8 +91,10 @@ def write_tiny_llama(
     kv_heads: int = 2,
     seed: int = 0,
     std: float = 0.08,
+    architecture: str = "llama",
 ) -> Path:
-    """A random Llama GGUF. ``types`` maps GGUF tensor names (``blk.0.attn_q``, or a kind
+    """A random Llama GGUF (``architecture="qwen2"``: a Qwen2 one, with q/k/v biases and
+    no Q/K row permutation). ``types`` maps GGUF tensor names (``blk.0.attn_q``, or a kind
     ``attn_q`` for every block, ``token_embd``, ``output``) to their quantization type;
     unnamed matrices are Q4_0, norms F32. Weights are normal with ``std`` (wide, so that
     logits are peaked and rounding cannot flip a greedy choice)."""
@@ -103,7 +105,8 @@ def write_tiny_llama(
     tokens += ["<s>", "</s>"]
     vocab = len(tokens)
     head_dim = hidden // heads
-    writer = GGUFWriter(str(path), "llama")
+    writer = GGUFWriter(str(path), architecture)
+    qwen = architecture == "qwen2"
     writer.add_name("tiny-llama")
     writer.add_context_length(256)
     writer.add_embedding_length(hidden)
@@ -136,13 +139,18 @@ def write_tiny_llama(
     matrix("token_embd", vocab, hidden)
     for i in range(layers):
         b = f"blk.{i}"
-        matrix(f"{b}.attn_q", hidden, hidden, permute_heads=heads)
-        matrix(f"{b}.attn_k", kv_heads * head_dim, hidden, permute_heads=kv_heads)
+        matrix(f"{b}.attn_q", hidden, hidden, permute_heads=0 if qwen else heads)
+        matrix(f"{b}.attn_k", kv_heads * head_dim, hidden, permute_heads=0 if qwen else kv_heads)
         matrix(f"{b}.attn_v", kv_heads * head_dim, hidden)
         matrix(f"{b}.attn_output", hidden, hidden)
         matrix(f"{b}.ffn_gate", intermediate, hidden)
         matrix(f"{b}.ffn_up", intermediate, hidden)
         matrix(f"{b}.ffn_down", hidden, intermediate)
+        if qwen:
+            for name, rows in (("attn_q", hidden), ("attn_k", kv_heads * head_dim)):
+                writer.add_tensor(f"{b}.{name}.bias", rng.normal(0, 0.1, rows).astype(np.float32))
+            bias = rng.normal(0, 0.1, kv_heads * head_dim).astype(np.float32)
+            writer.add_tensor(f"{b}.attn_v.bias", bias)
         for norm in ("attn_norm", "ffn_norm"):
             weight = 1 + rng.normal(0, 0.1, hidden).astype(np.float32)
             writer.add_tensor(f"{b}.{norm}.weight", weight)

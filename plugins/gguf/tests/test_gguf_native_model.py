@@ -217,3 +217,14 @@ def test_only_the_dense_path_caches_converted_weights(tiny_gguf, tessellm_cache_
     assert cached_weight_files() == ["weights-float32.safetensors"]
     again, _ = _greedy(tiny_gguf, "float32", quantization="none")
     assert native == dense == again
+
+
+def test_qwen2_with_qkv_biases_equals_the_dense_load(tmp_path):
+    """Another architecture of the native set: no Q/K permutation, dense q/k/v biases
+    loaded beside the quantized matrices."""
+    path = write_tiny_llama(tmp_path / "tiny-qwen2.gguf", TYPES, architecture="qwen2")
+    dense, _ = _greedy(path, "float32", quantization="none")
+    native, llm = _greedy(path, "float32")
+    qkv = llm.engine.executor.runner.model.model.layers[0].self_attn.qkv_proj
+    assert llm.engine.executor.runner.quantization == "gguf" and qkv.bias is not None
+    assert native == dense
