@@ -41,7 +41,8 @@ def gguf_path():
 @pytest.fixture(scope="module")
 def ours(gguf_path):
     """Prompt ids and tessellm's greedy continuation (its engine freed before HF loads)."""
-    llm = LLM(model=MODEL, dtype="float32", device="cpu")
+    # Named: in fp32 a GGUF file loads dequantized unless the gguf method is asked for.
+    llm = LLM(model=MODEL, dtype="float32", device="cpu", quantization="gguf")
     assert llm.engine.executor.runner.quantization == "gguf"
     prompt_ids = llm.get_tokenizer().encode(PROMPT)
     greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)

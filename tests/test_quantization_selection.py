@@ -34,6 +34,13 @@ class CheckpointReader(Unquantized):
         return cls()
 
 
+class Bf16NativeGGUF(Unquantized):
+    name = "bf16_native_gguf"
+    capabilities = QuantCapabilities(
+        checkpoint_formats=("deq",), preferred_dtypes=(torch.bfloat16,)
+    )
+
+
 class Fp32Only(Unquantized):
     name = "fp32only"
     capabilities = QuantCapabilities(dtypes=(torch.float32,))
@@ -44,6 +51,7 @@ def plugins(fresh_plugins):
     def register_methods(register):
         register("fakeq", CheckpointReader)
         register("fp32only", Fp32Only)
+        register("bf16_native_gguf", Bf16NativeGGUF)
 
     def register_hints(register):
         register("madeupq", InstallHint("tessellm-madeupq", "madeupq"))
@@ -89,6 +97,20 @@ def test_a_format_no_installed_method_reads_names_the_package(plugins):
 def test_gguf_weights_may_be_dequantized_for_another_method(plugins):
     choice = _choose(plugins, _checkpoint("gguf"), requested="none")
     assert (choice.name, choice.dequantize, choice.method_config()) == ("none", True, None)
+
+
+def test_a_format_reader_is_picked_unasked_only_in_its_preferred_dtypes(plugins, monkeypatch):
+    import tessellm.selection
+
+    # A format that, like GGUF, its weight format can also hand out dense.
+    monkeypatch.setattr(tessellm.selection, "DEQUANTIZABLE_FORMATS", ("gguf", "deq"))
+    native = _choose(plugins, _checkpoint("deq"), dtype=torch.bfloat16)
+    assert (native.name, native.dequantize) == ("bf16_native_gguf", False)
+    dense = _choose(plugins, _checkpoint("deq"), dtype=torch.float32)
+    assert (dense.name, dense.dequantize) == ("none", True)
+    assert "not preferred in float32" in dense.reason
+    asked = _choose(plugins, _checkpoint("deq"), requested="bf16_native_gguf")
+    assert (asked.name, asked.dequantize) == ("bf16_native_gguf", False)
 
 
 def test_a_dense_checkpoint_gets_the_request_or_the_platform_default(plugins):

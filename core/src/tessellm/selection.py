@@ -144,6 +144,11 @@ def _capabilities(plugins: PluginSet, name: str) -> QuantCapabilities:
     return getattr(cls, "capabilities", QuantCapabilities())
 
 
+def _prefers(plugins: PluginSet, name: str, dtype: torch.dtype) -> bool:
+    preferred = _capabilities(plugins, name).preferred_dtypes
+    return preferred is None or dtype in preferred
+
+
 def _check_loads_dense(plugins: PluginSet, requested: str) -> None:
     caps = _capabilities(plugins, requested)
     if caps.loads_dense or plugins.get("quantization_methods", requested) is None:
@@ -193,6 +198,16 @@ def choose_quantization(
             f"the checkpoint is quantized with {fmt!r}; quantization={requested!r} cannot "
             f"load it (methods that can: {', '.join(readers) or 'none installed'})"
         )
+    if fmt in DEQUANTIZABLE_FORMATS:
+        readers = [r for r in readers if _prefers(plugins, r, dtype)] or readers
+        if readers and not _prefers(plugins, readers[0], dtype):
+            fallback = choose_quantization(plugins, platform, dtype)
+            dtype_name = str(dtype).removeprefix("torch.")
+            reason = (
+                f"{fmt} weights dequantized on load: {readers[0]!r} is not preferred in "
+                f"{dtype_name} (the dense model is faster there; ask for it by name)"
+            )
+            return QuantizationChoice(fallback.name, reason, fmt, qc, dequantize=True)
     if readers:
         return QuantizationChoice(readers[0], f"the checkpoint's quant_method {fmt!r}", fmt, qc)
     if fmt in DEQUANTIZABLE_FORMATS:

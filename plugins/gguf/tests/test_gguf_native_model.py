@@ -131,7 +131,10 @@ def test_tensor_table_matches_gguf_reader(tiny_gguf):
 
 def test_greedy_tokens_equal_the_dense_load_fp32(tiny_gguf, monkeypatch):
     dense, _ = _greedy(tiny_gguf, "float32", quantization="none")
-    native, llm = _greedy(tiny_gguf, "float32")
+    unasked, llm = _greedy(tiny_gguf, "float32")  # in fp32 the dense model is faster
+    assert llm.engine.executor.runner.quantization == "none" and unasked == dense
+    del llm
+    native, llm = _greedy(tiny_gguf, "float32", quantization="gguf")
     runner = llm.engine.executor.runner
     assert runner.quantization == "gguf"
     qkv = runner.model.model.layers[0].self_attn.qkv_proj
@@ -141,7 +144,7 @@ def test_greedy_tokens_equal_the_dense_load_fp32(tiny_gguf, monkeypatch):
     del llm
     # The int4 kernel's repacking, in fp32.
     monkeypatch.setattr(runtime, "INT4_KERNEL_DTYPES", (torch.float32, torch.bfloat16))
-    kernel, llm = _greedy(tiny_gguf, "float32")
+    kernel, llm = _greedy(tiny_gguf, "float32", quantization="gguf")
     layers = llm.engine.executor.runner.model.model.layers
     assert describe_layer(layers[0].self_attn.qkv_proj) == "Int4KernelSegment, Int4KernelSegment"
     # Layer 1's query matrix is F16 in the file: a dense segment before k (one half) and
@@ -167,7 +170,7 @@ def test_native_model_holds_no_dense_copy(tiny_gguf):
     dense linear weights' fp32 size less the codes' size."""
     from tessellm.model_loader import model_bytes
 
-    _, native = _greedy(tiny_gguf, "float32")
+    _, native = _greedy(tiny_gguf, "float32", quantization="gguf")
     _, dense = _greedy(tiny_gguf, "float32", quantization="none")
     native_model = native.engine.executor.runner.model
     dense_model = dense.engine.executor.runner.model
@@ -211,7 +214,7 @@ def test_only_the_dense_path_caches_converted_weights(tiny_gguf, tessellm_cache_
     def cached_weight_files():
         return sorted(p.name for p in tessellm_cache_dir.rglob("weights-*.safetensors"))
 
-    native, _ = _greedy(tiny_gguf, "float32")
+    native, _ = _greedy(tiny_gguf, "float32", quantization="gguf")
     assert cached_weight_files() == []
     dense, _ = _greedy(tiny_gguf, "float32", quantization="none")
     assert cached_weight_files() == ["weights-float32.safetensors"]
@@ -224,7 +227,7 @@ def test_qwen2_with_qkv_biases_equals_the_dense_load(tmp_path):
     loaded beside the quantized matrices."""
     path = write_tiny_llama(tmp_path / "tiny-qwen2.gguf", TYPES, architecture="qwen2")
     dense, _ = _greedy(path, "float32", quantization="none")
-    native, llm = _greedy(path, "float32")
+    native, llm = _greedy(path, "float32", quantization="gguf")
     qkv = llm.engine.executor.runner.model.model.layers[0].self_attn.qkv_proj
     assert llm.engine.executor.runner.quantization == "gguf" and qkv.bias is not None
     assert native == dense

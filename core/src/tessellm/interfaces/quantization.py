@@ -62,6 +62,7 @@ class QuantCapabilities:
     group_sizes: tuple[int, ...] = ()
     row_error: float = 0.0
     dense_checkpoints: bool | None = None
+    preferred_dtypes: tuple[torch.dtype, ...] | None = None
 
     @property
     def loads_dense(self) -> bool:
