@@ -113,6 +113,18 @@ def test_a_format_reader_is_picked_unasked_only_in_its_preferred_dtypes(plugins,
     assert (asked.name, asked.dequantize) == ("bf16_native_gguf", False)
 
 
+def test_auto_dtype_follows_the_format_readers_preference(plugins, monkeypatch):
+    import tessellm.selection
+    from tessellm.selection import default_dtype_for
+
+    monkeypatch.setattr(tessellm.selection, "DEQUANTIZABLE_FORMATS", ("gguf", "deq"))
+    platform, _ = choose_platform(plugins)
+    assert default_dtype_for(plugins, platform, _checkpoint("deq")) == torch.bfloat16
+    base = platform.default_dtype()
+    assert default_dtype_for(plugins, platform, _checkpoint("deq"), requested="none") == base
+    assert default_dtype_for(plugins, platform, SimpleNamespace()) == base
+
+
 def test_a_dense_checkpoint_gets_the_request_or_the_platform_default(plugins):
     assert _choose(plugins, SimpleNamespace(), requested="fp32only").name == "fp32only"
     assert _choose(plugins, SimpleNamespace(quantization_config=None)).name == "none"  # fp32

@@ -220,6 +220,26 @@ def choose_quantization(
     )
 
 
+def default_dtype_for(
+    plugins: PluginSet, platform: Platform, config: Any, requested: str | None = None
+) -> torch.dtype:
+    """What ``dtype="auto"`` means for this checkpoint: the platform's default, unless the
+    checkpoint is in a format whose reading method prefers other run dtypes (GGUF's int4
+    CPU kernels are fast in bf16 only) and the platform supports one of them."""
+    base = platform.default_dtype()
+    qc = checkpoint_quantization(config)
+    if qc is None:
+        return base
+    readers = methods_reading(plugins, str(qc["quant_method"]).lower())
+    if not readers or (requested and requested not in readers):
+        return base
+    preferred = _capabilities(plugins, readers[0]).preferred_dtypes
+    if not preferred or base in preferred:
+        return base
+    supported = platform.supported_dtypes()
+    return next((dtype for dtype in preferred if dtype in supported), base)
+
+
 def build_quantization(
     plugins: PluginSet,
     choice: QuantizationChoice,

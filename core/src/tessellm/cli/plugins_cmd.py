@@ -88,14 +88,19 @@ def _explain_model(
     from tessellm import model_loader as ml
     from tessellm.config import EngineArgs
     from tessellm.errors import TessellmError
-    from tessellm.selection import choose_attention_backend, choose_quantization
+    from tessellm.selection import (
+        choose_attention_backend,
+        choose_quantization,
+        default_dtype_for,
+    )
 
     try:
         args = EngineArgs(model=model, dtype=dtype_name, kv_cache_dtype=kv_cache_dtype)
         resolved = ml.resolve_model(found, model, args.cache_dir)
         config = ml.weight_format(found, resolved).load_config(resolved.path)
         architecture = ml.architecture_of(config)
-        dtype = ml.resolve_dtype(args.dtype, platform.default_dtype())
+        auto_dtype = default_dtype_for(found, platform, config, quantization)
+        dtype = ml.resolve_dtype(args.dtype, auto_dtype)
         # As the model runner asks, on its first device, for one tensor-parallel rank.
         device_type = platform.device(0).type
         spec = ml.attention_spec(

@@ -25,6 +25,7 @@ from tessellm.selection import (
     choose_attention_backend,
     choose_platform,
     choose_quantization,
+    default_dtype_for,
 )
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ class ModelRunner:
         torch.manual_seed(args.seed)
         fmt = ml.weight_format(plugins, resolved)
         self.config = fmt.load_config(resolved.path)
-        self.dtype = ml.resolve_dtype(args.dtype, self.platform.default_dtype())
+        auto_dtype = default_dtype_for(plugins, self.platform, self.config, args.quantization)
+        self.dtype = ml.resolve_dtype(args.dtype, auto_dtype)
         self.max_model_len = ml.max_model_len_of(self.config, args.max_model_len)
         spec = ml.attention_spec(
             self.config,
