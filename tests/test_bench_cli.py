@@ -82,6 +82,19 @@ def test_serve_against_a_running_server(tiny_server):
     assert metrics["output_tok_s"] > 0
 
 
+def test_serve_with_text_prompts_for_servers_without_token_ids(tiny_server, tiny_llama):
+    from tessellm.bench.serve import ServeSettings, run_serve
+
+    settings = ServeSettings(
+        base_url=tiny_server.base_url, num_prompts=3, input_len=LengthRange(6, 6),
+        output_len=LengthRange(3, 3), tokenizer=str(tiny_llama), text_prompts=True,
+    )  # fmt: skip
+    metrics = run_serve(settings).rows[0].metrics
+    assert metrics["completed"] == 3 and metrics["failed"] == 0
+    with pytest.raises(ConfigError, match="--text-prompts needs --tokenizer"):
+        run_serve(ServeSettings(base_url=tiny_server.base_url, text_prompts=True))
+
+
 def test_length_ranges_and_workload():
     assert LengthRange.parse("128") == LengthRange(128, 128)
     assert LengthRange.parse("100:1024") == LengthRange(100, 1024)

@@ -9,6 +9,7 @@ inter-token latency (ITL); over the run: request and output-token throughput.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 import statistics
@@ -32,6 +33,7 @@ class ServeSettings:
     max_concurrency: int | None = None
     vocab_size: int = 32000  # random prompt ids are drawn below this ...
     tokenizer: str | None = None  # ... or from this model's tokenizer, specials excluded
+    text_prompts: bool = False  # send the prompts decoded to text (needs ``tokenizer``)
     seed: int = 0
     timeout_s: float = 600.0
 
@@ -61,7 +63,7 @@ async def one_request(client: Any, model: str, req: BenchRequest) -> RequestTimi
     try:
         stream = await client.completions.create(
             model=model,
-            prompt=req.prompt_token_ids,
+            prompt=req.prompt_text if req.prompt_text is not None else req.prompt_token_ids,
             max_tokens=req.output_len,
             temperature=0.0,
             stream=True,
@@ -171,23 +173,37 @@ async def _run(settings: ServeSettings, requests: list[BenchRequest]) -> BenchRe
     return report
 
 
-def prompt_token_ids(settings: ServeSettings) -> list[int]:
-    if settings.tokenizer is None:
-        # Low ids of most vocabularies hold special and byte tokens; skip them.
-        return usable_token_ids(settings.vocab_size, range(min(1000, settings.vocab_size - 1)))
+def _tokenizer(name: str):
     from tessellm import model_loader as ml
     from tessellm.config import EngineArgs
     from tessellm.plugins import get_plugins
 
     plugins = get_plugins()
-    resolved = ml.resolve_model(plugins, settings.tokenizer, EngineArgs().cache_dir)
-    tokenizer = ml.weight_format(plugins, resolved).load_tokenizer(resolved.path)
+    resolved = ml.resolve_model(plugins, name, EngineArgs().cache_dir)
+    return ml.weight_format(plugins, resolved).load_tokenizer(resolved.path)
+
+
+def prompt_token_ids(settings: ServeSettings) -> list[int]:
+    if settings.tokenizer is None:
+        # Low ids of most vocabularies hold special and byte tokens; skip them.
+        return usable_token_ids(settings.vocab_size, range(min(1000, settings.vocab_size - 1)))
+    tokenizer = _tokenizer(settings.tokenizer)
     return usable_token_ids(len(tokenizer), tokenizer.all_special_ids)
 
 
 def run_serve(settings: ServeSettings) -> BenchReport:
+    from tessellm.errors import ConfigError
+
+    if settings.text_prompts and settings.tokenizer is None:
+        raise ConfigError("--text-prompts needs --tokenizer (the model whose tokens to decode)")
     ids = prompt_token_ids(settings)
     requests = make_workload(
         settings.num_prompts, settings.input_len, settings.output_len, ids, settings.seed
     )
+    if settings.text_prompts:
+        tokenizer = _tokenizer(settings.tokenizer)
+        requests = [
+            dataclasses.replace(req, prompt_text=tokenizer.decode(req.prompt_token_ids))
+            for req in requests
+        ]
     return asyncio.run(_run(settings, requests))

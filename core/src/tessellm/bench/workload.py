@@ -46,6 +46,9 @@ class LengthRange:
 class BenchRequest:
     prompt_token_ids: list[int]
     output_len: int
+    # The ids decoded, for servers that take text prompts only (``bench serve
+    # --text-prompts``); the server's own tokenization may differ by a few tokens.
+    prompt_text: str | None = None
 
     @property
     def input_len(self) -> int:

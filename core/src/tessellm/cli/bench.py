@@ -241,6 +241,12 @@ def serve(
     vocab_size: Annotated[
         int, typer.Option(min=2, help="Without --tokenizer, prompt ids lie below this.")
     ] = 32000,
+    text_prompts: Annotated[
+        bool,
+        typer.Option(
+            help="Send prompts as text decoded by --tokenizer (servers that take no token ids)."
+        ),
+    ] = False,
     num_prompts: Annotated[int, typer.Option(min=1)] = 64,
     input_len: Annotated[str, typer.Option(help="Prompt tokens: N or MIN:MAX.")] = "32",
     output_len: Annotated[str, typer.Option(help="Output tokens: N or MIN:MAX.")] = "128",
@@ -273,6 +279,7 @@ def serve(
             max_concurrency=max_concurrency,
             vocab_size=vocab_size,
             tokenizer=tokenizer,
+            text_prompts=text_prompts,
             seed=seed,
         )
         return run_serve(settings)
