@@ -88,6 +88,7 @@ def test_serve_with_text_prompts_for_servers_without_token_ids(tiny_server, tiny
     settings = ServeSettings(
         base_url=tiny_server.base_url, num_prompts=3, input_len=LengthRange(6, 6),
         output_len=LengthRange(3, 3), tokenizer=str(tiny_llama), text_prompts=True,
+        ignore_eos=False,
     )  # fmt: skip
     metrics = run_serve(settings).rows[0].metrics
     assert metrics["completed"] == 3 and metrics["failed"] == 0

@@ -34,6 +34,7 @@ class ServeSettings:
     vocab_size: int = 32000  # random prompt ids are drawn below this ...
     tokenizer: str | None = None  # ... or from this model's tokenizer, specials excluded
     text_prompts: bool = False  # send the prompts decoded to text (needs ``tokenizer``)
+    ignore_eos: bool = True  # vLLM's extension; servers that refuse unknown fields lack it
     seed: int = 0
     timeout_s: float = 600.0
 
@@ -55,7 +56,9 @@ class RequestTiming:
         return (self.e2e - self.ttft) / (self.output_tokens - 1)
 
 
-async def one_request(client: Any, model: str, req: BenchRequest) -> RequestTiming:
+async def one_request(
+    client: Any, model: str, req: BenchRequest, ignore_eos: bool = True
+) -> RequestTiming:
     start = time.perf_counter()
     timing = RequestTiming(ok=False, input_tokens=req.input_len)
     last = None
@@ -68,7 +71,7 @@ async def one_request(client: Any, model: str, req: BenchRequest) -> RequestTimi
             temperature=0.0,
             stream=True,
             stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True},
+            extra_body={"ignore_eos": True} if ignore_eos else None,
         )
         async for chunk in stream:
             now = time.perf_counter()
@@ -152,7 +155,7 @@ async def _run(settings: ServeSettings, requests: list[BenchRequest]) -> BenchRe
 
     async def limited(req: BenchRequest) -> RequestTiming:
         async with limit:
-            result = await one_request(client, model, req)
+            result = await one_request(client, model, req, settings.ignore_eos)
         bar.update(1)
         return result
 

@@ -247,6 +247,10 @@ def serve(
             help="Send prompts as text decoded by --tokenizer (servers that take no token ids)."
         ),
     ] = False,
+    ignore_eos: Annotated[
+        bool,
+        typer.Option(help="Ask for every output token (vLLM's ignore_eos; some peers refuse it)."),
+    ] = True,
     num_prompts: Annotated[int, typer.Option(min=1)] = 64,
     input_len: Annotated[str, typer.Option(help="Prompt tokens: N or MIN:MAX.")] = "32",
     output_len: Annotated[str, typer.Option(help="Output tokens: N or MIN:MAX.")] = "128",
@@ -280,6 +284,7 @@ def serve(
             vocab_size=vocab_size,
             tokenizer=tokenizer,
             text_prompts=text_prompts,
+            ignore_eos=ignore_eos,
             seed=seed,
         )
         return run_serve(settings)
