@@ -94,13 +94,12 @@ DEQUANTIZABLE_FORMATS = ("gguf",)
 
 @dataclass
 class QuantizationChoice:
-    """The method for a model and why: ``checkpoint_format`` is the checkpoint's
-    ``quant_method`` (None: dense); ``dequantize`` means the chosen method does not read
-    that format, so the weight format must dequantize it on load."""
+    """The method for a model and why: ``checkpoint_config`` is the checkpoint's
+    ``quantization_config`` (None: dense); ``dequantize`` means the chosen method does not
+    read its format, so the weight format must dequantize it on load."""
 
     name: str
     reason: str
-    checkpoint_format: str | None = None
     checkpoint_config: dict[str, Any] | None = None
     dequantize: bool = False
 
@@ -123,6 +122,18 @@ def checkpoint_quantization(config: Any) -> dict[str, Any] | None:
     if not isinstance(qc, dict):
         qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(vars(qc))
     return qc if qc.get("quant_method") else None
+
+
+def _format_of(qc: dict[str, Any]) -> str:
+    return str(qc["quant_method"]).lower()
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability ``validate`` receives (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major, minor
 
 
 def methods_reading(plugins: PluginSet, checkpoint_format: str) -> list[str]:
@@ -178,7 +189,7 @@ def choose_quantization(
     The user may name another method for a checkpoint only where that method reads its
     format, or the format is one its weight format dequantizes (GGUF)."""
     qc = checkpoint_quantization(config)
-    fmt = str(qc["quant_method"]).lower() if qc else None
+    fmt = _format_of(qc) if qc else None
     if fmt is None:
         if requested:
             _check_loads_dense(plugins, requested)
@@ -190,30 +201,30 @@ def choose_quantization(
     readers = methods_reading(plugins, fmt)
     if requested:
         if requested in readers:
-            return QuantizationChoice(requested, "requested", fmt, qc)
+            return QuantizationChoice(requested, "requested", qc)
         if fmt in DEQUANTIZABLE_FORMATS:
             reason = f"requested; the {fmt} weights are dequantized on load"
-            return QuantizationChoice(requested, reason, fmt, qc, dequantize=True)
+            return QuantizationChoice(requested, reason, qc, dequantize=True)
         raise ConfigError(
             f"the checkpoint is quantized with {fmt!r}; quantization={requested!r} cannot "
             f"load it (methods that can: {', '.join(readers) or 'none installed'})"
         )
     if fmt in DEQUANTIZABLE_FORMATS:
-        readers = [r for r in readers if _prefers(plugins, r, dtype)] or readers
-        if readers and not _prefers(plugins, readers[0], dtype):
+        preferred = [r for r in readers if _prefers(plugins, r, dtype)]
+        if not preferred:
             fallback = choose_quantization(plugins, platform, dtype)
-            dtype_name = str(dtype).removeprefix("torch.")
-            reason = (
-                f"{fmt} weights dequantized on load: {readers[0]!r} is not preferred in "
-                f"{dtype_name} (the dense model is faster there; ask for it by name)"
-            )
-            return QuantizationChoice(fallback.name, reason, fmt, qc, dequantize=True)
+            if readers:
+                dtype_name = str(dtype).removeprefix("torch.")
+                reason = (
+                    f"{fmt} weights dequantized on load: {readers[0]!r} is not preferred in "
+                    f"{dtype_name} (the dense model is faster there; ask for it by name)"
+                )
+            else:
+                reason = f"no installed method reads {fmt} weights: dequantized on load"
+            return QuantizationChoice(fallback.name, reason, qc, dequantize=True)
+        readers = preferred
     if readers:
-        return QuantizationChoice(readers[0], f"the checkpoint's quant_method {fmt!r}", fmt, qc)
-    if fmt in DEQUANTIZABLE_FORMATS:
-        fallback = choose_quantization(plugins, platform, dtype)
-        reason = f"no installed method reads {fmt} weights: dequantized on load"
-        return QuantizationChoice(fallback.name, reason, fmt, qc, dequantize=True)
+        return QuantizationChoice(readers[0], f"the checkpoint's quant_method {fmt!r}", qc)
     raise ModelLoadError(
         f"the checkpoint is quantized with {fmt!r}, which no installed quantization method "
         "reads. " + plugins.install_hint(fmt, "quantization_methods")
@@ -230,7 +241,7 @@ def default_dtype_for(
     qc = checkpoint_quantization(config)
     if qc is None:
         return base
-    readers = methods_reading(plugins, str(qc["quant_method"]).lower())
+    readers = methods_reading(plugins, _format_of(qc))
     if not readers or (requested and requested not in readers):
         return base
     preferred = _capabilities(plugins, readers[0]).preferred_dtypes
@@ -253,10 +264,7 @@ def build_quantization(
         method = cls.from_config(choice.method_config())
     except ValueError as exc:
         raise ConfigError(f"quantization method {choice.name!r}: {exc}") from None
-    capability = None
-    if device.type == "cuda":
-        capability = tuple(torch.cuda.get_device_capability(device))
-    reasons = method.validate(device.type, dtype, capability)
+    reasons = method.validate(device.type, dtype, cuda_capability(device))
     if reasons:
         raise ConfigError(
             f"quantization method {choice.name!r} cannot run here: " + "; ".join(reasons)

@@ -91,6 +91,7 @@ def _explain_model(
     from tessellm.selection import (
         choose_attention_backend,
         choose_quantization,
+        cuda_capability,
         default_dtype_for,
     )
 
@@ -112,7 +113,7 @@ def _explain_model(
         quant_cls = found.load("quantization_methods", method)  # an unknown one is an error
         try:
             quant_problems = quant_cls.from_config(quant.method_config()).validate(
-                device_type, dtype, _cuda_capability(device_type)
+                device_type, dtype, cuda_capability(platform.device(0))
             )
         except ValueError as exc:
             quant_problems = [str(exc)]
@@ -139,14 +140,6 @@ def _explain_model(
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         typer.echo("  " + "  ".join([*cells, row[3]]))
-
-
-def _cuda_capability(device_type: str) -> tuple[int, int] | None:
-    if device_type != "cuda":
-        return None
-    import torch
-
-    return tuple(torch.cuda.get_device_capability(0))
 
 
 def _provenance(found: PluginSet, role: Role) -> tuple[str, str]:

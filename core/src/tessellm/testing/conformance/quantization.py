@@ -181,6 +181,7 @@ def check_quantization_method(
     ``grid_weight``). ``dtypes``: default every dtype of ``ROW_TOLERANCES`` that both the
     platform and the method support."""
     from tessellm.plugins import get_plugins
+    from tessellm.selection import cuda_capability
 
     checker = Checker(name, "quantization_method")
     try:
@@ -193,7 +194,7 @@ def check_quantization_method(
         checker.fail(f"registered target {cls!r} does not build a QuantizationMethod")
         return checker.finish()
     device, default_dtypes = _device_and_dtypes()
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    capability = cuda_capability(device)
     chosen = dtypes or [d for d in default_dtypes if d in method.capabilities.dtypes]
     refusals = []
     for dtype in chosen:
