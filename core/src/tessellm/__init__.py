@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from tessellm.hookspecs import PLUGIN_API_VERSION, hookimpl
 from tessellm.outputs import CompletionOutput, RequestOutput
-from tessellm.sampling_params import SamplingParams
+from tessellm.sampling_params import SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
     from tessellm.config import EngineArgs
@@ -25,6 +25,7 @@ __all__ = [
     "LLMEngine",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputsParams",
     "hookimpl",
 ]
 

@@ -164,6 +164,30 @@ def register_commands(app: typer.Typer) -> None:
     """
 
 
+@hookspec
+def register_structured_output_backends(register: Register) -> None:
+    """Register grammar backends for structured outputs (``response_format``, tools).
+
+    ``name`` is the backend's name (``"xgrammar"``, ``"llguidance"``), as a request's
+    ``structured_outputs.backend`` or ``--structured-outputs-backend`` names it. The target
+    is a subclass of
+    :class:`tessellm.interfaces.structured_output.StructuredOutputBackend`; the engine
+    builds one per tokenizer and compiles grammars with it off the step loop.
+    """
+
+
+@hookspec
+def register_tool_call_parsers(register: Register) -> None:
+    """Register parsers for the tool-call format of a model family's chat template.
+
+    ``name`` is the parser's name (``"hermes"``, ``"llama3_json"``, ``"mistral"``), as
+    ``--tool-call-parser`` names it. The target is a subclass of
+    :class:`tessellm.interfaces.tool_parser.ToolCallParser`: it says which architectures
+    and chat templates use its format, how a call starts (the trigger that switches
+    generation into a constrained call) and how to read calls out of the generated text.
+    """
+
+
 class InstallHint(NamedTuple):
     """Where a component that is not loaded can be found: the distribution to install and,
     if it is known, its entry-point name (to suggest for ``TESSELLM_PLUGINS``)."""
@@ -203,6 +227,8 @@ HOOK_NAMES: tuple[str, ...] = (
     "register_kv_cache_managers",
     "register_executors",
     "register_install_hints",
+    "register_structured_output_backends",
+    "register_tool_call_parsers",
 )
 
 RegisterHook = Callable[[Register], None]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json as _json
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tessellm.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from tessellm.interfaces.structured_output import GrammarSpec
 
 # Bounds that hold whatever the model; the engine checks token ids, top_k and logprobs
 # against the model's vocabulary and its own limits when a request is added.
@@ -50,6 +54,76 @@ def _flag(name: str, value: Any) -> bool:
 
 
 @dataclass(slots=True)
+class StructuredOutputsParams:
+    """Constrain a request's output (vLLM's ``StructuredOutputsParams``): exactly one of
+    ``json`` (a JSON schema, as a dict or JSON text), ``json_object`` (any JSON object),
+    ``regex``, ``choice`` (one of these strings), ``grammar`` (in the backend's syntax) or
+    ``structural_tag`` (vLLM's structural-tag JSON). ``backend`` picks a grammar backend
+    for this request (default: the engine's ``structured_outputs_backend``)."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        self.spec()  # checks that exactly one constraint is given, well typed
+
+    def spec(self) -> GrammarSpec:
+        """The canonical :class:`GrammarSpec` (``InvalidRequestError`` if malformed)."""
+        from tessellm.interfaces.structured_output import GrammarSpec
+
+        given = [
+            name
+            for name in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+            if getattr(self, name) not in (None, False)
+        ]
+        if len(given) != 1:
+            raise InvalidRequestError(
+                "structured_outputs needs exactly one of json, json_object, regex, choice, "
+                f"grammar or structural_tag; got {', '.join(given) or 'none'}"
+            )
+        _flag("disable_any_whitespace", self.disable_any_whitespace)
+        if self.backend is not None and not isinstance(self.backend, str):
+            raise InvalidRequestError("structured_outputs.backend must be a string")
+        kind = given[0]
+        value = getattr(self, kind)
+        any_ws = not self.disable_any_whitespace
+        if kind == "json":
+            if isinstance(value, str):
+                try:
+                    value = _json.loads(value)
+                except ValueError as exc:
+                    raise InvalidRequestError(
+                        f"structured_outputs.json is not JSON: {exc}"
+                    ) from None
+            if not isinstance(value, dict | bool):
+                raise InvalidRequestError("structured_outputs.json must be a JSON schema object")
+            return GrammarSpec("json", _json.dumps(value, sort_keys=True), any_ws)
+        if kind == "json_object":
+            _flag("json_object", value)
+            return GrammarSpec("json_object", "", any_ws)
+        if kind == "choice":
+            if not isinstance(value, list | tuple) or not value:
+                raise InvalidRequestError("structured_outputs.choice must be a non-empty list")
+            if not all(isinstance(c, str) for c in value):
+                raise InvalidRequestError("structured_outputs.choice must list strings")
+            return GrammarSpec("choice", _json.dumps(list(value)), any_ws)
+        if not isinstance(value, str) or not value:
+            raise InvalidRequestError(f"structured_outputs.{kind} must be a non-empty string")
+        if kind == "structural_tag":
+            try:
+                _json.loads(value)
+            except ValueError as exc:
+                raise InvalidRequestError(f"structured_outputs.structural_tag: {exc}") from None
+        return GrammarSpec(kind, value, any_ws)
+
+
+@dataclass(slots=True)
 class SamplingParams:
     """How to sample one request. ``temperature=0`` is greedy.
 
@@ -77,6 +151,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -116,6 +191,10 @@ class SamplingParams:
                 _integer("logit_bias key", t, 0, MAX_TOKEN_ID): _real("logit_bias value", b)
                 for t, b in self.logit_bias.items()
             }
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise InvalidRequestError("structured_outputs must be StructuredOutputsParams")
+            self.structured_outputs.spec()
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             _flag(name, getattr(self, name))
         checks: list[tuple[bool, str]] = [
