@@ -68,7 +68,105 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class SamplingFields(RequestModel):
+# -- structured outputs: OpenAI's response_format, vLLM's structured_outputs and guided_* --
+
+MAX_CHOICES = 4096
+MAX_CONSTRAINT_CHARS = 1 << 20  # one regex, grammar or structural tag: 1 MiB of text
+MAX_NAME_CHARS = 256
+
+ConstraintText = Annotated[str, Field(min_length=1, max_length=MAX_CONSTRAINT_CHARS)]
+Choices = Annotated[
+    list[Annotated[str, Field(max_length=MAX_CONSTRAINT_CHARS)]],
+    Field(min_length=1, max_length=MAX_CHOICES),
+]
+BackendName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+# A JSON schema: an object, or its JSON text (vLLM's guided_json takes both).
+SchemaField = dict[str, Any] | Annotated[str, Field(max_length=MAX_CONSTRAINT_CHARS)]
+
+
+class TextResponseFormat(RequestModel):
+    type: Literal["text"]
+
+
+class JsonObjectResponseFormat(RequestModel):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(RequestModel):
+    # OpenAI requires a name; it names the schema only, so one left out is not an error.
+    name: Annotated[str, Field(max_length=MAX_NAME_CHARS)] | None = None
+    description: str | None = None
+    # "schema" would shadow BaseModel.schema(), hence the alias.
+    schema_: dict[str, Any] | None = Field(
+        None, alias="schema", description="The JSON schema; left out: any JSON object."
+    )
+    strict: bool | None = None
+
+
+class JsonSchemaResponseFormat(RequestModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+class StructuralTagItem(RequestModel):
+    begin: ConstraintText
+    schema_: dict[str, Any] = Field(alias="schema")
+    end: str
+
+
+class StructuralTagResponseFormat(RequestModel):
+    """vLLM's structural tag: free text until a trigger, then the structure whose
+    ``begin`` starts with it, its content constrained to ``schema``, up to ``end``."""
+
+    type: Literal["structural_tag"]
+    structures: Annotated[list[StructuralTagItem], Field(min_length=1, max_length=MAX_CHOICES)]
+    triggers: Annotated[list[ConstraintText], Field(min_length=1, max_length=MAX_CHOICES)]
+
+
+ResponseFormat = Annotated[
+    TextResponseFormat
+    | JsonObjectResponseFormat
+    | JsonSchemaResponseFormat
+    | StructuralTagResponseFormat,
+    Field(discriminator="type"),
+]
+
+
+class StructuredOutputsRequest(RequestModel):
+    """vLLM's ``structured_outputs`` extra field: one constraint, and options that also
+    apply to a ``response_format`` constraint."""
+
+    # "json" would shadow BaseModel.json(), hence the alias.
+    json_: SchemaField | None = Field(None, alias="json")
+    regex: ConstraintText | None = None
+    choice: Choices | None = None
+    grammar: ConstraintText | None = None
+    json_object: bool | None = None
+    structural_tag: ConstraintText | dict[str, Any] | None = None
+    disable_any_whitespace: bool = False
+    backend: BackendName | None = None
+    whitespace_pattern: str | None = Field(
+        None, description="Accepted for vLLM compatibility; the backends ignore it."
+    )
+
+
+class StructuredOutputFields(RequestModel):
+    """How to constrain the output: OpenAI's ``response_format``, vLLM's
+    ``structured_outputs``, or vLLM's older ``guided_*`` fields (at most one constraint)."""
+
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: SchemaField | None = None
+    guided_regex: ConstraintText | None = None
+    guided_choice: Choices | None = None
+    guided_grammar: ConstraintText | None = None
+    guided_decoding_backend: BackendName | None = None
+    guided_whitespace_pattern: str | None = Field(
+        None, description="Accepted for vLLM compatibility; the backends ignore it."
+    )
+
+
+class SamplingFields(StructuredOutputFields):
     """Sampling fields shared by completions and chat completions."""
 
     model: str | None = Field(None, description="Served model name; defaults to the first one.")
@@ -139,7 +237,6 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: NumLogprobs | None = None
     tools: list[dict] | None = None
-    response_format: dict | None = None
     add_generation_prompt: bool = True
 
 

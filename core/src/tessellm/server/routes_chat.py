@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -34,6 +35,7 @@ from tessellm.server.protocol import (
 )
 from tessellm.server.routes_common import ERROR_RESPONSES, collect_outputs
 from tessellm.server.sse import DONE, EventStreamResponse, event, run_until_disconnect
+from tessellm.server.structured import structured_outputs_checked
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -46,8 +48,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     model = ctx.check_model(body.model)
     if body.tools:
         raise bad_request("tool calling is not supported", param="tools")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise bad_request("only the 'text' response_format is supported", "response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
     messages = [
@@ -59,6 +59,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     max_tokens = ctx.token_budget(len(prompt.token_ids), requested, True, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = ctx.sampling_params(body, max_tokens, logprobs)
+    structured = await structured_outputs_checked(ctx, body)
+    if structured is not None:
+        params = replace(params, structured_outputs=structured)
     request_id = new_id("chatcmpl")
     stream = ctx.engine.new_stream()
     try:
