@@ -1,0 +1,1 @@
+"""xgrammar grammar backend for tessellm's structured outputs: the ``xgrammar`` backend."""
