@@ -1,0 +1,1 @@
+"""llguidance grammar backend for tessellm structured outputs: the ``llguidance`` backend."""
