@@ -18,6 +18,7 @@ if TYPE_CHECKING:
         check_model_family,
         check_platform,
         check_quantization_method,
+        check_structured_output_backend,
     )
     from tessellm.testing.models import (
         TEST_PROMPTS,
@@ -48,6 +49,7 @@ _LAZY = {
     "check_quantization_method": "tessellm.testing.conformance",
     "check_platform": "tessellm.testing.conformance",
     "check_model_family": "tessellm.testing.conformance",
+    "check_structured_output_backend": "tessellm.testing.conformance",
 }
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "check_model_family",
     "check_platform",
     "check_quantization_method",
+    "check_structured_output_backend",
     "greedy_parity_failures",
     "hf_continuation",
     "hf_greedy",
