@@ -53,6 +53,10 @@ class EngineArgs:
     # executor allows it (GPUs); False keeps the strictly serial loop.
     async_scheduling: bool = True
     max_logprobs: int = 20
+    # The grammar backend of structured outputs ("xgrammar", "llguidance", ... as plugins
+    # register them); "auto": xgrammar, else llguidance, else the first registered. A
+    # request's structured_outputs.backend overrides it.
+    structured_outputs_backend: str = "auto"
     served_model_name: str | None = None
     trust_remote_code: bool = False
 

@@ -254,6 +254,17 @@ class AsyncLLMEngine(RequestSinks):
         self._wakeup.set()
         return await future
 
+    async def prepare_structured(self, params: SamplingParams) -> None:
+        """Compile ``params``' grammar (if it has one) without blocking the event loop:
+        ``InvalidRequestError`` naming the problem of an invalid schema, regex or grammar
+        (a 400), before the request is added. The compile is cached, so the request then
+        starts at once."""
+        self._check_alive()
+        future = self.engine.compile_structured(params)  # thread-safe: starts or finds it
+        if future is not None:
+            # Shielded: a client that goes away must not cancel a compile others share.
+            await asyncio.shield(asyncio.wrap_future(future))
+
     def post(self, fn: Callable[[LLMEngine], Any]) -> None:
         """Queue ``fn(engine)`` without waiting for it (aborts from cleanup code)."""
         if self._thread is not None:

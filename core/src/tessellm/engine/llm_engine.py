@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,6 +17,11 @@ from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
 from tessellm.engine.output_processor import OutputProcessor, child_id
 from tessellm.engine.step_recovery import is_fatal, recover_step
+from tessellm.engine.structured_output import (
+    StructuredOutputManager,
+    admit_parked,
+    advance_matchers,
+)
 from tessellm.errors import ConfigError, InvalidRequestError
 from tessellm.interfaces.engine import (
     Executor,
@@ -108,6 +114,12 @@ class LLMEngine:
         model_vocab = getattr(ml.text_config(self.model_config), "vocab_size", None)
         self.vocab_size: int = int(model_vocab or len(self.tokenizer))
         self.max_token_id: int = min(self.vocab_size, len(self.tokenizer)) - 1
+        self.eos_token_ids = eos_ids_of(self.model_config, self.tokenizer) | frozenset(
+            generation_eos_ids(self.resolved.path)
+        )
+        self.structured = StructuredOutputManager(
+            plugins, self.tokenizer, self.vocab_size, self.eos_token_ids, args
+        )
         executor_name = args.distributed_executor_backend or (
             "uniproc" if args.tensor_parallel_size == 1 else "mp"
         )
@@ -146,9 +158,6 @@ class LLMEngine:
         self.scheduler: Scheduler = scheduler_cls(sched_config, kv)
         self.kv_cache_manager: KVCacheManager = kv
         self.num_blocks = num_blocks
-        self.eos_token_ids = eos_ids_of(self.model_config, self.tokenizer) | frozenset(
-            generation_eos_ids(self.resolved.path)
-        )
         self.output_processor = OutputProcessor(self.tokenizer)
         # Overlap a step's output processing with the next step's device work where the
         # executor launches work without waiting for it (a GPU, not the CPU).
@@ -221,6 +230,19 @@ class LLMEngine:
             raise InvalidRequestError(f"logprobs must be at most {limit}")
         if params.prompt_logprobs is not None and params.prompt_logprobs > limit:
             raise InvalidRequestError(f"prompt_logprobs must be at most {limit}")
+        if params.structured_outputs is not None:
+            self.structured.backend_name(params.structured_outputs)
+
+    def compile_structured(self, params: SamplingParams) -> Future[Any] | None:
+        """The (cached) compile of ``params``' grammar, or ``None``; thread-safe. It fails
+        with ``InvalidRequestError`` naming the problem of an invalid schema or regex."""
+        so = params.structured_outputs
+        return None if so is None else self.structured.submit(so)
+
+    def validate_structured(self, params: SamplingParams) -> None:
+        """Compile ``params``' grammar now (cached): ``InvalidRequestError`` if invalid."""
+        if (future := self.compile_structured(params)) is not None:
+            future.result()
 
     def add_request(
         self,
@@ -252,8 +274,11 @@ class LLMEngine:
                     prompt_leader_id=child_id(request_id, 0, params.n) if i else None,
                 )
             )
-        for child in children:
-            self.scheduler.add_request(child)
+        so = params.structured_outputs
+        # A request whose grammar is still compiling waits outside the scheduler.
+        if so is None or self.structured.add(request_id, children, self.structured.submit(so)):
+            for child in children:
+                self.scheduler.add_request(child)
         self.output_processor.add(request_id, text, children)
         self.counters["prompt_tokens"] += len(token_ids)
         return request_id
@@ -266,6 +291,7 @@ class LLMEngine:
             out = self.output_processor.abort(parent_id)
             if out is not None:
                 outputs.append(out)
+        self.structured.sweep(self.output_processor)
         return outputs
 
     def has_unfinished_requests(self) -> bool:
@@ -290,6 +316,8 @@ class LLMEngine:
         device fills in from this step's sampled tokens. Update, schedule and launch then
         also run while the device works, behind this step on the device's queue.
         """
+        idle = self._in_flight is None and not self.scheduler.has_unfinished()
+        admitted = admit_parked(self, idle)
         if self._in_flight is not None:
             plan, pending = self._in_flight
             self._in_flight = None
@@ -300,7 +328,7 @@ class LLMEngine:
             except Exception as exc:
                 if is_fatal(exc):
                     raise
-                return recover_step(self, plan, None, exc)
+                return admitted + recover_step(self, plan, None, exc)
         ahead = self.overlap_steps and self.schedule_ahead and self._can_schedule_ahead(plan)
         if ahead:
             self.scheduler.advance(plan)
@@ -313,11 +341,14 @@ class LLMEngine:
             # the engine (there only the device fails after launch: not attributable anyway).
             if ahead or is_fatal(exc):
                 raise
-            return recover_step(self, plan, None, exc)
+            return admitted + recover_step(self, plan, None, exc)
         if ahead:
             changed = self.scheduler.fill(plan, result)
+            admitted += advance_matchers(self, changed)
         else:
             changed = self.scheduler.update(plan, result)
+            # Before the next launch: its bitmasks depend on this step's tokens.
+            admitted += advance_matchers(self, changed)
             if self.overlap_steps:
                 self._launch_next(None)
         logprobs: dict[str, Any] = {}
@@ -325,6 +356,7 @@ class LLMEngine:
             sampled_ids = [s.request_id for s in plan.seqs if s.sample]
             logprobs = dict(zip(sampled_ids, result.logprobs, strict=True))
         outputs, stopped = self.output_processor.process(changed, logprobs, result.prompt_logprobs)
+        outputs = admitted + outputs
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         c = self.counters
@@ -336,11 +368,13 @@ class LLMEngine:
             failed, previous, exc = self._failed_launch
             self._failed_launch = None
             outputs += recover_step(self, failed, previous, exc)
+        self.structured.sweep(self.output_processor)
         return outputs
 
     def _launch(
         self, plan: SchedulerOutput, previous: tuple[SchedulerOutput, PendingResult] | None = None
     ) -> PendingResult:
+        self.structured.fill_bitmasks(plan)
         return self.executor.launch(plan, previous)
 
     def _launch_next(self, previous: tuple[SchedulerOutput, PendingResult] | None) -> None:
@@ -358,11 +392,13 @@ class LLMEngine:
     @staticmethod
     def _can_schedule_ahead(plan: SchedulerOutput) -> bool:
         """Not when a sampling request reads its own output history (penalties,
-        min_tokens): the next step's copy of it would hold a placeholder."""
+        min_tokens, a grammar's bitmask): the next step's copy of it would hold a
+        placeholder."""
         for seq in plan.seqs:
             p = seq.params
             if seq.sample and (
-                p.presence_penalty
+                seq.token_bitmask is not None
+                or p.presence_penalty
                 or p.frequency_penalty
                 or p.repetition_penalty != 1.0
                 or p.min_tokens
@@ -379,5 +415,6 @@ class LLMEngine:
     def shutdown(self) -> None:
         self._in_flight = None
         self._failed_launch = None
+        self.structured.shutdown()
         self.executor.shutdown()
         gc.unfreeze()  # the engine's objects may be collected again once dropped

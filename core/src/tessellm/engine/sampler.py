@@ -1,9 +1,10 @@
-"""Vectorised sampling over the batch: logits processors, penalties, temperature,
-min-p / top-k / top-p, per-request seeds, and logprobs.
+"""Vectorised sampling over the batch: logits processors, penalties, grammar bitmasks,
+temperature, min-p / top-k / top-p, per-request seeds, and logprobs.
 
-Order, as in vLLM: logit_bias and min_tokens, then penalties (greedy rows too), then
-temperature, min-p, top-k, and top-p over what top-k left. Each step is one tensor
-operation over the whole batch; Python only flattens the per-request lists into indices.
+Order, as in vLLM: logit_bias and min_tokens, then penalties (greedy rows too), then the
+structured-output bitmask, then temperature, min-p, top-k, and top-p over what top-k
+left. Each step is one tensor operation over the whole batch; Python only flattens the
+per-request lists into indices.
 
 Sampling uses the exponential race (``argmax(p / q)`` with ``q ~ Exp(1)``), which draws
 from ``p`` and lets seeded rows take their noise from their own generator, seeded by
@@ -104,6 +105,30 @@ def apply_penalties(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Ten
     return logits - freq * counts - pres * (counts > 0).to(logits.dtype)
 
 
+def apply_token_bitmask(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Tensor:
+    """Forbid (-inf) the tokens each constrained row's grammar does not allow next.
+
+    One batched operation for every row with a ``token_bitmask``: the packed int32 words
+    go to the device, where each is unpacked against ``arange(32)``; columns past the
+    mask (a logits row wider than it) are forbidden too. Out of place: the caller may
+    still read the logits it passed (the raw logprobs)."""
+    rows = [i for i, s in enumerate(seqs) if s.token_bitmask is not None]
+    if not rows:
+        return logits
+    device = logits.device
+    vocab = logits.shape[1]
+    packed = torch.stack([seqs[i].token_bitmask for i in rows])  # type: ignore[misc]
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    bits = (to_device(packed, device)[:, :, None] >> shifts) & 1
+    allowed = bits.flatten(1)[:, :vocab].bool()
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    if len(rows) == len(seqs):
+        return logits.masked_fill(~allowed, NEG_INF)
+    index = _on_device(rows, device, torch.long)
+    return logits.index_put((index,), logits[index].masked_fill(~allowed, NEG_INF))
+
+
 def mask_min_p_top_k_top_p(
     logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
 ) -> torch.Tensor:
@@ -189,6 +214,7 @@ def _plain_greedy(seq: ScheduledSeq) -> bool:
     p = seq.params
     return (
         p.temperature == 0
+        and seq.token_bitmask is None
         and p.logprobs is None
         and not p.logit_bias
         and seq.num_output_tokens >= p.min_tokens
@@ -241,6 +267,7 @@ class Sampler:
         logits = apply_logit_bias(raw, seqs)
         logits = apply_min_tokens(logits, seqs)
         logits = apply_penalties(logits, seqs)
+        logits = apply_token_bitmask(logits, seqs)
         tokens = logits.argmax(dim=-1)
         params = [s.params for s in seqs]
         if not all(p.temperature == 0 for p in params):

@@ -41,6 +41,12 @@ class LLM:
         params_list = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(batch):
             raise InvalidRequestError("give one SamplingParams, or one per prompt")
+        # Every grammar compiled first (in parallel, cached): an invalid schema raises
+        # before any request runs.
+        compiles = [self.engine.compile_structured(p) for p in _distinct_structured(params_list)]
+        for future in compiles:
+            if future is not None:
+                future.result()
         ids = []
         try:
             for i, (prompt, p) in enumerate(zip(batch, params_list, strict=True)):
@@ -105,6 +111,15 @@ def apply_chat_template(
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return list(ids)
+
+
+def _distinct_structured(params_list: list[SamplingParams]) -> list[SamplingParams]:
+    """One of each distinct ``structured_outputs`` among ``params_list``."""
+    seen: dict[int, SamplingParams] = {}
+    for p in params_list:
+        if p.structured_outputs is not None:
+            seen.setdefault(id(p.structured_outputs), p)
+    return list(seen.values())
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

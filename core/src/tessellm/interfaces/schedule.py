@@ -6,8 +6,12 @@ All of it is plain dataclasses (picklable), so a plan goes to worker processes u
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tessellm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 # One scored token: (its logprob, its rank in the vocabulary (1 = most likely),
 # [(token id, logprob), ...] the top-k alternatives, most likely first).
@@ -51,6 +55,10 @@ class ScheduledSeq:
     # Prompt logprobs: position ``start_pos + i`` of this chunk scores token
     # ``prompt_logprob_token_ids[i]`` (the prompt token after it). Empty: none wanted.
     prompt_logprob_token_ids: list[int] = field(default_factory=list)
+    # Structured outputs: the tokens a grammar allows next (``sample`` seqs only), an int32
+    # CPU row of ``bitmask_words(vocab_size)`` words, bit ``j`` of word ``i`` = token
+    # ``32 * i + j`` (``interfaces.structured_output``). Filled by the engine at launch.
+    token_bitmask: torch.Tensor | None = None
 
 
 @dataclass(slots=True)

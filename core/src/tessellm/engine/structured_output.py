@@ -1,0 +1,393 @@
+"""Structured outputs in the engine: grammars compiled off the step loop, requests parked
+until theirs is ready, one matcher per sequence, bitmasks filled before each launch and
+matchers advanced after each update.
+
+A request with ``structured_outputs`` names a grammar backend (its own ``backend``, else
+the engine's ``structured_outputs_backend``; ``"auto"`` is xgrammar, else llguidance, else
+the first registered). Its spec is compiled by that backend in a small thread pool; the
+futures are cached by (backend, spec) in a bounded LRU, so a schema used again is ready at
+once. Until its grammar is compiled the request is parked: added to the output processor
+(abort works) but not to the scheduler, so it never holds a batch slot or KV blocks while
+others run. Each ``step()`` starts by moving requests whose grammar is ready into the
+scheduler with a fresh matcher per sample; a failed compile finishes the request with its
+``InvalidRequestError``.
+
+Before a plan is launched each constrained sampling sequence gets ``token_bitmask``, a row
+of one host buffer filled by its matcher; the sampler applies it on the device. After the
+scheduler appends a step's tokens, each is fed to its matcher, before the next step is
+scheduled (its bitmask depends on that token): so a step with a constrained sampling
+sequence is never scheduled ahead. A matcher that ends (the grammar complete, an EOS taken
+under ``ignore_eos``) finishes its request as stopped; a matcher or backend that raises,
+or a token the grammar refuses (e.g. ``min_tokens`` forbidding the only token it allows),
+fails that request alone. Preemption keeps a request's output tokens (its KV is
+recomputed), so its matcher stays valid.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tessellm.config import EngineArgs
+from tessellm.engine.output_processor import OutputProcessor
+from tessellm.engine.step_recovery import FailedRequestOutput, RequestFailedError
+from tessellm.errors import ConfigError, InvalidRequestError
+from tessellm.interfaces.request import Request, RequestStatus
+from tessellm.interfaces.schedule import SchedulerOutput
+from tessellm.interfaces.structured_output import (
+    CompiledGrammar,
+    GrammarMatcher,
+    GrammarSpec,
+    StructuredOutputBackend,
+    bitmask_words,
+)
+from tessellm.outputs import RequestOutput
+from tessellm.plugins import PluginSet
+from tessellm.sampling_params import StructuredOutputsParams
+
+if TYPE_CHECKING:
+    from tessellm.engine.llm_engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+KIND = "structured_output_backends"
+AUTO = "auto"
+# "auto" takes the first of these that is registered, else the first registered at all.
+PREFERENCE = ("xgrammar", "llguidance")
+INSTALL_HINT = (
+    "install tessellm-structured-xgrammar or tessellm-structured-llguidance "
+    "(pip install -e plugins/structured_xgrammar)"
+)
+CACHE_SIZE = 256  # compiled grammars kept (the futures; a compiled JSON schema is small)
+COMPILE_WORKERS = 2
+
+
+@dataclass(slots=True)
+class Parked:
+    """A request waiting for its grammar: its samples, not yet given to the scheduler."""
+
+    parent_id: str
+    children: list[Request]
+    grammar: Future[CompiledGrammar]
+
+
+class StructuredOutputManager:
+    """The engine's structured-output state (see the module docstring).
+
+    ``submit`` is thread-safe (the async front calls it from the event loop to answer a
+    bad schema with a 400 before adding the request); everything else runs on the engine
+    thread.
+    """
+
+    def __init__(
+        self,
+        plugins: PluginSet,
+        tokenizer: Any,
+        vocab_size: int,
+        eos_token_ids: Iterable[int],
+        args: EngineArgs,
+        cache_size: int = CACHE_SIZE,
+        workers: int = COMPILE_WORKERS,
+    ) -> None:
+        self.plugins = plugins
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(sorted(eos_token_ids))
+        default = args.structured_outputs_backend
+        if default != AUTO and plugins.get(KIND, default) is None:
+            raise ConfigError(self._unknown(default, "structured_outputs_backend"))
+        self.default_backend = default
+        self.max_num_seqs = args.max_num_seqs
+        self.cache_size = cache_size
+        self.workers = workers
+        self._backends: dict[str, StructuredOutputBackend] = {}
+        self._backend_lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, str], Future[CompiledGrammar]] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self.parked: list[Parked] = []
+        self.matchers: dict[str, GrammarMatcher] = {}
+        # Requests to fail at the next update: a matcher raised while filling a bitmask.
+        self.failed: dict[str, Exception] = {}
+        self._bitmask: torch.Tensor | None = None  # [max_num_seqs, words], made on first use
+
+    # -- backends and compiling ----------------------------------------------------------
+    def _unknown(self, name: str, what: str) -> str:
+        known = ", ".join(sorted(self.plugins.names(KIND)))
+        if not known:
+            return f"{what} {name!r}: no structured output backend is installed; {INSTALL_HINT}"
+        return f"unknown {what} {name!r} (known: {known}, or auto)"
+
+    def backend_name(self, so: StructuredOutputsParams) -> str:
+        """The registered backend that compiles ``so`` (``InvalidRequestError`` if none)."""
+        name = so.backend or self.default_backend
+        if name != AUTO:
+            if self.plugins.get(KIND, name) is None:
+                raise InvalidRequestError(self._unknown(name, "structured_outputs.backend"))
+            return name
+        names = self.plugins.names(KIND)
+        for preferred in PREFERENCE:
+            if preferred in names:
+                return preferred
+        if not names:
+            raise InvalidRequestError(
+                f"structured outputs need a grammar backend and none is installed; {INSTALL_HINT}"
+            )
+        return names[0]
+
+    def _backend(self, name: str) -> StructuredOutputBackend:
+        # Built on first use, in a compile worker: a backend reads the whole vocabulary.
+        with self._backend_lock:
+            backend = self._backends.get(name)
+            if backend is None:
+                cls = self.plugins.load(KIND, name)
+                if not (isinstance(cls, type) and issubclass(cls, StructuredOutputBackend)):
+                    raise RequestFailedError(
+                        f"structured output backend {name!r} is not a StructuredOutputBackend"
+                    )
+                backend = cls(self.tokenizer, self.vocab_size, self.eos_token_ids)
+                self._backends[name] = backend
+            return backend
+
+    def _compile(self, name: str, spec: GrammarSpec) -> CompiledGrammar:
+        backend = self._backend(name)
+        if spec.kind not in backend.capabilities.kinds:
+            raise InvalidRequestError(
+                f"structured output backend {name!r} cannot compile {spec.kind!r} "
+                f"(it compiles: {', '.join(backend.capabilities.kinds)})"
+            )
+        try:
+            return backend.compile(spec)
+        except ValueError as exc:  # the contract: the spec is not valid, and why
+            raise InvalidRequestError(f"invalid structured_outputs.{spec.kind}: {exc}") from None
+        except Exception as exc:
+            raise RequestFailedError(
+                f"structured output backend {name!r} failed to compile the "
+                f"{spec.kind}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def submit(self, so: StructuredOutputsParams) -> Future[CompiledGrammar]:
+        """The compile of ``so``'s grammar: cached, or started in the pool. The future's
+        error is an ``InvalidRequestError`` naming the problem for an invalid spec."""
+        name = self.backend_name(so)
+        spec = so.spec()
+        key = (name, spec.key)
+        with self._cache_lock:
+            future = self._cache.get(key)
+            if future is not None:
+                self._cache.move_to_end(key)
+                return future
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tessellm-grammar")
+            future = self._pool.submit(self._compile, name, spec)
+            self._cache[key] = future
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        future.add_done_callback(lambda f: self._forget_failure(key, f))
+        return future
+
+    def _forget_failure(self, key: tuple[str, str], future: Future[CompiledGrammar]) -> None:
+        # A failure is not kept: the next request with the same spec compiles again.
+        if future.cancelled() or future.exception() is not None:
+            with self._cache_lock:
+                if self._cache.get(key) is future:
+                    del self._cache[key]
+
+    # -- requests waiting for their grammar ---------------------------------------------
+    def add(
+        self, parent_id: str, children: list[Request], grammar: Future[CompiledGrammar]
+    ) -> bool:
+        """Track ``children``; ``True`` if they may go to the scheduler now (the grammar
+        is compiled: each got its matcher), ``False`` if they are parked."""
+        if grammar.done() and not grammar.cancelled() and grammar.exception() is None:
+            try:
+                self._start(children, grammar.result())
+                return True
+            except Exception:
+                pass  # parked: the next step fails it with the matcher's error
+        self.parked.append(Parked(parent_id, children, grammar))
+        return False
+
+    def _start(self, children: list[Request], grammar: CompiledGrammar) -> None:
+        for child in children:
+            self.matchers[child.request_id] = grammar.new_matcher()
+
+    def ready(self) -> tuple[list[Request], dict[str, Exception]]:
+        """Parked requests whose compile is done: the samples to schedule (each with its
+        matcher), and the parent ids whose compile failed, with the error."""
+        if not self.parked:
+            return [], {}
+        start: list[Request] = []
+        failed: dict[str, Exception] = {}
+        still: list[Parked] = []
+        for parked in self.parked:
+            if not parked.grammar.done():
+                still.append(parked)
+                continue
+            grammar = parked.grammar
+            error = (
+                RequestFailedError("the grammar's compile was cancelled")
+                if grammar.cancelled()
+                else grammar.exception()
+            )
+            if error is None:
+                try:
+                    self._start(parked.children, parked.grammar.result())
+                except Exception as exc:
+                    error = RequestFailedError(f"the grammar's matcher failed: {exc}")
+                else:
+                    start.extend(parked.children)
+                    continue
+            failed[parked.parent_id] = error
+            self.release(c.request_id for c in parked.children)
+        self.parked = still
+        return start, failed
+
+    def wait(self, timeout: float) -> None:
+        """Block until some parked request's grammar is done, at most ``timeout`` s."""
+        if self.parked:
+            wait([p.grammar for p in self.parked], timeout, FIRST_COMPLETED)
+
+    # -- the step ------------------------------------------------------------------------
+    def fill_bitmasks(self, plan: SchedulerOutput) -> None:
+        """Give each constrained sampling seq of ``plan`` its row of allowed tokens."""
+        if not self.matchers:
+            return
+        row = 0
+        for seq in plan.seqs:
+            matcher = self.matchers.get(seq.request_id) if seq.sample else None
+            if matcher is None:
+                continue
+            bitmask = self._bitmask
+            if bitmask is None or row >= bitmask.shape[0]:
+                rows = max(self.max_num_seqs, row + 1)
+                grown = torch.empty(rows, bitmask_words(self.vocab_size), dtype=torch.int32)
+                if bitmask is not None:  # rows handed out this step stay valid
+                    grown[:row] = bitmask[:row]
+                bitmask = self._bitmask = grown
+            try:
+                matcher.fill_bitmask(bitmask, row)
+            except Exception as exc:
+                # Unconstrained this step, failed before its token is shown.
+                self.failed[seq.request_id] = RequestFailedError(
+                    f"the grammar matcher failed: {type(exc).__name__}: {exc}"
+                )
+                seq.token_bitmask = None
+                continue
+            seq.token_bitmask = bitmask[row]
+            row += 1
+
+    def accept(self, changed: list[Request]) -> tuple[list[str], dict[str, Exception]]:
+        """Feed each request's newest token to its matcher. Returns the ids whose grammar
+        has ended while they run on (to finish as stopped) and the ids to fail."""
+        failed, self.failed = self.failed, {}
+        ended: list[str] = []
+        matchers = self.matchers
+        for request in changed:
+            matcher = matchers.get(request.request_id)
+            if matcher is None or request.request_id in failed:
+                continue
+            token = request.output_token_ids[-1]
+            try:
+                accepted = matcher.accept_token(token)
+                terminated = accepted and matcher.is_terminated()
+            except Exception as exc:
+                failed[request.request_id] = RequestFailedError(
+                    f"the grammar matcher failed: {type(exc).__name__}: {exc}"
+                )
+                continue
+            if not accepted:
+                logger.debug("request %s: grammar refused token %d", request.request_id, token)
+                failed[request.request_id] = RequestFailedError(
+                    f"token {token} was sampled but the grammar does not allow it (do "
+                    "min_tokens, stop_token_ids or logit_bias exclude every token it allows?)"
+                )
+            elif terminated and not request.status.finished:
+                ended.append(request.request_id)
+        return ended, failed
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        for request_id in request_ids:
+            self.matchers.pop(request_id, None)
+
+    def sweep(self, processor: OutputProcessor) -> None:
+        """Forget parked requests and matchers of requests that are gone (finished,
+        aborted, failed), whatever path finished them."""
+        if self.parked:
+            self.parked = [p for p in self.parked if p.parent_id in processor.parents]
+        live = processor.child_to_parent
+        for request_id in [k for k in self.matchers if k not in live]:
+            del self.matchers[request_id]
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        self.parked.clear()
+        self.matchers.clear()
+
+
+# -- the engine's side (kept here so that llm_engine.py stays the loop) -------------------
+PARKED_WAIT_S = 0.01  # an idle step waits this long for a compile (not a busy loop)
+
+
+def admit_parked(engine: LLMEngine, idle: bool) -> list[RequestOutput]:
+    """Give the scheduler the parked requests whose grammar is ready and fail those whose
+    compile failed. ``idle``: nothing else can run, so first wait a little for a compile
+    rather than spin."""
+    manager = engine.structured
+    if not manager.parked:
+        return []
+    if idle:
+        manager.wait(PARKED_WAIT_S)
+    start, errors = manager.ready()
+    processor = engine.output_processor
+    for child in start:
+        parent_id = processor.child_to_parent.get(child.request_id)
+        if parent_id is None or parent_id in errors:
+            continue
+        try:
+            engine.scheduler.add_request(child)
+        except InvalidRequestError as exc:
+            errors[parent_id] = exc
+    return fail_parents(engine, errors)
+
+
+def advance_matchers(engine: LLMEngine, changed: list[Request]) -> list[RequestOutput]:
+    """After the scheduler took a step's tokens: feed them to the matchers, finish the
+    requests whose grammar ended, fail those whose matcher failed (their outputs)."""
+    manager = engine.structured
+    if not manager.matchers and not manager.failed:
+        return []
+    ended, failed = manager.accept(changed)
+    if ended:
+        engine.scheduler.finish_requests(ended, RequestStatus.FINISHED_STOPPED)
+    errors: dict[str, Exception] = {}
+    for request_id, error in failed.items():
+        parent_id = engine.output_processor.child_to_parent.get(request_id)
+        if parent_id is not None:
+            errors.setdefault(parent_id, error)
+    return fail_parents(engine, errors)
+
+
+def fail_parents(engine: LLMEngine, errors: dict[str, Exception]) -> list[RequestOutput]:
+    """Finish each parent request (all its samples) with its error: final outputs."""
+    outputs: list[RequestOutput] = []
+    processor = engine.output_processor
+    for parent_id, error in errors.items():
+        logger.warning("request %s failed: %s", parent_id, error)
+        engine.scheduler.finish_requests(
+            processor.child_ids(parent_id), RequestStatus.FINISHED_ABORTED
+        )
+        final = processor.abort(parent_id)
+        if final is not None:
+            outputs.append(FailedRequestOutput.of(final, error))
+    engine.structured.sweep(processor)
+    return outputs
