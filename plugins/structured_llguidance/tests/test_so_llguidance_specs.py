@@ -168,3 +168,23 @@ def test_refused_token_leaves_the_matcher_working():
 def test_vocab_narrower_than_the_tokenizer_is_refused():
     with pytest.raises(ValueError, match="more than the model's 299 logits"):
         LLGuidanceBackend(byte_tokenizer(), 299, [EOS])
+
+
+def test_bitmask_layouts():
+    matcher = backend().compile(GrammarSpec("regex", "[0-9]+")).new_matcher()
+    words = bitmask_words(VOCAB)
+    digits = byte_tokenizer().encode("0123456789")
+    # Rows of a wider buffer (row stride past the row's words) are filled in place.
+    wide = torch.full((3, words + 5), 7, dtype=torch.int32)
+    matcher.fill_bitmask(wide[:, :words], 2)
+    assert allowed_ids(wide[2, :words]) == sorted(digits)
+    assert bool((wide[:2] == 7).all()) and bool((wide[2, words:] == 7).all())
+    for bad in (
+        torch.zeros(2, words, dtype=torch.int64),
+        torch.zeros(2, words + 1, dtype=torch.int32),
+        torch.zeros(words, 2, dtype=torch.int32).t(),
+    ):
+        with pytest.raises(ValueError, match="bitmask"):
+            matcher.fill_bitmask(bad, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        matcher.fill_bitmask(torch.zeros(2, words, dtype=torch.int32), 2)

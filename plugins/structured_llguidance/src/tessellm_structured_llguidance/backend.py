@@ -93,6 +93,10 @@ class LLGuidanceMatcher(GrammarMatcher):
     """One sequence's state in an llguidance grammar."""
 
     __slots__ = (
+        "_buffer",
+        "_buffer_address",
+        "_buffer_rows",
+        "_buffer_stride",
         "_consumed",
         "_eos",
         "_eos_row",
@@ -116,6 +120,8 @@ class LLGuidanceMatcher(GrammarMatcher):
         self._row_bytes = bitmask_words(vocab_size) * 4
         self._consumed = 0  # tokens llguidance holds: a rollback past them would wedge it
         self._terminated = False
+        self._buffer: torch.Tensor | None = None  # the bitmask last filled, layout checked
+        self._buffer_address = self._buffer_rows = self._buffer_stride = 0
 
     def accept_token(self, token_id: int) -> bool:
         if self._terminated or not 0 <= token_id < self._vocab_size:
@@ -134,25 +140,36 @@ class LLGuidanceMatcher(GrammarMatcher):
         return True
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        # Runs every step for every constrained sequence: checks are attribute reads and
-        # llguidance writes the row in place through its address, no tensor is made.
+        # Runs every step for every constrained sequence, so it makes no tensor (llguidance
+        # writes the row through its address) and checks the buffer's layout only when it
+        # is a new one: the engine reuses one buffer step after step.
+        address = bitmask.data_ptr()
+        if bitmask is not self._buffer or address != self._buffer_address:
+            self._adopt_buffer(bitmask)
+        if not 0 <= row < self._buffer_rows:
+            raise ValueError(f"bitmask row {row} is out of range ({self._buffer_rows} rows)")
+        if self._terminated:
+            bitmask[row].copy_(self._eos_row)
+            return
+        self._matcher.unsafe_compute_mask_ptr(address + row * self._buffer_stride, self._row_bytes)
+
+    def _adopt_buffer(self, bitmask: torch.Tensor) -> None:
         if (
             bitmask.dtype != torch.int32
             or not bitmask.is_cpu
             or bitmask.dim() != 2
             or bitmask.stride(1) != 1
         ):
-            raise ValueError("the bitmask must be an int32 CPU tensor with contiguous rows")
-        if bitmask.size(1) * 4 != self._row_bytes or not 0 <= row < bitmask.size(0):
+            raise ValueError("the bitmask must be a 2-D int32 CPU tensor with contiguous rows")
+        if bitmask.size(1) * 4 != self._row_bytes:
             raise ValueError(
-                f"bitmask row {row} of shape {tuple(bitmask.shape)} does not fit a vocabulary "
-                f"of {self._vocab_size}"
+                f"bitmask rows of {bitmask.size(1)} words do not fit a vocabulary of "
+                f"{self._vocab_size} ({self._row_bytes // 4} words)"
             )
-        if self._terminated:
-            bitmask[row].copy_(self._eos_row)
-            return
-        address = bitmask.data_ptr() + row * bitmask.stride(0) * 4
-        self._matcher.unsafe_compute_mask_ptr(address, self._row_bytes)
+        self._buffer = bitmask
+        self._buffer_address = bitmask.data_ptr()
+        self._buffer_rows = bitmask.size(0)
+        self._buffer_stride = bitmask.stride(0) * 4  # bytes
 
     def rollback(self, num_tokens: int) -> None:
         if num_tokens <= 0:
