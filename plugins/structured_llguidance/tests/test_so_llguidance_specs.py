@@ -113,6 +113,8 @@ INVALID = [
     (GrammarSpec("json", '{"type": "foo"}'), "invalid JSON schema: Invalid type: foo"),
     (GrammarSpec("json", "{not json"), "JSON schema is not valid JSON"),
     (GrammarSpec("json", "[1, 2]"), "JSON schema must be an object"),
+    (GrammarSpec("json", "false"), "the JSON schema false accepts no value"),
+    (GrammarSpec("json", '{"type": "array", "uniqueItems": true}'), "Unimplemented keys"),
     (GrammarSpec("json", '{"type": "string", "format": "weird"}'), "Unknown format: weird"),
     (GrammarSpec("regex", "a("), "unclosed group"),
     (GrammarSpec("regex", "(?=a)a"), "look-around"),

@@ -44,6 +44,8 @@ def grammar_for(spec: GrammarSpec, special_tokens: Mapping[str, int]) -> str:
     if spec.kind == "choice":
         return LLMatcher.grammar_from_lark(_choice_lark(_json(spec, "choice")))
     if spec.kind == "grammar":
+        if not spec.value.strip():
+            raise ValueError("the grammar is empty")
         # grammar_from("grammar") takes Lark as it is and converts GBNF (``::=`` rules),
         # the syntax vLLM's users also send to this backend.
         return llguidance.grammar_from("grammar", spec.value)
@@ -67,12 +69,11 @@ def _json_options(spec: GrammarSpec) -> dict[str, Any]:
 
 
 def _schema_object(schema: dict[str, Any] | bool) -> dict[str, Any]:
-    # The boolean schemas: true accepts any JSON value; false accepts nothing, which
-    # llguidance reports as a schema it cannot satisfy.
+    # The boolean schemas: true accepts any JSON value, false none (nothing to generate).
     if schema is True:
         return {}
     if schema is False:
-        return {"not": {}}
+        raise ValueError("the JSON schema false accepts no value")
     return schema
 
 
