@@ -52,6 +52,8 @@ class LLGuidanceBackend(StructuredOutputBackend):
         super().__init__(tokenizer, vocab_size, eos_token_ids)
         if not self.eos_token_ids:
             raise ValueError("the llguidance backend needs at least one end-of-sequence token")
+        if not all(0 <= t < vocab_size for t in self.eos_token_ids):
+            raise ValueError(f"end-of-sequence ids {self.eos_token_ids} exceed the vocabulary")
         self._lltokenizer = _build_lltokenizer(tokenizer, vocab_size, self.eos_token_ids)
         self._special_tokens = _special_tokens(
             tokenizer, self._lltokenizer, vocab_size, self.eos_token_ids
