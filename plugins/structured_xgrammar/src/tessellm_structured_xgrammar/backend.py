@@ -10,6 +10,7 @@ no ``::=`` whose first rule is ``start:`` is read as Lark, as vLLM accepts both.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -28,6 +29,9 @@ from tessellm.interfaces.structured_output import (
     StructuredOutputCapabilities,
     bitmask_words,
 )
+from tessellm_structured_xgrammar.json_strings import fixed_ebnf, mentions_length
+
+logger = logging.getLogger(__name__)
 
 # xgrammar's compiled-grammar cache is unbounded by default; a server that sees a new
 # schema per request would grow without limit. The engine keeps its own cache by spec.
@@ -192,6 +196,11 @@ class XgrammarBackend(StructuredOutputBackend):
         # xgrammar's default without any_whitespace is ", " and ": "; compact means none.
         separators = None if spec.any_whitespace else (",", ":")
         if spec.kind == "json":
+            if mentions_length(spec.value):
+                grammar = xgr.Grammar.from_json_schema(
+                    spec.value, any_whitespace=spec.any_whitespace, separators=separators
+                )
+                return self._compile_fixed(grammar, spec)
             return compiler.compile_json_schema(
                 spec.value, any_whitespace=spec.any_whitespace, separators=separators
             )
@@ -211,4 +220,17 @@ class XgrammarBackend(StructuredOutputBackend):
             if "::=" not in spec.value and _LARK_START.search(spec.value):
                 return compiler.compile_lark(spec.value)
             return compiler.compile_grammar(spec.value)
-        return compiler.compile_structural_tag(structural_tag_json(spec.json_value()))
+        tag = structural_tag_json(spec.json_value())
+        if mentions_length(tag):
+            return self._compile_fixed(xgr.Grammar.from_structural_tag(tag), spec)
+        return compiler.compile_structural_tag(tag)
+
+    def _compile_fixed(self, grammar: xgr.Grammar, spec: GrammarSpec) -> xgr.CompiledGrammar:
+        """``grammar`` with length-bounded strings that stay valid JSON (json_strings.py)."""
+        ebnf = fixed_ebnf(grammar)
+        if ebnf is not None:
+            try:
+                return self._compiler.compile_grammar(ebnf)
+            except RuntimeError as exc:  # the printed grammar did not parse back
+                logger.warning("xgrammar: bounded-string fix not applied to %s: %s", spec.key, exc)
+        return self._compiler.compile_grammar(grammar)
