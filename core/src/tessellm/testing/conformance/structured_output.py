@@ -80,10 +80,15 @@ def _cases(kind: str, syntax: str) -> list[Case]:
         # Properties in the schema's order: a backend may keep that order (xgrammar does).
         spec = GrammarSpec("json", json.dumps(_SCHEMA))
         tight = GrammarSpec("json", spec.value, any_whitespace=False)
+        code = {"type": "string", "minLength": 2, "maxLength": 6}
+        bounded = {"type": "object", "properties": {"code": code}, "required": ["code"]}
+        bounded = GrammarSpec("json", json.dumps(bounded))
         return [
             Case("json", spec, (json.dumps(_DOC), compact), '{"name": "A", "age": ', "x"),
             # Compact output: whitespace outside strings is refused.
             Case("json compact", tight, (compact,), '{"name":"A",', " "),
+            # A raw control character is not JSON, in a length-bounded string too.
+            Case("json bounded string", bounded, ('{"code": "ab c"}',), '{"code": "a', "\t"),
         ]
     if kind == "json_object":
         text = '{"k": [1, 2.5, {"n": null}], "s": "v", "t": true}'
