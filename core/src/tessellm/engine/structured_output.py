@@ -166,7 +166,7 @@ class StructuredOutputManager:
         try:
             return backend.compile(spec)
         except ValueError as exc:  # the contract: the spec is not valid, and why
-            raise InvalidRequestError(f"invalid structured_outputs.{spec.kind}: {exc}") from None
+            raise InvalidRequestError(f"structured_outputs.{spec.kind}: {exc}") from None
         except Exception as exc:
             raise RequestFailedError(
                 f"structured output backend {name!r} failed to compile the "
