@@ -111,17 +111,15 @@ def _cases(kind: str, syntax: str) -> list[Case]:
 
 
 def _invalid_specs(kind: str, syntax: str) -> list[GrammarSpec]:
-    if kind == "json":
-        return [GrammarSpec("json", '{"type": "nope"}')]
-    if kind == "regex":
-        return [GrammarSpec("regex", "(")]
-    if kind == "grammar" and syntax in BAD_GRAMMARS:
-        return [GrammarSpec("grammar", BAD_GRAMMARS[syntax])]
-    if kind == "structural_tag":
-        bad = {"begin": "<a>", "schema": {"type": "nope"}, "end": "</a>"}
-        value = {"type": "structural_tag", "structures": [bad], "triggers": ["<a>"]}
-        return [GrammarSpec("structural_tag", json.dumps(value))]
-    return []  # an empty choice is refused upstream; json_object has no value
+    """Specs each kind must refuse (an empty choice is refused upstream)."""
+    bad_tag = {"begin": "<a>", "schema": {"type": "nope"}, "end": "</a>"}
+    invalid = {
+        "json": '{"type": "nope"}',
+        "regex": "(",
+        "grammar": BAD_GRAMMARS.get(syntax),
+        "structural_tag": json.dumps({"structures": [bad_tag], "triggers": ["<a>"]}),
+    }
+    return [GrammarSpec(kind, invalid[kind])] if invalid.get(kind) else []
 
 
 class _Walk:
@@ -345,12 +343,6 @@ def _backend_class(checker: Checker, name_or_class: str | type) -> type | None:
     return cls
 
 
-def _default_tokenizer() -> Any:
-    from tessellm.sources.random_weights import build_tokenizer
-
-    return build_tokenizer(TOKENIZER_SIZE, BOS_ID, [EOS_ID])
-
-
 def check_structured_output_backend(
     name_or_class: str | type[StructuredOutputBackend],
     tokenizer: Any = None,
@@ -377,7 +369,9 @@ def check_structured_output_backend(
         return checker.finish()
     try:
         if tokenizer is None:
-            tokenizer = _default_tokenizer()
+            from tessellm.sources.random_weights import build_tokenizer
+
+            tokenizer = build_tokenizer(TOKENIZER_SIZE, BOS_ID, [EOS_ID])
             vocab_size = vocab_size or PADDED_VOCAB
         vocab_size = vocab_size or len(tokenizer)
         eos = tokenizer.eos_token_id
@@ -414,6 +408,9 @@ def check_structured_output_backend(
         if not cases:
             checker.result.checked.append(f"{kind}: no test case for syntax {syntax!r}")
     if "json" in cls.capabilities.kinds:
-        _check_threads(walk, backend)
+        try:
+            _check_threads(walk, backend)
+        except Exception as exc:
+            checker.crashed("[threads]", exc)
         checker.result.checked.append("compile from threads")
     return checker.finish()
