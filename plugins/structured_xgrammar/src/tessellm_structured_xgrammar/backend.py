@@ -43,7 +43,7 @@ WHAT = {
     "json_object": "json_object",
     "regex": "regex",
     "choice": "choice",
-    "grammar": "EBNF grammar",
+    "grammar": "grammar",
     "structural_tag": "structural tag",
 }
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: " and assertion noise.
