@@ -136,9 +136,17 @@ def test_generate_reports_an_unreadable_input_file(tmp_path):
 def test_sampling_options_have_help():
     proc = run_cli("generate", "--help", COLUMNS="200")
     assert proc.returncode == 0, proc.stderr
-    help_lines = {line.split()[1]: line for line in proc.stdout.splitlines() if "--top-" in line}
+    help_lines = {line.split()[0]: line for line in proc.stdout.splitlines() if "--top-" in line}
     assert "most likely tokens" in help_lines["--top-k"]
     assert "Nucleus sampling" in help_lines["--top-p"]
+
+
+def test_help_keeps_option_names_whole_at_80_columns():
+    proc = run_cli("bench", "latency", "--help", COLUMNS="80")
+    assert proc.returncode == 0, proc.stderr
+    assert "…" not in proc.stdout
+    for name in ("--num-iters-warmup", "--attention-backend", "--tensor-parallel-size"):
+        assert name in proc.stdout
 
 
 def test_serve_takes_the_model_as_an_argument_like_vllm(tiny_llama, tmp_path):

@@ -103,7 +103,8 @@ class StructuredOutputsParams:
                     ) from None
             if not isinstance(value, dict | bool):
                 raise InvalidRequestError("structured_outputs.json must be a JSON schema object")
-            return GrammarSpec("json", _json.dumps(value, sort_keys=True), any_ws)
+            # The schema's own key order: grammars write properties in it.
+            return GrammarSpec("json", _json.dumps(value), any_ws)
         if kind == "json_object":
             _flag("json_object", value)
             return GrammarSpec("json_object", "", any_ws)

@@ -43,6 +43,7 @@ def build_app() -> typer.Typer:
     from tessellm.plugins import get_plugins
 
     app = typer.Typer(
+        rich_markup_mode=None,  # click's plain help: rich's panels cut option names at 80 columns
         name="tessellm",
         help="tessellm: fast LLM inference and serving, built from plugins.",
         no_args_is_help=True,

@@ -12,6 +12,7 @@ from tessellm.cli.common import KV_CACHE_DTYPE_HELP, MODEL_HELP, EnforceEager, f
 from tessellm.config import DEFAULT_MODEL
 
 bench_app = typer.Typer(
+    rich_markup_mode=None,  # click's plain help: rich's panels cut option names at 80 columns
     name="bench",
     help="Benchmarks: offline throughput, batch-1 latency, online serving.",
     no_args_is_help=True,

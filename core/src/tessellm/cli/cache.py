@@ -17,6 +17,7 @@ import typer
 from tessellm.cli.common import fail
 
 cache_app = typer.Typer(
+    rich_markup_mode=None,  # click's plain help: rich's panels cut option names at 80 columns
     help="List or prune the compiled CPU decode libraries in tessellm's cache.",
     no_args_is_help=True,
 )
