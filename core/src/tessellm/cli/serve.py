@@ -131,6 +131,15 @@ def serve(
         bool,
         typer.Option(help=ENFORCE_EAGER_HELP, rich_help_panel=ENGINE),
     ] = False,
+    structured_outputs_backend: Annotated[
+        str,
+        typer.Option(
+            help="Grammar backend of response_format and structured_outputs: auto "
+            "(xgrammar, else llguidance), or a registered backend's name; a request's "
+            "structured_outputs.backend overrides it.",
+            rich_help_panel=ENGINE,
+        ),
+    ] = "auto",
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1), with /health and /metrics."""
     if model_tag is not None:
@@ -170,6 +179,7 @@ def serve(
             enforce_eager=enforce_eager,
             attention_backend=attention_backend,
             kv_cache_dtype=kv_cache_dtype,
+            structured_outputs_backend=structured_outputs_backend,
             served_model_name=names[0],
         )
         progress_note(f"tessellm serve: loading {model} ...")

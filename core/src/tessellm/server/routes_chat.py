@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -35,7 +34,7 @@ from tessellm.server.protocol import (
 )
 from tessellm.server.routes_common import ERROR_RESPONSES, collect_outputs
 from tessellm.server.sse import DONE, EventStreamResponse, event, run_until_disconnect
-from tessellm.server.structured import structured_outputs_checked
+from tessellm.server.structured import constrain
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -58,10 +57,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = ctx.token_budget(len(prompt.token_ids), requested, True, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = ctx.sampling_params(body, max_tokens, logprobs)
-    structured = await structured_outputs_checked(ctx, body)
-    if structured is not None:
-        params = replace(params, structured_outputs=structured)
+    params = await constrain(ctx, body, ctx.sampling_params(body, max_tokens, logprobs))
     request_id = new_id("chatcmpl")
     stream = ctx.engine.new_stream()
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -30,7 +29,7 @@ from tessellm.server.protocol import (
 )
 from tessellm.server.routes_common import ERROR_RESPONSES, collect_outputs
 from tessellm.server.sse import DONE, EventStreamResponse, event, run_until_disconnect
-from tessellm.server.structured import structured_outputs_checked
+from tessellm.server.structured import constrain
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -80,12 +79,10 @@ async def _submit(
     requested = body.max_tokens if "max_tokens" in body.model_fields_set else DEFAULT_MAX_TOKENS
     # echo with logprobs scores the prompt too, as OpenAI's legacy API does.
     prompt_logprobs = body.logprobs if body.echo else None
-    structured = await structured_outputs_checked(ctx, body)
     for i, prompt in enumerate(prompts):
         max_tokens = ctx.token_budget(len(prompt.token_ids), requested, explicit, "prompt")
         params = ctx.sampling_params(body, max_tokens, body.logprobs, prompt_logprobs)
-        if structured is not None:
-            params = replace(params, structured_outputs=structured)
+        params = await constrain(ctx, body, params)
         await stream.add(f"{request_id}-{i}", prompt.token_ids, params)
     if body.echo:
         await ctx.fill_echo_texts(prompts)

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tessellm.errors import InvalidRequestError
-from tessellm.sampling_params import StructuredOutputsParams
+from tessellm.sampling_params import SamplingParams, StructuredOutputsParams
 from tessellm.server.context import ServerContext
-from tessellm.server.errors import bad_request
+from tessellm.server.errors import APIError, bad_request
 from tessellm.server.protocol import (
     JsonObjectResponseFormat,
     JsonSchemaResponseFormat,
@@ -127,18 +127,13 @@ def request_backend(body: StructuredOutputFields) -> str | None:
     return named or legacy
 
 
-def structured_outputs_of(
+def request_constraint(
     body: StructuredOutputFields, extra: Sequence[Constraint] = ()
-) -> StructuredOutputsParams | None:
-    """The request's :class:`StructuredOutputsParams`, or ``None`` when its output is
-    free. ``extra``: constraints from other request fields (tool calling). A 400 for more
-    than one constraint, or one that is malformed (JSON text that does not parse, a schema
-    that is not an object); whether a schema, regex or grammar compiles the engine checks
-    (``AsyncLLMEngine``'s grammar check, before the request is added)."""
+) -> Constraint | None:
+    """The request's one constraint (``extra``: those of other request fields, such as
+    tool calling), or ``None`` when its output is free; a 400 naming them for more than
+    one."""
     constraints = [*request_constraints(body), *extra]
-    backend = request_backend(body)
-    if not constraints:
-        return None
     if len(constraints) > 1:
         names = [c.param for c in constraints]
         raise bad_request(
@@ -146,7 +141,20 @@ def structured_outputs_of(
             f"{', '.join(names[:-1])} and {names[-1]}",
             param=_top_level(names[1]),
         )
-    constraint = constraints[0]
+    return constraints[0] if constraints else None
+
+
+def structured_outputs_of(
+    body: StructuredOutputFields, extra: Sequence[Constraint] = ()
+) -> StructuredOutputsParams | None:
+    """The request's :class:`StructuredOutputsParams`, or ``None`` when its output is
+    free: a 400 for more than one constraint, or one that is malformed (JSON text that
+    does not parse, a schema that is not an object). Whether a schema, regex or grammar
+    compiles is for the engine to say (:func:`constrain`)."""
+    backend = request_backend(body)
+    constraint = request_constraint(body, extra)
+    if constraint is None:
+        return None
     so = body.structured_outputs
     try:
         return StructuredOutputsParams(
@@ -161,14 +169,38 @@ def structured_outputs_of(
         raise bad_request(message, _top_level(constraint.param)) from None
 
 
-async def structured_outputs_checked(
-    ctx: ServerContext, body: StructuredOutputFields, extra: Sequence[Constraint] = ()
-) -> StructuredOutputsParams | None:
-    """:func:`structured_outputs_of`, then compiled by the engine (through its grammar
-    cache, off the event loop) so that a schema, regex or grammar that does not compile
-    is a 400 before the request is added, never a failure in the step loop."""
+async def constrain(
+    ctx: ServerContext,
+    body: StructuredOutputFields,
+    params: SamplingParams,
+    extra: Sequence[Constraint] = (),
+) -> SamplingParams:
+    """``params`` with the request's constraint (as they are when it has none), its
+    grammar compiled by the engine (cached, off the event loop): a schema, regex or
+    grammar that does not compile, or an unknown backend, is a 400 naming the problem
+    before the request is added, never a failure in the step loop."""
     structured = structured_outputs_of(body, extra)
     if structured is None:
-        return None
-    # Until the engine compiles grammars, a constraint is refused rather than ignored.
-    raise bad_request("this engine does not constrain outputs yet", param="response_format")
+        return params
+    params = replace(params, structured_outputs=structured)
+    try:
+        await ctx.engine.prepare_structured(params)
+    except InvalidRequestError as exc:
+        raise _compile_error(exc, body, request_constraint(body, extra)) from None
+    return params
+
+
+def _compile_error(
+    exc: InvalidRequestError, body: StructuredOutputFields, constraint: Constraint | None
+) -> APIError:
+    """The engine names the offline API's field (``structured_outputs.json: ...``); the
+    client is told the field it sent."""
+    message = str(exc)
+    if constraint is None or "backend" in message.split(":", 1)[0]:  # not the constraint's
+        so = body.structured_outputs
+        param = "guided_decoding_backend" if body.guided_decoding_backend else None
+        return bad_request(message, "structured_outputs" if so and so.backend else param)
+    engine_name = f"structured_outputs.{constraint.kind}:"
+    if message.startswith(engine_name):
+        message = f"{constraint.param}:{message[len(engine_name) :]}"
+    return bad_request(message, _top_level(constraint.param))
