@@ -54,3 +54,10 @@ def register_install_hints(register):
 
     for name, hint in (FIRST_PARTY_FAMILIES | FIRST_PARTY_QUANTIZATION).items():
         register(name, hint)
+
+
+@hookimpl
+def register_tool_call_parsers(register):
+    # Hermes' format is shared by several families (Qwen, Hermes fine-tunes of Llama and
+    # Mistral), so it is core's; a family's own format comes with the family's plugin.
+    register("hermes", "tessellm.tool_parsers.hermes:HermesToolParser")
