@@ -131,6 +131,23 @@ def serve(
         bool,
         typer.Option(help=ENFORCE_EAGER_HELP, rich_help_panel=ENGINE),
     ] = False,
+    tool_call_parser: Annotated[
+        str | None,
+        typer.Option(
+            help="How tool_choice 'auto' reads calls out of answers: hermes, llama3_json, "
+            "mistral or another registered parser (default: detected from the chat "
+            "template and architecture).",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+    enable_auto_tool_choice: Annotated[
+        bool,
+        typer.Option(
+            help="Accepted as vLLM's flag; tool_choice 'auto' is on whenever a parser fits. "
+            "With it, serve refuses to start when none does.",
+            rich_help_panel=SERVER,
+        ),
+    ] = False,
     structured_outputs_backend: Annotated[
         str,
         typer.Option(
@@ -158,6 +175,13 @@ def serve(
     from tessellm.errors import TessellmError
 
     names = list(served_model_name or [model])
+    if tool_call_parser is not None:
+        from tessellm.server.tool_setup import check_parser_name
+
+        try:
+            check_parser_name(tool_call_parser)  # before the model loads
+        except TessellmError as exc:
+            fail_with(exc)
     try:
         args = EngineArgs(
             model=model,
@@ -189,6 +213,12 @@ def serve(
     app = build_app(
         engine, names, model_root=model, api_key=api_key, shutdown_timeout=shutdown_timeout
     )
+    from tessellm.server.tool_setup import configure_tool_calling
+
+    try:
+        progress_note(configure_tool_calling(app, tool_call_parser, enable_auto_tool_choice))
+    except TessellmError as exc:  # a worker process ends with this one
+        fail_with(exc)
     progress_note(
         f"tessellm serve: {', '.join(names)} (max_model_len {engine.max_model_len}) "
         f"on http://{host}:{port}/v1"

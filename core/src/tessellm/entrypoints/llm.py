@@ -94,6 +94,7 @@ def apply_chat_template(
     messages: list[Message],
     chat_template: str | None = None,
     add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     if not messages:
         raise InvalidRequestError("messages must not be empty")
@@ -107,6 +108,7 @@ def apply_chat_template(
         chat_template=chat_template,
         add_generation_prompt=add_generation_prompt,
         tokenize=True,
+        tools=tools,  # OpenAI's function tools, as the template's ``tools``
     )
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]

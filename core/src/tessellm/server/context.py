@@ -164,14 +164,20 @@ class ServerContext:
         await self.engine.call(decode)
 
     async def chat_prompt(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         def render(engine: Any) -> list[int]:
             from jinja2 import TemplateError
 
             try:
                 return apply_chat_template(
-                    engine.tokenizer, messages, add_generation_prompt=add_generation_prompt
+                    engine.tokenizer,
+                    messages,
+                    add_generation_prompt=add_generation_prompt,
+                    tools=tools,
                 )
             except TemplateError as exc:  # e.g. a template that insists roles alternate
                 message = f"the chat template rejected the messages: {exc}"

@@ -35,6 +35,7 @@ from tessellm.server.protocol import (
 from tessellm.server.routes_common import ERROR_RESPONSES, collect_outputs
 from tessellm.server.sse import DONE, EventStreamResponse, event, run_until_disconnect
 from tessellm.server.structured import constrain
+from tessellm.server.tool_calls import ToolSession, tool_session
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -45,19 +46,16 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     ctx = get_context(request)
     model = ctx.check_model(body.model)
-    if body.tools:
-        raise bad_request("tool calling is not supported", param="tools")
+    tools = tool_session(request, body)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in body.messages
-    ]
-    prompt = Prompt(None, await ctx.chat_prompt(messages, body.add_generation_prompt))
+    rendered = await ctx.chat_prompt(tools.messages, body.add_generation_prompt, tools.tools)
+    prompt = Prompt(None, rendered)
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = ctx.token_budget(len(prompt.token_ids), requested, True, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = await constrain(ctx, body, ctx.sampling_params(body, max_tokens, logprobs))
+    params = ctx.sampling_params(body, max_tokens, logprobs)
+    params = tools.adjust(await constrain(ctx, body, params, tools.constraints))
     request_id = new_id("chatcmpl")
     stream = ctx.engine.new_stream()
     try:
@@ -67,19 +65,21 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         raise
     timer = RequestTimer(ctx.metrics)
     if body.stream:
-        events = _events(body, model, request_id, prompt, stream, timer)
+        events = _events(body, model, request_id, prompt, stream, timer, tools)
         return EventStreamResponse(events, on_close=stream.abort)
     finished, outputs = await run_until_disconnect(request.receive, collect_outputs(stream, timer))
     if not finished:
         return Response(status_code=499)
     top = body.top_logprobs or 0
     choices = [
-        ChatChoice(
-            index=u.index,
-            message=AssistantMessage(content=u.text),
-            logprobs=_logprobs(u.completion, u.token_start, top) if body.logprobs else None,
-            finish_reason=u.finish_reason,  # type: ignore[arg-type]
-            stop_reason=u.completion.stop_reason,
+        tools.shape(
+            ChatChoice(
+                index=u.index,
+                message=AssistantMessage(content=u.text),
+                logprobs=_logprobs(u.completion, u.token_start, top) if body.logprobs else None,
+                finish_reason=u.finish_reason,  # type: ignore[arg-type]
+                stop_reason=u.completion.stop_reason,
+            )
         )
         for u in DeltaTracker(stream.request_ids, body.n).updates(outputs)
     ]
@@ -133,6 +133,7 @@ async def _events(
     prompt: Prompt,
     stream: OutputStream,
     timer: RequestTimer,
+    tools: ToolSession,
 ) -> AsyncIterator[bytes]:
     tracker = DeltaTracker(stream.request_ids, body.n)
     latest: dict[str, RequestOutput] = {}
@@ -145,7 +146,8 @@ async def _events(
             timer.observe(outputs)
             latest.update((o.request_id, o) for o in outputs)
             for update in tracker.updates(outputs):
-                yield _chunk(request_id, model, _delta_choice(update, body))
+                for choice in tools.chunks(_delta_choice(update, body)):
+                    yield _chunk(request_id, model, choice)
         if body.stream_options is not None and body.stream_options.include_usage:
             usage = usage_of([prompt], list(latest.values()))
             chunk = ChatCompletionChunk(id=request_id, model=model, choices=[], usage=usage)
