@@ -105,28 +105,43 @@ def apply_penalties(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Ten
     return logits - freq * counts - pres * (counts > 0).to(logits.dtype)
 
 
+_BIT_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_table(device: torch.device) -> torch.Tensor:
+    """``[65536, 16]`` bool: the bits of every 16-bit value, lowest first. A bitmask is
+    unpacked by one gather of its words' 16-bit halves: on a CPU 4x faster than shifting
+    every word against ``arange(32)`` (batch 64, 49k vocabulary: 0.8 against 3.6 ms)."""
+    table = _BIT_TABLES.get(device)
+    if table is None:
+        values = torch.arange(1 << 16, dtype=torch.int32)[:, None]
+        bits = ((values >> torch.arange(16, dtype=torch.int32)) & 1).bool()
+        table = _BIT_TABLES[device] = bits.to(device)
+    return table
+
+
 def apply_token_bitmask(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Tensor:
     """Forbid (-inf) the tokens each constrained row's grammar does not allow next.
 
     One batched operation for every row with a ``token_bitmask``: the packed int32 words
-    go to the device, where each is unpacked against ``arange(32)``; columns past the
-    mask (a logits row wider than it) are forbidden too. Out of place: the caller may
-    still read the logits it passed (the raw logprobs)."""
+    go to the device and are unpacked there (little-endian, as every platform tessellm
+    runs on: the first 16-bit half of a word holds its low bits); columns past the mask
+    (a logits row wider than it) are forbidden too. Out of place: the caller may still
+    read the logits it passed (the raw logprobs)."""
     rows = [i for i, s in enumerate(seqs) if s.token_bitmask is not None]
     if not rows:
         return logits
     device = logits.device
     vocab = logits.shape[1]
-    packed = torch.stack([seqs[i].token_bitmask for i in rows])  # type: ignore[misc]
-    shifts = torch.arange(32, dtype=torch.int32, device=device)
-    bits = (to_device(packed, device)[:, :, None] >> shifts) & 1
-    allowed = bits.flatten(1)[:, :vocab].bool()
+    packed = to_device(torch.stack([seqs[i].token_bitmask for i in rows]), device)  # type: ignore[misc]
+    halves = packed.view(torch.int16).flatten().long() & 0xFFFF
+    allowed = _bit_table(device).index_select(0, halves).view(len(rows), -1)[:, :vocab]
     if allowed.shape[1] < vocab:
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
     if len(rows) == len(seqs):
-        return logits.masked_fill(~allowed, NEG_INF)
+        return torch.where(allowed, logits, NEG_INF)
     index = _on_device(rows, device, torch.long)
-    return logits.index_put((index,), logits[index].masked_fill(~allowed, NEG_INF))
+    return logits.index_put((index,), torch.where(allowed, logits[index], NEG_INF))
 
 
 def mask_min_p_top_k_top_p(
@@ -210,11 +225,10 @@ def compute_prompt_logprobs(
 
 
 def _plain_greedy(seq: ScheduledSeq) -> bool:
-    """Greedy with nothing that changes or reports the logits."""
+    """Greedy with nothing that changes or reports the logits but a grammar's bitmask."""
     p = seq.params
     return (
         p.temperature == 0
-        and seq.token_bitmask is None
         and p.logprobs is None
         and not p.logit_bias
         and seq.num_output_tokens >= p.min_tokens
@@ -262,7 +276,7 @@ class Sampler:
         if all(_plain_greedy(s) for s in seqs):
             # Widening to fp32 is exact, so the argmax is the same without it; skipping it
             # saves a [rows, vocab] copy per step (milliseconds on a CPU at batch 64).
-            return greedy_tokens(logits), None
+            return greedy_tokens(apply_token_bitmask(logits, seqs)), None
         raw = logits.float()
         logits = apply_logit_bias(raw, seqs)
         logits = apply_min_tokens(logits, seqs)
