@@ -13,6 +13,7 @@ cannot."""
 from __future__ import annotations
 
 import threading
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -398,3 +399,40 @@ def test_prepare_structured_raises_before_the_request_is_added(llm):
             await asyncio.to_thread(front._thread.join)
 
     asyncio.run(main())
+
+
+def test_backend_choice_and_the_errors_without_one():
+    from tessellm.config import EngineArgs
+    from tessellm.engine.structured_output import StructuredOutputManager
+    from tessellm.plugins import PluginSet, Registration
+
+    def manager(names: list[str], default: str = "auto") -> StructuredOutputManager:
+        plugins = PluginSet()
+        plugins.registries["structured_output_backends"] = {
+            n: Registration("structured_output_backends", n, Broken, "test") for n in names
+        }
+        args = EngineArgs(structured_outputs_backend=default)
+        return StructuredOutputManager(plugins, None, 64, [2], args)
+
+    class Broken(ChoiceBackend):
+        def __init__(self, *args: Any) -> None:
+            raise OSError("no vocabulary")
+
+    so = StructuredOutputsParams(choice=["a"])
+    with pytest.raises(InvalidRequestError, match="install tessellm-structured-xgrammar"):
+        manager([]).backend_name(so)
+    with pytest.raises(ConfigError, match="no structured output backend is installed"):
+        manager([], default="xgrammar")
+    assert manager(["zz", "llguidance"]).backend_name(so) == "llguidance"
+    assert manager(["zz", "llguidance", "xgrammar"]).backend_name(so) == "xgrammar"
+    assert manager(["zz"]).backend_name(so) == "zz"
+    assert manager(["zz", "xgrammar"], default="zz").backend_name(so) == "zz"
+    broken = manager(["zz"])
+    error = broken.submit(so).exception(timeout=10)
+    assert isinstance(error, RequestFailedError) and "no vocabulary" in str(error)
+    for _ in range(100):  # the future's callbacks run just after its waiters wake
+        if not broken._cache:
+            break
+        time.sleep(0.01)
+    assert not broken._cache  # a failure is not cached
+    broken.shutdown()

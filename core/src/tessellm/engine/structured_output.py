@@ -61,10 +61,7 @@ KIND = "structured_output_backends"
 AUTO = "auto"
 # "auto" takes the first of these that is registered, else the first registered at all.
 PREFERENCE = ("xgrammar", "llguidance")
-INSTALL_HINT = (
-    "install tessellm-structured-xgrammar or tessellm-structured-llguidance "
-    "(pip install -e plugins/structured_xgrammar)"
-)
+INSTALL_HINT = "install tessellm-structured-xgrammar or tessellm-structured-llguidance"
 CACHE_SIZE = 256  # compiled grammars kept (the futures; a compiled JSON schema is small)
 COMPILE_WORKERS = 2
 
@@ -152,7 +149,13 @@ class StructuredOutputManager:
                     raise RequestFailedError(
                         f"structured output backend {name!r} is not a StructuredOutputBackend"
                     )
-                backend = cls(self.tokenizer, self.vocab_size, self.eos_token_ids)
+                try:
+                    backend = cls(self.tokenizer, self.vocab_size, self.eos_token_ids)
+                except Exception as exc:
+                    raise RequestFailedError(
+                        f"structured output backend {name!r} cannot serve this model's "
+                        f"tokenizer: {type(exc).__name__}: {exc}"
+                    ) from exc
                 self._backends[name] = backend
             return backend
 
