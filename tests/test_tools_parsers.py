@@ -245,3 +245,20 @@ def test_registered_and_detected():
     # a template that mentions tools in no known format: the architecture decides
     assert detect_parser("{{ tools }}", ["MixtralForCausalLM"])[0] == "mistral"
     assert detect_parser("{{ messages }}", ["LlamaForCausalLM"]) is None
+
+
+def test_reader_drops_the_eos_text_and_extra_calls():
+    """With special tokens kept (Mistral) the end-of-sequence token's text is not content;
+    without parallel_tool_calls an "auto" answer keeps its first call."""
+    from tessellm.server.tool_calls import _Reader
+
+    parser = MistralToolParser(TOOLS)
+    reader = _Reader(parser.new_stream(), ("</s>",), max_calls=1)
+    delta = reader.feed("Hi</s>", "stop")
+    assert delta.content == "Hi" and reader.finish_reason("stop") == "stop"
+    reader = _Reader(parser.new_stream(), ("</s>",), max_calls=1)
+    delta = reader.feed(MISTRAL[2][0] + "</s>", "stop")
+    assert [(d.index, d.name) for d in delta.tool_calls if d.id] == [(0, "get_weather")]
+    assert {d.index for d in delta.tool_calls} == {0} and delta.content == ""
+    assert reader.finish_reason("stop") == "tool_calls"
+    assert reader.finish_reason("length") == "length"

@@ -30,12 +30,14 @@ from tools_support import (
     tiny_tool_model,
 )
 
+from tessellm_mistral.tool_parser import mistral_call_id
+
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 120  # a constrained call of these tools is ~60 tokens
 
 
-@pytest.fixture(scope="module", params=["hermes", "llama3_json"])
+@pytest.fixture(scope="module", params=["hermes", "llama3_json", "mistral"])
 def family(request):
     return request.param
 
@@ -58,7 +60,8 @@ def chat(client, **kwargs):
     kwargs.setdefault("messages", MESSAGES)
     kwargs.setdefault("tools", TOOLS)
     kwargs.setdefault("max_tokens", MAX_TOKENS)
-    return client.chat.completions.create(model="", temperature=0, extra_body=COMPACT, **kwargs)
+    kwargs.setdefault("temperature", 0)
+    return client.chat.completions.create(model="", extra_body=COMPACT, **kwargs)
 
 
 def test_the_parser_is_detected(server, family):
@@ -158,6 +161,8 @@ def test_conversation_with_calls_and_results(client, family):
     check_call(response.choices[0].message.tool_calls[0])
     # The template got the call's arguments as a dict (not JSON text quoted again).
     tokenizer = byte_tokenizer(FAMILIES[family])
+    # Mistral's template takes 9-character ids: the server shortens them.
+    call_id = mistral_call_id("call_abc123") if family == "mistral" else "call_abc123"
     expected = [
         *MESSAGES,
         {
@@ -165,13 +170,13 @@ def test_conversation_with_calls_and_results(client, family):
             "content": "",
             "tool_calls": [
                 {
-                    "id": "call_abc123",
+                    "id": call_id,
                     "type": "function",
                     "function": {"name": "get_weather", "arguments": args},
                 }
             ],
         },
-        {"role": "tool", "tool_call_id": "call_abc123", "content": "sunny, 21 C"},
+        {"role": "tool", "tool_call_id": call_id, "content": "sunny, 21 C"},
     ]
     text = tokenizer.apply_chat_template(
         expected, tools=TOOLS, add_generation_prompt=True, tokenize=False
@@ -303,3 +308,13 @@ def test_serve_refuses_an_unknown_parser(tiny_llama, tmp_path):
     assert done.returncode != 0
     assert "nope" in done.stderr and "hermes" in done.stderr and "llama3_json" in done.stderr
     assert "loading" not in done.stderr  # refused before the model loads
+
+
+def test_each_choice_has_its_calls(client):
+    response = chat(
+        client, tool_choice="required", parallel_tool_calls=False, n=2, seed=7, temperature=1.0
+    )
+    assert len(response.choices) == 2
+    for choice in response.choices:
+        assert choice.finish_reason == "tool_calls"
+        check_call(choice.message.tool_calls[0])

@@ -1,8 +1,9 @@
 """Tiny random models for the tool-calling tests: a byte-level tokenizer (any JSON can be
 spelled) with a family's special tokens, and chat templates whose tool parts read tools,
-assistant ``tool_calls`` and tool results as Qwen 2.5's (Hermes format) and Llama 3.1's
-templates do: ``tools`` through ``tojson``, a call's ``function.arguments`` as a dict
-through ``tojson``, tool results as ``<tool_response>`` / ``ipython`` turns.
+assistant ``tool_calls`` and tool results as Qwen 2.5's (Hermes format), Llama 3.1's and
+Mistral 7B v0.3's templates do: ``tools`` through ``tojson``, a call's
+``function.arguments`` as a dict through ``tojson``, tool results as ``<tool_response>``,
+``ipython`` or ``[TOOL_RESULTS]`` turns (Mistral's insisting on 9-character call ids).
 """
 
 from __future__ import annotations
@@ -85,6 +86,38 @@ LLAMA31_TEMPLATE = (
     "{%- endif %}"
 )
 
+MISTRAL_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}{%- set system_message = messages[0].content %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}"
+    "{%- endif %}"
+    "{%- if not tools is defined %}{%- set tools = none %}{%- endif %}"
+    "{%- set user_messages = loop_messages | selectattr('role', 'equalto', 'user') | list %}"
+    "{{- bos_token }}"
+    "{%- for message in loop_messages %}"
+    "{%- if message.role == 'user' %}"
+    "{%- if tools is not none and (message == user_messages[-1]) %}[AVAILABLE_TOOLS] ["
+    "{%- for tool in tools %}{{ tool | tojson }}{% if not loop.last %}, {% endif %}"
+    "{%- endfor %}][/AVAILABLE_TOOLS]{%- endif %}"
+    "[INST] {{ message.content }}[/INST]"
+    "{%- elif message.tool_calls is defined and message.tool_calls is not none %}"
+    "[TOOL_CALLS] ["
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.id is not defined or tool_call.id | length != 9 %}"
+    "{{- raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}"
+    "{%- endif %}"
+    '{%- set out = tool_call.function | tojson %}{{ out[:-1] }}, "id": "{{ tool_call.id }}"}'
+    "{%- if not loop.last %}, {% else %}]{{ eos_token }}{% endif %}"
+    "{%- endfor %}"
+    "{%- elif message.role == 'assistant' %} {{ message.content | trim }}{{ eos_token }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if message.tool_call_id is not defined or message.tool_call_id | length != 9 %}"
+    "{{- raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}"
+    "{%- endif %}"
+    '[TOOL_RESULTS] {"content": {{ message.content | string }}, '
+    '"call_id": "{{ message.tool_call_id }}"}[/TOOL_RESULTS]'
+    "{%- endif %}{%- endfor %}"
+)
+
 FAMILIES: dict[str, dict[str, Any]] = {
     "hermes": {
         "architecture": "Qwen2ForCausalLM",
@@ -114,6 +147,26 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "eos": "<|eot_id|>",
         "call_token": "<|python_tag|>",
         "call_end": "}}",  # the arguments' and the call's closing braces (flat arguments)
+    },
+    "mistral": {
+        "architecture": "MistralForCausalLM",
+        "template": MISTRAL_TEMPLATE,
+        "special": [
+            "<s>",
+            "</s>",
+            "[INST]",
+            "[/INST]",
+            "[TOOL_CALLS]",
+            "[AVAILABLE_TOOLS]",
+            "[/AVAILABLE_TOOLS]",
+            "[TOOL_RESULTS]",
+            "[/TOOL_RESULTS]",
+        ],
+        "plain": [],
+        "bos": "<s>",
+        "eos": "</s>",
+        "call_token": "[TOOL_CALLS]",
+        "call_end": "}]",
     },
 }
 
@@ -200,7 +253,10 @@ def check_call(call: Any) -> dict[str, Any]:
     import jsonschema
 
     assert call.type == "function"
-    assert call.id.startswith("call_") and len(call.id) > 8
+    # OpenAI's "call_" ids; Mistral's parser makes the 9-character ids its templates take.
+    assert (call.id.startswith("call_") and len(call.id) == 29) or (
+        len(call.id) == 9 and call.id.isalnum()
+    )
     arguments = json.loads(call.function.arguments)
     jsonschema.validate(arguments, SCHEMAS[call.function.name])
     return arguments

@@ -64,11 +64,15 @@ class LLM:
         use_tqdm: bool = False,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation, then generate."""
+        """Apply the model's chat template to each conversation, then generate. ``tools``
+        (OpenAI's function tools, as vLLM's ``LLM.chat`` takes them) go to the template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts: list[Prompt] = [
-            apply_chat_template(self.engine.tokenizer, conv, chat_template, add_generation_prompt)
+            apply_chat_template(
+                self.engine.tokenizer, conv, chat_template, add_generation_prompt, tools
+            )
             for conv in conversations  # type: ignore[union-attr]
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
