@@ -262,3 +262,39 @@ def test_reader_drops_the_eos_text_and_extra_calls():
     assert {d.index for d in delta.tool_calls} == {0} and delta.content == ""
     assert reader.finish_reason("stop") == "tool_calls"
     assert reader.finish_reason("length") == "length"
+
+
+def test_required_schema_hoists_definitions():
+    import jsonschema
+
+    from tessellm.server.errors import APIError
+    from tessellm.server.tool_setup import required_schema
+
+    point = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "move",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"to": {"$ref": "#/$defs/Point"}},
+                    "required": ["to"],
+                    "$defs": {"Point": point},
+                },
+            },
+        },
+        {"type": "function", "function": {"name": "stop"}},
+    ]
+    schema = required_schema(tools, parallel=True)
+    assert schema["$defs"] == {"Point": point} and "maxItems" not in schema
+    good = [{"name": "move", "parameters": {"to": {"x": 1}}}, {"name": "stop", "parameters": {}}]
+    jsonschema.validate(good, schema)
+    for bad in ([], [{"name": "move", "parameters": {"to": {"x": "1"}}}], [{"name": "rm"}]):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    assert required_schema(tools, parallel=False)["maxItems"] == 1
+    assert "$defs" in tools[0]["function"]["parameters"]  # the request's own tools unchanged
+    clash = {**tools[1], "function": {"name": "stop", "parameters": {"$defs": {"Point": {}}}}}
+    with pytest.raises(APIError, match="define \\$defs/Point differently"):
+        required_schema([tools[0], clash], parallel=True)

@@ -174,9 +174,9 @@ class ToolSession:
             out.append(ChatChunkChoice(index=choice.index, delta=DeltaMessage(tool_calls=[call])))
         if choice.finish_reason is not None:
             reason = reader.finish_reason(choice.finish_reason)
-            out.append(
-                ChatChunkChoice(index=choice.index, delta=DeltaMessage(), finish_reason=reason)
-            )  # type: ignore[arg-type]
+            end = ChatChunkChoice(index=choice.index, delta=DeltaMessage())
+            end.finish_reason = reason  # type: ignore[assignment]
+            out.append(end)
         if choice.logprobs is not None:
             if not out:
                 out.append(ChatChunkChoice(index=choice.index, delta=DeltaMessage()))
