@@ -217,3 +217,16 @@ def test_llguidance_per_request(llm):
     for o in outs:
         assert_valid(o.outputs[0])
     assert set(llm.engine.structured._backends) >= {"xgrammar", "llguidance"}
+
+
+def test_tensor_parallel_workers_get_the_bitmasks(llm, model_path):
+    """The plan, bitmask rows included, is pickled to the mp executor's two ranks."""
+    params = [json_params(temperature=0), SamplingParams(temperature=0, max_tokens=8)]
+    reference = llm.generate(PROMPTS[:2], params)
+    tp = LLM(model=str(model_path), dtype="float32", device="cpu", tensor_parallel_size=2)
+    try:
+        outs = tp.generate(PROMPTS[:2], params)
+    finally:
+        tp.engine.shutdown()
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in reference]
+    assert_valid(outs[0].outputs[0])

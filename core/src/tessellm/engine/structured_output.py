@@ -12,8 +12,9 @@ others run. Each ``step()`` starts by moving requests whose grammar is ready int
 scheduler with a fresh matcher per sample; a failed compile finishes the request with its
 ``InvalidRequestError``.
 
-Before a plan is launched each constrained sampling sequence gets ``token_bitmask``, a row
-of one host buffer filled by its matcher; the sampler applies it on the device. After the
+Before a plan is launched each constrained sampling sequence gets ``token_bitmask``, a host
+row its matcher fills (rows are reused from step to step); the sampler applies it on the
+device. After the
 scheduler appends a step's tokens, each is fed to its matcher, before the next step is
 scheduled (its bitmask depends on that token): so a step with a constrained sampling
 sequence is never scheduled ahead. A matcher that ends (the grammar complete, an EOS taken
@@ -101,7 +102,6 @@ class StructuredOutputManager:
         if default != AUTO and plugins.get(KIND, default) is None:
             raise ConfigError(self._unknown(default, "structured_outputs_backend"))
         self.default_backend = default
-        self.max_num_seqs = args.max_num_seqs
         self.cache_size = cache_size
         self.workers = workers
         self._backends: dict[str, StructuredOutputBackend] = {}
@@ -113,7 +113,7 @@ class StructuredOutputManager:
         self.matchers: dict[str, GrammarMatcher] = {}
         # Requests to fail at the next update: a matcher raised while filling a bitmask.
         self.failed: dict[str, Exception] = {}
-        self._bitmask: torch.Tensor | None = None  # [max_num_seqs, words], made on first use
+        self._rows: list[torch.Tensor] = []  # bitmask rows, one per constrained seq a step
 
     # -- backends and compiling ----------------------------------------------------------
     def _unknown(self, name: str, what: str) -> str:
@@ -260,23 +260,24 @@ class StructuredOutputManager:
 
     # -- the step ------------------------------------------------------------------------
     def fill_bitmasks(self, plan: SchedulerOutput) -> None:
-        """Give each constrained sampling seq of ``plan`` its row of allowed tokens."""
+        """Give each constrained sampling seq of ``plan`` its row of allowed tokens.
+
+        Rows are reused from step to step, each its own ``[1, words]`` tensor rather than
+        a view of one buffer: a plan sent to tensor-parallel workers pickles a view with
+        its whole storage (Ray: 64 views of a 256-row buffer would be 300 MB a step);
+        multiprocessing moves each row to shared memory once."""
         if not self.matchers:
             return
-        row = 0
+        rows = self._rows
+        used = 0
         for seq in plan.seqs:
             matcher = self.matchers.get(seq.request_id) if seq.sample else None
             if matcher is None:
                 continue
-            bitmask = self._bitmask
-            if bitmask is None or row >= bitmask.shape[0]:
-                rows = max(self.max_num_seqs, row + 1)
-                grown = torch.empty(rows, bitmask_words(self.vocab_size), dtype=torch.int32)
-                if bitmask is not None:  # rows handed out this step stay valid
-                    grown[:row] = bitmask[:row]
-                bitmask = self._bitmask = grown
+            if used == len(rows):
+                rows.append(torch.empty(1, bitmask_words(self.vocab_size), dtype=torch.int32))
             try:
-                matcher.fill_bitmask(bitmask, row)
+                matcher.fill_bitmask(rows[used], 0)
             except Exception as exc:
                 # Unconstrained this step, failed before its token is shown.
                 self.failed[seq.request_id] = RequestFailedError(
@@ -284,8 +285,8 @@ class StructuredOutputManager:
                 )
                 seq.token_bitmask = None
                 continue
-            seq.token_bitmask = bitmask[row]
-            row += 1
+            seq.token_bitmask = rows[used][0]
+            used += 1
 
     def accept(self, changed: list[Request]) -> tuple[list[str], dict[str, Exception]]:
         """Feed each request's newest token to its matcher. Returns the ids whose grammar
