@@ -20,12 +20,15 @@ from tools_support import (
     ALARM,
     COMPACT,
     FAMILIES,
+    MAX_TOKENS,
     MESSAGES,
     SCHEMAS,
     TOOLS,
     WEATHER,
     accumulate,
+    auto_call_kwargs,
     byte_tokenizer,
+    chat,
     check_call,
     tiny_tool_model,
 )
@@ -33,8 +36,6 @@ from tools_support import (
 from tessellm_mistral.tool_parser import mistral_call_id
 
 pytestmark = pytest.mark.slow
-
-MAX_TOKENS = 120  # a constrained call of these tools is ~60 tokens
 
 
 @pytest.fixture(scope="module", params=["hermes", "llama3_json", "mistral"])
@@ -54,14 +55,6 @@ def server(family, tmp_path_factory):
 def client(server):
     with openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as c:
         yield c
-
-
-def chat(client, **kwargs):
-    kwargs.setdefault("messages", MESSAGES)
-    kwargs.setdefault("tools", TOOLS)
-    kwargs.setdefault("max_tokens", MAX_TOKENS)
-    kwargs.setdefault("temperature", 0)
-    return client.chat.completions.create(model="", extra_body=COMPACT, **kwargs)
 
 
 def test_the_parser_is_detected(server, family):
@@ -187,21 +180,6 @@ def test_conversation_with_calls_and_results(client, family):
     )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert response.usage.prompt_tokens == len(ids)
-
-
-def auto_call_kwargs(family: str) -> dict:
-    """Sampling that makes the random model start a call (a logit bias on the call's first
-    token), keeps it off whitespace where the grammar lets it choose, and stops after one
-    call: what it writes in between is the grammar's doing."""
-    tokenizer = byte_tokenizer(FAMILIES[family])
-    bias = {tokenizer.convert_tokens_to_ids(FAMILIES[family]["call_token"]): 100}
-    for space in ("Ġ", "Ċ", "ĉ", "č"):  # byte-level " ", "\n", "\t", "\r"
-        bias[tokenizer.convert_tokens_to_ids(space)] = -100
-    return dict(
-        logit_bias={str(k): v for k, v in bias.items()},
-        stop=[FAMILIES[family]["call_end"]],
-        extra_body={"include_stop_str_in_output": True},
-    )
 
 
 def test_auto_call_is_constrained_and_streams_the_same(client, family):

@@ -246,6 +246,32 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 # Compact JSON: a grammar that admits whitespace anywhere lets a random model spend its
 # budget there.
 COMPACT = {"structured_outputs": {"disable_any_whitespace": True}}
+MAX_TOKENS = 120  # a constrained call of these tools is ~60 tokens
+
+
+def chat(client: Any, **kwargs: Any) -> Any:
+    """A greedy, compact chat completion with the test tools (kwargs override)."""
+    kwargs.setdefault("messages", MESSAGES)
+    kwargs.setdefault("tools", TOOLS)
+    kwargs.setdefault("max_tokens", MAX_TOKENS)
+    kwargs.setdefault("temperature", 0)
+    return client.chat.completions.create(model="", extra_body=COMPACT, **kwargs)
+
+
+def auto_call_kwargs(family: str) -> dict:
+    """Sampling that makes the random model start a call (a logit bias on the call's first
+    token), keeps it off whitespace where the grammar lets it choose, and stops after one
+    call: what it writes in between is the grammar's doing. (xgrammar's structural tags
+    ignore ``disable_any_whitespace``, hence the bias against whitespace.)"""
+    tokenizer = byte_tokenizer(FAMILIES[family])
+    bias = {tokenizer.convert_tokens_to_ids(FAMILIES[family]["call_token"]): 100}
+    for space in ("Ġ", "Ċ", "ĉ", "č"):  # byte-level " ", "\n", "\t", "\r"
+        bias[tokenizer.convert_tokens_to_ids(space)] = -100
+    return dict(
+        logit_bias={str(k): v for k, v in bias.items()},
+        stop=[FAMILIES[family]["call_end"]],
+        extra_body={"include_stop_str_in_output": True},
+    )
 
 
 def check_call(call: Any) -> dict[str, Any]:
