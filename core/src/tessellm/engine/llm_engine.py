@@ -15,13 +15,9 @@ from typing import Any, TypeVar
 
 from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
+from tessellm.engine import structured_output as so
 from tessellm.engine.output_processor import OutputProcessor, child_id
 from tessellm.engine.step_recovery import is_fatal, recover_step
-from tessellm.engine.structured_output import (
-    StructuredOutputManager,
-    admit_parked,
-    advance_matchers,
-)
 from tessellm.errors import ConfigError, InvalidRequestError
 from tessellm.interfaces.engine import (
     Executor,
@@ -117,7 +113,7 @@ class LLMEngine:
         self.eos_token_ids = eos_ids_of(self.model_config, self.tokenizer) | frozenset(
             generation_eos_ids(self.resolved.path)
         )
-        self.structured = StructuredOutputManager(
+        self.structured = so.StructuredOutputManager(
             plugins, self.tokenizer, self.vocab_size, self.eos_token_ids, args
         )
         executor_name = args.distributed_executor_backend or (
@@ -236,8 +232,8 @@ class LLMEngine:
     def compile_structured(self, params: SamplingParams) -> Future[Any] | None:
         """The (cached) compile of ``params``' grammar, or ``None``; thread-safe. It fails
         with ``InvalidRequestError`` naming the problem of an invalid schema or regex."""
-        so = params.structured_outputs
-        return None if so is None else self.structured.submit(so)
+        constraint = params.structured_outputs
+        return None if constraint is None else self.structured.submit(constraint)
 
     def validate_structured(self, params: SamplingParams) -> None:
         """Compile ``params``' grammar now (cached): ``InvalidRequestError`` if invalid."""
@@ -274,11 +270,7 @@ class LLMEngine:
                     prompt_leader_id=child_id(request_id, 0, params.n) if i else None,
                 )
             )
-        so = params.structured_outputs
-        # A request whose grammar is still compiling waits outside the scheduler.
-        if so is None or self.structured.add(request_id, children, self.structured.submit(so)):
-            for child in children:
-                self.scheduler.add_request(child)
+        so.schedule_or_park(self, request_id, children)
         self.output_processor.add(request_id, text, children)
         self.counters["prompt_tokens"] += len(token_ids)
         return request_id
@@ -317,7 +309,7 @@ class LLMEngine:
         also run while the device works, behind this step on the device's queue.
         """
         idle = self._in_flight is None and not self.scheduler.has_unfinished()
-        admitted = admit_parked(self, idle)
+        admitted = so.admit_parked(self, idle)
         if self._in_flight is not None:
             plan, pending = self._in_flight
             self._in_flight = None
@@ -344,11 +336,11 @@ class LLMEngine:
             return admitted + recover_step(self, plan, None, exc)
         if ahead:
             changed = self.scheduler.fill(plan, result)
-            admitted += advance_matchers(self, changed)
+            admitted += so.advance_matchers(self, changed)
         else:
             changed = self.scheduler.update(plan, result)
             # Before the next launch: its bitmasks depend on this step's tokens.
-            admitted += advance_matchers(self, changed)
+            admitted += so.advance_matchers(self, changed)
             if self.overlap_steps:
                 self._launch_next(None)
         logprobs: dict[str, Any] = {}

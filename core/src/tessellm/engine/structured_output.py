@@ -242,14 +242,13 @@ class StructuredOutputManager:
             )
             if error is None:
                 try:
-                    self._start(parked.children, parked.grammar.result())
+                    self._start(parked.children, grammar.result())
                 except Exception as exc:
                     error = RequestFailedError(f"the grammar's matcher failed: {exc}")
                 else:
                     start.extend(parked.children)
                     continue
             failed[parked.parent_id] = error
-            self.release(c.request_id for c in parked.children)
         self.parked = still
         return start, failed
 
@@ -317,10 +316,6 @@ class StructuredOutputManager:
                 ended.append(request.request_id)
         return ended, failed
 
-    def release(self, request_ids: Iterable[str]) -> None:
-        for request_id in request_ids:
-            self.matchers.pop(request_id, None)
-
     def sweep(self, processor: OutputProcessor) -> None:
         """Forget parked requests and matchers of requests that are gone (finished,
         aborted, failed), whatever path finished them."""
@@ -340,6 +335,16 @@ class StructuredOutputManager:
 
 # -- the engine's side (kept here so that llm_engine.py stays the loop) -------------------
 PARKED_WAIT_S = 0.01  # an idle step waits this long for a compile (not a busy loop)
+
+
+def schedule_or_park(engine: LLMEngine, parent_id: str, children: list[Request]) -> None:
+    """Give a new request's samples to the scheduler, or park them while their grammar
+    compiles (a compiled one, cached, starts at once)."""
+    constraint = children[0].params.structured_outputs
+    manager = engine.structured
+    if constraint is None or manager.add(parent_id, children, manager.submit(constraint)):
+        for child in children:
+            engine.scheduler.add_request(child)
 
 
 def admit_parked(engine: LLMEngine, idle: bool) -> list[RequestOutput]:
@@ -383,6 +388,8 @@ def advance_matchers(engine: LLMEngine, changed: list[Request]) -> list[RequestO
 
 def fail_parents(engine: LLMEngine, errors: dict[str, Exception]) -> list[RequestOutput]:
     """Finish each parent request (all its samples) with its error: final outputs."""
+    if not errors:
+        return []
     outputs: list[RequestOutput] = []
     processor = engine.output_processor
     for parent_id, error in errors.items():
