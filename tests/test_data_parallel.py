@@ -97,6 +97,25 @@ def test_concurrent_requests_are_answered_correctly_by_both_replicas(dp_server, 
     assert dp_server.metrics()["tessellm:generation_tokens_total"] == total
 
 
+def test_structured_outputs_through_the_front(dp_server, tiny_llama):
+    from transformers import AutoTokenizer
+
+    words = sorted(w for w in AutoTokenizer.from_pretrained(tiny_llama).get_vocab() if w.isalpha())
+    choices = words[:2]
+    body = {"model": str(tiny_llama), "prompt": "The quick brown fox", "max_tokens": 8}
+    with httpx.Client(timeout=120) as client:
+        ok = client.post(
+            dp_server.base_url + "/completions",
+            json={**body, "structured_outputs": {"choice": choices}},
+        )
+        assert ok.status_code == 200, ok.text
+        # The word-level test tokenizer decodes a word with a leading space.
+        assert ok.json()["choices"][0]["text"].strip() in choices
+        bad = client.post(dp_server.base_url + "/completions", json={**body, "guided_regex": "("})
+    assert bad.status_code == 400, bad.text
+    assert bad.json()["error"]["param"] == "guided_regex"
+
+
 def test_a_dead_replica_stops_the_server_and_leaves_no_process(dp_server):
     # Runs last: it takes the shared server down.
     children = live_descendants(dp_server.process.pid)

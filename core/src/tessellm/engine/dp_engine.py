@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import wait
 from typing import Any, TypeVar
 
@@ -28,6 +28,8 @@ from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
 from tessellm.engine.async_engine import EngineDeadError, OutputStream, RequestSinks
 from tessellm.engine.dp_replica import ReplicaProcesses
+from tessellm.engine.llm_engine import eos_ids_of, generation_eos_ids
+from tessellm.engine.structured_output import StructuredOutputManager
 from tessellm.errors import ConfigError, InvalidRequestError, WorkerError
 from tessellm.executors.worker import startup_timeout
 from tessellm.outputs import RequestOutput
@@ -52,9 +54,21 @@ class FrontView:
             else ml.resolve_model(plugins, args.tokenizer, args.cache_dir)
         )
         self.tokenizer = ml.weight_format(plugins, tok_source).load_tokenizer(tok_source.path)
+        # Grammars compile here too, so a bad schema is a 400 before any replica sees it.
+        vocab = getattr(ml.text_config(self.model_config), "vocab_size", None)
+        eos = eos_ids_of(self.model_config, self.tokenizer) | frozenset(
+            generation_eos_ids(resolved.path)
+        )
+        self.structured = StructuredOutputManager(
+            plugins, self.tokenizer, int(vocab or len(self.tokenizer)), eos, args
+        )
 
     def tokenize(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
+
+    def compile_structured(self, params: SamplingParams) -> Future[Any] | None:
+        constraint = params.structured_outputs
+        return None if constraint is None else self.structured.submit(constraint)
 
 
 def aggregate_stats(replicas: list[dict[str, float]]) -> dict[str, float]:
@@ -166,6 +180,7 @@ class DataParallelEngine(RequestSinks):
         self._fail_all(EngineDeadError("the server is shutting down"))
         await asyncio.to_thread(self._replicas.stop)
         self._calls.shutdown(wait=False)
+        self.engine.structured.shutdown()
 
     @property
     def is_running(self) -> bool:
@@ -186,6 +201,14 @@ class DataParallelEngine(RequestSinks):
 
     def post(self, fn: Callable[[Any], Any]) -> None:
         self._calls.submit(fn, self.engine)
+
+    async def prepare_structured(self, params: SamplingParams) -> None:
+        """As ``AsyncLLMEngine.prepare_structured``: the grammar compiled in this front
+        process, ``InvalidRequestError`` (a 400) for an invalid one."""
+        self._check_alive()
+        future = self.engine.compile_structured(params)
+        if future is not None:
+            await asyncio.shield(asyncio.wrap_future(future))
 
     async def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0

@@ -284,6 +284,15 @@ class StructuredOutputManager:
                 )
                 seq.token_bitmask = None
                 continue
+            if not rows[used].any():
+                # The vocabulary cannot spell what the grammar needs next (a regex over
+                # characters no token holds): the request's own constraint, a 400.
+                self.failed[seq.request_id] = InvalidRequestError(
+                    "structured outputs: no token of this model's vocabulary can continue "
+                    f"the grammar after {seq.num_output_tokens} output tokens"
+                )
+                seq.token_bitmask = None
+                continue
             seq.token_bitmask = rows[used][0]
             used += 1
 
@@ -308,7 +317,8 @@ class StructuredOutputManager:
                 continue
             if not accepted:
                 logger.debug("request %s: grammar refused token %d", request.request_id, token)
-                failed[request.request_id] = RequestFailedError(
+                # Only the request's own parameters override the mask: a 400.
+                failed[request.request_id] = InvalidRequestError(
                     f"token {token} was sampled but the grammar does not allow it (do "
                     "min_tokens, stop_token_ids or logit_bias exclude every token it allows?)"
                 )
