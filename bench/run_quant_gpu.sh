@@ -5,6 +5,7 @@
 # Run from the repository root on a CUDA machine after `. .whl/setup.sh` (or an install):
 #   bash bench/run_quant_gpu.sh bandwidth latency        (first call)
 #   bash bench/run_quant_gpu.sh throughput kv tests      (second call)
+#   bash bench/run_quant_gpu.sh structured               (issue 15: structured-output overhead)
 # JSON goes to $OUT (default ./bench-out).
 set -u
 OUT=${OUT:-./bench-out}
@@ -32,7 +33,7 @@ gptq_checkpoint() {
 latency() {  # latency NAME MODEL EXTRA...
     local name=$1 model=$2
     shift 2
-    step "$name" 200 $TESSELLM bench latency --model "$model" --input-len 512 --output-len 256 \
+    step "$name" 150 $TESSELLM bench latency --model "$model" --input-len 512 --output-len 256 \
         --num-iters 3 --max-model-len 1024 --output-json "$OUT/$name.json" "$@"
 }
 
@@ -71,8 +72,12 @@ print(f'copy bandwidth {2 * x.numel() / dt / 1e12:.4f} TB/s', torch.cuda.get_dev
     kv)
         throughput tp_bf16_kvfp8 "$MODEL" --kv-cache-dtype fp8
         ;;
+    structured)
+        step structured 150 python3 bench/structured_outputs.py --model random:qwen3-0.6b \
+            --batch 1 64 --output-len 128 --repeats 2 --backend xgrammar --json "$OUT/so.json"
+        ;;
     tests)
-        step tests 280 python3 -m pytest -q -p no:cacheprovider plugins/quant_fp8/tests \
+        step tests "${TESTS_LIMIT:-280}" python3 -m pytest -q -p no:cacheprovider plugins/quant_fp8/tests \
             plugins/quant_int4/tests plugins/quant_int8/tests plugins/quant_compressed_tensors/tests \
             plugins/gguf/tests tests/test_kv_cache_fp8_gpu.py tests/test_kv_cache_fp8.py -rs
         ;;
