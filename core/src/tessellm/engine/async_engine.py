@@ -21,12 +21,14 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any, TypeVar
 
 from tessellm.config import EngineArgs
 from tessellm.engine.llm_engine import LLMEngine
 from tessellm.engine.step_recovery import FailedRequestOutput
+from tessellm.engine.structured_output import compile_timeout_error
 from tessellm.errors import TessellmError
 from tessellm.outputs import RequestOutput
 from tessellm.sampling_params import SamplingParams
@@ -200,6 +202,15 @@ class RequestSinks:
             sink.put_nowait(error)
 
 
+async def await_compile(future: Future[Any], timeout_s: float) -> None:
+    """Wait for a grammar's compile (``InvalidRequestError`` past ``timeout_s``). Shielded:
+    a client that goes away must not cancel a compile other requests share."""
+    try:
+        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout_s)
+    except TimeoutError:
+        raise compile_timeout_error(timeout_s) from None
+
+
 class AsyncLLMEngine(RequestSinks):
     """Runs an ``LLMEngine`` on its own thread and serves it to asyncio code."""
 
@@ -262,8 +273,7 @@ class AsyncLLMEngine(RequestSinks):
         self._check_alive()
         future = self.engine.compile_structured(params)  # thread-safe: starts or finds it
         if future is not None:
-            # Shielded: a client that goes away must not cancel a compile others share.
-            await asyncio.shield(asyncio.wrap_future(future))
+            await await_compile(future, self.engine.structured.compile_timeout_s)
 
     def post(self, fn: Callable[[LLMEngine], Any]) -> None:
         """Queue ``fn(engine)`` without waiting for it (aborts from cleanup code)."""

@@ -26,7 +26,12 @@ from typing import Any, TypeVar
 
 from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
-from tessellm.engine.async_engine import EngineDeadError, OutputStream, RequestSinks
+from tessellm.engine.async_engine import (
+    EngineDeadError,
+    OutputStream,
+    RequestSinks,
+    await_compile,
+)
 from tessellm.engine.dp_replica import ReplicaProcesses
 from tessellm.engine.llm_engine import eos_ids_of, generation_eos_ids
 from tessellm.engine.structured_output import StructuredOutputManager
@@ -208,7 +213,7 @@ class DataParallelEngine(RequestSinks):
         self._check_alive()
         future = self.engine.compile_structured(params)
         if future is not None:
-            await asyncio.shield(asyncio.wrap_future(future))
+            await await_compile(future, self.engine.structured.compile_timeout_s)
 
     async def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -65,6 +66,16 @@ PREFERENCE = ("xgrammar", "llguidance")
 INSTALL_HINT = "install tessellm-structured-xgrammar or tessellm-structured-llguidance"
 CACHE_SIZE = 256  # compiled grammars kept (the futures; a compiled JSON schema is small)
 COMPILE_WORKERS = 2
+# A request whose grammar is not compiled by then fails (a 400): a pathological schema
+# must not park a request forever. The compile itself cannot be stopped; it finishes in
+# its worker and stays cached.
+COMPILE_TIMEOUT_S = 60.0
+
+
+def compile_timeout_error(seconds: float) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"structured outputs: the grammar did not compile within {seconds:g} s; simplify the schema"
+    )
 
 
 @dataclass(slots=True)
@@ -74,6 +85,7 @@ class Parked:
     parent_id: str
     children: list[Request]
     grammar: Future[CompiledGrammar]
+    deadline: float  # time.monotonic() after which the request fails
 
 
 class StructuredOutputManager:
@@ -104,6 +116,7 @@ class StructuredOutputManager:
         self.default_backend = default
         self.cache_size = cache_size
         self.workers = workers
+        self.compile_timeout_s = COMPILE_TIMEOUT_S
         self._backends: dict[str, StructuredOutputBackend] = {}
         self._backend_lock = threading.Lock()
         self._cache: OrderedDict[tuple[str, str], Future[CompiledGrammar]] = OrderedDict()
@@ -215,7 +228,8 @@ class StructuredOutputManager:
                 return True
             except Exception:
                 pass  # parked: the next step fails it with the matcher's error
-        self.parked.append(Parked(parent_id, children, grammar))
+        deadline = time.monotonic() + self.compile_timeout_s
+        self.parked.append(Parked(parent_id, children, grammar, deadline))
         return False
 
     def _start(self, children: list[Request], grammar: CompiledGrammar) -> None:
@@ -230,9 +244,13 @@ class StructuredOutputManager:
         start: list[Request] = []
         failed: dict[str, Exception] = {}
         still: list[Parked] = []
+        now = time.monotonic()
         for parked in self.parked:
             if not parked.grammar.done():
-                still.append(parked)
+                if now > parked.deadline:
+                    failed[parked.parent_id] = compile_timeout_error(self.compile_timeout_s)
+                else:
+                    still.append(parked)
                 continue
             grammar = parked.grammar
             error = (
