@@ -22,5 +22,13 @@ class ConfigError(TessellmError, ValueError):
 
 
 class WorkerError(TessellmError):
-    """A worker process (a tensor-parallel rank or a data-parallel replica) raised, died or
-    hung. Every worker has been stopped; the engine cannot run further steps."""
+    """A worker process (a tensor-parallel rank or a data-parallel replica) died, hung, or
+    raised where the workers cannot go on (at startup, from a collective, or with another
+    rank left inside the step). Every worker has been stopped; the engine cannot run
+    further steps."""
+
+
+class StepError(TessellmError):
+    """A tensor-parallel rank raised while running a step, with an exception that could not
+    be sent back as itself; the message names its type. The workers are still running and
+    in step with each other: the request(s) to blame fail, the engine goes on."""

@@ -17,7 +17,7 @@ from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
 from tessellm.engine import structured_output as so
 from tessellm.engine.output_processor import OutputProcessor, child_id
-from tessellm.engine.step_recovery import is_fatal, recover_step
+from tessellm.engine.step_recovery import apply_result, fail_unprocessed, is_fatal, recover_step
 from tessellm.errors import ConfigError, InvalidRequestError
 from tessellm.interfaces.engine import (
     Executor,
@@ -334,21 +334,17 @@ class LLMEngine:
             if ahead or is_fatal(exc):
                 raise
             return admitted + recover_step(self, plan, None, exc)
-        if ahead:
-            changed = self.scheduler.fill(plan, result)
-            admitted += so.advance_matchers(self, changed)
-        else:
-            changed = self.scheduler.update(plan, result)
-            # Before the next launch: its bitmasks depend on this step's tokens.
-            admitted += so.advance_matchers(self, changed)
-            if self.overlap_steps:
-                self._launch_next(None)
+        changed, failed = apply_result(self, plan, result, ahead)
+        # Before the next launch: its bitmasks depend on this step's tokens.
+        admitted += failed + so.advance_matchers(self, changed)
+        if self.overlap_steps and not ahead:
+            self._launch_next(None)
         logprobs: dict[str, Any] = {}
         if result.logprobs is not None:
             sampled_ids = [s.request_id for s in plan.seqs if s.sample]
             logprobs = dict(zip(sampled_ids, result.logprobs, strict=True))
         outputs, stopped = self.output_processor.process(changed, logprobs, result.prompt_logprobs)
-        outputs = admitted + outputs
+        outputs = admitted + outputs + fail_unprocessed(self, plan)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         c = self.counters

@@ -61,6 +61,8 @@ class OutputProcessor:
         self._alone: dict[int, str] = {}  # token id -> its text decoded alone
         self.parents: dict[str, ParentState] = {}
         self.child_to_parent: dict[str, str] = {}
+        # Child request id -> what its output processing raised (``take_failed``).
+        self._failed: dict[str, Exception] = {}
 
     def add(self, parent_id: str, prompt: str | None, children: list[Request]) -> None:
         state = ParentState(parent_id, prompt, children[0].prompt_token_ids)
@@ -99,15 +101,21 @@ class OutputProcessor:
         logprobs: dict[str, TokenLogprobs | None],
         prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] | None = None,
     ) -> tuple[list[RequestOutput], list[str]]:
-        """Returns outputs of parents that changed and child ids stopped by a stop string."""
+        """Returns outputs of parents that changed and child ids stopped by a stop string.
+
+        A request whose processing raises (detokenizing its token, its logprobs' text) is
+        left out of both: ``take_failed`` hands it to the engine, which fails it alone."""
         for request_id, (first, entries) in (prompt_logprobs or {}).items():
-            self._add_prompt_logprobs(request_id, first, entries)
+            try:
+                self._add_prompt_logprobs(request_id, first, entries)
+            except Exception as exc:
+                self._failed[request_id] = exc
         touched: dict[str, ParentState] = {}
         stopped: list[str] = []
         now = time.monotonic()
         for req in changed:
             parent_id = self.child_to_parent.get(req.request_id)
-            if parent_id is None:
+            if parent_id is None or req.request_id in self._failed:
                 continue
             parent = self.parents[parent_id]
             child = parent.children[req.request_id]
@@ -115,17 +123,30 @@ class OutputProcessor:
                 parent.first_token_time = now
                 parent.num_cached_tokens = max(0, req.num_cached_tokens)
             text_before = len(child.detok.text)
-            self._append(child, req, logprobs.get(req.request_id))
-            if child.completion.finish_reason is None and self._check_stop_strings(
-                child, text_before
-            ):
-                stopped.append(req.request_id)
-            elif req.status.finished:
-                child.completion.finish_reason = req.status.value
-                child.completion.stop_reason = req.stop_reason
+            try:
+                self._append(child, req, logprobs.get(req.request_id))
+                if child.completion.finish_reason is None and self._check_stop_strings(
+                    child, text_before
+                ):
+                    stopped.append(req.request_id)
+                elif req.status.finished:
+                    child.completion.finish_reason = req.status.value
+                    child.completion.stop_reason = req.stop_reason
+            except Exception as exc:  # this request's own tokens or text: it fails alone
+                self._failed[req.request_id] = exc
+                continue
             touched[parent_id] = parent
+        if self._failed:
+            failed = {self.child_to_parent.get(c) for c in self._failed}
+            touched = {k: p for k, p in touched.items() if k not in failed}
         outputs = [self._output(p) for p in touched.values()]
         return outputs, stopped
+
+    def take_failed(self) -> dict[str, Exception]:
+        """The child request ids whose processing raised since the last call, each with
+        its exception; they are still live here (the engine fails them)."""
+        failed, self._failed = self._failed, {}
+        return failed
 
     def _add_prompt_logprobs(self, request_id: str, first: int, entries: list) -> None:
         parent = self.parents.get(self.child_to_parent.get(request_id, ""))

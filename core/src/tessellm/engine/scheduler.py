@@ -26,6 +26,7 @@ from tessellm.interfaces.engine import (
     PLACEHOLDER_TOKEN,
     Request,
     RequestStatus,
+    RequestUpdateError,
     ScheduledSeq,
     SchedulerConfig,
     SchedulerOutput,
@@ -39,6 +40,14 @@ _SEQ_FIELDS = (
 )
 if " ".join(f.name for f in fields(ScheduledSeq)[: _SEQ_FIELDS.count(" ") + 1]) != _SEQ_FIELDS:
     raise ImportError("ScheduledSeq's fields changed: update Scheduler._to_seq")
+
+
+def _applied(changed: list[Request], errors: dict[str, Exception]) -> list[Request]:
+    """What ``update``/``fill`` return, or ``RequestUpdateError`` naming the requests whose
+    stop check raised (the others applied)."""
+    if errors:
+        raise RequestUpdateError([r for r in changed if r.request_id not in errors], errors)
+    return changed
 
 
 @dataclass(slots=True)
@@ -299,6 +308,7 @@ class Scheduler(seams.Scheduler):
         now = time.monotonic()
         requests = self.requests
         running = RequestStatus.RUNNING
+        errors: dict[str, Exception] = {}
         for seq in plan.seqs:
             request = requests.get(seq.request_id)
             token = next(sampled) if seq.sample else None
@@ -310,11 +320,14 @@ class Scheduler(seams.Scheduler):
             request.output_token_ids.append(token)
             if request.first_token_time is None:
                 request.first_token_time = now
-            status = self._check_stop(request, token)
-            changed.append(request)
-            if status is not None:
-                self.finish_requests([request.request_id], status)
-        return changed
+            try:
+                status = self._check_stop(request, token)
+                changed.append(request)
+                if status is not None:
+                    self.finish_requests([request.request_id], status)
+            except Exception as exc:  # this request's own data: it fails alone
+                errors[request.request_id] = exc
+        return _applied(changed, errors)
 
     # -- schedule-ahead: the next step is scheduled before this one's tokens are known --
     def advance(self, plan: SchedulerOutput) -> None:
@@ -336,6 +349,7 @@ class Scheduler(seams.Scheduler):
         finish what should stop, as ``update`` does. A request that stops here may be in
         the step scheduled meanwhile: its token there is dropped (it is gone by then)."""
         changed: list[Request] = []
+        errors: dict[str, Exception] = {}
         sampled = iter(result.sampled_token_ids)
         now = time.monotonic()
         for seq in plan.seqs:
@@ -351,13 +365,16 @@ class Scheduler(seams.Scheduler):
                 request.first_token_time = now
             # Preempted by the schedule in between: the token still counts (its KV was
             # there when it was sampled); the recompute will see it.
-            status = self._check_stop(request, token)
-            changed.append(request)
-            if status is not None:
-                self.finish_requests([request.request_id], status)
-            elif request.status is RequestStatus.RUNNING:
-                self.kv.publish_filled(request)
-        return changed
+            try:
+                status = self._check_stop(request, token)
+                changed.append(request)
+                if status is not None:
+                    self.finish_requests([request.request_id], status)
+                elif request.status is RequestStatus.RUNNING:
+                    self.kv.publish_filled(request)
+            except Exception as exc:
+                errors[request.request_id] = exc
+        return _applied(changed, errors)
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
         params = request.params

@@ -19,7 +19,18 @@ in blocks that belong to the plan's own requests, and everything it computed is 
 again after the restart.
 
 Only an error that says the device or a worker is gone (``is_fatal``) is not attributed:
-it leaves ``step()`` and stops the engine.
+it leaves ``step()`` and stops the engine. With tensor parallelism, a step that raised on a
+rank is attributed like any other as long as every rank left the step (the executor raises
+the rank's own exception); a rank left waiting in a collective is a ``WorkerError``.
+
+On the host, after the step ran: the scheduler's ``update`` (or ``fill``) says which
+request it could not apply the result to (``RequestUpdateError``), and the output
+processor which request it could not detokenize (``take_failed``); those fail alone, with
+a 400-type error where validation explains it. Still fatal: an exception from
+``Scheduler.schedule()`` (it plans from every request at once; one that raised midway has
+left blocks allocated and queues half-changed, which no seam can undo, and nothing it reads
+from a request is beyond what validation bounds, so a raise there is the scheduler's bug),
+and any other exception from ``update``/``fill`` (whose progress was applied is unknown).
 """
 
 from __future__ import annotations
@@ -32,15 +43,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tessellm.errors import InvalidRequestError, TessellmError, WorkerError
+from tessellm.errors import InvalidRequestError, StepError, TessellmError, WorkerError
 from tessellm.interfaces.engine import (
     PLACEHOLDER_TOKEN,
     Request,
     RequestStatus,
+    RequestUpdateError,
     ScheduledSeq,
     SchedulerOutput,
+    StepResult,
 )
 from tessellm.outputs import RequestOutput
+from tessellm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from tessellm.engine.llm_engine import LLMEngine
@@ -91,7 +105,10 @@ def is_fatal(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return False
     text = str(exc)
-    return isinstance(exc, RuntimeError) and any(m in text for m in _DEVICE_LOST_MARKERS)
+    # A StepError is a worker's exception that could not be sent as itself: its text too.
+    return isinstance(exc, (RuntimeError, StepError)) and any(
+        m in text for m in _DEVICE_LOST_MARKERS
+    )
 
 
 def sub_plan(seqs: list[ScheduledSeq]) -> SchedulerOutput:
@@ -176,7 +193,6 @@ def recover_step(
     """``plan`` raised ``error`` before its result was applied: fail the requests to blame
     (their final outputs, as ``FailedRequestOutput``, are returned) and restart the rest.
     ``previous`` is what ``plan`` was launched with (re-runs feed on it)."""
-    processor = engine.output_processor
     seqs = [s for s in plan.seqs if _unfinished(engine, s.request_id)]
     logger.warning(
         "a step of %d request(s) failed (%s: %s); finding the request(s) that caused it",
@@ -186,12 +202,7 @@ def recover_step(
     )
 
     def validate(seq: ScheduledSeq) -> Exception | None:
-        parent = processor.parents[processor.child_to_parent[seq.request_id]]
-        try:
-            engine.validate_prompt(parent.prompt_token_ids, seq.params)
-        except InvalidRequestError as exc:
-            return exc
-        return None
+        return revalidate(engine, seq.request_id, seq.params)
 
     def run(part: SchedulerOutput) -> None:
         engine.executor.launch(part, previous).result()
@@ -200,6 +211,50 @@ def recover_step(
     outputs = fail_requests(engine, culprits)
     restart_requests(engine, [s.request_id for s in seqs if _unfinished(engine, s.request_id)])
     return outputs
+
+
+def revalidate(engine: LLMEngine, request_id: str, params: SamplingParams) -> Exception | None:
+    """The ``InvalidRequestError`` this live request's prompt and ``params`` fail (they may
+    have been changed since it was added), or None."""
+    processor = engine.output_processor
+    parent = processor.parents.get(processor.child_to_parent.get(request_id, ""))
+    if parent is None:
+        return None
+    try:
+        engine.validate_prompt(parent.prompt_token_ids, params)
+    except InvalidRequestError as exc:
+        return exc
+    return None
+
+
+def apply_result(
+    engine: LLMEngine, plan: SchedulerOutput, result: StepResult, ahead: bool
+) -> tuple[list[Request], list[RequestOutput]]:
+    """The scheduler's ``update`` (``fill`` when scheduled ahead) of ``plan``'s result:
+    the requests that got a token, and the final outputs of those it failed for."""
+    apply = engine.scheduler.fill if ahead else engine.scheduler.update
+    try:
+        return apply(plan, result), []
+    except RequestUpdateError as exc:
+        return exc.changed, fail_explained(engine, plan, exc.errors)
+
+
+def fail_unprocessed(engine: LLMEngine, plan: SchedulerOutput) -> list[RequestOutput]:
+    """Fail the requests of ``plan`` whose outputs could not be processed (detokenized)."""
+    failed = engine.output_processor.take_failed()
+    return fail_explained(engine, plan, failed) if failed else []
+
+
+def fail_explained(
+    engine: LLMEngine, plan: SchedulerOutput, errors: dict[str, Exception]
+) -> list[RequestOutput]:
+    """Fail these requests of ``plan``, each with its validation error where its
+    parameters no longer validate (a 400), else with what it raised."""
+    params = {s.request_id: s.params for s in plan.seqs}
+    explained = {
+        rid: revalidate(engine, rid, params[rid]) if rid in params else None for rid in errors
+    }
+    return fail_requests(engine, {rid: explained[rid] or exc for rid, exc in errors.items()})
 
 
 def _unfinished(engine: LLMEngine, request_id: str) -> bool:
@@ -214,7 +269,8 @@ def fail_requests(engine: LLMEngine, culprits: dict[str, Exception]) -> list[Req
     processor = engine.output_processor
     errors: dict[str, Exception] = {}
     for request_id, exc in culprits.items():
-        errors.setdefault(processor.child_to_parent[request_id], client_error(exc))
+        if (parent_id := processor.child_to_parent.get(request_id)) is not None:
+            errors.setdefault(parent_id, client_error(exc))
     outputs: list[RequestOutput] = []
     for parent_id, exc in errors.items():
         logger.warning("request %s failed: %s", parent_id, exc)

@@ -1,26 +1,49 @@
 """What the multi-process and Ray executors share: the engine-facing calls and failure state.
 
 A subclass says how to start one worker per rank, how to call a method on all of them and
-wait (bounded) for every reply, and how to stop them all. Any failure (a worker raised, died
-or did not answer in time) stops every worker and raises ``WorkerError``; later calls raise
-it again at once, so the engine never waits on workers that are gone.
+wait (bounded) for every reply, and how to stop them all. A failure (a worker died, raised
+outside a step or from a collective, or did not answer in time) stops every worker and
+raises ``WorkerError``; later calls raise it again at once, so the engine never waits on
+workers that are gone.
+
+A step that raises an ordinary exception on some rank is not such a failure when every rank
+leaves the step: each rank runs the same plan, and a collective completes on a rank only
+once every rank has entered it, so ranks that all returned ran the same collectives and the
+group is still in step. ``execute`` then raises the rank's exception (its own type, rebuilt)
+and the workers serve the next call: the engine blames the request(s) that caused it (it
+re-runs parts of the plan on all ranks). Sampling runs on every rank, after the last
+collective, from the same gathered logits, so a sampler failure reaches every rank or leaves
+the others finishing normally. But a rank that raised before a collective leaves the others
+waiting in it: ranks that have not answered ``RAISED_RANK_GRACE_S`` (or twice the step's
+time so far) after one raised are presumed stuck there, and that is a ``WorkerError``.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from abc import abstractmethod
 from typing import Any, ClassVar, NoReturn
 
 from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
 from tessellm.errors import ConfigError, WorkerError
-from tessellm.executors.worker import execute_timeout
+from tessellm.executors.worker import RaisedInStep, execute_timeout
 from tessellm.interfaces.engine import Executor, SchedulerOutput, StepResult
 from tessellm.model_loader import ResolvedModel
 from tessellm.plugins import PluginSet
 
 logger = logging.getLogger(__name__)
+
+# Once a rank has raised in a step, how long the other ranks get to leave the step too
+# (at least: twice the time the step had taken when it raised, if longer).
+RAISED_RANK_GRACE_S = 5.0
+
+
+def deadline_after_raise(started: float, deadline: float) -> float:
+    """The deadline of a call started at ``started`` (monotonic) once a rank raised now."""
+    now = time.monotonic()
+    return min(deadline, now + max(RAISED_RANK_GRACE_S, 2 * (now - started)))
 
 
 def check_tensor_parallel_fit(config: Any, tp: int) -> None:
@@ -83,6 +106,14 @@ class DistributedExecutor(Executor):
         self._stop_workers()
         raise WorkerError(message)
 
+    def _fail_out_of_step(self, raised: RaisedInStep, late: list[int], what: str) -> NoReturn:
+        self._fail(
+            f"worker rank {raised.rank} raised in {what} ({raised.type_name}: "
+            f"{raised.message}) and rank(s) {late} did not finish it: they are presumably "
+            "waiting in a collective for it, so the ranks are out of step; all "
+            f"{self.world_size} workers were stopped.\n{raised.traceback}"
+        )
+
     def _run(self, method: str, *args: Any) -> list[Any]:
         if self._failure is not None:
             raise WorkerError(f"the workers were stopped after an earlier failure: {self._failure}")
@@ -123,7 +154,12 @@ class DistributedExecutor(Executor):
         self._run("initialize_cache", num_blocks)
 
     def execute(self, plan: SchedulerOutput) -> StepResult:
-        return self._run("execute", plan)[0]
+        results = self._run("execute", plan)
+        for result in results:
+            if isinstance(result, RaisedInStep):
+                # Every rank left the step: the workers go on; the engine blames a request.
+                raise result.exception()
+        return results[0]
 
     def shutdown(self) -> None:
         if self._closed:

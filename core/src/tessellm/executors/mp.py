@@ -5,9 +5,10 @@ refuses a main script that spawn would re-run into starting workers again).
 
 The driver (the engine's process) keeps the scheduler and joins no process group; it sends
 each call to every rank over its own ``multiprocessing`` pipe and waits for all replies
-while also watching the processes themselves, so a worker that raises or dies is noticed at
-once instead of after a collective times out. Workers ignore Ctrl-C (the driver stops them)
-and exit by themselves when the driver process goes away.
+while also watching the processes themselves, so a worker that dies is noticed at once
+instead of after a collective times out. A step that raised on a rank comes back as a
+``RaisedInStep`` reply (``executors/base.py`` says when that is not fatal). Workers ignore
+Ctrl-C (the driver stops them) and exit by themselves when the driver process goes away.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from tessellm.config import EngineArgs
-from tessellm.executors.base import DistributedExecutor
+from tessellm.executors.base import DistributedExecutor, deadline_after_raise
 from tessellm.executors.start_method import (
     UNGUARDED_MAIN_EXIT_CODE,
     prepare_child,
@@ -38,6 +39,7 @@ from tessellm.executors.start_method import (
 from tessellm.executors.worker import (
     EXECUTE_TIMEOUT_ENV,
     STARTUP_TIMEOUT_ENV,
+    RaisedInStep,
     Worker,
     WorkerConfig,
     execute_timeout,
@@ -201,10 +203,14 @@ class MultiprocExecutor(DistributedExecutor):
             rank_of[conn] = rank
             rank_of[proc.sentinel] = rank
         pending = set(range(len(self._conns)))
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
+        raised: RaisedInStep | None = None
         while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if raised is not None:
+                    self._fail_out_of_step(raised, sorted(pending), what)
                 self._fail(
                     f"worker rank(s) {sorted(pending)} did not finish {what} within "
                     f"{timeout:.0f} s (raise {timeout_env} if that is expected)"
@@ -224,6 +230,9 @@ class MultiprocExecutor(DistributedExecutor):
                     results[rank] = payload
                     pending.discard(rank)
                     del rank_of[conn]
+                    if raised is None and isinstance(payload, RaisedInStep):
+                        raised = payload
+                        deadline = deadline_after_raise(started, deadline)
                 elif ready is self._procs[rank].sentinel:
                     self._fail(self._death_message(rank, what))
         return results

@@ -4,7 +4,8 @@ The actors run the same :class:`~tessellm.executors.worker.Worker` as the ``mp``
 so ranks may live on several machines of a Ray cluster. The driver connects to the cluster
 named by ``RAY_ADDRESS`` (or one started with ``ray start`` on this machine), or starts a
 private local one that it shuts down again. Each call waits for every rank with a deadline;
-an actor that raises or dies stops all of them.
+an actor that dies or fails outside a step stops all of them (a step that raised comes back
+as a ``RaisedInStep``: ``executors/base.py`` says when that is not fatal).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Any
 
 from tessellm.config import EngineArgs
 from tessellm.errors import ConfigError
-from tessellm.executors.base import DistributedExecutor
+from tessellm.executors.base import DistributedExecutor, deadline_after_raise
 from tessellm.executors.worker import (
     EXECUTE_TIMEOUT_ENV,
     STARTUP_TIMEOUT_ENV,
+    RaisedInStep,
     Worker,
     WorkerConfig,
     execute_timeout,
@@ -152,18 +154,24 @@ class RayExecutor(DistributedExecutor):
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
         pending = list(refs)
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
+        raised: RaisedInStep | None = None
         while pending:
             remaining = deadline - time.monotonic()
-            ready, pending = (
+            ready, still = (
                 ray.wait(pending, num_returns=1, timeout=remaining) if remaining > 0 else ([], [])
             )
             if not ready:
-                late = sorted(rank_of[r] for r in pending) or "all"
+                late = sorted(rank_of[r] for r in pending)
+                if raised is not None:
+                    self._fail_out_of_step(raised, late, what)
+                late = late or "all"
                 self._fail(
                     f"Ray worker rank(s) {late} did not finish {what} within {timeout:.0f} s "
                     f"(raise {timeout_env} if that is expected)"
                 )
+            pending = still
             for ref in ready:
                 rank = rank_of[ref]
                 try:
@@ -175,6 +183,9 @@ class RayExecutor(DistributedExecutor):
                     )
                 except ray.exceptions.RayError as exc:
                     self._fail(f"Ray worker rank {rank} raised in {what}:\n{exc}")
+                if raised is None and isinstance(results[rank], RaisedInStep):
+                    raised = results[rank]
+                    deadline = deadline_after_raise(started, deadline)
         return results
 
     def _stop_workers(self) -> None:

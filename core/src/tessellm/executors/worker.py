@@ -3,12 +3,20 @@
 A worker joins the torch.distributed group with the platform's backend (gloo on CPU, NCCL
 on CUDA), builds its shard of the model through an ordinary ``ModelRunner`` and then does
 what the driver asks: report its KV capacity, allocate the cache, run a step's plan.
+
+A step that raises an ordinary exception (a sampler or kernel bug, input no check foresaw)
+leaves the worker running: ``execute`` returns a ``RaisedInStep`` instead of a result, and
+the driver decides whether the ranks are still in step (see ``executors/base.py``). An
+exception from the process group itself (a peer gone, a collective timed out) leaves the
+group unusable: it is raised, and ends the worker.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import socket
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -18,6 +26,10 @@ import torch
 from tessellm.config import EngineArgs
 from tessellm.interfaces.schedule import SchedulerOutput, StepResult
 from tessellm.model_loader import ResolvedModel
+
+# Text of errors raised by the process group's backend (gloo raises a plain RuntimeError
+# naming its source file; NCCL's and c10d's name themselves).
+_PROCESS_GROUP_MARKERS = ("gloo", "NCCL", "c10d", "ProcessGroup")
 
 STARTUP_TIMEOUT_ENV = "TESSELLM_WORKER_STARTUP_TIMEOUT_SECONDS"
 EXECUTE_TIMEOUT_ENV = "TESSELLM_EXECUTE_MODEL_TIMEOUT_SECONDS"
@@ -43,6 +55,54 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def breaks_process_group(exc: BaseException) -> bool:
+    """Whether ``exc`` came from a collective (a peer gone, a timeout): the group is then
+    out of step or broken, and no later step can run on it."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _PROCESS_GROUP_MARKERS)
+
+
+@dataclass(slots=True)
+class RaisedInStep:
+    """What a rank returns instead of a step's result when the step raised an ordinary
+    exception: the rank is alive, has left the step and waits for the next call."""
+
+    rank: int
+    type_name: str
+    message: str
+    traceback: str
+    pickled: bytes | None  # the exception itself, where it pickles
+
+    @classmethod
+    def of(cls, exc: Exception, rank: int) -> RaisedInStep:
+        try:
+            pickled: bytes | None = pickle.dumps(exc)
+        except Exception:
+            pickled = None
+        text = "".join(traceback.format_exception(exc))
+        return cls(rank, type(exc).__name__, str(exc), text, pickled)
+
+    def exception(self) -> Exception:
+        """The rank's exception as the driver raises it: rebuilt, of its own type where it
+        unpickles (so that e.g. an ``InvalidRequestError`` is still one), else a
+        ``StepError`` naming the type; the rank's traceback as a note."""
+        from tessellm.errors import StepError
+
+        exc: Exception | None = None
+        if self.pickled is not None:
+            try:
+                exc = pickle.loads(self.pickled)
+            except Exception:
+                exc = None
+        if not isinstance(exc, Exception):
+            exc = StepError(f"{self.type_name}: {self.message}")
+        exc.add_note(f"raised on tensor-parallel rank {self.rank}:\n{self.traceback}")
+        return exc
 
 
 @dataclass(slots=True)
@@ -107,8 +167,13 @@ class Worker:
     def initialize_cache(self, num_blocks: int) -> None:
         self.runner.initialize_cache(num_blocks)
 
-    def execute(self, plan: SchedulerOutput) -> StepResult | None:
-        result = self.runner.execute(plan)
+    def execute(self, plan: SchedulerOutput) -> StepResult | RaisedInStep | None:
+        try:
+            result = self.runner.execute(plan)
+        except Exception as exc:
+            if breaks_process_group(exc):
+                raise
+            return RaisedInStep.of(exc, self.rank)
         # Every rank samples the same tokens from the same gathered logits; one copy is enough.
         return result if self.rank == 0 else None
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Protocol
 
-from tessellm.errors import PluginError
+from tessellm.errors import PluginError, TessellmError
 from tessellm.interfaces.request import Request, RequestStatus
 from tessellm.interfaces.schedule import (
     PLACEHOLDER_TOKEN,
@@ -43,6 +43,7 @@ __all__ = [
     "PendingResult",
     "Request",
     "RequestStatus",
+    "RequestUpdateError",
     "ScheduledSeq",
     "Scheduler",
     "SchedulerConfig",
@@ -117,6 +118,18 @@ class KVCacheManager(ABC):
         without a prefix cache)."""
 
 
+class RequestUpdateError(TessellmError):
+    """Raised by ``Scheduler.update`` (or ``fill``) when applying a step's result failed
+    for some requests only: every other seq of the plan was applied, and ``changed`` is what
+    the call would have returned for them. ``errors`` maps each request id that failed to
+    its exception; the engine fails those requests and carries on."""
+
+    def __init__(self, changed: list[Request], errors: dict[str, Exception]) -> None:
+        super().__init__("; ".join(f"{rid}: {type(e).__name__}: {e}" for rid, e in errors.items()))
+        self.changed = changed
+        self.errors = errors
+
+
 class Scheduler(ABC):
     """Decides, each step, which requests compute which tokens, within the token budget,
     the sequence limit and the KV blocks the manager has.
@@ -163,7 +176,11 @@ class Scheduler(ABC):
         sampled tokens (``result.sampled_token_ids``, one per seq with ``sample=True``, in
         plan order) and finish requests that stop (EOS, stop tokens, ``max_tokens``,
         length). Skip seqs whose request finished meanwhile. Return the requests that got
-        a token, finished ones included."""
+        a token, finished ones included.
+
+        A failure for one request should raise ``RequestUpdateError`` once the others are
+        applied: the engine then fails that request alone. Any other exception stops the
+        engine (it cannot tell which requests' progress was applied)."""
 
     @abstractmethod
     def has_unfinished(self) -> bool:
