@@ -271,6 +271,12 @@ def fail_requests(engine: LLMEngine, culprits: dict[str, Exception]) -> list[Req
     for request_id, exc in culprits.items():
         if (parent_id := processor.child_to_parent.get(request_id)) is not None:
             errors.setdefault(parent_id, client_error(exc))
+    return fail_parents(engine, errors)
+
+
+def fail_parents(engine: LLMEngine, errors: dict[str, Exception]) -> list[RequestOutput]:
+    """Finish each parent request (all its samples) with its error: their final outputs."""
+    processor = engine.output_processor
     outputs: list[RequestOutput] = []
     for parent_id, exc in errors.items():
         logger.warning("request %s failed: %s", parent_id, exc)

@@ -38,8 +38,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tessellm.config import EngineArgs
+from tessellm.engine import step_recovery
 from tessellm.engine.output_processor import OutputProcessor
-from tessellm.engine.step_recovery import FailedRequestOutput, RequestFailedError
+from tessellm.engine.step_recovery import RequestFailedError
 from tessellm.errors import ConfigError, InvalidRequestError
 from tessellm.interfaces.request import Request, RequestStatus
 from tessellm.interfaces.schedule import SchedulerOutput
@@ -415,18 +416,9 @@ def advance_matchers(engine: LLMEngine, changed: list[Request]) -> list[RequestO
 
 
 def fail_parents(engine: LLMEngine, errors: dict[str, Exception]) -> list[RequestOutput]:
-    """Finish each parent request (all its samples) with its error: final outputs."""
+    """Finish each parent request with its error, then drop what it held here."""
     if not errors:
         return []
-    outputs: list[RequestOutput] = []
-    processor = engine.output_processor
-    for parent_id, error in errors.items():
-        logger.warning("request %s failed: %s", parent_id, error)
-        engine.scheduler.finish_requests(
-            processor.child_ids(parent_id), RequestStatus.FINISHED_ABORTED
-        )
-        final = processor.abort(parent_id)
-        if final is not None:
-            outputs.append(FailedRequestOutput.of(final, error))
-    engine.structured.sweep(processor)
+    outputs = step_recovery.fail_parents(engine, errors)
+    engine.structured.sweep(engine.output_processor)
     return outputs
