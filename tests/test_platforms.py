@@ -13,6 +13,7 @@ from tessellm.selection import choose_platform
 cuda_detect = pytest.importorskip("tessellm_cuda.detect")
 from tessellm_cuda.graphs import capture_sizes  # noqa: E402
 from tessellm_cuda.platform import CudaPlatform, fused_op_names  # noqa: E402
+from tessellm_rocm import detect as rocm_detect  # noqa: E402
 from tessellm_rocm import platform as rocm  # noqa: E402
 from tessellm_tpu import platform as tpu  # noqa: E402
 
@@ -76,8 +77,9 @@ def test_rocm_probe_paths(monkeypatch, fresh_probes):
     assert "not a ROCm" in rocm.RocmPlatform.unavailable_reason()
     rocm.probe_rocm.cache_clear()
     monkeypatch.setattr(torch.version, "hip", "6.4.1")
-    monkeypatch.setattr(rocm.os.path, "exists", lambda path: path == rocm.KFD_DEVICE)
-    monkeypatch.setattr(rocm, "render_nodes", lambda: ["/dev/dri/renderD128"])
+    monkeypatch.setattr(rocm_detect.os.path, "exists", lambda path: path == rocm_detect.KFD_DEVICE)
+    monkeypatch.setattr(rocm_detect, "render_nodes", lambda: ["/dev/dri/renderD128"])
+    monkeypatch.setattr(rocm_detect, "kfd_gpu_archs", lambda: ["gfx942"])
     monkeypatch.delenv("HIP_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("ROCR_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
