@@ -94,6 +94,7 @@ def test_rocm_probe_paths(monkeypatch, fresh_probes):
 
 
 def test_tpu_probe_paths(monkeypatch, fresh_probes):
+    monkeypatch.delenv("PJRT_DEVICE", raising=False)
     monkeypatch.setattr(tpu.importlib.util, "find_spec", lambda name: None)
     assert "torch_xla is not installed" in tpu.TpuPlatform.unavailable_reason()
     tpu.probe_tpu.cache_clear()
@@ -104,7 +105,7 @@ def test_tpu_probe_paths(monkeypatch, fresh_probes):
     monkeypatch.setattr(tpu, "tpu_device_nodes", lambda: ["/dev/accel0"])
     assert tpu.TpuPlatform.is_available()
     assert (tpu.TpuPlatform.device_type, tpu.TpuPlatform.distributed_backend) == ("xla", "xla")
-    assert tpu.TpuPlatform.attention_backends == ("torch",)
+    assert tpu.TpuPlatform.attention_backends == ("xla", "torch")
 
 
 def test_cpu_is_chosen_here_and_the_gpus_say_why_not():

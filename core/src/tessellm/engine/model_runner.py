@@ -16,7 +16,7 @@ from tessellm.engine.transfer import to_device
 from tessellm.interfaces.attention import AttentionMetadata, kv_cache_torch_dtype
 from tessellm.interfaces.model import ModelContext, ParallelInfo
 from tessellm.interfaces.ops import bind_fused_ops
-from tessellm.interfaces.platform import GraphRunner, GraphSpec
+from tessellm.interfaces.platform import GraphRunner, GraphSpec, StepRunner
 from tessellm.interfaces.schedule import PLACEHOLDER_TOKEN, SchedulerOutput, StepResult
 from tessellm.layers.attention import Attention
 from tessellm.plugins import PluginSet, get_plugins
@@ -73,12 +73,13 @@ class ModelRunner:
             self.config.quantization_config = None
         ctx = ModelContext(self.dtype, self.device, self.attention, quant, self.parallel)
         self.model = ml.build_model(plugins, self.config, ctx)
-        with torch.inference_mode():
+        with self.platform.inference_mode():
             ml.load_weights(self.model, fmt.iter_weights(resolved.path, self.config, self.dtype))
             quant.process_model_after_loading(self.model)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         bind_fused_ops(self.model, self.platform.fused_ops(self.dtype))
         self.graph_runner: GraphRunner | None = None
+        self.step_runner: StepRunner | None = None
         self.sampler = Sampler(args.seed)
         self.block_size = args.block_size
         self.num_blocks = 0
@@ -125,7 +126,8 @@ class ModelRunner:
                 from_checkpoint,
                 len(self.attn_layers),
             )
-        if not self.args.enforce_eager:
+        self.step_runner = self.platform.step_runner(self)
+        if self.step_runner is None and not self.args.enforce_eager:
             spec = GraphSpec(
                 self.args.max_num_seqs,
                 self.max_model_len,
@@ -189,7 +191,6 @@ class ModelRunner:
     def execute(self, plan: SchedulerOutput) -> StepResult:
         return self.launch(plan).result()
 
-    @torch.inference_mode()
     def launch(
         self, plan: SchedulerOutput, previous: tuple[SchedulerOutput, PendingStep] | None = None
     ) -> PendingStep:
@@ -203,6 +204,14 @@ class ModelRunner:
         rewritten here before that step's copy has run (two buffers, or an event)."""
         if plan.empty:
             return PendingStep(StepResult([]))
+        if self.step_runner is not None:
+            return self.step_runner.launch(plan, previous)
+        with self.platform.inference_mode():
+            return self._launch_eager(plan, previous)
+
+    def _launch_eager(
+        self, plan: SchedulerOutput, previous: tuple[SchedulerOutput, PendingStep] | None
+    ) -> PendingStep:
         input_ids, positions, metadata, sample_rows = self.prepare_inputs(plan)
         if previous is not None:
             feed_sampled_tokens(plan, input_ids, *previous)

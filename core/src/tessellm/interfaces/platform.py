@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -12,8 +13,10 @@ import torch
 if TYPE_CHECKING:
     from torch import nn
 
+    from tessellm.engine.model_runner import ModelRunner, PendingStep
     from tessellm.interfaces.attention import AttentionBackend, AttentionMetadata
     from tessellm.interfaces.ops import FusedOps
+    from tessellm.interfaces.schedule import SchedulerOutput
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,19 @@ class GraphRunner(Protocol):
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor | None: ...
+
+
+class StepRunner(Protocol):
+    """Runs whole steps in the model runner's place, on a device that compiles one graph
+    per input shape (XLA): it pads each step to a bounded set of shapes, runs the model
+    and samples on the device. Made by ``Platform.step_runner`` once the KV cache is
+    bound (it may compile its graphs then); ``launch`` is ``ModelRunner.launch``'s
+    contract (``previous``: the step before, whose sampled tokens replace this plan's
+    placeholders)."""
+
+    def launch(
+        self, plan: SchedulerOutput, previous: tuple[SchedulerOutput, PendingStep] | None
+    ) -> PendingStep: ...
 
 
 class Platform(ABC):
@@ -98,6 +114,17 @@ class Platform(ABC):
         self, model: nn.Module, attention: AttentionBackend, spec: GraphSpec
     ) -> GraphRunner | None:
         """An optional runner that captures and replays decode steps (CUDA graphs)."""
+        return None
+
+    def inference_mode(self) -> AbstractContextManager[object]:
+        """The autograd-free context the runner loads weights and runs steps in.
+        ``torch.inference_mode`` by default; XLA's lazy tensors need ``torch.no_grad``
+        (inference tensors cannot be updated in place there)."""
+        return torch.inference_mode()
+
+    def step_runner(self, runner: ModelRunner) -> StepRunner | None:
+        """An optional runner that takes over whole steps (static shapes for XLA); the
+        runner's ``graph_runner`` is not used then. Called once the KV cache is bound."""
         return None
 
     def default_quantization(self, dtype: torch.dtype) -> str | None:

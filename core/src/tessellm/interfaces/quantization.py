@@ -170,6 +170,10 @@ class Unquantized(QuantizationMethod):
     """Plain dense weights in the run dtype."""
 
     name = "none"
+    # nn.functional.linear runs wherever torch does (XLA included).
+    capabilities: ClassVar[QuantCapabilities] = QuantCapabilities(
+        device_types=("cpu", "cuda", "xla")
+    )
 
     def create_weights(
         self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype
