@@ -18,9 +18,11 @@ from tessellm.plugins import PluginError, PluginSet
 class Choice:
     chosen: str | None = None
     refused: dict[str, str] = field(default_factory=dict)
+    reason: str = ""  # why the chosen one could serve ("" when it does not say)
 
     def explain(self, kind: str) -> str:
         lines = [f"{kind}: {self.chosen or 'none'}"]
+        lines += [f"  chosen: {self.reason}"] if self.reason else []
         lines += [f"  refused {name}: {why}" for name, why in self.refused.items()]
         return "\n".join(lines)
 
@@ -57,6 +59,10 @@ def choose_platform(plugins: PluginSet, requested: str = "auto") -> tuple[Platfo
     for _, other, _ in candidates[1:]:
         choice.refused[other] = f"lower priority than {name}"
     choice.chosen = name
+    try:
+        choice.reason = cls.available_reason()
+    except Exception as exc:  # as is_available: a detector never takes the engine down
+        choice.reason = f"available_reason() raised {exc!r}"
     return cls(), choice
 
 

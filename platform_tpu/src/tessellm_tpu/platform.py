@@ -81,6 +81,10 @@ class TpuPlatform(Platform):
     def unavailable_reason(cls) -> str:
         return probe_tpu()[1]
 
+    @classmethod
+    def available_reason(cls) -> str:
+        return probe_tpu()[1]
+
     def device(self, local_rank: int = 0) -> torch.device:
         import torch_xla
 

@@ -258,4 +258,3 @@ def _rows_for_plan(
         full[sampled_rows] = column
         out.append(full)
     return tuple(out)
-

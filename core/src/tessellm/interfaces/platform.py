@@ -88,6 +88,11 @@ class Platform(ABC):
         """Why ``is_available`` said no, for ``tessellm plugins``."""
         return "not available on this machine"
 
+    @classmethod
+    def available_reason(cls) -> str:
+        """What ``is_available`` found, for ``tessellm plugins`` ("" says nothing)."""
+        return ""
+
     def device(self, local_rank: int = 0) -> torch.device:
         return torch.device(self.device_type)
 
