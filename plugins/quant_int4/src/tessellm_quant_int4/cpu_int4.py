@@ -13,10 +13,19 @@ import torch
 import torch.nn.functional as F
 
 GROUP_SIZE = 32
-# Up to this many rows per matmul use the packed weight; beyond it the dense kernels win
-# (measured on a 2-core AVX-512 machine: int4 is ~4x faster at 1 row, even at 16, slower
-# at 64).
-PACKED_MAX_ROWS = 16
+
+
+def packed_max_rows(capability: str) -> int:
+    """Up to this many rows per matmul use the packed weight, beyond it the dense weight.
+
+    On AVX-512 the dense kernels win past 16 rows (2-core AVX-512 machine: int4 ~4x faster
+    at 1 row, even at 16, slower at 64). Without AVX-512, bf16 GEMMs are emulated and int4
+    wins at every size measured (2-core Zen 2, SmolLM2's matmuls: 5x at 16-24 rows, 2-4x at
+    64-512), so the packed weight serves prefill and large batches too."""
+    return 16 if capability.startswith("AVX512") else 1 << 62
+
+
+PACKED_MAX_ROWS = packed_max_rows(torch.backends.cpu.get_cpu_capability())
 # A group lies on a 4-bit grid when re-quantizing moves no weight by more than this
 # fraction of a step (bf16 rounding of on-grid weights stays far below it; weights that
 # are not 4-bit move by up to half a step).
