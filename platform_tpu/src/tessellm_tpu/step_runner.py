@@ -92,6 +92,8 @@ class XlaStepRunner:
         )
         self.scratch_slot = runner.num_blocks * self.block_size
         self.host_sampler = Sampler(args.seed)
+        # (shape, sampling kind) of every step run: what a serving run has exercised.
+        self.shapes_run: set[tuple[StepShape, str]] = set()
         with torch.no_grad():
             self._bind_kv_cache()
             self.no_tokens = torch.zeros(
@@ -227,6 +229,7 @@ class XlaStepRunner:
         )
         tokens, logits, hidden = self._run(kind, step, previous_tokens)
         self._sync()  # the step's one sync: compile (cached) and launch the program
+        self.shapes_run.add((step.shape, kind))
 
         prompt_logprobs = None
         if any(s.prompt_logprob_token_ids for s in seqs):
