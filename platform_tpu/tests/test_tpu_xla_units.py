@@ -141,3 +141,17 @@ def test_the_ragged_kernel_inputs_give_the_kernels_reference_result():
         q, kv, seq_lens, table, qsl, num_seqs, None, None, sm_scale=0.3
     )
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_tensor_parallelism_is_refused_with_a_reason():
+    from types import SimpleNamespace
+
+    from tessellm.errors import ConfigError
+    from tessellm_tpu.platform import TpuPlatform
+
+    spec = AttentionSpec("xla", torch.float32, 8, 4, 2, BLOCK)
+    runner = SimpleNamespace(
+        attention=XlaPagedAttention(spec), parallel=SimpleNamespace(world_size=2)
+    )
+    with pytest.raises(ConfigError, match="tensor parallelism is not implemented"):
+        TpuPlatform().step_runner(runner)

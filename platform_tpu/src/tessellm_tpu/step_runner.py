@@ -200,7 +200,8 @@ class XlaStepRunner:
     def _shape_of(self, plan: SchedulerOutput) -> StepShape:
         bs = self.block_size
         blocks = max(-(-(s.start_pos + len(s.token_ids)) // bs) for s in plan.seqs)
-        return self.buckets.shape_for(plan.num_batched_tokens, len(plan.seqs), blocks)
+        tokens = sum(len(s.token_ids) for s in plan.seqs)
+        return self.buckets.shape_for(tokens, len(plan.seqs), blocks)
 
     def launch(
         self,
