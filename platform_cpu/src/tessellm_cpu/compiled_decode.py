@@ -56,10 +56,10 @@ logger = logging.getLogger(__name__)
 
 # Decode batch sizes with a library each. Up to 16 sequences the woq linears take the
 # int4 kernels (tessellm_quant_int4.cpu_int4.PACKED_MAX_ROWS), beyond it, on AVX-512, the
-# dense ones: a trace follows one branch, so the ranges split there. Past 64 the dense matmuls are most
-# of a step (the eager step's Python overhead is a few percent) and larger batches run
-# eagerly. A range is built only where max_num_seqs reaches it (`generate`, one sequence,
-# builds only the first).
+# dense ones: a trace follows one branch, so the ranges split there. Past 64 the dense
+# matmuls are most of a step (the eager step's Python overhead is a few percent) and
+# larger batches run eagerly. A range is built only where max_num_seqs reaches it
+# (`generate`, one sequence, builds only the first).
 BATCH_RANGES = ((1, 16), (17, 64))
 # "0": never compile (tests; the eager reference). "wait": build missing libraries before
 # serving (benchmarks that must measure the compiled step). Otherwise: in the background.

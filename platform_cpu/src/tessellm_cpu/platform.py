@@ -85,6 +85,13 @@ class CpuPlatform(Platform):
     def is_available(cls) -> bool:
         return True
 
+    @classmethod
+    def available_reason(cls) -> str:
+        flags = cpu_flags()
+        isa = torch.backends.cpu.get_cpu_capability()
+        bf16 = "native bf16" if {"avx512_bf16", "amx_bf16"} & flags else "no native bf16"
+        return f"always available: {os.cpu_count()} logical CPUs, {isa}, {bf16}"
+
     def default_dtype(self) -> torch.dtype:
         flags = cpu_flags()
         if "avx512_bf16" in flags or "amx_bf16" in flags:

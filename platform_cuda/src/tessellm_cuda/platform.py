@@ -55,6 +55,10 @@ class CudaPlatform(Platform):
     def unavailable_reason(cls) -> str:
         return cls.probe().reason
 
+    @classmethod
+    def available_reason(cls) -> str:
+        return cls.probe().reason
+
     def device(self, local_rank: int = 0) -> torch.device:
         # Also the current device: Triton launches kernels on the current one.
         torch.cuda.set_device(local_rank)
