@@ -13,7 +13,7 @@ import torch
 from conftest import TEST_PROMPTS, save_tiny_model, tiny_llama_config
 
 from tessellm import LLM, SamplingParams
-from tessellm_quant_int4.cpu_int4 import GROUP_SIZE, pack_int4
+from tessellm_quant_int4.cpu_int4 import GROUP_SIZE, PACKED_MAX_ROWS, pack_int4
 from tessellm_quant_int4.woq import WeightOnlyInt4, packed_layer_count
 
 NEW_TOKENS = 24
@@ -107,7 +107,7 @@ def test_pack_int4_recovers_grid_weights_exactly():
     assert pack_int4(off_grid, grid_only=False) is not None
 
 
-def test_lossy_method_packs_everything_and_uses_dense_weights_for_big_batches():
+def test_lossy_method_packs_everything_and_picks_the_kernel_by_rows_dtype_and_cpu():
     from torch import nn
 
     layer = nn.Module()
@@ -121,7 +121,13 @@ def test_lossy_method_packs_everything_and_uses_dense_weights_for_big_batches():
     dense_small = small.float() @ layer.weight.float().t()
     err = (method.apply(layer, small, None).float() - dense_small).abs().max()
     assert 0 < err < 0.1  # 4-bit rounding: close to the dense product, not equal
-    assert torch.equal(method.apply(layer, big, None), nn.functional.linear(big, layer.weight))
+    dense_big = nn.functional.linear(big, layer.weight)
+    if PACKED_MAX_ROWS[torch.bfloat16] < 64:  # AVX-512: the dense kernels for big batches
+        assert torch.equal(method.apply(layer, big, None), dense_big)
+    else:  # emulated bf16 GEMMs: the packed weight at every size
+        err = (method.apply(layer, big, None).float() - dense_big.float()).abs().max()
+        assert 0 < err < 0.25  # 4-bit rounding over 64 rows: the largest of more errors
+    assert PACKED_MAX_ROWS[torch.float32] == 16  # fp32 GEMMs are fast on any x86 CPU
 
 
 def test_int8_group_head_computes_the_grid_weights():

@@ -55,7 +55,7 @@ from tessellm_cpu.decode_step import DecodeStep, decode_inputs, load_library  # 
 logger = logging.getLogger(__name__)
 
 # Decode batch sizes with a library each. Up to 16 sequences the woq linears take the
-# int4 kernels (tessellm_quant_int4.cpu_int4.PACKED_MAX_ROWS), beyond it, on AVX-512, the
+# int4 kernels (tessellm_quant_int4.cpu_int4.packed_max_rows), beyond it, on AVX-512, the
 # dense ones: a trace follows one branch, so the ranges split there. Past 64 the dense
 # matmuls are most of a step (the eager step's Python overhead is a few percent) and
 # larger batches run eagerly. A range is built only where max_num_seqs reaches it

@@ -15,17 +15,27 @@ import torch.nn.functional as F
 GROUP_SIZE = 32
 
 
-def packed_max_rows(capability: str) -> int:
+DENSE_FROM_ROWS = 17  # where the dense kernels win, where they can (see packed_max_rows)
+
+
+def packed_max_rows(capability: str, dtype: torch.dtype) -> int:
     """Up to this many rows per matmul use the packed weight, beyond it the dense weight.
 
     On AVX-512 the dense kernels win past 16 rows (2-core AVX-512 machine: int4 ~4x faster
-    at 1 row, even at 16, slower at 64). Without AVX-512, bf16 GEMMs are emulated and int4
-    wins at every size measured (2-core Zen 2, SmolLM2's matmuls: 5x at 16-24 rows, 2-4x at
-    64-512), so the packed weight serves prefill and large batches too."""
-    return 16 if capability.startswith("AVX512") else 1 << 62
+    at 1 row, even at 16, slower at 64), and fp32 GEMMs are fast on any x86 CPU. Without
+    AVX-512, bf16/fp16 GEMMs are emulated and int4 wins at every size measured (2-core Zen
+    2, SmolLM2's matmuls in bf16: 5x at 16-24 rows, 2-4x at 64-512), so there the packed
+    weight serves prefill and large batches too."""
+    if capability.startswith("AVX512") or dtype == torch.float32:
+        return DENSE_FROM_ROWS - 1
+    return 1 << 62
 
 
-PACKED_MAX_ROWS = packed_max_rows(torch.backends.cpu.get_cpu_capability())
+CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+PACKED_MAX_ROWS = {
+    dtype: packed_max_rows(CPU_CAPABILITY, dtype)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16)
+}
 # A group lies on a 4-bit grid when re-quantizing moves no weight by more than this
 # fraction of a step (bf16 rounding of on-grid weights stays far below it; weights that
 # are not 4-bit move by up to half a step).
@@ -161,7 +171,7 @@ class Int8GroupLogitsMatmul:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         rows = hidden.reshape(-1, hidden.shape[-1])
-        if rows.shape[0] > PACKED_MAX_ROWS:
+        if rows.shape[0] > PACKED_MAX_ROWS[rows.dtype]:
             return F.linear(hidden, self.weight)
         doubled = torch.cat((rows, rows), dim=1)
         return int4_matmul(doubled, self.packed, self.scales_zeros, None).view(

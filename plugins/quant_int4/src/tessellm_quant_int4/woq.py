@@ -60,7 +60,7 @@ class WeightOnlyInt4(QuantizationMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         packed, scales_zeros = layer.woq_packed, layer.woq_scales_zeros
-        if packed is None or x.numel() > PACKED_MAX_ROWS * x.shape[-1]:
+        if packed is None or x.numel() > PACKED_MAX_ROWS[x.dtype] * x.shape[-1]:
             return F.linear(x, layer.weight, bias)
         if x.dim() == 2 and x.dtype == scales_zeros.dtype:  # the decode case, kept lean
             out = INT4_MM(
