@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -130,3 +131,13 @@ def fresh_plugins():
     get_plugins(refresh=True)
     yield
     get_plugins(refresh=True)
+
+
+def run_to_end(engine: Any) -> dict[str, Any]:
+    """Step ``engine`` until nothing is left: each request's final output, by id."""
+    finals: dict[str, Any] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    return finals

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import run_to_end
 
 from tessellm.config import EngineArgs
 from tessellm.engine.async_engine import AsyncLLMEngine, EngineDeadError
@@ -103,15 +104,6 @@ def test_min_tokens_ignores_ids_the_logits_lack():
 
 
 # -- a step that raises ---------------------------------------------------------------------
-
-
-def run_to_end(engine: LLMEngine) -> dict[str, RequestOutput]:
-    finals: dict[str, RequestOutput] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                finals[out.request_id] = out
-    return finals
 
 
 def set_mode(engine: LLMEngine, mode: str) -> None:

@@ -6,6 +6,7 @@ get without it. An exception from ``schedule()`` is not attributable and stops t
 from __future__ import annotations
 
 import pytest
+from conftest import run_to_end
 
 from tessellm.config import EngineArgs
 from tessellm.engine import output_processor
@@ -29,15 +30,6 @@ def engine(tiny_llama):
     llm_engine = LLMEngine(args)
     yield llm_engine
     llm_engine.shutdown()
-
-
-def run_to_end(engine: LLMEngine) -> dict[str, RequestOutput]:
-    finals: dict[str, RequestOutput] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                finals[out.request_id] = out
-    return finals
 
 
 @pytest.fixture(scope="module")

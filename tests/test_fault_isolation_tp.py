@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch.distributed as dist
-from conftest import live_descendants
+from conftest import live_descendants, run_to_end
 
 from tessellm.config import EngineArgs
 from tessellm.engine.llm_engine import LLMEngine
@@ -21,7 +21,6 @@ from tessellm.engine.step_recovery import FailedRequestOutput, RequestFailedErro
 from tessellm.errors import InvalidRequestError, StepError, WorkerError
 from tessellm.executors.start_method import START_METHOD_ENV
 from tessellm.executors.worker import RaisedInStep
-from tessellm.outputs import RequestOutput
 from tessellm.sampling_params import SamplingParams
 
 # Seeds that make the patched workers fail (the patch is inherited by forked workers); far
@@ -95,15 +94,6 @@ def reference(engine):
         engine.add_request(f"ref{i}", prompt, GREEDY)
     finals = run_to_end(engine)
     return [finals[f"ref{i}"].outputs[0].token_ids for i in range(len(PROMPTS))]
-
-
-def run_to_end(engine: LLMEngine) -> dict[str, RequestOutput]:
-    finals: dict[str, RequestOutput] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                finals[out.request_id] = out
-    return finals
 
 
 def run_with(engine: LLMEngine, bad_params: SamplingParams, mutate=None, joins_after=2):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,3 +210,34 @@ def max_model_len_of(config: Any, requested: int | None) -> int:
 
 def ceil_div(a: int, b: int) -> int:
     return math.ceil(a / b)
+
+
+def eos_ids_of(config: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return frozenset(ids)
+
+
+def generation_eos_ids(path: Path) -> list[int]:
+    """EOS ids from ``generation_config.json`` (Llama 3 lists several there)."""
+    file = path / "generation_config.json" if path.is_dir() else None
+    if file is None or not file.exists():
+        return []
+    eos = json.loads(file.read_text()).get("eos_token_id")
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def model_eos_ids(config: Any, tokenizer: Any, path: Path) -> frozenset[int]:
+    """Every id that ends a sequence: the config's, the tokenizer's and the generation
+    config's."""
+    return eos_ids_of(config, tokenizer) | frozenset(generation_eos_ids(path))
+
+
+def logits_width(config: Any, tokenizer: Any) -> int:
+    """The model's vocabulary (its logits' width), else the tokenizer's size."""
+    model_vocab = getattr(text_config(config), "vocab_size", None)
+    return int(model_vocab or len(tokenizer))

@@ -33,7 +33,6 @@ from tessellm.engine.async_engine import (
     await_compile,
 )
 from tessellm.engine.dp_replica import ReplicaProcesses
-from tessellm.engine.llm_engine import eos_ids_of, generation_eos_ids
 from tessellm.engine.structured_output import StructuredOutputManager
 from tessellm.errors import ConfigError, InvalidRequestError, WorkerError
 from tessellm.executors.worker import startup_timeout
@@ -60,12 +59,12 @@ class FrontView:
         )
         self.tokenizer = ml.weight_format(plugins, tok_source).load_tokenizer(tok_source.path)
         # Grammars compile here too, so a bad schema is a 400 before any replica sees it.
-        vocab = getattr(ml.text_config(self.model_config), "vocab_size", None)
-        eos = eos_ids_of(self.model_config, self.tokenizer) | frozenset(
-            generation_eos_ids(resolved.path)
-        )
         self.structured = StructuredOutputManager(
-            plugins, self.tokenizer, int(vocab or len(self.tokenizer)), eos, args
+            plugins,
+            self.tokenizer,
+            ml.logits_width(self.model_config, self.tokenizer),
+            ml.model_eos_ids(self.model_config, self.tokenizer, resolved.path),
+            args,
         )
 
     def tokenize(self, prompt: str) -> list[int]:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import atexit
 import gc
 import itertools
-import json
 import logging
 import time
 from concurrent.futures import Future
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, TypeVar
 
 from tessellm import model_loader as ml
@@ -73,25 +71,6 @@ def load_seam(plugins: PluginSet, kind: str, name: str, base: type[Seam]) -> typ
     return cls
 
 
-def eos_ids_of(config: Any, tokenizer: Any) -> frozenset[int]:
-    ids: set[int] = set()
-    for source in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(source)
-    return frozenset(ids)
-
-
-def generation_eos_ids(path: Path) -> list[int]:
-    """EOS ids from ``generation_config.json`` (Llama 3 lists several there)."""
-    file = path / "generation_config.json" if path.is_dir() else None
-    if file is None or not file.exists():
-        return []
-    eos = json.loads(file.read_text()).get("eos_token_id")
-    return [eos] if isinstance(eos, int) else list(eos or [])
-
-
 class LLMEngine:
     def __init__(self, args: EngineArgs, plugins: PluginSet | None = None) -> None:
         self.args = args
@@ -107,12 +86,9 @@ class LLMEngine:
         )
         self.tokenizer = ml.weight_format(plugins, tok_source).load_tokenizer(tok_source.path)
         # The logits' width; token ids a request names must also be ones the tokenizer has.
-        model_vocab = getattr(ml.text_config(self.model_config), "vocab_size", None)
-        self.vocab_size: int = int(model_vocab or len(self.tokenizer))
+        self.vocab_size: int = ml.logits_width(self.model_config, self.tokenizer)
         self.max_token_id: int = min(self.vocab_size, len(self.tokenizer)) - 1
-        self.eos_token_ids = eos_ids_of(self.model_config, self.tokenizer) | frozenset(
-            generation_eos_ids(self.resolved.path)
-        )
+        self.eos_token_ids = ml.model_eos_ids(self.model_config, self.tokenizer, self.resolved.path)
         self.structured = so.StructuredOutputManager(
             plugins, self.tokenizer, self.vocab_size, self.eos_token_ids, args
         )
