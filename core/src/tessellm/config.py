@@ -37,6 +37,9 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "fcfs"
     tensor_parallel_size: int = 1
+    # MoE layers: whole experts spread over the tensor-parallel ranks (attention stays
+    # tensor-parallel) instead of a slice of every expert on every rank.
+    enable_expert_parallel: bool = False
     device: str = "auto"  # a platform name, or auto
     attention_backend: str | None = None
     quantization: str | None = None
@@ -57,7 +60,14 @@ class EngineArgs:
     # register them); "auto": xgrammar, else llguidance, else the first registered. A
     # request's structured_outputs.backend overrides it.
     structured_outputs_backend: str = "auto"
+    # Speculative decoding (vLLM's name and fields): a dict, JSON text or
+    # tessellm.interfaces.speculative.SpeculativeConfig, e.g.
+    # {"method": "ngram", "num_speculative_tokens": 3}. None: off.
+    speculative_config: Any = None
     served_model_name: str | None = None
+    # What the model runs as (vLLM's name): "generate", "pooling" (embeddings), or "auto"
+    # (pooling for encoders, bare decoders and sentence-transformers checkpoints).
+    runner: str = "auto"
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -91,6 +101,9 @@ class EngineArgs:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        from tessellm.interfaces.speculative import SpeculativeConfig
+
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 
     @property
     def cache_dir(self) -> Path:

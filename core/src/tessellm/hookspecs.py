@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 
-PLUGIN_API_VERSION = "1.1.0"
+PLUGIN_API_VERSION = "1.2.0"
 """The version of the plugin API: these hooks and the seams in ``tessellm.interfaces``.
 
 Semantic versioning: a minor release may add hooks, interface members with defaults and
@@ -188,6 +188,18 @@ def register_tool_call_parsers(register: Register) -> None:
     """
 
 
+@hookspec
+def register_speculative_proposers(register: Register) -> None:
+    """Register proposers for speculative decoding.
+
+    ``name`` is the proposer's method, as ``speculative_config["method"]`` names it
+    (``"ngram"``, ``"draft_model"``). The target is a subclass of
+    :class:`tessellm.interfaces.speculative.Proposer`: it guesses the next tokens of
+    running requests; the target model verifies them, so a proposer can make generation
+    faster or slower but never change what is generated.
+    """
+
+
 class InstallHint(NamedTuple):
     """Where a component that is not loaded can be found: the distribution to install and,
     if it is known, its entry-point name (to suggest for ``TESSELLM_PLUGINS``)."""
@@ -229,6 +241,7 @@ HOOK_NAMES: tuple[str, ...] = (
     "register_install_hints",
     "register_structured_output_backends",
     "register_tool_call_parsers",
+    "register_speculative_proposers",
 )
 
 RegisterHook = Callable[[Register], None]

@@ -15,6 +15,7 @@ from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
 from tessellm.engine import structured_output as so
 from tessellm.engine.output_processor import OutputProcessor, child_id
+from tessellm.engine.speculative import Speculator, load_proposer
 from tessellm.engine.step_recovery import apply_result, fail_unprocessed, is_fatal, recover_step
 from tessellm.errors import ConfigError, InvalidRequestError
 from tessellm.interfaces.engine import (
@@ -28,6 +29,7 @@ from tessellm.interfaces.engine import (
     SchedulerOutput,
     check_implementation,
 )
+from tessellm.interfaces.speculative import ProposerContext
 from tessellm.outputs import RequestOutput
 from tessellm.plugins import PluginSet, get_plugins
 from tessellm.sampling_params import MAX_SEED, SamplingParams
@@ -128,6 +130,7 @@ class LLMEngine:
             policy=args.scheduling_policy,
         )
         self.scheduler: Scheduler = scheduler_cls(sched_config, kv)
+        self.speculator = self._build_speculator(num_blocks)
         self.kv_cache_manager: KVCacheManager = kv
         self.num_blocks = num_blocks
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -158,6 +161,33 @@ class LLMEngine:
         self.startup_seconds = time.monotonic() - start
         if plugins.manager is not None:
             plugins.manager.hook.engine_started(engine=self)
+
+    def _build_speculator(self, num_blocks: int) -> Speculator | None:
+        config = self.args.speculative_config
+        if config is None:
+            return None
+        for seam, flag in (
+            (self.scheduler, "supports_speculation"),
+            (self.executor, "verifies_drafts"),
+        ):
+            if not getattr(seam, flag):
+                raise ConfigError(
+                    f"speculative decoding needs a {type(seam).__name__} with {flag}; this "
+                    "one has not"
+                )
+        context = ProposerContext(
+            self.args, self.resolved, self.plugins, self.vocab_size, self.max_model_len
+        )
+        proposer = load_proposer(self.plugins, config, context)
+        proposer.initialize_cache(num_blocks, self.args.block_size)
+        logger.info(
+            "speculative decoding: %s, %d tokens per step; verification steps (1 + k tokens "
+            "per sequence) run eagerly (compiled decode steps and CUDA graphs cover one token "
+            "per sequence)",
+            config.method,
+            config.num_speculative_tokens,
+        )
+        return Speculator(proposer)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -290,7 +320,7 @@ class LLMEngine:
             plan, pending = self._in_flight
             self._in_flight = None
         else:
-            plan = self.scheduler.schedule()
+            plan = self._schedule(propose=True)
             try:
                 pending = self._launch(plan)
             except Exception as exc:
@@ -311,6 +341,8 @@ class LLMEngine:
                 raise
             return admitted + recover_step(self, plan, None, exc)
         changed, failed = apply_result(self, plan, result, ahead)
+        if self.speculator is not None:
+            self.speculator.record(plan, result, changed)
         # Before the next launch: its bitmasks depend on this step's tokens.
         admitted += failed + so.advance_matchers(self, changed)
         if self.overlap_steps and not ahead:
@@ -318,7 +350,13 @@ class LLMEngine:
         logprobs: dict[str, Any] = {}
         if result.logprobs is not None:
             sampled_ids = [s.request_id for s in plan.seqs if s.sample]
-            logprobs = dict(zip(sampled_ids, result.logprobs, strict=True))
+            entries: list[Any] = result.logprobs
+            if result.draft_logprobs is not None:  # each request's tokens, drafts first
+                entries = [
+                    None if e is None else [*(d or []), e]
+                    for d, e in zip(result.draft_logprobs, result.logprobs, strict=True)
+                ]
+            logprobs = dict(zip(sampled_ids, entries, strict=True))
         outputs, stopped = self.output_processor.process(changed, logprobs, result.prompt_logprobs)
         outputs = admitted + outputs + fail_unprocessed(self, plan)
         if stopped:
@@ -326,6 +364,8 @@ class LLMEngine:
         c = self.counters
         c["steps"] += 1
         c["generation_tokens"] += len(result.sampled_token_ids)
+        if result.num_accepted_drafts is not None:
+            c["generation_tokens"] += sum(result.num_accepted_drafts)
         c["computed_tokens"] += plan.num_batched_tokens
         c["batched_seqs_max"] = max(c["batched_seqs_max"], len(plan.seqs))
         if self._failed_launch is not None:
@@ -341,9 +381,16 @@ class LLMEngine:
         self.structured.fill_bitmasks(plan)
         return self.executor.launch(plan, previous)
 
+    def _schedule(self, propose: bool) -> SchedulerOutput:
+        """The next plan; with speculative decoding, drafts are proposed first (not when
+        ``propose`` is False: scheduled ahead, the last tokens are placeholders)."""
+        if self.speculator is not None and propose:
+            self.speculator.propose(self.scheduler.speculation_candidates())
+        return self.scheduler.schedule()
+
     def _launch_next(self, previous: tuple[SchedulerOutput, PendingResult] | None) -> None:
         if self.scheduler.has_unfinished():
-            plan = self.scheduler.schedule()
+            plan = self._schedule(propose=previous is None)
             if not plan.empty:
                 try:
                     self._in_flight = (plan, self._launch(plan, previous))
@@ -357,11 +404,13 @@ class LLMEngine:
     def _can_schedule_ahead(plan: SchedulerOutput) -> bool:
         """Not when a sampling request reads its own output history (penalties,
         min_tokens, a grammar's bitmask): the next step's copy of it would hold a
-        placeholder."""
+        placeholder. Nor after speculative drafts: how many tokens the step adds is known
+        only from its result."""
         for seq in plan.seqs:
             p = seq.params
             if seq.sample and (
-                seq.token_bitmask is not None
+                seq.draft_token_ids
+                or seq.token_bitmask is not None
                 or p.presence_penalty
                 or p.frequency_penalty
                 or p.repetition_penalty != 1.0
@@ -371,7 +420,13 @@ class LLMEngine:
         return True
 
     def stats(self) -> dict[str, float]:
-        return {**self.scheduler.stats(), **self.counters, "num_blocks": self.num_blocks}
+        spec = self.speculator.stats() if self.speculator is not None else {}
+        return {
+            **self.scheduler.stats(),
+            **self.counters,
+            **spec,
+            "num_blocks": self.num_blocks,
+        }
 
     def describe(self) -> dict[str, str]:
         return self.executor.describe()

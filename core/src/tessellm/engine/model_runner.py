@@ -12,7 +12,9 @@ from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
 from tessellm.engine.profile_run import profile_forward
 from tessellm.engine.sampler import Sampler, compute_prompt_logprobs
+from tessellm.engine.spec_verify import verify_drafts
 from tessellm.engine.transfer import to_device
+from tessellm.errors import ConfigError
 from tessellm.interfaces.attention import AttentionMetadata, kv_cache_torch_dtype
 from tessellm.interfaces.model import ModelContext, ParallelInfo
 from tessellm.interfaces.ops import bind_fused_ops
@@ -127,6 +129,11 @@ class ModelRunner:
                 len(self.attn_layers),
             )
         self.step_runner = self.platform.step_runner(self)
+        if self.step_runner is not None and self.args.speculative_config is not None:
+            raise ConfigError(
+                f"speculative decoding does not run on the {self.platform_choice.chosen} "
+                "platform's step runner yet; leave speculative_config unset"
+            )
         if self.step_runner is None and not self.args.enforce_eager:
             spec = GraphSpec(
                 self.args.max_num_seqs,
@@ -167,6 +174,16 @@ class ModelRunner:
         seq_lens = (starts + q_lens).astype(np.int32)
         sampled = np.fromiter((s.sample for s in seqs), dtype=bool, count=len(seqs))
         sample_rows = cu[1:][sampled] - 1
+        if any(s.draft_token_ids for s in seqs):
+            # Speculative drafts: a seq's last 1 + len(drafts) rows are scored.
+            rows_per = np.fromiter(
+                (len(s.draft_token_ids) + 1 for s in seqs), dtype=np.int64, count=len(seqs)
+            )[sampled]
+            firsts = np.repeat(sample_rows - rows_per + 1, rows_per)
+            offsets = np.arange(int(rows_per.sum())) - np.repeat(
+                np.cumsum(rows_per) - rows_per, rows_per
+            )
+            sample_rows = firsts + offsets
 
         dev = self.device
         qsl_cpu = torch.from_numpy(cu.astype(np.int32))
@@ -226,6 +243,10 @@ class ModelRunner:
         if not sampled:
             return PendingStep(StepResult([], prompt_logprobs=prompt_logprobs))
         logits = self.model.compute_logits(hidden[sample_rows])
+        if logits.shape[0] != len(sampled):  # speculative drafts to verify
+            result = verify_drafts(self.sampler, logits, sampled)
+            result.prompt_logprobs = prompt_logprobs
+            return PendingStep(result)
         tokens, logprobs = self.sampler.sample(logits, sampled)
         return PendingStep(StepResult([], logprobs, prompt_logprobs), tokens)
 

@@ -98,7 +98,7 @@ class OutputProcessor:
     def process(
         self,
         changed: list[Request],
-        logprobs: dict[str, TokenLogprobs | None],
+        logprobs: dict[str, TokenLogprobs | list[TokenLogprobs] | None],
         prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] | None = None,
     ) -> tuple[list[RequestOutput], list[str]]:
         """Returns outputs of parents that changed and child ids stopped by a stop string.
@@ -122,12 +122,8 @@ class OutputProcessor:
             if parent.first_token_time is None:
                 parent.first_token_time = now
                 parent.num_cached_tokens = max(0, req.num_cached_tokens)
-            text_before = len(child.detok.text)
             try:
-                self._append(child, req, logprobs.get(req.request_id))
-                if child.completion.finish_reason is None and self._check_stop_strings(
-                    child, text_before
-                ):
+                if self._append_new(child, req, logprobs.get(req.request_id)):
                     stopped.append(req.request_id)
                 elif req.status.finished:
                     child.completion.finish_reason = req.status.value
@@ -178,18 +174,49 @@ class OutputProcessor:
             entry[token] = Logprob(chosen, rank, self._piece(token, previous, before))
         return entry
 
-    def _append(self, child: ChildState, req: Request, logprob: TokenLogprobs | None) -> None:
-        token = req.output_token_ids[-1]
+    def _append_new(
+        self,
+        child: ChildState,
+        req: Request,
+        logprobs: TokenLogprobs | list[TokenLogprobs] | None,
+    ) -> bool:
+        """Append the request's tokens this step added (one, or with speculative decoding
+        its accepted drafts too), checking stop strings after each as if they had come one
+        step at a time. True if a stop string stopped it."""
+        outputs = req.output_token_ids
+        comp = child.completion
+        first = len(comp.token_ids)
+        count = max(len(outputs) - first, 1)
+        entries = logprobs if isinstance(logprobs, list) else [logprobs]
+        for i in range(count):
+            index = len(outputs) - count + i
+            text_before = len(child.detok.text)
+            last = i == count - 1
+            entry = entries[i] if i < len(entries) else None
+            self._append(child, req, index, entry, finished=last and req.status.finished)
+            if comp.finish_reason is None and self._check_stop_strings(child, text_before):
+                return True
+        return False
+
+    def _append(
+        self,
+        child: ChildState,
+        req: Request,
+        index: int,
+        logprob: TokenLogprobs | None,
+        finished: bool,
+    ) -> None:
+        outputs = req.output_token_ids
+        token = outputs[index]
         comp = child.completion
         comp.token_ids.append(token)
         child.detok.add(token)
         if logprob is not None and comp.logprobs is not None:
             chosen, rank, top = logprob
-            outputs = req.output_token_ids
-            previous = outputs[-2] if len(outputs) > 1 else req.prompt_token_ids[-1]
+            previous = outputs[index - 1] if index > 0 else req.prompt_token_ids[-1]
             comp.logprobs.append(self._logprob_entry(token, previous, chosen, rank, top))
             comp.cumulative_logprob = (comp.cumulative_logprob or 0.0) + chosen
-        comp.text = self._visible(child, finished=req.status.finished)
+        comp.text = self._visible(child, finished=finished)
 
     def _piece(self, token_id: int, previous: int | None, before: str) -> str:
         """The text ``token_id`` adds after ``previous`` (decoded as ``before``). Decoded

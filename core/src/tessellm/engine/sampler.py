@@ -277,11 +277,7 @@ class Sampler:
             # Widening to fp32 is exact, so the argmax is the same without it; skipping it
             # saves a [rows, vocab] copy per step (milliseconds on a CPU at batch 64).
             return greedy_tokens(apply_token_bitmask(logits, seqs)), None
-        raw = logits.float()
-        logits = apply_logit_bias(raw, seqs)
-        logits = apply_min_tokens(logits, seqs)
-        logits = apply_penalties(logits, seqs)
-        logits = apply_token_bitmask(logits, seqs)
+        raw, logits = self.processed_logits(logits, seqs)
         tokens = logits.argmax(dim=-1)
         params = [s.params for s in seqs]
         if not all(p.temperature == 0 for p in params):
@@ -296,9 +292,22 @@ class Sampler:
             ]
         return tokens, logprobs
 
-    def _sample(
-        self, logits: torch.Tensor, seqs: list[ScheduledSeq], greedy_tokens: torch.Tensor
-    ) -> torch.Tensor:
+    @staticmethod
+    def processed_logits(
+        logits: torch.Tensor, seqs: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the raw logits in fp32, the logits after bias, min_tokens, penalties and the
+        grammar's bitmask): what greedy decoding takes the argmax of."""
+        raw = logits.float()
+        logits = apply_logit_bias(raw, seqs)
+        logits = apply_min_tokens(logits, seqs)
+        logits = apply_penalties(logits, seqs)
+        return raw, apply_token_bitmask(logits, seqs)
+
+    @staticmethod
+    def distribution(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Tensor:
+        """The probabilities a sampled row draws from: ``processed_logits`` after
+        temperature, min-p, top-k and top-p."""
         device = logits.device
         params = [s.params for s in seqs]
         temp = _on_device([p.temperature or 1.0 for p in params], device)
@@ -310,15 +319,29 @@ class Sampler:
                 _on_device([p.top_p for p in params], device),
                 _on_device([p.min_p for p in params], device),
             )
-        probs = logits.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_(generator=self._generator(device))
+        return logits.softmax(dim=-1)
+
+    def noise(self, like: torch.Tensor, seqs: list[ScheduledSeq], salt: int = 0) -> torch.Tensor:
+        """Exp(1) noise shaped like ``like``: a seeded row's from its own generator, seeded by
+        (seed, tokens generated so far, ``salt``), the others' from the sampler's."""
+        device = like.device
+        noise = torch.empty_like(like).exponential_(generator=self._generator(device))
         for i, s in enumerate(seqs):
             if s.params.seed is not None:
                 gen = torch.Generator(device=device)
-                gen.manual_seed((s.params.seed * 1_000_003 + s.num_output_tokens) % (2**63))
+                seed = s.params.seed * 1_000_003 + s.num_output_tokens + salt * 7_919
+                gen.manual_seed(seed % (2**63))
                 noise[i].exponential_(generator=gen)
         # An Exp(1) draw can be exactly 0: 0/0 would be NaN, and argmax picks NaN, so a
         # token that masking removed could win. A tiny floor keeps p = 0 out of reach.
-        sampled = (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[ScheduledSeq], greedy_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        device = logits.device
+        params = [s.params for s in seqs]
+        probs = self.distribution(logits, seqs)
+        sampled = (probs / self.noise(probs, seqs)).argmax(dim=-1)
         greedy = _on_device([p.temperature == 0 for p in params], device)
         return torch.where(greedy, greedy_tokens, sampled)

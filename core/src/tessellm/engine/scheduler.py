@@ -68,12 +68,15 @@ class _StepDraft:
     scheduled: dict[str, tuple[Request, int]] = field(default_factory=dict)
     preempted: list[str] = field(default_factory=list)
     admitted_any: bool = False
+    # request id -> the speculative draft tokens it computes this step (after its last token)
+    drafts: dict[str, list[int]] = field(default_factory=dict)
 
 
 class Scheduler(seams.Scheduler):
     """The default scheduler (this module's docstring says how it plans a step)."""
 
     supports_schedule_ahead = True
+    supports_speculation = True
 
     def __init__(self, config: SchedulerConfig, kv_cache_manager: seams.KVCacheManager) -> None:
         if config.policy not in ("fcfs", "priority"):
@@ -161,6 +164,8 @@ class Scheduler(seams.Scheduler):
             if request.status is not running:  # an earlier one preempted it
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, draft.budget)
+            if request.spec_token_ids:
+                num_new += self._take_drafts(request, draft)
             while not kv.can_allocate(request, num_new):
                 victim = self.running[-1]  # the lowest-ranked
                 self._preempt(victim, draft)
@@ -183,13 +188,30 @@ class Scheduler(seams.Scheduler):
             if start < num_prompt:
                 computed_prompt += min(start + num_new, num_prompt) - start
             total += num_new
-            seqs.append(self._to_seq(request, num_new))
+            seqs.append(self._to_seq(request, num_new, draft.drafts.get(request.request_id)))
         c = self.counters
         c.num_computed_prompt_tokens += computed_prompt
         c.last_step_tokens = total
         c.num_scheduled_tokens += total
         c.num_scheduled_steps += 1 if seqs else 0
         return SchedulerOutput(seqs, total, draft.preempted)
+
+    def _take_drafts(self, request: Request, draft: _StepDraft) -> int:
+        """Take a decoding request's speculative drafts into this step, as many as the
+        budget, the context, ``max_tokens`` and free blocks allow; return how many."""
+        drafts, request.spec_token_ids = request.spec_token_ids, []
+        num_tokens = request.num_tokens
+        if request.num_computed_tokens != num_tokens - 1:
+            return 0  # not decoding (a stale guess)
+        room = min(draft.budget - 1, self.max_model_len - num_tokens)
+        if request.params.max_tokens is not None:
+            room = min(room, request.params.max_tokens - len(request.output_token_ids) - 1)
+        drafts = drafts[: max(room, 0)]
+        # Drafts never preempt anyone: without blocks for them the step decodes one token.
+        if not drafts or not self.kv.can_allocate(request, 1 + len(drafts)):
+            return 0
+        draft.drafts[request.request_id] = drafts
+        return len(drafts)
 
     def _admit_waiting(self, draft: _StepDraft) -> None:
         # The samples of an n > 1 request share its prompt without waiting rules: the
@@ -256,6 +278,8 @@ class Scheduler(seams.Scheduler):
         victim.num_computed_tokens = 0
         victim.num_preemptions += 1
         self.counters.num_preemptions += 1
+        victim.spec_token_ids = []
+        draft.drafts.pop(victim.request_id, None)
         undone = draft.scheduled.pop(victim.request_id, None)
         if undone is not None:
             draft.budget += undone[1]
@@ -267,9 +291,9 @@ class Scheduler(seams.Scheduler):
         # Siblings of an n > 1 request leave prompt logprobs to their leader.
         return request.params.prompt_logprobs is not None and request.prompt_leader_id is None
 
-    def _to_seq(self, request: Request, num_new: int) -> ScheduledSeq:
+    def _to_seq(self, request: Request, num_new: int, drafts: list[int] | None) -> ScheduledSeq:
         start = request.num_computed_tokens
-        end = start + num_new
+        end = start + num_new - (len(drafts) if drafts else 0)
         params = request.params
         prompt = request.prompt_token_ids
         outputs = request.output_token_ids
@@ -286,10 +310,13 @@ class Scheduler(seams.Scheduler):
             targets = prompt[start + 1 : min(end, num_prompt - 1) + 1]
         # A decode's one token is the last output (the common case, kept cheap).
         decode = start == num_tokens - 1 and outputs
+        token_ids = [outputs[-1]] if decode else request.token_slice(start, end)
+        if drafts:
+            token_ids += drafts
         # Positional, in _SEQ_FIELDS order.
-        return ScheduledSeq(
+        seq = ScheduledSeq(
             request.request_id,
-            [outputs[-1]] if decode else request.token_slice(start, end),
+            token_ids,
             start,
             list(request.block_ids),
             end == num_tokens,
@@ -300,6 +327,9 @@ class Scheduler(seams.Scheduler):
             request.eos_token_ids,
             targets,
         )
+        if drafts:
+            seq.draft_token_ids = drafts
+        return seq
 
     def update(self, plan: SchedulerOutput, result: StepResult) -> list[Request]:
         """Advance progress, append sampled tokens and finish what should stop."""
@@ -309,25 +339,41 @@ class Scheduler(seams.Scheduler):
         requests = self.requests
         running = RequestStatus.RUNNING
         errors: dict[str, Exception] = {}
+        accepted = result.num_accepted_drafts
+        index = -1
         for seq in plan.seqs:
             request = requests.get(seq.request_id)
             token = next(sampled) if seq.sample else None
+            index += seq.sample
             if request is None or request.status is not running:
                 continue
-            request.num_computed_tokens += len(seq.token_ids)
-            if token is None:
-                continue
-            request.output_token_ids.append(token)
+            if seq.draft_token_ids and token is not None:
+                # Computed: the seq's first token and the drafts accepted (not the rejected).
+                num_accepted = accepted[index] if accepted is not None else 0
+                request.num_computed_tokens += len(seq.token_ids) - len(seq.draft_token_ids)
+                request.num_computed_tokens += num_accepted
+                tokens = [*seq.draft_token_ids[:num_accepted], token]
+            else:
+                request.num_computed_tokens += len(seq.token_ids)
+                if token is None:
+                    continue
+                tokens = [token]
             if request.first_token_time is None:
                 request.first_token_time = now
             try:
-                status = self._check_stop(request, token)
+                for token in tokens:
+                    request.output_token_ids.append(token)
+                    status = self._check_stop(request, token)
+                    if status is not None:
+                        self.finish_requests([request.request_id], status)
+                        break
                 changed.append(request)
-                if status is not None:
-                    self.finish_requests([request.request_id], status)
             except Exception as exc:  # this request's own data: it fails alone
                 errors[request.request_id] = exc
         return _applied(changed, errors)
+
+    def speculation_candidates(self) -> list[Request]:
+        return [r for r in self.running if r.num_computed_tokens == r.num_tokens - 1]
 
     # -- schedule-ahead: the next step is scheduled before this one's tokens are known --
     def advance(self, plan: SchedulerOutput) -> None:

@@ -70,6 +70,7 @@ class DistributedExecutor(Executor):
     ``asynchronous``: the default ``launch`` runs ``execute``)."""
 
     name: ClassVar[str]
+    verifies_drafts = True  # every rank's ModelRunner verifies speculative drafts
 
     def __init__(self, args: EngineArgs, resolved: ResolvedModel, plugins: PluginSet) -> None:
         self.args = args
@@ -79,6 +80,10 @@ class DistributedExecutor(Executor):
         # Refuse a split that cannot work here, before any process starts.
         config = ml.weight_format(plugins, resolved).load_config(resolved.path)
         check_tensor_parallel_fit(config, self.world_size)
+        if args.enable_expert_parallel:
+            from tessellm.layers.moe import check_expert_parallel_fit
+
+            check_expert_parallel_fit(config, self.world_size)
         infos = self._start(args, resolved)
         self.worker_pids: list[int] = [info["pid"] for info in infos]
         self._max_model_len: int = infos[0]["max_model_len"]

@@ -26,6 +26,7 @@ class UniProcExecutor(Executor):
     # ``launch`` takes ``previous``: the engine may schedule a step before the tokens of
     # the step still running are known (placeholders, filled in on the device).
     feeds_sampled_tokens = True
+    verifies_drafts = True  # the ModelRunner verifies speculative drafts
 
     def __init__(self, args: EngineArgs, resolved: ResolvedModel, plugins: PluginSet) -> None:
         self.runner = ModelRunner(args, resolved, plugins=plugins)

@@ -145,6 +145,12 @@ class Scheduler(ABC):
     the running step's tokens are known (with an asynchronous executor that ``feeds_sampled_tokens``
     and a KV cache manager that ``supports_schedule_ahead``)."""
 
+    supports_speculation: bool = False
+    """Whether ``speculation_candidates`` is implemented and ``schedule``/``update`` honour
+    speculative drafts: a decoding request's ``spec_token_ids`` go into its seq's
+    ``token_ids`` and ``draft_token_ids`` (as many as fit, or none), and ``update`` appends
+    the accepted drafts before the sampled token and counts only them as computed."""
+
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
@@ -193,6 +199,12 @@ class Scheduler(ABC):
         ``kv_cache_usage``, ``prefix_cache_queried_tokens``, ``prefix_cache_hit_tokens``
         (``docs/scheduling.md`` lists the default scheduler's)."""
 
+    def speculation_candidates(self) -> list[Request]:
+        """Speculative decoding (``supports_speculation``): the running requests whose next
+        step decodes (every known token but the last computed): the engine may give them
+        ``spec_token_ids`` right before ``schedule()``."""
+        raise NotImplementedError(f"{type(self).__name__} does not support speculation")
+
     def advance(self, plan: SchedulerOutput) -> None:
         """Schedule-ahead (``supports_schedule_ahead``): count ``plan`` as computed before
         its tokens are known, giving each sampling request a ``PLACEHOLDER_TOKEN`` output
@@ -207,11 +219,16 @@ class Scheduler(ABC):
 
     @classmethod
     def _capability_gaps(cls) -> list[str]:
+        gaps = []
         if cls.supports_schedule_ahead and (
             cls.advance is Scheduler.advance or cls.fill is Scheduler.fill
         ):
-            return ["advance and fill (it sets supports_schedule_ahead = True)"]
-        return []
+            gaps.append("advance and fill (it sets supports_schedule_ahead = True)")
+        if cls.supports_speculation and (
+            cls.speculation_candidates is Scheduler.speculation_candidates
+        ):
+            gaps.append("speculation_candidates (it sets supports_speculation = True)")
+        return gaps
 
 
 class PendingResult(Protocol):
@@ -248,6 +265,11 @@ class Executor(ABC):
     """Whether ``launch`` returns before the device is done with the step, so that the engine can
     prepare the next step meanwhile (``LLMEngine.overlap_steps``). May be a property where it
     depends on the device; the engine reads it once, after construction."""
+
+    verifies_drafts: bool = False
+    """Whether a step verifies speculative drafts: for a seq with ``draft_token_ids`` it
+    scores every draft and returns ``StepResult.num_accepted_drafts`` (the model runner's
+    ``spec_verify`` does it). Without it the engine refuses ``speculative_config``."""
 
     feeds_sampled_tokens: bool = False
     """Whether ``launch(plan, previous)`` accepts ``previous``: it replaces, on the device, each

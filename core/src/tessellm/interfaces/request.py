@@ -58,6 +58,9 @@ class Request:
     num_preemptions: int = 0
     first_token_time: float | None = None
     arrival_index: int = 0  # set by the scheduler: breaks ties between equal ranks
+    # Speculative decoding: draft tokens a proposer guessed to follow the known tokens,
+    # set before ``schedule()``; the scheduler takes them into the next step (or drops them).
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -59,6 +59,10 @@ class ScheduledSeq:
     # CPU row of ``bitmask_words(vocab_size)`` words, bit ``j`` of word ``i`` = token
     # ``32 * i + j`` (``interfaces.structured_output``). Filled by the engine at launch.
     token_bitmask: torch.Tensor | None = None
+    # Speculative decoding: the draft tokens among ``token_ids`` (its last ones; ``sample``
+    # seqs only). The step scores each and keeps the prefix the target agrees with
+    # (``StepResult.num_accepted_drafts``).
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -76,10 +80,24 @@ class SchedulerOutput:
 
 @dataclass(slots=True)
 class StepResult:
-    """Sampled tokens for the seqs with ``sample=True``, in plan order."""
+    """Sampled tokens for the seqs with ``sample=True``, in plan order (one each; with
+    speculative decoding, accepted drafts come before it)."""
 
     sampled_token_ids: list[int]
     # Per sampled seq (plan order): the sampled token's logprobs, or None when not asked.
     logprobs: list[TokenLogprobs | None] | None = None
     # Per request id: (prompt position of the first scored token, one entry per token).
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] | None = None
+    # Speculative decoding (a plan with draft tokens): per sampled seq, how many of its
+    # drafts were accepted; they come before ``sampled_token_ids[i]`` in its output, and
+    # ``draft_logprobs[i]`` (when logprobs are asked) has their logprobs.
+    num_accepted_drafts: list[int] | None = None
+    draft_logprobs: list[list[TokenLogprobs] | None] | None = None
+
+    def emitted_token_ids(self, index: int, seq: ScheduledSeq) -> list[int]:
+        """The tokens sampled seq ``index`` (``seq``) produced: its accepted drafts, then
+        its sampled token."""
+        token = self.sampled_token_ids[index]
+        if self.num_accepted_drafts is None or not seq.draft_token_ids:
+            return [token]
+        return [*seq.draft_token_ids[: self.num_accepted_drafts[index]], token]

@@ -1,0 +1,110 @@
+"""The engine's side of speculative decoding: asks the proposer for drafts before each
+step and counts what the target accepted (``interfaces.speculative`` says how it works)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from tessellm.errors import ConfigError
+from tessellm.interfaces.engine import Request, RequestStatus, SchedulerOutput, StepResult
+from tessellm.interfaces.speculative import Proposer, ProposerContext, SpeculativeConfig
+from tessellm.plugins import PluginSet
+
+logger = logging.getLogger(__name__)
+
+KIND = "speculative_proposers"
+
+
+def load_proposer(
+    plugins: PluginSet, config: SpeculativeConfig, context: ProposerContext
+) -> Proposer:
+    """The proposer ``config.method`` names, built; ``ConfigError`` for one not installed."""
+    if plugins.get(KIND, config.method) is None:
+        known = ", ".join(sorted(plugins.names(KIND))) or "none installed"
+        raise ConfigError(
+            f"unknown speculative method {config.method!r} (installed: {known}); install the "
+            "plugin that provides it (e.g. tessellm-spec-ngram for 'ngram')"
+        )
+    cls = plugins.load(KIND, config.method)
+    if not (isinstance(cls, type) and issubclass(cls, Proposer)):
+        raise ConfigError(
+            f"speculative method {config.method!r} is not a "
+            "tessellm.interfaces.speculative.Proposer subclass"
+        )
+    return cls(config, context)
+
+
+class Speculator:
+    """Drafts for the decoding requests before a step; acceptance counters after it."""
+
+    def __init__(self, proposer: Proposer) -> None:
+        self.proposer = proposer
+        self.config = proposer.config
+        self.num_drafts = 0  # (request, step) pairs that carried drafts
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.num_steps = 0  # steps proposed for
+        self.proposer_seconds = 0.0
+        self._logged_off = False
+
+    def propose(self, candidates: Sequence[Request]) -> None:
+        """Set ``spec_token_ids`` on the requests that should speculate this step."""
+        limit = self.config.disable_by_batch_size
+        if not candidates or (limit and len(candidates) > limit):
+            if candidates and not self._logged_off:
+                logger.info(
+                    "speculative decoding pauses while more than %d requests run "
+                    "(disable_by_batch_size)",
+                    limit,
+                )
+                self._logged_off = True
+            return
+        # A grammar's bitmask is filled for one position per step: constrained requests
+        # decode one token at a time.
+        eligible = [r for r in candidates if r.params.structured_outputs is None]
+        if not eligible:
+            return
+        start = time.perf_counter()
+        k = self.config.num_speculative_tokens
+        drafts = self.proposer.propose(eligible, [k] * len(eligible))
+        self.proposer_seconds += time.perf_counter() - start
+        self.num_steps += 1
+        for request, tokens in zip(eligible, drafts, strict=True):
+            request.spec_token_ids = list(tokens[:k])
+
+    def record(self, plan: SchedulerOutput, result: StepResult, changed: list[Request]) -> None:
+        """Count the drafts ``plan`` carried and how many ``result`` accepted; tell the
+        proposer which requests finished or were preempted."""
+        accepted = result.num_accepted_drafts
+        if accepted is not None:
+            index = -1
+            for seq in plan.seqs:
+                index += seq.sample
+                if seq.sample and seq.draft_token_ids:
+                    self.num_drafts += 1
+                    self.num_draft_tokens += len(seq.draft_token_ids)
+                    self.num_accepted_tokens += accepted[index]
+        gone = [r.request_id for r in changed if r.status is not RequestStatus.RUNNING]
+        if gone or plan.preempted_ids:
+            self.proposer.finished([*gone, *plan.preempted_ids])
+
+    def stats(self) -> dict[str, float]:
+        drafts = self.num_drafts
+        return {
+            "spec_decode_num_drafts": drafts,
+            "spec_decode_num_draft_tokens": self.num_draft_tokens,
+            "spec_decode_num_accepted_tokens": self.num_accepted_tokens,
+            "spec_decode_acceptance_rate": (
+                self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+            ),
+            # Tokens per verified step of a request: its accepted drafts plus its own token.
+            "spec_decode_mean_accepted_length": (
+                1 + self.num_accepted_tokens / drafts if drafts else 0.0
+            ),
+            "spec_decode_proposer_seconds": self.proposer_seconds,
+            "spec_decode_proposer_ms_per_step": (
+                1000 * self.proposer_seconds / self.num_steps if self.num_steps else 0.0
+            ),
+        }

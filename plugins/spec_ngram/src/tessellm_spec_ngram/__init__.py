@@ -1,0 +1,1 @@
+"""Speculative decoding by n-gram prompt lookup (``speculative_config={"method": "ngram"}``)."""
