@@ -25,6 +25,9 @@ class ParallelInfo:
     # This rank's device index on its own machine (None: the rank). Differs from the rank
     # on multi-machine runs, and is 0 where Ray gives each actor one visible GPU.
     local_rank: int | None = None
+    # enable_expert_parallel: MoE layers hold whole experts, E / world_size per rank, rather
+    # than a slice of every expert (tessellm.layers.moe).
+    expert_parallel: bool = False
 
     @property
     def device_index(self) -> int:

@@ -4,7 +4,8 @@ Experts are stored stacked, as transformers 5 stores them: ``gate_up_proj``
 ``[E, 2*I, H]`` (gate rows first, then up) and ``down_proj`` ``[E, H, I]``. Under tensor
 parallelism each rank keeps a slice of every expert's intermediate dim ``I`` (as the
 column/row-parallel linears split an MLP), so the block's output is a partial sum that is
-all-reduced once.
+all-reduced once. With ``enable_expert_parallel`` each rank instead holds ``E / world_size``
+whole experts, and tokens travel to the ranks of their experts (:func:`expert_parallel_moe`).
 
 Tokens are grouped by expert with one sort, one ``index_select`` and one accumulating
 ``index_put_`` (an index-add); only the loop over experts remains, each expert
@@ -13,15 +14,15 @@ multiplying its rows in one matmul.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessellm.interfaces.model import ModelContext
+from tessellm.interfaces.model import ModelContext, ParallelInfo
 from tessellm.layers.activation import GatedActivation
-from tessellm.layers.parallel import all_reduce, divide
+from tessellm.layers.parallel import all_gather_rows, all_reduce, all_to_all_rows, divide
 from tessellm.layers.weight_loading import WeightRule, weight_rule
 
 
@@ -38,8 +39,45 @@ def route_top_k(
     return weights.to(router_logits.dtype), expert_ids
 
 
+def num_experts_of(config: Any) -> int:
+    """The routed experts per MoE layer (Mixtral's ``num_local_experts``, Qwen's
+    ``num_experts``); 0 for a dense model."""
+    getter = getattr(config, "get_text_config", None)
+    cfg = getter() if getter else config
+    return int(getattr(cfg, "num_local_experts", 0) or getattr(cfg, "num_experts", 0) or 0)
+
+
+def experts_per_rank(num_experts: int, world_size: int) -> int:
+    """``num_experts / world_size``; a ``ConfigError`` saying what to change when uneven
+    (an uneven split would leave some ranks with more experts, hence more work per step,
+    and every rank waits for the slowest in the combine)."""
+    if num_experts % world_size:
+        from tessellm.errors import ConfigError
+
+        raise ConfigError(
+            f"enable_expert_parallel: the model's {num_experts} experts do not divide evenly "
+            f"over tensor_parallel_size={world_size} ranks; choose a size that divides "
+            f"{num_experts}, or leave expert parallelism off (every rank then holds a slice "
+            "of every expert)"
+        )
+    return num_experts // world_size
+
+
+def check_expert_parallel_fit(config: Any, world_size: int) -> None:
+    """Raise ``ConfigError`` before any worker starts unless the experts split evenly.
+    A dense model has nothing to distribute: the flag changes nothing for it (as in vLLM)."""
+    experts = num_experts_of(config)
+    if experts:
+        experts_per_rank(experts, world_size)
+
+
 class FusedExperts(nn.Module):
-    """``E`` gated MLPs as stacked tensors; returns this rank's partial sum (not reduced)."""
+    """``E`` gated MLPs as stacked tensors; returns this rank's partial sum (not reduced).
+
+    Under expert parallelism the stacks hold only this rank's ``num_local_experts`` whole
+    experts (global ids ``first_expert ...``); ``forward`` still takes global expert ids
+    and leaves out the pairs routed elsewhere.
+    """
 
     # The per-expert row counts are read on the host to slice the grouped rows, which a
     # CUDA graph cannot capture; platforms skip graphs for models holding this layer.
@@ -54,15 +92,22 @@ class FusedExperts(nn.Module):
         activation: str = "silu",
     ) -> None:
         super().__init__()
+        parallel = ctx.parallel
         self.num_experts = num_experts
-        self.rank = ctx.parallel.rank
-        self.local_intermediate = divide(intermediate_size, ctx.parallel.world_size)
-        size = self.local_intermediate
+        if parallel.expert_parallel and parallel.world_size > 1:
+            self.num_local_experts = experts_per_rank(num_experts, parallel.world_size)
+            self.first_expert = parallel.rank * self.num_local_experts
+            self.local_intermediate, self.intermediate_start = intermediate_size, 0
+        else:
+            self.num_local_experts, self.first_expert = num_experts, 0
+            self.local_intermediate = divide(intermediate_size, parallel.world_size)
+            self.intermediate_start = parallel.rank * self.local_intermediate
+        size, local = self.local_intermediate, self.num_local_experts
         self.gate_up_proj = nn.Parameter(
-            torch.empty(num_experts, 2 * size, hidden_size, dtype=ctx.dtype), requires_grad=False
+            torch.empty(local, 2 * size, hidden_size, dtype=ctx.dtype), requires_grad=False
         )
         self.down_proj = nn.Parameter(
-            torch.empty(num_experts, hidden_size, size, dtype=ctx.dtype), requires_grad=False
+            torch.empty(local, hidden_size, size, dtype=ctx.dtype), requires_grad=False
         )
         self.act = GatedActivation(activation)
 
@@ -74,9 +119,16 @@ class FusedExperts(nn.Module):
         piece: str | None = None,
     ) -> None:
         """Load one expert's ``piece`` (``"gate"``, ``"up"`` or ``"down"``, a 2-D HF Linear
-        weight) or, with ``expert=None``, the whole stack under transformers 5 names."""
-        dst = param.data if expert is None else param.data[expert]
-        size, start = self.local_intermediate, self.rank * self.local_intermediate
+        weight) or, with ``expert=None``, the whole stack under transformers 5 names. Under
+        expert parallelism, other ranks' experts are skipped (never copied)."""
+        first, local = self.first_expert, self.num_local_experts
+        if expert is None:
+            dst, loaded = param.data, loaded.narrow(0, first, local)
+        elif not first <= expert < first + local:
+            return
+        else:
+            dst = param.data[expert - first]
+        size, start = self.local_intermediate, self.intermediate_start
         if param is self.down_proj:
             dst.copy_(loaded.narrow(-1, start, size))
             return
@@ -92,14 +144,22 @@ class FusedExperts(nn.Module):
     def forward(
         self, hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
     ) -> torch.Tensor:
-        """``hidden`` ``[T, H]``; ``weights``/``expert_ids`` ``[T, top_k]`` → ``[T, H]``."""
+        """``hidden`` ``[T, H]``; ``weights``/``expert_ids`` ``[T, top_k]`` (global ids) →
+        ``[T, H]``, zero rows for tokens with none of this rank's experts."""
         top_k = expert_ids.shape[1]
         flat_ids = expert_ids.reshape(-1)
+        flat_weights = weights.reshape(-1)
+        token_of_pair = None
+        if self.num_local_experts < self.num_experts:
+            flat_ids = flat_ids - self.first_expert
+            pairs = ((flat_ids >= 0) & (flat_ids < self.num_local_experts)).nonzero().squeeze(1)
+            flat_ids, flat_weights = flat_ids[pairs], flat_weights[pairs]
+            token_of_pair = pairs // top_k
         # Stable, so each token's contributions are summed in ascending expert order, the
         # order transformers adds them in: fp32 results then agree bit for bit.
         order = torch.argsort(flat_ids, stable=True)
-        token_of_row = order // top_k
-        rows_per_expert = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        token_of_row = order // top_k if token_of_pair is None else token_of_pair[order]
+        rows_per_expert = torch.bincount(flat_ids, minlength=self.num_local_experts).tolist()
         grouped = hidden.index_select(0, token_of_row)
         expert_out = torch.empty_like(grouped)
         start = 0
@@ -110,7 +170,7 @@ class FusedExperts(nn.Module):
             inner = self.act(F.linear(rows, self.gate_up_proj[expert]))
             expert_out[start : start + count] = F.linear(inner, self.down_proj[expert])
             start += count
-        expert_out *= weights.reshape(-1).index_select(0, order).unsqueeze(-1)
+        expert_out *= flat_weights.index_select(0, order).unsqueeze(-1)
         # index_put_ with accumulate is index_add_ that runs serially on CPU, adding rows in
         # their (expert-sorted) order; index_add_ opens a thread-parallel region even for a
         # few rows, which costs ~100 ms per call on a CPU whose cores are busy.
@@ -154,7 +214,60 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weights, expert_ids = route_top_k(self.gate(hidden), self.top_k, self.renormalize)
+        if self.experts.num_local_experts < self.experts.num_experts:
+            return expert_parallel_moe(hidden, weights, expert_ids, self.experts, self.parallel)
         return all_reduce(self.experts(hidden, weights, expert_ids), self.parallel)
+
+
+def expert_parallel_moe(
+    hidden: torch.Tensor,
+    weights: torch.Tensor,
+    expert_ids: torch.Tensor,
+    experts: FusedExperts,
+    parallel: ParallelInfo,
+) -> torch.Tensor:
+    """The MoE output ``[T, H]`` with whole experts spread over the ranks.
+
+    Attention stays tensor-parallel, so every rank enters with all ``T`` tokens and the
+    same routing (the same hidden states through the same replicated router). Rank ``r``
+    owns the token slice ``[r*c, (r+1)*c)``, ``c = ceil(T / ranks)``.
+
+    - Dispatch: a token needs rank ``d`` when one of its top-k experts lives there. Rank
+      ``d`` already holds that token, so dispatching it is a selection on ``d``, not a
+      transfer: ``d`` runs its experts over every token routed to them.
+    - Combine: ``d`` sends each such token's partial sum (its experts' weighted outputs,
+      one row per token however many of its experts ``d`` holds) to the token's owner, in
+      one ``all_to_all_rows``; owners add the partial sums in rank order.
+    - The owners' slices are all-gathered, so every rank leaves with all ``T`` rows, as the
+      next (tensor-parallel) attention needs them.
+
+    Every rank derives the send and receive counts of all ranks from the shared routing,
+    so no counts are exchanged. Per rank this moves at most what the tensor-parallel
+    all-reduce moves, less when tokens do not reach every rank (docs/distributed.md).
+    """
+    ranks, rank = parallel.world_size, parallel.rank
+    tokens = hidden.shape[0]
+    chunk = -(-tokens // ranks)
+    bounds = [min(s * chunk, tokens) for s in range(ranks + 1)]
+    owner = torch.div(expert_ids, experts.num_local_experts, rounding_mode="floor")
+    needs = torch.zeros(ranks * chunk, ranks, dtype=torch.bool, device=hidden.device)
+    needs[:tokens].scatter_(1, owner, True)  # needs[t, d]: token t has an expert on rank d
+    # counts[s][d]: tokens of slice s with an expert on rank d. One host sync per layer.
+    counts = needs.view(ranks, chunk, ranks).sum(1).tolist()
+    partial = experts(hidden, weights, expert_ids)
+    sent = needs[:tokens, rank].nonzero().squeeze(1)  # ascending: grouped by owner slice
+    received = all_to_all_rows(
+        partial.index_select(0, sent),
+        [counts[s][rank] for s in range(ranks)],
+        counts[rank],
+        parallel,
+    )
+    lo, hi = bounds[rank], bounds[rank + 1]
+    # Received rows come rank by rank, each rank's in token order: what nonzero() lists.
+    _, token = needs[lo:hi].T.nonzero(as_tuple=True)
+    own = hidden.new_zeros(hi - lo, hidden.shape[1]).index_put_((token,), received, accumulate=True)
+    sizes = [bounds[s + 1] - bounds[s] for s in range(ranks)]
+    return all_gather_rows(own, sizes, parallel)
 
 
 def expert_weight_rules(gate: str, up: str, down: str) -> tuple[WeightRule, ...]:
