@@ -18,6 +18,7 @@ if TYPE_CHECKING:
         check_model_family,
         check_platform,
         check_quantization_method,
+        check_speculative_proposer,
         check_structured_output_backend,
     )
     from tessellm.testing.models import (
@@ -50,6 +51,7 @@ _LAZY = {
     "check_platform": "tessellm.testing.conformance",
     "check_model_family": "tessellm.testing.conformance",
     "check_structured_output_backend": "tessellm.testing.conformance",
+    "check_speculative_proposer": "tessellm.testing.conformance",
 }
 
 __all__ = [
@@ -62,6 +64,7 @@ __all__ = [
     "check_model_family",
     "check_platform",
     "check_quantization_method",
+    "check_speculative_proposer",
     "check_structured_output_backend",
     "greedy_parity_failures",
     "hf_continuation",

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
 from tessellm.interfaces.request import Request
 from tessellm.interfaces.speculative import Proposer, ProposerContext, SpeculativeConfig
 
