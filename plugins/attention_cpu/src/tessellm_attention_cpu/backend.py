@@ -5,12 +5,15 @@ each context into a fresh tensor. Here the step's plan (indices, masks) is built
 ``prepare``; per layer, each group's blocks are copied into a buffer that lives as long
 as the backend (no allocation per step) and the whole group attends at once:
 
-* decode sequences (one query each) with two batched matmuls in the run dtype around an
-  fp32 softmax, every kv head's query group at once (GQA without repeating K/V). For
-  decode this is several times faster on the CPU than SDPA's flash kernel, which tiles
-  for long queries;
+* decode sequences (one query each) with two batched matmuls around an fp32 softmax,
+  every kv head's query group at once (GQA without repeating K/V). For decode this is
+  several times faster on the CPU than SDPA's flash kernel, which tiles for long queries;
 * prefill and chunked-prefill sequences, padded to the group's longest query, with
   ``scaled_dot_product_attention`` (vectorised, threaded, fp32 accumulation).
+
+Both compute in ``precision.attention_compute_dtype`` of the cache's dtype: a bf16 or
+fp16 cache on a CPU without native instructions for it is attended in fp32, converting
+only the blocks the group gathered (and its queries), and the output is cast back.
 
 A single sequence whose blocks are consecutive in the cache (the usual case at batch 1)
 attends over a view of the cache, with no copy at all. Cache entries outside a
@@ -19,6 +22,8 @@ finite; the model runner zero-fills the cache.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +34,7 @@ from tessellm.interfaces.attention import (
     AttentionMetadata,
     AttentionSpec,
 )
+from tessellm_attention_cpu import precision
 from tessellm_attention_cpu.plan import GroupPlan, StepPlan, build_plan
 from tessellm_attention_cpu.traced import traced_decode
 
@@ -75,7 +81,10 @@ class CpuPagedAttention(AttentionBackend):
 
     def __init__(self, spec: AttentionSpec) -> None:
         super().__init__(spec)
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        # What the eager path attends in (the KV cache holds spec.dtype: this backend
+        # takes no other kv_cache_dtype); a bench may set it to time another choice.
+        self.compute_dtype: torch.dtype = precision.attention_compute_dtype(spec.dtype)
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         metadata.extra[PLAN_KEY] = build_plan(metadata, self.spec.block_size)
@@ -97,28 +106,38 @@ class CpuPagedAttention(AttentionBackend):
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
 
-    def _buffer(self, name: str, cache: torch.Tensor, num_blocks: int) -> torch.Tensor:
-        """A ``[num_blocks, *cache.shape[1:]]`` view of a buffer kept across steps."""
-        shape = (num_blocks, *cache.shape[1:])
-        needed = num_blocks * cache[0].numel()
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < needed or buf.dtype != cache.dtype:
+    def _buffer(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """A ``shape`` view of a buffer of ``dtype`` kept across steps."""
+        needed = math.prod(shape)
+        buf = self._buffers.get((name, dtype))
+        if buf is None or buf.numel() < needed:
             # Grow geometrically so a slowly lengthening context reallocates rarely.
             size = max(needed, 2 * buf.numel() if buf is not None else 0)
-            buf = torch.empty(size, dtype=cache.dtype, device=cache.device)
-            self._buffers[name] = buf
+            buf = torch.empty(size, dtype=dtype, device=device)
+            self._buffers[name, dtype] = buf
         return buf[:needed].view(shape)
 
-    def _context(self, cache: torch.Tensor, group: GroupPlan, name: str) -> torch.Tensor:
-        """The group's keys or values as ``[n, context, Hkv, D]`` (a view, never a copy
-        beyond the one gather)."""
+    def _context(
+        self, cache: torch.Tensor, group: GroupPlan, name: str, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The group's keys or values as ``[n, context, Hkv, D]`` in ``dtype``: a view of
+        the cache when its blocks are consecutive and no conversion is asked, else one
+        gather (plus one conversion of what was gathered, when ``dtype`` differs)."""
         block_size, kv_heads, head_size = cache.shape[1:]
         if group.first_block is not None:
             blocks = cache[group.first_block : group.first_block + group.num_blocks]
-            return blocks.view(1, -1, kv_heads, head_size)[:, : group.context_len]
-        out = self._buffer(name, cache, group.block_ids.numel())
-        torch.index_select(cache, 0, group.block_ids, out=out)
-        return out.view(group.num_seqs, group.num_blocks * block_size, kv_heads, head_size)
+            context = blocks.view(1, -1, kv_heads, head_size)[:, : group.context_len]
+        else:
+            shape = (group.block_ids.numel(), *cache.shape[1:])
+            gathered = self._buffer(name, shape, cache.dtype, cache.device)
+            torch.index_select(cache, 0, group.block_ids, out=gathered)
+            length = group.num_blocks * block_size
+            context = gathered.view(group.num_seqs, length, kv_heads, head_size)
+        if dtype == cache.dtype:
+            return context
+        return self._buffer(name, context.shape, dtype, cache.device).copy_(context)
 
     def _decode(
         self,
@@ -204,12 +223,17 @@ class CpuPagedAttention(AttentionBackend):
         sliding_window: int | None,
         soft_cap: float | None,
     ) -> torch.Tensor:
-        """The group's output rows ``[n * query_len, H, D]`` in padded order."""
+        """The group's output rows ``[n * query_len, H, D]`` in padded order, in the
+        compute dtype (the caller casts back)."""
         n, q_len = group.num_seqs, group.query_len
         heads, head_size = query.shape[1:]
+        # One sequence's decode reads its K/V as fp32 itself (_decode), from the cache in
+        # place when its blocks are consecutive: converting here first was 10% slower.
+        dtype = k_cache.dtype if n == 1 and q_len == 1 else self.compute_dtype
         q = query if group.query_rows is None else query.index_select(0, group.query_rows)
-        k = self._context(k_cache, group, "k")
-        v = self._context(v_cache, group, "v")
+        q = q.to(dtype)
+        k = self._context(k_cache, group, "k", dtype)
+        v = self._context(v_cache, group, "v", dtype)
         if q_len == 1:
             return self._decode(q, k, v, group, scale, sliding_window, soft_cap)
         q = q.view(n, q_len, heads, head_size).transpose(1, 2)
@@ -249,12 +273,13 @@ class CpuPagedAttention(AttentionBackend):
         args = (scale, sliding_window, logits_soft_cap)
         decode, prefill = plan.decode, plan.prefill
         if prefill is None and decode is not None and decode.query_rows is None:
-            return self._attend(query, k_cache, v_cache, decode, *args)
+            return self._attend(query, k_cache, v_cache, decode, *args).to(query.dtype)
         out = torch.empty_like(query)
         if decode is not None:
             rows = self._attend(query, k_cache, v_cache, decode, *args)
-            out.index_copy_(0, decode.query_rows, rows)
+            out.index_copy_(0, decode.query_rows, rows.to(query.dtype))
         if prefill is not None:
             rows = self._attend(query, k_cache, v_cache, prefill, *args)
-            out.index_copy_(0, prefill.output_rows, rows.index_select(0, prefill.valid_rows))
+            rows = rows.index_select(0, prefill.valid_rows).to(query.dtype)
+            out.index_copy_(0, prefill.output_rows, rows)
         return out

@@ -1,0 +1,221 @@
+"""bf16/fp16 attention computed in fp32 on CPUs without native support, and kept in its
+own dtype where the CPU has it: both branches of ``attention_compute_dtype`` forced,
+compared with paged attention computed in float64, and which dtype the matmuls and
+conversions actually ran in (recorded by a dispatch mode)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tessellm.interfaces.attention import AttentionMetadata, AttentionSpec
+from tessellm_attention_cpu import precision
+from tessellm_attention_cpu.backend import CpuPagedAttention
+
+LOW = (torch.bfloat16, torch.float16)
+# (tokens already cached, query tokens) per sequence.
+DECODE = [(40, 1), (17, 1), (0, 1), (63, 1)]
+PREFILL = [(0, 21), (0, 5)]
+MIXED = [(30, 1), (0, 18), (33, 7), (9, 1), (0, 1)]
+# Enough decodes for the block-diagonal decode, with a chunked prefill beside them.
+MANY = [(n, 1) for n in (70, 33, 15, 0, 16, 47, 5, 31, 64, 2)] + [(20, 6)]
+BATCHES = {"decode": DECODE, "prefill": PREFILL, "mixed": MIXED, "many": MANY}
+SPARE_BLOCKS = 200  # blocks no sequence uses: a conversion of the whole cache shows
+# Outputs are averages of unit-variance values: bf16 keeps 8 bits of mantissa.
+TOLERANCE = {torch.bfloat16: 2.5e-2, torch.float16: 4e-3}
+
+
+def emulated(dtype: torch.dtype) -> torch.dtype:
+    """The rule on a CPU without native bf16/fp16 (this branch is forced in tests)."""
+    return torch.float32 if dtype in LOW else dtype
+
+
+def native(dtype: torch.dtype) -> torch.dtype:
+    return dtype
+
+
+class Step:
+    """A step with scattered block tables; cache entries outside every context are huge,
+    so reading one shows in the output."""
+
+    def __init__(self, seqs: list[tuple[int, int]], dtype: torch.dtype, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        block_size, heads, kv_heads, head_size = 8, 6, 2, 16
+        seq_lens = [cached + q for cached, q in seqs]
+        per_seq = [-(-n // block_size) for n in seq_lens]
+        num_blocks = sum(per_seq) + SPARE_BLOCKS
+        order = torch.randperm(num_blocks, generator=gen)
+        tables = torch.full((len(seqs), max(per_seq) + 1), int(order[-1]), dtype=torch.int32)
+        shape = (num_blocks, block_size, kv_heads, head_size)
+        self.k_cache = torch.full(shape, 300.0).to(dtype)
+        self.v_cache = torch.full(shape, -300.0).to(dtype)
+        used, slots = 0, []
+        for s, n in enumerate(seq_lens):
+            tables[s, : per_seq[s]] = order[used : used + per_seq[s]].to(torch.int32)
+            used += per_seq[s]
+            pos = torch.arange(n)
+            flat = tables[s, pos // block_size].long() * block_size + pos % block_size
+            for cache in (self.k_cache, self.v_cache):
+                values = torch.randn((n, kv_heads, head_size), generator=gen)
+                cache.view(-1, kv_heads, head_size)[flat] = values.to(dtype)
+            slots.append(flat[n - seqs[s][1] :])
+        q_lens = [q for _, q in seqs]
+        self.query = torch.randn((sum(q_lens), heads, head_size), generator=gen).to(dtype)
+        starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+        lens = torch.tensor(seq_lens, dtype=torch.int32)
+        self.metadata = AttentionMetadata(
+            query_start_loc=starts,
+            seq_lens=lens,
+            block_tables=tables,
+            slot_mapping=torch.cat(slots),
+            max_query_len=max(q_lens),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=starts,
+            seq_lens_cpu=lens,
+        )
+        self.seqs, self.tables, self.starts = seqs, tables, starts
+        self.spec = AttentionSpec("cpu", dtype, head_size, heads, kv_heads, block_size)
+        self.scale = head_size**-0.5
+
+    def reference(self, window: int | None = None, cap: float | None = None) -> torch.Tensor:
+        """Paged attention's definition per sequence, in float64."""
+        kv_heads, head_size = self.k_cache.shape[2:]
+        group = self.spec.num_heads // kv_heads
+        out = []
+        for s, (cached, q_len) in enumerate(self.seqs):
+            n = cached + q_len
+            blocks = self.tables[s].long()
+            k = self.k_cache[blocks].reshape(-1, kv_heads, head_size)[:n].double()
+            v = self.v_cache[blocks].reshape(-1, kv_heads, head_size)[:n].double()
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+            start = int(self.starts[s])
+            q = self.query[start : start + q_len].double()
+            scores = torch.einsum("qhd,khd->hqk", q, k) * self.scale
+            if cap:
+                scores = cap * torch.tanh(scores / cap)
+            q_pos, k_pos = torch.arange(cached, n)[:, None], torch.arange(n)[None, :]
+            visible = k_pos <= q_pos
+            if window:
+                visible &= q_pos - k_pos < window
+            scores = scores.masked_fill(~visible, float("-inf"))
+            out.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v))
+        return torch.cat(out)
+
+    def run(self, backend: CpuPagedAttention, **kw) -> torch.Tensor:
+        self.metadata.extra.clear()
+        backend.prepare(self.metadata)
+        return backend.forward(
+            self.query, self.k_cache, self.v_cache, self.metadata, scale=self.scale, **kw
+        )
+
+
+class OpDtypes(TorchDispatchMode):
+    """Records the floating dtypes each aten op reads, and the size of every conversion
+    (``_to_copy``, or ``copy_`` between dtypes) of keys or values: of a tensor whose last
+    dims are ``kv_shape``."""
+
+    def __init__(self, kv_shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.kv_shape = kv_shape
+        self.reads: dict[str, set[torch.dtype]] = {}
+        self.converted_kv_numels: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        floats = {t.dtype for t in tensors if t.is_floating_point()}
+        self.reads.setdefault(name, set()).update(floats)
+        out = func(*args, **kwargs)
+        if name == "_to_copy" or (name == "copy_" and len(floats) > 1):
+            source = args[1] if name == "copy_" else args[0]
+            if tuple(source.shape[-2:]) == self.kv_shape:
+                self.converted_kv_numels.append(source.numel())
+        return out
+
+    def dtypes_of(self, *names: str) -> set[torch.dtype]:
+        return set().union(*(self.reads.get(name, set()) for name in names))
+
+
+ATTENTION_OPS = ("bmm", "mm", "matmul", "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def backend_with(rule, spec: AttentionSpec, monkeypatch) -> CpuPagedAttention:
+    monkeypatch.setattr(precision, "attention_compute_dtype", rule)
+    return CpuPagedAttention(spec)
+
+
+@pytest.mark.parametrize("rule", [emulated, native])
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_matches_float64_reference(batch, dtype, rule, monkeypatch):
+    step = Step(BATCHES[batch], dtype)
+    backend = backend_with(rule, step.spec, monkeypatch)
+    assert backend.compute_dtype == rule(dtype)
+    out = step.run(backend)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), step.reference(), atol=TOLERANCE[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("rule", [emulated, native])
+@pytest.mark.parametrize("batch", ["mixed", "many"])
+def test_window_and_soft_cap(batch, rule, monkeypatch):
+    step = Step(BATCHES[batch], torch.bfloat16, seed=1)
+    backend = backend_with(rule, step.spec, monkeypatch)
+    for kw in ({"sliding_window": 5}, {"logits_soft_cap": 4.0}):
+        expected = step.reference(kw.get("sliding_window"), kw.get("logits_soft_cap"))
+        torch.testing.assert_close(step.run(backend, **kw).double(), expected, atol=2.5e-2, rtol=0)
+
+
+@pytest.mark.parametrize("batch", ["prefill", "mixed", "many"])
+def test_emulated_rule_runs_matmuls_in_fp32_on_gathered_blocks_only(batch, monkeypatch):
+    step = Step(BATCHES[batch], torch.bfloat16, seed=2)
+    backend = backend_with(emulated, step.spec, monkeypatch)
+    with OpDtypes(step.k_cache.shape[2:]) as ops:
+        step.run(backend)
+    assert ops.dtypes_of(*ATTENTION_OPS) == {torch.float32}
+    # Converted: each group's gathered blocks (at most every sequence padded to the
+    # longest), never the cache.
+    widest = max(-(-(cached + q) // step.spec.block_size) for cached, q in step.seqs)
+    gathered = len(step.seqs) * widest * step.k_cache[0].numel()
+    assert gathered < step.k_cache.numel() // 2
+    assert ops.converted_kv_numels and max(ops.converted_kv_numels) <= gathered
+
+
+@pytest.mark.parametrize("batch", ["prefill", "many"])
+def test_native_rule_keeps_bf16_matmuls(batch, monkeypatch):
+    step = Step(BATCHES[batch], torch.bfloat16, seed=3)
+    backend = backend_with(native, step.spec, monkeypatch)
+    with OpDtypes(step.k_cache.shape[2:]) as ops:
+        step.run(backend)
+    assert torch.bfloat16 in ops.dtypes_of(*ATTENTION_OPS)
+
+
+@pytest.mark.parametrize(
+    ("flags", "bf16", "fp16"),
+    [
+        (set(), torch.float32, torch.float32),
+        ({"avx2", "fma"}, torch.float32, torch.float32),
+        ({"avx512f", "avx512_bf16"}, torch.bfloat16, torch.float32),
+        ({"amx_bf16", "amx_tile"}, torch.bfloat16, torch.float32),
+        ({"avx512fp16", "avx512_bf16"}, torch.bfloat16, torch.float16),
+        ({"asimd", "asimdhp", "bf16"}, torch.bfloat16, torch.float16),
+    ],
+)
+def test_rule_follows_cpu_flags(flags, bf16, fp16, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
+    assert precision.attention_compute_dtype(torch.bfloat16) == bf16
+    assert precision.attention_compute_dtype(torch.float16) == fp16
+    assert precision.attention_compute_dtype(torch.float32) == torch.float32
+
+
+def test_cpu_flags_reads_this_machine():
+    flags = precision.cpu_flags()
+    assert isinstance(flags, frozenset)
+    try:
+        with open("/proc/cpuinfo") as f:
+            has_flags = any(line.split(":")[0].strip() in ("flags", "Features") for line in f)
+    except OSError:
+        has_flags = False
+    assert bool(flags) == has_flags
