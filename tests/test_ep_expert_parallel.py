@@ -8,6 +8,7 @@ tokens for a batch and for one prompt alone (one decode token: rank 1 owns no to
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,9 @@ from tessellm import LLM, SamplingParams
 from tessellm.config import EngineArgs
 from tessellm.engine.model_runner import ModelRunner
 from tessellm.errors import ConfigError
+from tessellm.executors.start_method import START_METHOD_ENV
 from tessellm.interfaces.model import ModelContext, ParallelInfo
+from tessellm.layers import moe
 from tessellm.layers.moe import FusedExperts, check_expert_parallel_fit, expert_weight_rules
 from tessellm.layers.weight_loading import load_by_rules
 from tessellm.model_loader import model_bytes, resolve_model
@@ -61,15 +64,28 @@ def greedy(llm: LLM, prompts: list[str]) -> tuple[list[list[int]], torch.Tensor]
     return tokens, torch.tensor(logprobs)
 
 
-def test_ep2_over_gloo_matches_one_process(moe_model) -> None:
+def test_ep2_over_gloo_matches_one_process(moe_model, tmp_path, monkeypatch) -> None:
     single = make_llm(moe_model)
     batch_1, logprobs_1 = greedy(single, TEST_PROMPTS)
     alone_1, _ = greedy(single, TEST_PROMPTS[2:3])
+    # Plain TP gives these tokens too: the forked workers inherit a wrapper that notes
+    # which processes ran the expert-parallel layer.
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    ran_ep = tmp_path / "ran-ep"
+    ep_moe = moe.expert_parallel_moe
+
+    def noting_moe(*args, **kwargs):
+        with ran_ep.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        return ep_moe(*args, **kwargs)
+
+    monkeypatch.setattr(moe, "expert_parallel_moe", noting_moe)
     llm = make_llm(moe_model, tensor_parallel_size=2, enable_expert_parallel=True)
     try:
         assert llm.engine.describe()["executor"] == "mp"
         batch_2, logprobs_2 = greedy(llm, TEST_PROMPTS)
         alone_2, _ = greedy(llm, TEST_PROMPTS[2:3])
+        assert set(ran_ep.read_text().split()) == {str(p) for p in llm.engine.executor.worker_pids}
     finally:
         llm.engine.shutdown()
     assert batch_2 == batch_1

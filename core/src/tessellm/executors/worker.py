@@ -133,7 +133,13 @@ class Worker:
         self.rank = config.rank
         plugins = get_plugins()
         platform, _ = choose_platform(plugins, config.args.device)
-        parallel = ParallelInfo(config.rank, config.world_size, None, config.local_rank)
+        parallel = ParallelInfo(
+            config.rank,
+            config.world_size,
+            None,
+            config.local_rank,
+            expert_parallel=config.args.enable_expert_parallel,
+        )
         device = platform.device(parallel.device_index)
         if device.type == "cuda":
             # NCCL binds a communicator to the current device: set it before the group exists.
