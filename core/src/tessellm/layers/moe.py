@@ -14,7 +14,7 @@ multiplying its rows in one matmul.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,15 @@ def check_expert_parallel_fit(config: Any, world_size: int) -> None:
     experts = num_experts_of(config)
     if experts:
         experts_per_rank(experts, world_size)
+
+
+class GroupedRows(NamedTuple):
+    """(token, expert) pairs sorted by expert: the token and routing weight of each row,
+    and the rows of each local expert plus, last, those of other ranks' experts."""
+
+    token_of_row: torch.Tensor
+    weight_of_row: torch.Tensor
+    rows_per_expert: torch.Tensor
 
 
 class FusedExperts(nn.Module):
@@ -141,41 +150,55 @@ class FusedExperts(nn.Module):
             offset = 0 if name == "gate" else size
             dst.narrow(-2, offset, size).copy_(part.narrow(-2, start, size))
 
-    def forward(
-        self, hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
-    ) -> torch.Tensor:
-        """``hidden`` ``[T, H]``; ``weights``/``expert_ids`` ``[T, top_k]`` (global ids) →
-        ``[T, H]``, zero rows for tokens with none of this rank's experts."""
-        top_k = expert_ids.shape[1]
-        flat_ids = expert_ids.reshape(-1)
-        flat_weights = weights.reshape(-1)
-        token_of_pair = None
-        if self.num_local_experts < self.num_experts:
-            flat_ids = flat_ids - self.first_expert
-            pairs = ((flat_ids >= 0) & (flat_ids < self.num_local_experts)).nonzero().squeeze(1)
-            flat_ids, flat_weights = flat_ids[pairs], flat_weights[pairs]
-            token_of_pair = pairs // top_k
+    def group(self, weights: torch.Tensor, expert_ids: torch.Tensor) -> GroupedRows:
+        """Sort the ``[T, top_k]`` (token, expert) pairs by this rank's experts, on the
+        device (no host sync). Pairs routed to other ranks' experts sort last, into one
+        extra bucket that :meth:`apply` leaves out."""
+        top_k, local = expert_ids.shape[1], self.num_local_experts
+        flat_ids = expert_ids.reshape(-1) - self.first_expert
+        if local < self.num_experts:
+            flat_ids = torch.where((flat_ids >= 0) & (flat_ids < local), flat_ids, local)
         # Stable, so each token's contributions are summed in ascending expert order, the
         # order transformers adds them in: fp32 results then agree bit for bit.
         order = torch.argsort(flat_ids, stable=True)
-        token_of_row = order // top_k if token_of_pair is None else token_of_pair[order]
-        rows_per_expert = torch.bincount(flat_ids, minlength=self.num_local_experts).tolist()
-        grouped = hidden.index_select(0, token_of_row)
-        expert_out = torch.empty_like(grouped)
+        return GroupedRows(
+            order // top_k,
+            weights.reshape(-1).index_select(0, order),
+            torch.bincount(flat_ids, minlength=local + 1),
+        )
+
+    def apply(
+        self, hidden: torch.Tensor, grouped: GroupedRows, rows_per_expert: list[int]
+    ) -> torch.Tensor:
+        """Run the experts over ``grouped`` rows; ``rows_per_expert`` is
+        ``grouped.rows_per_expert`` read on the host."""
+        rows_per_expert = rows_per_expert[: self.num_local_experts]
+        routed = sum(rows_per_expert)
+        token_of_row = grouped.token_of_row[:routed]
+        rows_in = hidden.index_select(0, token_of_row)
+        expert_out = torch.empty_like(rows_in)
         start = 0
         for expert, count in enumerate(rows_per_expert):
             if count == 0:
                 continue
-            rows = grouped[start : start + count]
+            rows = rows_in[start : start + count]
             inner = self.act(F.linear(rows, self.gate_up_proj[expert]))
             expert_out[start : start + count] = F.linear(inner, self.down_proj[expert])
             start += count
-        expert_out *= flat_weights.index_select(0, order).unsqueeze(-1)
+        expert_out *= grouped.weight_of_row[:routed].unsqueeze(-1)
         # index_put_ with accumulate is index_add_ that runs serially on CPU, adding rows in
         # their (expert-sorted) order; index_add_ opens a thread-parallel region even for a
         # few rows, which costs ~100 ms per call on a CPU whose cores are busy.
         out = torch.zeros_like(hidden)
         return out.index_put_((token_of_row,), expert_out, accumulate=True)
+
+    def forward(
+        self, hidden: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """``hidden`` ``[T, H]``; ``weights``/``expert_ids`` ``[T, top_k]`` (global ids) →
+        ``[T, H]``, zero rows for tokens with none of this rank's experts."""
+        grouped = self.group(weights, expert_ids)
+        return self.apply(hidden, grouped, grouped.rows_per_expert.tolist())
 
 
 class TopKRouter(nn.Module):
@@ -252,22 +275,31 @@ def expert_parallel_moe(
     owner = torch.div(expert_ids, experts.num_local_experts, rounding_mode="floor")
     needs = torch.zeros(ranks * chunk, ranks, dtype=torch.bool, device=hidden.device)
     needs[:tokens].scatter_(1, owner, True)  # needs[t, d]: token t has an expert on rank d
-    # counts[s][d]: tokens of slice s with an expert on rank d. One host sync per layer.
-    counts = needs.view(ranks, chunk, ranks).sum(1).tolist()
-    partial = experts(hidden, weights, expert_ids)
-    sent = needs[:tokens, rank].nonzero().squeeze(1)  # ascending: grouped by owner slice
-    received = all_to_all_rows(
-        partial.index_select(0, sent),
-        [counts[s][rank] for s in range(ranks)],
-        counts[rank],
-        parallel,
-    )
+    # counts[s, d]: tokens of slice s with an expert on rank d. Read on the host together
+    # with the experts' row counts: one host sync per layer, as without expert parallelism.
+    counts = needs.view(ranks, chunk, ranks).sum(1)
+    grouped = experts.group(weights, expert_ids)
+    host = torch.cat([counts.flatten(), grouped.rows_per_expert]).tolist()
+    counts_of = [host[s * ranks : (s + 1) * ranks] for s in range(ranks)]
+    partial = experts.apply(hidden, grouped, host[ranks * ranks :])
+    send = [counts_of[s][rank] for s in range(ranks)]
+    # The tokens this rank sends, ascending (so grouped by owner slice): a stable sort puts
+    # the needed ones first, where nonzero() would cost a host sync.
+    sent = first_true(needs[:tokens, rank], sum(send))
+    received = all_to_all_rows(partial.index_select(0, sent), send, counts_of[rank], parallel)
     lo, hi = bounds[rank], bounds[rank + 1]
-    # Received rows come rank by rank, each rank's in token order: what nonzero() lists.
-    _, token = needs[lo:hi].T.nonzero(as_tuple=True)
-    own = hidden.new_zeros(hi - lo, hidden.shape[1]).index_put_((token,), received, accumulate=True)
+    # Received rows come rank by rank, each rank's in token order.
+    position = first_true(needs[lo:hi].T.reshape(-1), sum(counts_of[rank]))
+    own = hidden.new_zeros(hi - lo, hidden.shape[1])
+    own.index_put_((position % max(hi - lo, 1),), received, accumulate=True)
     sizes = [bounds[s + 1] - bounds[s] for s in range(ranks)]
     return all_gather_rows(own, sizes, parallel)
+
+
+def first_true(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """The indices of the ``count`` true entries of a 1-D ``mask``, ascending, where
+    ``count`` is known on the host already (``nonzero`` would synchronise to learn it)."""
+    return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]
 
 
 def expert_weight_rules(gate: str, up: str, down: str) -> tuple[WeightRule, ...]:
