@@ -321,16 +321,15 @@ class Sampler:
             )
         return logits.softmax(dim=-1)
 
-    def noise(self, like: torch.Tensor, seqs: list[ScheduledSeq], salt: int = 0) -> torch.Tensor:
+    def noise(self, like: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Tensor:
         """Exp(1) noise shaped like ``like``: a seeded row's from its own generator, seeded by
-        (seed, tokens generated so far, ``salt``), the others' from the sampler's."""
+        (seed, tokens generated so far), the others' from the sampler's."""
         device = like.device
         noise = torch.empty_like(like).exponential_(generator=self._generator(device))
         for i, s in enumerate(seqs):
             if s.params.seed is not None:
                 gen = torch.Generator(device=device)
-                seed = s.params.seed * 1_000_003 + s.num_output_tokens + salt * 7_919
-                gen.manual_seed(seed % (2**63))
+                gen.manual_seed((s.params.seed * 1_000_003 + s.num_output_tokens) % (2**63))
                 noise[i].exponential_(generator=gen)
         # An Exp(1) draw can be exactly 0: 0/0 would be NaN, and argmax picks NaN, so a
         # token that masking removed could win. A tiny floor keeps p = 0 out of reach.

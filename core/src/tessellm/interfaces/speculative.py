@@ -96,10 +96,13 @@ class SpeculativeConfig:
                 f"unknown speculative_config field(s): {', '.join(unknown)}; known: "
                 + ", ".join(known)
             )
+        if "method" not in value:
+            raise ConfigError("speculative_config needs a 'method' (e.g. \"ngram\")")
         for name, item in value.items():
             wanted = int if name not in ("method", "model", "quantization") else str
             if item is not None and (not isinstance(item, wanted) or isinstance(item, bool)):
-                raise ConfigError(f"speculative_config.{name} must be a {wanted.__name__}")
+                kind = "an integer" if wanted is int else "a string"
+                raise ConfigError(f"speculative_config.{name} must be {kind}")
         return cls(**value)
 
 
