@@ -5,13 +5,17 @@ conversions actually ran in (recorded by a dispatch mode)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tessellm.interfaces.attention import AttentionMetadata, AttentionSpec
+from tessellm_attention_cpu import backend as backend_module
 from tessellm_attention_cpu import precision
 from tessellm_attention_cpu.backend import CpuPagedAttention
+from tessellm_attention_cpu.plan import build_plan
 
 LOW = (torch.bfloat16, torch.float16)
 # (tokens already cached, query tokens) per sequence.
@@ -112,13 +116,14 @@ class Step:
 
 class OpDtypes(TorchDispatchMode):
     """Records the floating dtypes each aten op reads, and the size of every conversion
-    (``_to_copy``, or ``copy_`` between dtypes) of keys or values: of a tensor whose last
-    dims are ``kv_shape``."""
+    (``_to_copy``, or ``copy_`` between dtypes) and gathers (``index_select``) of keys or
+    values: of a tensor whose last dims are ``kv_shape``."""
 
     def __init__(self, kv_shape: tuple[int, int]) -> None:
         super().__init__()
         self.kv_shape = kv_shape
         self.reads: dict[str, set[torch.dtype]] = {}
+        self.kv_gathers = 0
         self.converted_kv_numels: list[int] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -127,6 +132,8 @@ class OpDtypes(TorchDispatchMode):
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         floats = {t.dtype for t in tensors if t.is_floating_point()}
         self.reads.setdefault(name, set()).update(floats)
+        if name == "index_select" and tuple(args[0].shape[-2:]) == self.kv_shape:
+            self.kv_gathers += 1
         out = func(*args, **kwargs)
         if name == "_to_copy" or (name == "copy_" and len(floats) > 1):
             source = args[1] if name == "copy_" else args[0]
@@ -190,6 +197,24 @@ def test_native_rule_keeps_bf16_matmuls(batch, monkeypatch):
     with OpDtypes(step.k_cache.shape[2:]) as ops:
         step.run(backend)
     assert torch.bfloat16 in ops.dtypes_of(*ATTENTION_OPS)
+
+
+@pytest.mark.parametrize("rule", [emulated, native])
+@pytest.mark.parametrize("per_chunk", [1, 3])
+def test_decode_in_chunks_of_sequences(per_chunk, rule, monkeypatch):
+    step = Step(MANY, torch.bfloat16, seed=4)
+    backend = backend_with(rule, step.spec, monkeypatch)
+    decode = build_plan(step.metadata, step.spec.block_size).decode
+    seq_bytes = 2 * decode.num_blocks * step.k_cache[0].numel() * rule(torch.bfloat16).itemsize
+    monkeypatch.setattr(backend_module, "DECODE_CHUNK_BYTES", per_chunk * seq_bytes)
+    with OpDtypes(step.k_cache.shape[2:]) as ops:
+        out = step.run(backend)
+    # Keys and values gathered once per chunk (the prefill beside them once more at most).
+    chunks = math.ceil(decode.num_seqs / per_chunk)
+    assert 2 * chunks <= ops.kv_gathers <= 2 * chunks + 2
+    torch.testing.assert_close(out.double(), step.reference(), atol=2.5e-2, rtol=0)
+    out = step.run(backend, sliding_window=6, logits_soft_cap=3.0)
+    torch.testing.assert_close(out.double(), step.reference(6, 3.0), atol=2.5e-2, rtol=0)
 
 
 @pytest.mark.parametrize(
