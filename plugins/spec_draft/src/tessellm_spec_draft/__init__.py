@@ -1,0 +1,1 @@
+"""Speculative decoding with a draft model (``speculative_config={"method": "draft_model"}``)."""

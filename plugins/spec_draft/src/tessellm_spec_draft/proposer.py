@@ -1,0 +1,181 @@
+"""A draft model proposes: a smaller model, or a quantized copy of the target, guesses the
+next ``k`` tokens greedily, and the target verifies them in one step.
+
+The draft keeps its own KV cache, indexed by the target's block ids: block ``b`` of the
+draft's cache holds the draft's KV for the positions that block ``b`` of the target's
+cache holds, so the target's block pool manages both (a request's blocks are freed,
+shared by prefix caching and reallocated for the two caches at once). At propose time a
+request's blocks only reach as far as the target has allocated, so the draft's
+speculative tail (positions from ``len(block_ids) * block_size`` on) goes to scratch
+blocks of its own past the target's ids, one set per request of a batch.
+
+Only KV written into a request's own blocks for its known tokens counts as the draft's
+computed prefix (``draft_computed``). Each propose runs one catch-up forward over every
+request's tokens not yet in the draft's cache (one batched plan, a chunk per request,
+like the scheduler's), then ``k - 1`` one-token forwards, all greedy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tessellm.interfaces.request import Request
+from tessellm.interfaces.schedule import ScheduledSeq
+from tessellm.interfaces.speculative import Proposer, ProposerContext, SpeculativeConfig
+from tessellm.sampling_params import SamplingParams
+from tessellm_spec_draft.draft_runner import DraftRunner
+
+logger = logging.getLogger(__name__)
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@dataclass(slots=True)
+class _DraftState:
+    """How much of a request the draft's cache holds: positions ``[0, computed)``, in the
+    blocks ``block_ids`` (the request's first ones, as they were when written)."""
+
+    computed: int = 0
+    block_ids: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class _Row:
+    """One request's share of a propose round."""
+
+    index: int  # in the requests given to propose
+    limit: int  # drafts wanted
+    num_tokens: int
+    table: list[int]  # its blocks, then its scratch blocks
+    drafts: list[int]
+
+
+class DraftModelProposer(Proposer):
+    """``{"method": "draft_model", "model": ..., "num_speculative_tokens": k,
+    "quantization": ...}`` (vLLM's fields): the draft runs on the target's platform and
+    dtype, with the given quantization (None: the platform's default for the dtype)."""
+
+    def __init__(self, config: SpeculativeConfig, context: ProposerContext) -> None:
+        super().__init__(config, context)
+        self.draft = DraftRunner(config, context)
+        self.block_size = self.draft.block_size
+        k = config.num_speculative_tokens
+        # A request's target blocks cover at least its computed tokens (all but the last
+        # known one); the draft writes k positions from there: the last token and k - 1
+        # drafts, which may straddle one more block boundary.
+        self.scratch_per_request = -(-k // self.block_size) + 1
+        limit = config.disable_by_batch_size
+        self.max_batch = (
+            min(context.args.max_num_seqs, limit) if limit else context.args.max_num_seqs
+        )
+        self.num_blocks = 0  # the target's; scratch blocks follow
+        self._states: dict[str, _DraftState] = {}
+
+    # -- the seam ------------------------------------------------------------------------
+    def bytes_per_block(self) -> int:
+        return self.draft.bytes_per_block()
+
+    def initialize_cache(self, num_blocks: int, block_size: int) -> None:
+        if block_size != self.block_size:
+            raise ValueError(f"block_size {block_size} != the draft's {self.block_size}")
+        self.num_blocks = num_blocks
+        scratch = self.max_batch * self.scratch_per_request
+        self.draft.initialize_cache(num_blocks + scratch)
+        logger.info(
+            "draft model %s: KV cache for the target's %d blocks and %d scratch blocks (%.1f MiB)",
+            self.config.model,
+            num_blocks,
+            scratch,
+            (num_blocks + scratch) * self.draft.bytes_per_block() / (1 << 20),
+        )
+
+    def finished(self, request_ids: Sequence[str]) -> None:
+        for request_id in request_ids:
+            self._states.pop(request_id, None)
+
+    def describe(self) -> dict[str, str]:
+        return {"speculative_method": "draft_model", **self.draft.describe()}
+
+    def propose(self, requests: Sequence[Request], max_drafts: Sequence[int]) -> list[list[int]]:
+        if not self.num_blocks:
+            raise RuntimeError("initialize_cache must be called before propose")
+        drafts: list[list[int]] = [[] for _ in requests]
+        rows = [r for r in map(self._row, range(len(requests)), requests, max_drafts) if r]
+        for first in range(0, len(rows), self.max_batch):
+            batch = rows[first : first + self.max_batch]
+            self._draft_batch(requests, batch)
+            for row in batch:
+                drafts[row.index] = row.drafts
+        return drafts
+
+    # -- one round -----------------------------------------------------------------------
+    def _row(self, index: int, request: Request, wanted: int) -> _Row | None:
+        """The request's share of this round, or None when it gets no drafts."""
+        num_tokens = request.num_tokens
+        # Each draft input sits at a position the draft (and the target) can hold.
+        limit = min(wanted, self.draft.max_model_len - num_tokens)
+        # ... and within its blocks and its scratch blocks (always so while the target's
+        # blocks cover its computed tokens, as the scheduler keeps them).
+        covered = (len(request.block_ids) + self.scratch_per_request) * self.block_size
+        limit = min(limit, covered - num_tokens + 1)
+        if limit <= 0 or not request.block_ids:
+            return None
+        return _Row(index, limit, num_tokens, [], [])
+
+    def _state(self, request: Request) -> _DraftState:
+        """The request's draft state, reset when its blocks are no longer the ones the
+        draft wrote (it was preempted and readmitted into other blocks)."""
+        state = self._states.get(request.request_id)
+        blocks = request.block_ids
+        if state is None or tuple(blocks[: len(state.block_ids)]) != state.block_ids:
+            state = self._states[request.request_id] = _DraftState()
+        return state
+
+    def _draft_batch(self, requests: Sequence[Request], rows: list[_Row]) -> None:
+        bs = self.block_size
+        seqs: list[ScheduledSeq] = []
+        for slot, row in enumerate(rows):
+            request = requests[row.index]
+            state = self._state(request)
+            blocks = request.block_ids
+            # Through the last draft input's position: num_tokens + limit - 2.
+            needed = -(-(row.num_tokens + row.limit - 1) // bs) - len(blocks)
+            scratch = self.num_blocks + slot * self.scratch_per_request
+            row.table = [*blocks, *range(scratch, scratch + max(needed, 0))]
+            # At least the last known token: its logits give the first draft.
+            start = min(state.computed, row.num_tokens - 1)
+            seqs.append(
+                ScheduledSeq(
+                    request.request_id,
+                    request.token_slice(start, row.num_tokens),
+                    start,
+                    row.table,
+                    True,
+                    GREEDY,
+                )
+            )
+            # KV in the request's own blocks for its known tokens is reusable next round;
+            # the tail in scratch blocks, and every draft's KV, is not.
+            computed = min(row.num_tokens, len(blocks) * bs)
+            state.computed = computed
+            state.block_ids = tuple(blocks[: -(-computed // bs)])
+        tokens = self.draft.greedy(seqs)
+        for row, token in zip(rows, tokens, strict=True):
+            row.drafts.append(token)
+        for step in range(1, max(row.limit for row in rows)):
+            active = [row for row in rows if row.limit > step]
+            seqs = [
+                ScheduledSeq(
+                    requests[row.index].request_id,
+                    [row.drafts[-1]],
+                    row.num_tokens + step - 1,
+                    row.table,
+                    True,
+                    GREEDY,
+                )
+                for row in active
+            ]
+            for row, token in zip(active, self.draft.greedy(seqs), strict=True):
+                row.drafts.append(token)

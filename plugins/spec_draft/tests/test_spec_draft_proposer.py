@@ -1,0 +1,180 @@
+"""The draft-model proposer: a self-draft's guesses are the target's own greedy tokens, so
+every draft is accepted (batched, across block boundaries and scratch blocks, after
+prefix-cache hits and under preemption); its cache follows a request's blocks; a draft of
+another vocabulary is refused; drafts stay below the target's vocabulary."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tessellm import LLM, SamplingParams
+from tessellm.errors import ConfigError
+from tessellm.interfaces.request import Request
+from tessellm.testing import hf_greedy
+
+os.environ.setdefault("TESSELLM_CPU_COMPILE", "0")  # eager decode: no C++ build per model
+
+PROMPTS = [
+    [5, 17, 33, 8, 41] * 3,
+    list(range(40, 63)),
+    [90, 91, 92, 93] * 2 + [7],
+]
+
+
+def make_llm(target: Path, draft: Path | None, k: int = 3, **engine_args) -> LLM:
+    spec = None if draft is None else {"method": "draft_model", "model": str(draft)}
+    if spec is not None:
+        spec["num_speculative_tokens"] = k
+    return LLM(
+        model=str(target),
+        dtype="float32",
+        device="cpu",
+        download_dir=str(target.parent / "cache"),
+        speculative_config=spec,
+        **engine_args,
+    )
+
+
+def generate(llm: LLM, prompts: list[list[int]], max_tokens: int = 20) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen3ForCausalLM"])
+def test_a_self_draft_is_always_accepted(tiny_model_factory, architecture):
+    target = tiny_model_factory(architecture)
+    expected = hf_greedy(target, PROMPTS + PROMPTS[:1], 20)
+    # Blocks of 4 with k = 5: a round's tail crosses blocks and runs into scratch blocks.
+    llm = make_llm(target, target, k=5, block_size=4)
+    try:
+        assert generate(llm, PROMPTS) == expected[:3]
+        stats = llm.engine.stats()
+        assert stats["spec_decode_num_draft_tokens"] > 0
+        assert stats["spec_decode_acceptance_rate"] == 1.0
+        assert stats["spec_decode_mean_accepted_length"] > 4
+        assert stats["spec_decode_proposer_ms_per_step"] > 0
+        # Again, and a prompt sharing the first one's blocks: prefix-cache hits.
+        assert generate(llm, [PROMPTS[0], PROMPTS[0]]) == [expected[0], expected[3]]
+        stats = llm.engine.stats()
+        assert stats["prefix_cache_hit_tokens"] > 0
+        assert stats["spec_decode_acceptance_rate"] == 1.0
+        assert stats["kv_cache_usage"] == 0.0
+        assert llm.engine.speculator.proposer._states == {}  # finished requests forgotten
+    finally:
+        llm.engine.shutdown()
+
+
+def test_a_self_draft_is_always_accepted_under_preemption(tiny_model_factory):
+    target = tiny_model_factory("LlamaForCausalLM")
+    expected = hf_greedy(target, PROMPTS, 24)
+    # 3 prompts of 9-23 tokens + 24 outputs need 17 blocks of 4 at their peaks.
+    llm = make_llm(target, target, block_size=4, num_gpu_blocks_override=14)
+    try:
+        assert generate(llm, PROMPTS, max_tokens=24) == expected
+        stats = llm.engine.stats()
+        assert stats["num_preemptions"] > 0
+        assert stats["spec_decode_acceptance_rate"] == 1.0
+    finally:
+        llm.engine.shutdown()
+
+
+def test_another_draft_keeps_the_outputs_and_is_sometimes_rejected(tiny_model_factory):
+    target = tiny_model_factory("LlamaForCausalLM")
+    draft = tiny_model_factory("LlamaForCausalLM", seed=3, num_hidden_layers=1)
+    expected = hf_greedy(target, PROMPTS, 20)
+    llm = make_llm(target, draft, k=4)
+    try:
+        assert generate(llm, PROMPTS) == expected
+        stats = llm.engine.stats()
+        assert stats["spec_decode_num_draft_tokens"] > 0
+        assert stats["spec_decode_acceptance_rate"] < 1.0
+    finally:
+        llm.engine.shutdown()
+
+
+def test_the_cache_follows_the_requests_blocks(tiny_model_factory):
+    """Called directly: the drafts are the target's greedy tokens whatever the draft's
+    cache held before, as a request grows, moves to other blocks, or is forgotten."""
+    target = tiny_model_factory("LlamaForCausalLM")
+    prompt = PROMPTS[1]  # 23 tokens
+    greedy = hf_greedy(target, [prompt], 12)[0]
+    llm = make_llm(target, target, block_size=4, num_gpu_blocks_override=40)
+    try:
+        proposer = llm.engine.speculator.proposer
+        request = Request("r", list(prompt), SamplingParams(temperature=0.0))
+        # The target has computed all but the last token: 23 positions, 6 blocks of 4.
+        request.block_ids = [10, 11, 12, 13, 14, 15]
+        assert proposer.propose([request], [3]) == [greedy[:3]]
+        assert proposer._states["r"].computed == 23
+        # One draft accepted and one more token: the last (position 24) is past the
+        # request's blocks, in a scratch block, and not counted as computed.
+        request.output_token_ids += greedy[:2]
+        assert proposer.propose([request], [3]) == [greedy[2:5]]
+        assert proposer._states["r"].computed == 24
+        request.output_token_ids += greedy[2:4]
+        request.block_ids += [16]  # now the draft writes position 24 into the real block
+        assert proposer.propose([request], [3]) == [greedy[4:7]]
+        assert proposer._states["r"].computed == 27
+        # Preempted and readmitted elsewhere: the draft starts over in the new blocks.
+        request.block_ids = list(range(20, 27))
+        assert proposer.propose([request], [2]) == [greedy[4:6]]
+        assert proposer._states["r"].block_ids == tuple(range(20, 27))
+        # None asked: none made.
+        assert proposer.propose([request], [0]) == [[]]
+        proposer.finished(["r"])
+        assert proposer._states == {}
+    finally:
+        llm.engine.shutdown()
+
+
+def test_a_draft_of_another_vocabulary_is_refused(tiny_model_factory):
+    target = tiny_model_factory("LlamaForCausalLM")
+    draft = tiny_model_factory("LlamaForCausalLM", vocab_size=300)
+    with pytest.raises(ConfigError, match="another vocabulary"):
+        make_llm(target, draft)
+
+
+def test_a_draft_model_is_required(tiny_model_factory):
+    target = tiny_model_factory("LlamaForCausalLM")
+    with pytest.raises(ConfigError, match='needs a "model"'):
+        LLM(
+            model=str(target),
+            dtype="float32",
+            device="cpu",
+            download_dir=str(target.parent / "cache"),
+            speculative_config={"method": "draft_model"},
+        )
+
+
+def test_drafts_stay_below_the_targets_vocabulary(tiny_model_factory):
+    """A draft with padded logits (wider than the target's, same tokenizer) never proposes
+    an id the target does not have, even where its argmax is one."""
+    target = tiny_model_factory("LlamaForCausalLM")
+    draft = tiny_model_factory("LlamaForCausalLM", vocab_size=320)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (target / name).exists():
+            shutil.copy(target / name, draft / name)
+    llm = make_llm(target, draft)
+    try:
+        proposer = llm.engine.speculator.proposer
+        assert proposer.draft.proposable == 256
+        model = proposer.draft.runner.model
+        plain = model.compute_logits
+
+        def padded_wins(hidden):
+            logits = plain(hidden)
+            logits[:, 256:] = 1e4  # the padding would win every argmax
+            return logits
+
+        model.compute_logits = padded_wins
+        request = Request("r", list(PROMPTS[0]), SamplingParams(temperature=0.0))
+        request.block_ids = [0, 1, 2, 3]
+        (drafts,) = proposer.propose([request], [3])
+        assert len(drafts) == 3 and max(drafts) < 256
+    finally:
+        llm.engine.shutdown()
