@@ -178,3 +178,43 @@ def test_drafts_stay_below_the_targets_vocabulary(tiny_model_factory):
         assert len(drafts) == 3 and max(drafts) < 256
     finally:
         llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("quantization", ["woq_int4", "int8_weight_only"])
+def test_a_quantized_self_draft(tiny_model_factory, quantization):
+    """The target in fp32 drafting with its own weights quantized on load (CPU methods):
+    the draft's linears hold the quantized weights, the target's do not; outputs are the
+    target's."""
+    target = tiny_model_factory("LlamaForCausalLM")
+    expected = hf_greedy(target, PROMPTS, 20)
+    spec = {"method": "draft_model", "model": str(target), "quantization": quantization}
+    llm = LLM(
+        model=str(target),
+        dtype="float32",
+        device="cpu",
+        download_dir=str(target.parent / "cache"),
+        speculative_config=spec,
+    )
+    try:
+        proposer = llm.engine.speculator.proposer
+        assert proposer.describe()["draft_quantization"] == quantization
+        draft_model = proposer.draft.runner.model
+        target_model = llm.engine.executor.runner.model
+        assert quantized_linears(draft_model) > 0
+        assert quantized_linears(target_model) == 0
+        assert generate(llm, PROMPTS) == expected
+        stats = llm.engine.stats()
+        assert stats["spec_decode_num_accepted_tokens"] > 0
+    finally:
+        llm.engine.shutdown()
+
+
+def quantized_linears(model) -> int:
+    """Linears with an int4 copy (woq) or int8 weights."""
+    import torch
+
+    return sum(
+        getattr(m, "woq_packed", None) is not None
+        or getattr(getattr(m, "weight", None), "dtype", None) == torch.int8
+        for m in model.modules()
+    )
