@@ -15,7 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tessellm.testing.models import TEST_PROMPTS, WEIGHT_STD, make_tokenizer, tiny_config
+from tessellm.testing.models import (
+    TEST_PROMPTS,
+    WEIGHT_STD,
+    UnknownArchitectureError,
+    make_tokenizer,
+    tiny_config,
+)
 
 # Different lengths, from one word to a few dozen tokens.
 EMBEDDING_SENTENCES: list[str] = [
@@ -39,7 +45,9 @@ _BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def _wordpiece_tokenizer(path: Path, vocab_size: int) -> Any:
-    """A BERT WordPiece tokenizer (lower-cased) covering ``TEST_PROMPTS``."""
+    """A BERT WordPiece tokenizer (lower-cased, ``[CLS] ... [SEP]``) covering
+    ``TEST_PROMPTS``, filler words up to ``vocab_size``, saved into ``path``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
     words: list[str] = list(_BERT_SPECIALS)
@@ -50,11 +58,58 @@ def _wordpiece_tokenizer(path: Path, vocab_size: int) -> Any:
             if word not in words:
                 words.append(word)
     words += [f"w{i}" for i in range(vocab_size - len(words))]
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.txt").write_text("\n".join(words) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    cls, sep = vocab["[CLS]"], vocab["[SEP]"]
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    tok.decoder = decoders.WordPiece()
+    tokenizer = BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     tokenizer.save_pretrained(path)
     return tokenizer
+
+
+def encoder_model_type(architecture: str) -> str | None:
+    """The ``model_type`` whose bare model (``AutoModel``) is ``architecture``, if it is an
+    encoder transformers knows (not a decoder that also has a causal LM)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_MAPPING_NAMES,
+    )
+
+    for model_type, names in MODEL_MAPPING_NAMES.items():
+        if architecture in (names if isinstance(names, (list, tuple)) else (names,)):
+            causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+            decoder = causal is not None and causal.endswith("ForCausalLM")
+            return None if decoder else model_type
+    return None
+
+
+def tiny_encoder_config(architecture: str, **config_overrides: Any) -> Any:
+    """A tiny config of an encoder ``architecture``: ``TINY_ENCODER`` sizes where the
+    config has the fields, a vocabulary of 256, ``config_overrides`` last."""
+    from transformers import AutoConfig
+
+    model_type = encoder_model_type(architecture)
+    if model_type is None:
+        raise UnknownArchitectureError(f"transformers has no encoder named {architecture!r}")
+    default = AutoConfig.for_model(model_type)
+    values = {k: v for k, v in {**TINY_ENCODER, "vocab_size": 256}.items() if hasattr(default, k)}
+    config = AutoConfig.for_model(model_type, **{**values, **config_overrides})
+    config.architectures = [architecture]
+    return config
 
 
 def write_sentence_transformers_files(
@@ -113,8 +168,10 @@ def tiny_embedding_model(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    if architecture == "BertModel":
-        config = transformers.BertConfig(vocab_size=256, **{**TINY_ENCODER, **config_overrides})
+    if not hasattr(transformers, architecture):
+        raise UnknownArchitectureError(f"transformers has no model class {architecture!r}")
+    if not architecture.endswith("ForCausalLM") and encoder_model_type(architecture):
+        config = tiny_encoder_config(architecture, **config_overrides)
         tokenizer = _wordpiece_tokenizer(path, config.vocab_size)
     else:
         causal = architecture

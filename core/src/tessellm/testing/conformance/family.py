@@ -38,6 +38,18 @@ def check_model_family(
     if registration is None:
         checker.fail(plugins.missing_message("models", architecture))
         return checker.finish()
+    from tessellm.interfaces.pooling import is_encoder_class
+
+    try:
+        encoder = is_encoder_class(registration.load())
+    except Exception:  # reported where the model is built, below
+        encoder = False
+    if encoder:  # pooled, not generating: sentence-transformers is the reference
+        from tessellm.testing.conformance.pooling import check_encoder_family
+
+        return check_encoder_family(
+            architecture, registration.plugin, config_overrides, **engine_args
+        )
     with tempfile.TemporaryDirectory(prefix="tessellm-family-") as tmp:
         try:
             path = tiny_model(architecture, Path(tmp) / "model", **(config_overrides or {}))
