@@ -50,6 +50,7 @@ FIRST_PARTY_FAMILIES: dict[str, InstallHint] = {
     "Phi3ForCausalLM": _PHI3,
     "GPT2LMHeadModel": _GPT_OPT,
     "OPTForCausalLM": _GPT_OPT,
+    "BertModel": InstallHint("tessellm-bert", "bert"),
 }
 
 
