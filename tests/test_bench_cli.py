@@ -107,3 +107,16 @@ def test_length_ranges_and_workload():
     assert all(3 <= r.input_len <= 7 and r.output_len == 2 for r in requests)
     assert all(t not in (0, 1, 2) for r in requests for t in r.prompt_token_ids)
     assert requests == make_workload(20, LengthRange(3, 7), LengthRange(2, 2), ids, seed=1)
+
+
+def test_latency_reports_speculative_acceptance(tiny_llama):
+    pytest.importorskip("tessellm_spec_ngram")
+    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'
+    stdout = run_cli(
+        "bench", "latency", "-m", str(tiny_llama), "--input-len", "8", "--output-len", "12",
+        "--num-iters", "1", "--num-iters-warmup", "0", "--json",
+        "-e", f"speculative_config={spec}",
+    )  # fmt: skip
+    metrics = json.loads(stdout)["rows"][0]["metrics"]
+    assert 0 <= metrics["spec_decode_acceptance_rate"] <= 1
+    assert metrics["spec_decode_proposer_ms_per_step"] >= 0

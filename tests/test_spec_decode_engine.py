@@ -142,3 +142,21 @@ def test_bad_configurations_are_clear_errors(model_path, config, message):
     with pytest.raises(ConfigError, match=None) as info:
         LLM(model=str(model_path), dtype="float32", device="cpu", speculative_config=config)
     assert message in str(info.value)
+
+
+def test_metrics_endpoint_exports_the_counters(spec):
+    pytest.importorskip("prometheus_client")
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from tessellm.server.metrics import ServerMetrics
+
+    spec.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    text = generate_latest(ServerMetrics(SimpleNamespace(stats=spec.engine.stats())).registry)
+    lines = dict(
+        line.rsplit(" ", 1) for line in text.decode().splitlines() if not line.startswith("#")
+    )
+    accepted = float(lines["tessellm:spec_decode_num_accepted_tokens_total"])
+    assert accepted == spec.engine.stats()["spec_decode_num_accepted_tokens"] > 0
+    assert float(lines["tessellm:spec_decode_num_draft_tokens_total"]) >= accepted

@@ -85,6 +85,17 @@ def describe_engine(engine: Any) -> dict[str, str]:
     return info  # the executor's describe() names the quantization method
 
 
+def speculative_metrics(engine: Any) -> dict[str, float]:
+    """Speculative decoding's acceptance and proposer cost, when it is on (else empty)."""
+    stats = engine.stats()
+    keys = (
+        "spec_decode_acceptance_rate",
+        "spec_decode_mean_accepted_length",
+        "spec_decode_proposer_ms_per_step",
+    )
+    return {key: round(float(stats[key]), 4) for key in keys if key in stats}
+
+
 def release_engine(engine: Any) -> None:
     """Free the engine's model and KV cache before a baseline loads its own copy."""
     import torch

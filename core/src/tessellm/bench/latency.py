@@ -17,6 +17,7 @@ from tessellm.bench.engine_run import (
     engine_workload,
     greedy_params,
     release_engine,
+    speculative_metrics,
 )
 from tessellm.bench.report import BenchReport, progress
 from tessellm.bench.workload import BenchRequest, LengthRange
@@ -100,7 +101,14 @@ def run_latency(options: EngineOptions, settings: LatencySettings) -> BenchRepor
         samples.append(tessellm_once(engine, req, f"lat{i}"))
         bar.update(1)
     bar.close()
-    report.add("tessellm", {"dtype": info.get("dtype"), **summarize(samples, settings.output_len)})
+    report.add(
+        "tessellm",
+        {
+            "dtype": info.get("dtype"),
+            **summarize(samples, settings.output_len),
+            **speculative_metrics(engine),
+        },
+    )
     resolved, plugins, max_len = engine.resolved, engine.plugins, engine.max_model_len
     device, dtype = info.get("device", "cpu"), info.get("dtype", "float32")
     release_engine(engine)

@@ -15,6 +15,7 @@ from tessellm.bench.engine_run import (
     engine_workload,
     release_engine,
     run_requests,
+    speculative_metrics,
 )
 from tessellm.bench.report import BenchReport, progress
 from tessellm.bench.workload import BenchRequest, LengthRange, total_input_tokens
@@ -73,7 +74,14 @@ def run_throughput(options: EngineOptions, settings: ThroughputSettings) -> Benc
     bar = progress(len(requests), "tessellm")
     measured = run_requests(engine, requests, bar)
     bar.close()
-    report.add("tessellm", {"dtype": engine_info.get("dtype"), **rates(requests, measured)})
+    report.add(
+        "tessellm",
+        {
+            "dtype": engine_info.get("dtype"),
+            **rates(requests, measured),
+            **speculative_metrics(engine),
+        },
+    )
     resolved, plugins = engine.resolved, engine.plugins
     device, dtype = engine_info.get("device", "cpu"), engine_info.get("dtype", "float32")
     max_len = engine.max_model_len

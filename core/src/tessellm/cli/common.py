@@ -62,6 +62,11 @@ def progress_note(message: str) -> None:
 
 
 ENFORCE_EAGER_HELP = "Run every step eagerly: no CUDA graphs, no compiled CPU decode steps."
+SPECULATIVE_CONFIG_HELP = (
+    "Speculative decoding, as JSON with vLLM's fields, e.g. "
+    '\'{"method": "ngram", "num_speculative_tokens": 3}\' or '
+    '\'{"method": "draft_model", "model": "..."}\' (default: off).'
+)
 KV_CACHE_DTYPE_HELP = (
     "KV cache storage: auto (the model's dtype), fp8 (= fp8_e4m3) or fp8_e5m2 (twice the "
     "tokens of bf16 in the same memory; per-layer scales from the checkpoint, else 1.0)."

@@ -14,6 +14,7 @@ from tessellm.cli.common import (
     KV_CACHE_DTYPE_HELP,
     MODEL_HELP,
     REVISION_HELP,
+    SPECULATIVE_CONFIG_HELP,
     EnforceEager,
     fail,
     fail_with,
@@ -138,6 +139,9 @@ def generate(
     ] = None,
     enforce_eager: EnforceEager = False,
     kv_cache_dtype: Annotated[str, typer.Option(help=KV_CACHE_DTYPE_HELP)] = "auto",
+    speculative_config: Annotated[
+        str | None, typer.Option(help=SPECULATIVE_CONFIG_HELP, show_default=False)
+    ] = None,
     revision: Annotated[str | None, typer.Option(help=REVISION_HELP)] = None,
     download_dir: Annotated[str | None, typer.Option(help=DOWNLOAD_DIR_HELP)] = None,
 ) -> None:
@@ -169,6 +173,7 @@ def generate(
                 max_num_seqs=min(len(texts), MAX_BATCH),
                 enforce_eager=enforce_eager,
                 kv_cache_dtype=kv_cache_dtype,
+                speculative_config=speculative_config,
                 revision=revision,
                 download_dir=download_dir,
             )

@@ -14,6 +14,7 @@ from tessellm.cli.common import (
     KV_CACHE_DTYPE_HELP,
     MODEL_HELP,
     REVISION_HELP,
+    SPECULATIVE_CONFIG_HELP,
     USER_ERROR,
     fail,
     fail_with,
@@ -111,6 +112,14 @@ def serve(
             rich_help_panel=ENGINE,
         ),
     ] = 1,
+    enable_expert_parallel: Annotated[
+        bool,
+        typer.Option(
+            help="MoE models: spread whole experts over the tensor-parallel ranks instead "
+            "of slicing every expert.",
+            rich_help_panel=ENGINE,
+        ),
+    ] = False,
     gpu_memory_utilization: Annotated[
         float, typer.Option(min=0.0, max=1.0, rich_help_panel=ENGINE)
     ] = 0.9,
@@ -148,6 +157,10 @@ def serve(
             rich_help_panel=SERVER,
         ),
     ] = False,
+    speculative_config: Annotated[
+        str | None,
+        typer.Option(help=SPECULATIVE_CONFIG_HELP, rich_help_panel=ENGINE, show_default=False),
+    ] = None,
     structured_outputs_backend: Annotated[
         str,
         typer.Option(
@@ -198,12 +211,14 @@ def serve(
             block_size=block_size,
             tensor_parallel_size=tensor_parallel_size,
             distributed_executor_backend=distributed_executor_backend,
+            enable_expert_parallel=enable_expert_parallel,
             gpu_memory_utilization=gpu_memory_utilization,
             max_logprobs=max_logprobs,
             enforce_eager=enforce_eager,
             attention_backend=attention_backend,
             kv_cache_dtype=kv_cache_dtype,
             structured_outputs_backend=structured_outputs_backend,
+            speculative_config=speculative_config,
             served_model_name=names[0],
         )
         progress_note(f"tessellm serve: loading {model} ...")

@@ -15,7 +15,7 @@ from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
 from tessellm.engine import structured_output as so
 from tessellm.engine.output_processor import OutputProcessor, child_id
-from tessellm.engine.speculative import Speculator, load_proposer
+from tessellm.engine.speculative import Speculator, load_proposer, proposer_class
 from tessellm.engine.step_recovery import apply_result, fail_unprocessed, is_fatal, recover_step
 from tessellm.errors import ConfigError, InvalidRequestError
 from tessellm.interfaces.engine import (
@@ -94,6 +94,8 @@ class LLMEngine:
         self.structured = so.StructuredOutputManager(
             plugins, self.tokenizer, self.vocab_size, self.eos_token_ids, args
         )
+        if args.speculative_config is not None:  # an unknown method fails before loading
+            proposer_class(plugins, args.speculative_config)
         executor_name = args.distributed_executor_backend or (
             "uniproc" if args.tensor_parallel_size == 1 else "mp"
         )

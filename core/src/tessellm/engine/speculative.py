@@ -17,10 +17,9 @@ logger = logging.getLogger(__name__)
 KIND = "speculative_proposers"
 
 
-def load_proposer(
-    plugins: PluginSet, config: SpeculativeConfig, context: ProposerContext
-) -> Proposer:
-    """The proposer ``config.method`` names, built; ``ConfigError`` for one not installed."""
+def proposer_class(plugins: PluginSet, config: SpeculativeConfig) -> type[Proposer]:
+    """The proposer class ``config.method`` names; ``ConfigError`` for one not installed
+    (checked before the model loads)."""
     if plugins.get(KIND, config.method) is None:
         known = ", ".join(sorted(plugins.names(KIND))) or "none installed"
         raise ConfigError(
@@ -33,7 +32,14 @@ def load_proposer(
             f"speculative method {config.method!r} is not a "
             "tessellm.interfaces.speculative.Proposer subclass"
         )
-    return cls(config, context)
+    return cls
+
+
+def load_proposer(
+    plugins: PluginSet, config: SpeculativeConfig, context: ProposerContext
+) -> Proposer:
+    """The proposer ``config.method`` names, built."""
+    return proposer_class(plugins, config)(config, context)
 
 
 class Speculator:

@@ -49,6 +49,31 @@ ENGINE_METRICS = [
         "Prompt tokens found in the prefix cache.",
         "counter",
     ),
+    # vLLM's names for speculative decoding's counters (present when it is on).
+    (
+        "spec_decode_num_drafts",
+        "spec_decode_num_drafts",
+        "Request steps that carried speculative drafts.",
+        "counter",
+    ),
+    (
+        "spec_decode_num_draft_tokens",
+        "spec_decode_num_draft_tokens",
+        "Speculative draft tokens proposed.",
+        "counter",
+    ),
+    (
+        "spec_decode_num_accepted_tokens",
+        "spec_decode_num_accepted_tokens",
+        "Speculative draft tokens the target accepted.",
+        "counter",
+    ),
+    (
+        "spec_decode_proposer_seconds",
+        "spec_decode_proposer_seconds",
+        "Time spent proposing drafts.",
+        "counter",
+    ),
 ]
 
 
