@@ -77,3 +77,13 @@ def test_unsupported_variants_are_refused(tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="relative_key"):
         LLM(model=str(path), dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize("pack_above", [1.0, 100.0])
+def test_packed_and_padded_forwards(tmp_path, monkeypatch, pack_above):
+    # 1.0: every batch with padding runs packed; 100: every batch runs in the padded grid.
+    import tessellm_bert.model
+
+    monkeypatch.setattr(tessellm_bert.model, "PACK_ABOVE", pack_above)
+    path = tiny_embedding_model("BertModel", tmp_path / "bert", pooling=("mean", "cls"))
+    assert_embedding_parity(path)

@@ -87,8 +87,36 @@ def dense_attention(
     """``q`` ``[T, H, D]``, ``k``/``v`` ``[T, Hkv, D]`` → ``[T, H, D]``: each sequence's
     queries over its own keys (``causal``: keys at or before the query; a window ``W``
     keeps the last ``W`` of them; a soft-cap ``c`` maps scores to ``c * tanh(s / c)``)."""
-    heads, kv_heads = q.shape[1], k.shape[1]
-    qp, kp, vp = (layout.pad(t).transpose(1, 2) for t in (q, k, v))
+    out = padded_attention(
+        layout.pad(q),
+        layout.pad(k),
+        layout.pad(v),
+        layout,
+        causal=causal,
+        scale=scale,
+        sliding_window=sliding_window,
+        logits_soft_cap=logits_soft_cap,
+    )
+    return layout.unpad(out)
+
+
+def padded_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: PaddedLayout,
+    *,
+    causal: bool,
+    scale: float,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+) -> torch.Tensor:
+    """:func:`dense_attention` over inputs already in the padded grid: ``q``
+    ``[B, L, H, D]``, ``k``/``v`` ``[B, L, Hkv, D]`` → ``[B, L, H, D]`` (rows at padding
+    hold values of no use). An encoder keeps its states padded from layer to layer and
+    calls this, sparing a pad and an unpad per layer."""
+    heads, kv_heads = q.shape[2], k.shape[2]
+    qp, kp, vp = (t.transpose(1, 2) for t in (q, k, v))
     if kv_heads != heads:
         kp = kp.repeat_interleave(heads // kv_heads, dim=1)
         vp = vp.repeat_interleave(heads // kv_heads, dim=1)
@@ -106,7 +134,7 @@ def dense_attention(
         out = F.scaled_dot_product_attention(
             qp, kp, vp, attn_mask=mask, is_causal=plain_causal, scale=scale
         )
-    return layout.unpad(out.transpose(1, 2))
+    return out.transpose(1, 2)
 
 
 def _causal_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor:

@@ -21,7 +21,12 @@ from tessellm.interfaces.attention import AttentionMetadata
 from tessellm.interfaces.model import ModelContext
 from tessellm.interfaces.pooling import EncoderModel
 from tessellm.layers.activation import get_activation
-from tessellm.layers.dense_attention import PaddedLayout, dense_attention, padded_layout
+from tessellm.layers.dense_attention import (
+    PaddedLayout,
+    dense_attention,
+    padded_attention,
+    padded_layout,
+)
 from tessellm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from tessellm.layers.weight_loading import WeightRule, load_by_rules, stacked_rules
 
@@ -29,6 +34,9 @@ from tessellm.layers.weight_loading import WeightRule, load_by_rules, stacked_ru
 # parameter here: the pooler, the pre-training heads, the cached position ids.
 _PREFIXES = ("bert.",)
 _SKIPPED = ("pooler.", "cls.", "embeddings.position_ids")
+# Padded rows per real token above which a batch runs packed (its linears on the real
+# tokens only, padded around each attention); below it the whole forward runs padded.
+PACK_ABOVE = 1.15
 
 
 def _layer_norm(config: Any, ctx: ModelContext) -> nn.LayerNorm:
@@ -66,11 +74,17 @@ class BertSelfAttention(nn.Module):
             config.hidden_size, self.head_size, self.num_heads, self.num_heads, ctx, bias=True
         )
 
-    def forward(self, hidden: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:
-        tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).view(tokens, 3, self.num_heads, self.head_size).unbind(1)
-        out = dense_attention(q, k, v, layout, causal=False, scale=self.head_size**-0.5)
-        return out.reshape(tokens, self.num_heads * self.head_size)
+    def forward(self, hidden: torch.Tensor, layout: PaddedLayout, packed: bool) -> torch.Tensor:
+        rows = hidden.shape[0]
+        scale = self.head_size**-0.5
+        if packed:  # rows are the batch's tokens: padded around the attention only
+            q, k, v = self.qkv_proj(hidden).view(rows, 3, self.num_heads, -1).unbind(1)
+            out = dense_attention(q, k, v, layout, causal=False, scale=scale)
+        else:  # rows are the padded grid's B * L
+            grid = (layout.batch, layout.max_len, 3, self.num_heads, self.head_size)
+            q, k, v = self.qkv_proj(hidden).view(grid).unbind(2)
+            out = padded_attention(q, k, v, layout, causal=False, scale=scale)
+        return out.reshape(rows, self.num_heads * self.head_size)
 
 
 class BertDenseOutput(nn.Module):
@@ -91,8 +105,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config, ctx)
         self.output = BertDenseOutput(config.hidden_size, config, ctx)
 
-    def forward(self, hidden: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:
-        return self.output(self.self(hidden, layout), hidden)
+    def forward(self, hidden: torch.Tensor, layout: PaddedLayout, packed: bool) -> torch.Tensor:
+        return self.output(self.self(hidden, layout, packed), hidden)
 
 
 class BertIntermediate(nn.Module):
@@ -114,8 +128,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config, ctx)
         self.output = BertDenseOutput(config.intermediate_size, config, ctx)
 
-    def forward(self, hidden: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:
-        hidden = self.attention(hidden, layout)
+    def forward(self, hidden: torch.Tensor, layout: PaddedLayout, packed: bool) -> torch.Tensor:
+        hidden = self.attention(hidden, layout, packed)
         return self.output(self.intermediate(hidden), hidden)
 
 
@@ -124,9 +138,9 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config, ctx) for _ in range(config.num_hidden_layers))
 
-    def forward(self, hidden: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, layout: PaddedLayout, packed: bool) -> torch.Tensor:
         for layer in self.layer:
-            hidden = layer(hidden, layout)
+            hidden = layer(hidden, layout, packed)
         return hidden
 
 
@@ -150,8 +164,16 @@ class BertModel(EncoderModel):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
+        layout = padded_layout(metadata)
         hidden = self.embeddings(input_ids, positions)
-        return self.encoder(hidden, padded_layout(metadata))
+        grid = layout.batch * layout.max_len
+        if grid > PACK_ABOVE * hidden.shape[0]:
+            return self.encoder(hidden, layout, packed=True)
+        # Little padding: the states stay in the padded grid through every layer, whose
+        # few padding rows cost less than a pad and an unpad around each attention.
+        hidden = layout.pad(hidden).view(grid, -1)
+        out = self.encoder(hidden, layout, packed=False)
+        return layout.unpad(out.view(layout.batch, layout.max_len, -1))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         def renamed() -> Iterable[tuple[str, torch.Tensor]]:
