@@ -27,7 +27,7 @@ from tessellm.layers.dense_attention import (
     padded_attention,
     padded_layout,
 )
-from tessellm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from tessellm.layers.linear import ColumnParallelLinear, QKVParallelLinear
 from tessellm.layers.weight_loading import WeightRule, load_by_rules, stacked_rules
 
 # Prefixes of checkpoints saved from BERT heads (BertForMaskedLM ...), and what has no
@@ -92,7 +92,10 @@ class BertDenseOutput(nn.Module):
 
     def __init__(self, in_features: int, config: Any, ctx: ModelContext) -> None:
         super().__init__()
-        self.dense = RowParallelLinear(in_features, config.hidden_size, ctx, bias=True)
+        # Column-parallel (output-split) though it closes a sub-layer: the pooling engine
+        # runs on one device, where the two are the same product, and this one adds the
+        # bias inside the GEMM instead of in a pass of its own.
+        self.dense = ColumnParallelLinear(in_features, config.hidden_size, ctx, bias=True)
         self.LayerNorm = _layer_norm(config, ctx)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
