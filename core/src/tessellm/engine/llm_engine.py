@@ -130,6 +130,9 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             enable_chunked_prefill=args.enable_chunked_prefill,
             policy=args.scheduling_policy,
+            num_lookahead_slots=(
+                args.speculative_config.num_speculative_tokens if args.speculative_config else 0
+            ),
         )
         self.scheduler: Scheduler = scheduler_cls(sched_config, kv)
         self.speculator = self._build_speculator(num_blocks)

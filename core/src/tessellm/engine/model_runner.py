@@ -141,6 +141,9 @@ class ModelRunner:
                 self.block_size,
                 self.parallel.world_size,
                 model=self.args.model,
+                max_draft_tokens=spec.num_speculative_tokens
+                if (spec := self.args.speculative_config)
+                else 0,
             )
             self.graph_runner = self.platform.graph_runner(self.model, self.attention, spec)
             if self.graph_runner is not None:
@@ -233,7 +236,8 @@ class ModelRunner:
         if previous is not None:
             feed_sampled_tokens(plan, input_ids, *previous)
         hidden = None
-        if self.graph_runner is not None and metadata.max_query_len == 1:
+        # The runner says which steps it covers (decodes; verification steps if it can).
+        if self.graph_runner is not None:
             hidden = self.graph_runner(input_ids, positions, metadata)
         if hidden is None:
             self.attention.prepare(metadata)

@@ -164,15 +164,20 @@ class Scheduler(seams.Scheduler):
             if request.status is not running:  # an earlier one preempted it
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, draft.budget)
+            reserve = 0  # KV slots past the drafts (num_lookahead_slots), not computed
             if request.spec_token_ids:
-                num_new += self._take_drafts(request, draft)
+                num_drafts = self._take_drafts(request, draft)
+                if num_drafts:
+                    num_new += num_drafts
+                    room = self.max_model_len - request.num_tokens - num_drafts
+                    reserve = max(0, min(self.config.num_lookahead_slots - num_drafts, room))
             while not kv.can_allocate(request, num_new):
                 victim = self.running[-1]  # the lowest-ranked
                 self._preempt(victim, draft)
                 if victim is request:
                     break
             if request.status is running:
-                kv.allocate(request, num_new)
+                kv.allocate(request, num_new + reserve)
                 draft.scheduled[request.request_id] = (request, num_new)
                 draft.budget -= num_new
 
@@ -207,8 +212,11 @@ class Scheduler(seams.Scheduler):
         if request.params.max_tokens is not None:
             room = min(room, request.params.max_tokens - len(request.output_token_ids) - 1)
         drafts = drafts[: max(room, 0)]
-        # Drafts never preempt anyone: without blocks for them the step decodes one token.
-        if not drafts or not self.kv.can_allocate(request, 1 + len(drafts)):
+        # Drafts never preempt anyone: without blocks for them (and for the lookahead
+        # slots) the step decodes one token.
+        lookahead = max(len(drafts), self.config.num_lookahead_slots)
+        slots = 1 + min(lookahead, self.max_model_len - num_tokens)
+        if not drafts or not self.kv.can_allocate(request, slots):
             return 0
         draft.drafts[request.request_id] = drafts
         return len(drafts)

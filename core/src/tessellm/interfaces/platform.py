@@ -30,6 +30,12 @@ class GraphSpec:
     # The model as the user named it (a known name, path or Hub ID), for messages and
     # cache listings; "" when the caller does not say (a runner then names it itself).
     model: str = ""
+    # Speculative decoding's drafts per sequence (``num_speculative_tokens``; 0: off). A
+    # runner may also cover verification steps: every sequence a decode with up to this
+    # many drafts, the scheduler having allocated KV slots for all of them (it reserves
+    # ``1 + max_draft_tokens`` positions per speculating sequence), so padding a sequence
+    # to ``1 + max_draft_tokens`` query tokens writes only into its own blocks.
+    max_draft_tokens: int = 0
 
 
 class GraphRunner(Protocol):
@@ -42,7 +48,9 @@ class GraphRunner(Protocol):
     ``capture`` at once and prepare its graphs in the background (the CPU platform builds
     its compiled steps in another process), switching a batch size over between two calls
     once its graph is ready; the caller needs no change for it, since the eager and graph
-    paths give the same results.
+    paths give the same results. The runner is called for every eager step and returns
+    ``None`` for what it does not cover (prompt chunks; verification steps with several
+    tokens per sequence unless it has graphs for them, ``GraphSpec.max_draft_tokens``).
     """
 
     def capture(self) -> None: ...

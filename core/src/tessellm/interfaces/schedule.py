@@ -35,6 +35,10 @@ class SchedulerConfig:
     max_model_len: int = 4096  # prompt + output tokens of one request
     enable_chunked_prefill: bool = True  # a prompt may be split over several steps
     policy: str = "fcfs"  # or "priority"
+    # Speculative decoding: KV positions to reserve after a speculating request's last
+    # token (num_speculative_tokens), whether or not it has that many drafts this step, so
+    # a compiled verification step may pad every sequence to the same length.
+    num_lookahead_slots: int = 0
 
 
 @dataclass(slots=True)
