@@ -64,6 +64,12 @@ class EngineArgs:
     # tessellm.interfaces.speculative.SpeculativeConfig, e.g.
     # {"method": "ngram", "num_speculative_tokens": 3}. None: off.
     speculative_config: Any = None
+    # Multi-LoRA (vLLM's names): adapters in one batch, ranks up to max_lora_rank;
+    # max_cpu_loras adapters kept in host memory (None: max_loras).
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
     served_model_name: str | None = None
     # What the model runs as (vLLM's name): "generate", "pooling" (embeddings), or "auto"
     # (pooling for encoders, bare decoders and sentence-transformers checkpoints).
@@ -80,6 +86,8 @@ class EngineArgs:
             (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
             (self.max_num_seqs >= 1, "max_num_seqs must be at least 1"),
             (self.tensor_parallel_size >= 1, "tensor_parallel_size must be at least 1"),
+            (self.max_loras >= 1, "max_loras must be at least 1"),
+            (1 <= self.max_lora_rank <= 512, "max_lora_rank must be in [1, 512]"),
             (
                 self.max_model_len is None or self.max_model_len >= 2,
                 "max_model_len must be at least 2",

@@ -54,9 +54,14 @@ class KVCacheManager(seams.KVCacheManager):
     def block_extra_key(self, request: Request, block_index: int) -> bytes | None:
         """What besides the tokens changes block ``block_index``'s KV (hook for LoRA,
         multimodal inputs). The chain carries the first block's key to every later block."""
-        if block_index == 0 and request.cache_salt is not None:
-            return request.cache_salt.encode()
-        return None
+        if block_index != 0:
+            return None
+        key = b""
+        if request.cache_salt is not None:
+            key = request.cache_salt.encode()
+        if request.lora_request is not None:  # an adapter changes every layer's KV
+            key += b"\x00lora:%d" % request.lora_request.lora_int_id
+        return key or None
 
     def _update_hashes(self, request: Request, num_tokens: int) -> None:
         bs = self.block_size

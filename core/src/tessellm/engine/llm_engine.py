@@ -30,6 +30,8 @@ from tessellm.interfaces.engine import (
     check_implementation,
 )
 from tessellm.interfaces.speculative import ProposerContext
+from tessellm.lora.adapter import read_adapter_config
+from tessellm.lora.request import LoRARequest
 from tessellm.outputs import RequestOutput
 from tessellm.plugins import PluginSet, get_plugins
 from tessellm.sampling_params import MAX_SEED, SamplingParams
@@ -133,6 +135,7 @@ class LLMEngine:
             num_lookahead_slots=(
                 args.speculative_config.num_speculative_tokens if args.speculative_config else 0
             ),
+            max_loras=args.max_loras if args.enable_lora else 0,
         )
         self.scheduler: Scheduler = scheduler_cls(sched_config, kv)
         self.speculator = self._build_speculator(num_blocks)
@@ -155,6 +158,7 @@ class LLMEngine:
         # A next step whose launch raised (overlapped loop): recovered at the end of step().
         self._failed_launch: tuple[SchedulerOutput, Any, Exception] | None = None
         self._ids = itertools.count()
+        self._checked_adapters: set[tuple[int, str]] = set()
         self.counters = {
             "prompt_tokens": 0,
             "generation_tokens": 0,
@@ -240,6 +244,18 @@ class LLMEngine:
         if params.structured_outputs is not None:
             self.structured.backend_name(params.structured_outputs)
 
+    def validate_lora(self, lora_request: LoRARequest) -> None:
+        """``InvalidRequestError`` unless the engine runs LoRA and the adapter's config is
+        one it can run (read once per adapter id and path)."""
+        if not isinstance(lora_request, LoRARequest):
+            raise InvalidRequestError("lora_request must be a tessellm.lora.LoRARequest")
+        if not self.args.enable_lora:
+            raise InvalidRequestError("LoRA adapters need an engine started with enable_lora=True")
+        key = (lora_request.lora_int_id, lora_request.lora_path)
+        if key not in self._checked_adapters:
+            read_adapter_config(lora_request.lora_path, self.args.max_lora_rank)
+            self._checked_adapters.add(key)
+
     def compile_structured(self, params: SamplingParams) -> Future[Any] | None:
         """The (cached) compile of ``params``' grammar, or ``None``; thread-safe. It fails
         with ``InvalidRequestError`` naming the problem of an invalid schema or regex."""
@@ -257,8 +273,11 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> str:
         params = params or SamplingParams()
+        if lora_request is not None:
+            self.validate_lora(lora_request)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.output_processor.parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -277,6 +296,7 @@ class LLMEngine:
                     child_params,
                     eos_token_ids=self.eos_token_ids,
                     priority=priority,
+                    lora_request=lora_request,
                     # Samples of one prompt: the first computes it, the others reuse its KV.
                     prompt_leader_id=child_id(request_id, 0, params.n) if i else None,
                 )

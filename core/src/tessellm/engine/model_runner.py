@@ -21,6 +21,7 @@ from tessellm.interfaces.ops import bind_fused_ops
 from tessellm.interfaces.platform import GraphRunner, GraphSpec, StepRunner
 from tessellm.interfaces.schedule import PLACEHOLDER_TOKEN, SchedulerOutput, StepResult
 from tessellm.layers.attention import Attention
+from tessellm.lora.slots import LoRAManager
 from tessellm.plugins import PluginSet, get_plugins
 from tessellm.selection import (
     build_quantization,
@@ -79,6 +80,11 @@ class ModelRunner:
             ml.load_weights(self.model, fmt.iter_weights(resolved.path, self.config, self.dtype))
             quant.process_model_after_loading(self.model)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.lora: LoRAManager | None = None
+        if args.enable_lora:
+            self.lora = LoRAManager(
+                self.model, args.max_loras, args.max_lora_rank, args.max_cpu_loras or args.max_loras
+            )
         bind_fused_ops(self.model, self.platform.fused_ops(self.dtype))
         self.graph_runner: GraphRunner | None = None
         self.step_runner: StepRunner | None = None
@@ -129,6 +135,11 @@ class ModelRunner:
                 len(self.attn_layers),
             )
         self.step_runner = self.platform.step_runner(self)
+        if self.step_runner is not None and self.args.enable_lora:
+            raise ConfigError(
+                f"LoRA adapters do not run on the {self.platform_choice.chosen} platform's "
+                "step runner yet; leave enable_lora off"
+            )
         if self.step_runner is not None and self.args.speculative_config is not None:
             raise ConfigError(
                 f"speculative decoding does not run on the {self.platform_choice.chosen} "
@@ -236,8 +247,10 @@ class ModelRunner:
         if previous is not None:
             feed_sampled_tokens(plan, input_ids, *previous)
         hidden = None
+        # Steps with LoRA adapters run eagerly: graphs and compiled steps hold none.
+        adapted = self.lora is not None and self.lora.prepare(plan, self.device)
         # The runner says which steps it covers (decodes; verification steps if it can).
-        if self.graph_runner is not None:
+        if self.graph_runner is not None and not adapted:
             hidden = self.graph_runner(input_ids, positions, metadata)
         if hidden is None:
             self.attention.prepare(metadata)

@@ -231,7 +231,18 @@ class Scheduler(seams.Scheduler):
             self.waiting.pop(0)
             draft.admitted_any = True
 
+    def _adapter_fits(self, request: Request) -> bool:
+        """Multi-LoRA: whether admitting ``request`` keeps the running adapters within
+        ``max_loras`` (every running request is in nearly every step)."""
+        lora = request.lora_request
+        if lora is None or not self.config.max_loras:
+            return True
+        running = {r.lora_request.lora_int_id for r in self.running if r.lora_request}
+        return lora.lora_int_id in running or len(running) < self.config.max_loras
+
     def _try_admit(self, request: Request, draft: _StepDraft) -> bool:
+        if not self._adapter_fits(request):
+            return False  # it waits (first in line) until an adapter's requests finish
         while True:
             # Prompt logprobs need the logits of every prompt position: no cache hits.
             cached = (
@@ -337,6 +348,8 @@ class Scheduler(seams.Scheduler):
         )
         if drafts:
             seq.draft_token_ids = drafts
+        if request.lora_request is not None:
+            seq.lora_request = request.lora_request
         return seq
 
     def update(self, plan: SchedulerOutput, result: StepResult) -> list[Request]:

@@ -304,6 +304,7 @@ def restart_requests(engine: LLMEngine, request_ids: list[str]) -> None:
                 arrival_time=old.arrival_time,
                 prompt_leader_id=old.prompt_leader_id,
                 cache_salt=old.cache_salt,
+                lora_request=old.lora_request,
                 output_token_ids=[t for t in old.output_token_ids if t != PLACEHOLDER_TOKEN],
                 num_cached_tokens=old.num_cached_tokens,
                 num_preemptions=old.num_preemptions + 1,

@@ -8,8 +8,10 @@ from typing import Any
 
 from tessellm.config import EngineArgs
 from tessellm.engine.llm_engine import LLMEngine
+from tessellm.engine.pooling import PoolingEngine, embed_prompts, refuse_generation, runs_pooling
 from tessellm.errors import InvalidRequestError
 from tessellm.outputs import RequestOutput
+from tessellm.pooling_params import EmbeddingRequestOutput, PoolingParams
 from tessellm.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict[str, Any]
@@ -22,7 +24,9 @@ class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         if model is not None:
             kwargs["model"] = model
-        self.engine = LLMEngine(EngineArgs.from_kwargs(**kwargs))
+        args = EngineArgs.from_kwargs(**kwargs)
+        # An embedding model runs on the pooling engine (no KV cache, one forward).
+        self.engine = PoolingEngine(args) if runs_pooling(args) else LLMEngine(args)
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
@@ -33,9 +37,12 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
         priority: Sequence[int] | None = None,
+        lora_request: Any = None,
     ) -> list[RequestOutput]:
         """One output per prompt, in order. A prompt is text, token ids or
-        ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}``."""
+        ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}``. ``lora_request``: a
+        ``tessellm.lora.LoRARequest`` for every prompt, or one (or None) per prompt."""
+        refuse_generation(self.engine)
         batch = _as_batch(prompts)
         params = sampling_params or SamplingParams()
         params_list = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
@@ -47,15 +54,32 @@ class LLM:
         for future in compiles:
             if future is not None:
                 future.result()
+        loras = lora_request if isinstance(lora_request, list | tuple) else [lora_request] * len(batch)
+        if len(loras) != len(batch):
+            raise InvalidRequestError("give one lora_request, or one (or None) per prompt")
         ids = []
         try:
             for i, (prompt, p) in enumerate(zip(batch, params_list, strict=True)):
                 rank = priority[i] if priority else 0
-                ids.append(self.engine.add_request(None, _prompt_input(prompt), p, priority=rank))
+                ids.append(
+                    self.engine.add_request(
+                        None, _prompt_input(prompt), p, priority=rank, lora_request=loras[i]
+                    )
+                )
         except Exception:
             self.engine.abort_request(ids)
             raise
         return self._run(ids, use_tqdm)
+
+    def embed(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt, in order (``.outputs.embedding``), as vLLM's."""
+        return embed_prompts(
+            self.engine, [_prompt_input(p) for p in _as_batch(prompts)], pooling_params
+        )
 
     def chat(
         self,
@@ -68,6 +92,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation, then generate. ``tools``
         (OpenAI's function tools, as vLLM's ``LLM.chat`` takes them) go to the template."""
+        refuse_generation(self.engine)
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts: list[Prompt] = [
             apply_chat_template(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from tessellm.sampling_params import SamplingParams
 
@@ -61,6 +62,8 @@ class Request:
     # Speculative decoding: draft tokens a proposer guessed to follow the known tokens,
     # set before ``schedule()``; the scheduler takes them into the next step (or drops them).
     spec_token_ids: list[int] = field(default_factory=list)
+    # The LoRA adapter it runs with (tessellm.lora.LoRARequest), None for the base model.
+    lora_request: Any = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -6,7 +6,7 @@ All of it is plain dataclasses (picklable), so a plan goes to worker processes u
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tessellm.sampling_params import SamplingParams
 
@@ -39,6 +39,8 @@ class SchedulerConfig:
     # token (num_speculative_tokens), whether or not it has that many drafts this step, so
     # a compiled verification step may pad every sequence to the same length.
     num_lookahead_slots: int = 0
+    # Multi-LoRA: distinct adapters a step may hold (0: LoRA off, no limit to keep).
+    max_loras: int = 0
 
 
 @dataclass(slots=True)
@@ -67,6 +69,8 @@ class ScheduledSeq:
     # seqs only). The step scores each and keeps the prefix the target agrees with
     # (``StepResult.num_accepted_drafts``).
     draft_token_ids: list[int] = field(default_factory=list)
+    # The LoRA adapter its tokens run with (tessellm.lora.LoRARequest; None: the base).
+    lora_request: Any = None
 
 
 @dataclass(slots=True)

@@ -23,7 +23,11 @@ from tessellm.layers.linear import (
 
 
 def runs_plain_linear(linear: nn.Module) -> bool:
-    """A column-parallel layer running its own matmul: what a linear-fused entry replaces."""
+    """A column-parallel layer running its own matmul: what a linear-fused entry replaces
+    (not while LoRA adapters add to its output this step)."""
+    lora = getattr(linear, "lora", None)
+    if lora is not None and lora.step.groups:
+        return False
     return runs_methods_of(linear, ColumnParallelLinear, "forward", "_matmul")
 
 

@@ -8,6 +8,8 @@ how the weight is stored and multiplied.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -53,6 +55,9 @@ def _place_output_shard(
 
 
 class _ParallelLinear(nn.Module):
+    # Multi-LoRA (tessellm.lora.slots.LayerLoRA), set when the engine runs with enable_lora.
+    lora: Any = None
+
     def __init__(
         self,
         in_features: int,
@@ -104,6 +109,9 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x, self.bias)
+        lora = self.lora
+        if lora is not None and lora.step.groups:
+            y = lora.expand(lora.shrink(x), y)
         return all_gather_last_dim(y, self.parallel) if self.gather_output else y
 
 
@@ -190,7 +198,11 @@ class RowParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x, None)
+        lora = self.lora
+        shrunk = lora.reduce(lora.shrink(x)) if lora is not None and lora.step.groups else None
         y = all_reduce(y, self.parallel)
+        if shrunk is not None:
+            y = lora.expand(shrunk, y)
         return y + self.bias if self.bias is not None else y
 
 
