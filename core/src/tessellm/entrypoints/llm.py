@@ -54,7 +54,9 @@ class LLM:
         for future in compiles:
             if future is not None:
                 future.result()
-        loras = lora_request if isinstance(lora_request, list | tuple) else [lora_request] * len(batch)
+        loras = (
+            lora_request if isinstance(lora_request, list | tuple) else [lora_request] * len(batch)
+        )
         if len(loras) != len(batch):
             raise InvalidRequestError("give one lora_request, or one (or None) per prompt")
         ids = []
