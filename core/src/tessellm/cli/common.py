@@ -48,6 +48,16 @@ def fail(message: str, code: int = RUNTIME_ERROR) -> NoReturn:
 def start_async_engine(args: EngineArgs, data_parallel_size: int) -> Any:
     """The engine a server-style command runs on: one ``AsyncLLMEngine``, or
     ``data_parallel_size`` replicas behind one front (``serve`` and ``run-batch``)."""
+    from tessellm.engine.pooling import runs_pooling
+
+    if runs_pooling(args):  # an embedding model: one pooling engine
+        from tessellm.engine.async_pooling import AsyncPoolingEngine
+        from tessellm.errors import ConfigError
+
+        if data_parallel_size > 1:
+            raise ConfigError("data parallelism serves generative models, not embedding models")
+
+        return AsyncPoolingEngine.from_engine_args(args)
     if data_parallel_size > 1:
         from tessellm.engine.dp_engine import DataParallelEngine
 

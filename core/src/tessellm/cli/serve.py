@@ -157,6 +157,25 @@ def serve(
             rich_help_panel=SERVER,
         ),
     ] = False,
+    enable_lora: Annotated[
+        bool,
+        typer.Option(help="Serve LoRA adapters beside the base model.", rich_help_panel=ENGINE),
+    ] = False,
+    lora_modules: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="LoRA adapters to serve, as NAME=PATH (PEFT format; repeatable); a request's "
+            "model picks one by NAME. Implies --enable-lora.",
+            rich_help_panel=ENGINE,
+            show_default=False,
+        ),
+    ] = None,
+    max_loras: Annotated[
+        int, typer.Option(min=1, help="LoRA adapters in one batch.", rich_help_panel=ENGINE)
+    ] = 1,
+    max_lora_rank: Annotated[
+        int, typer.Option(min=1, help="Highest LoRA rank accepted.", rich_help_panel=ENGINE)
+    ] = 16,
     speculative_config: Annotated[
         str | None,
         typer.Option(help=SPECULATIVE_CONFIG_HELP, rich_help_panel=ENGINE, show_default=False),
@@ -188,6 +207,15 @@ def serve(
     from tessellm.errors import TessellmError
 
     names = list(served_model_name or [model])
+    try:  # adapters checked before the model loads
+        from tessellm.lora.adapter import read_adapter_config
+        from tessellm.server.routes_lora import parse_lora_modules
+
+        adapters = parse_lora_modules(lora_modules or [])
+        for _name, path in adapters:
+            read_adapter_config(path, max_lora_rank)
+    except TessellmError as exc:
+        fail_with(exc)
     if tool_call_parser is not None:
         from tessellm.server.tool_setup import check_parser_name
 
@@ -219,6 +247,9 @@ def serve(
             kv_cache_dtype=kv_cache_dtype,
             structured_outputs_backend=structured_outputs_backend,
             speculative_config=speculative_config,
+            enable_lora=enable_lora or bool(lora_modules),
+            max_loras=max_loras,
+            max_lora_rank=max_lora_rank,
             served_model_name=names[0],
         )
         progress_note(f"tessellm serve: loading {model} ...")
@@ -226,7 +257,12 @@ def serve(
     except TessellmError as exc:
         fail_with(exc)
     app = build_app(
-        engine, names, model_root=model, api_key=api_key, shutdown_timeout=shutdown_timeout
+        engine,
+        names,
+        model_root=model,
+        api_key=api_key,
+        shutdown_timeout=shutdown_timeout,
+        lora_modules=adapters,
     )
     from tessellm.server.tool_setup import configure_tool_calling
 

@@ -94,12 +94,13 @@ class OutputStream:
         prompt: str | list[int],
         params: SamplingParams,
         priority: int = 0,
+        lora_request: Any = None,
     ) -> None:
         self._engine._register(request_id, self._queue)
         self.request_ids.append(request_id)
         self._unfinished.add(request_id)
         try:
-            await self._submit(request_id, prompt, params, priority)
+            await self._submit(request_id, prompt, params, priority, lora_request)
         except asyncio.CancelledError:
             self.abort()  # the add may still go through; the abort is queued behind it
             raise
@@ -137,9 +138,16 @@ class OutputStream:
             self._cancel(ids)
 
     async def _submit(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int,
+        lora_request: Any = None,
     ) -> None:
-        await self._engine.call(lambda e: e.add_request(request_id, prompt, params, priority))
+        await self._engine.call(
+            lambda e: e.add_request(request_id, prompt, params, priority, lora_request)
+        )
 
     def _cancel(self, request_ids: list[str]) -> None:
         self._engine.post(lambda e: e.abort_request(request_ids))

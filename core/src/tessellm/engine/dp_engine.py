@@ -123,8 +123,15 @@ class ReplicaStream(OutputStream):
     """An ``OutputStream`` whose requests the front routes to replicas."""
 
     async def _submit(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int,
+        lora_request: object = None,
     ) -> None:
+        if lora_request is not None:
+            raise InvalidRequestError("LoRA adapters are not served with data parallelism yet")
         engine: DataParallelEngine = self._engine  # type: ignore[assignment]
         await engine.add_request(request_id, prompt, params, priority)
 

@@ -14,7 +14,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tessellm.engine.async_engine import AsyncLLMEngine
-from tessellm.server import routes_chat, routes_completions
+from tessellm.server import routes_chat, routes_completions, routes_embeddings, routes_lora
 from tessellm.server.auth import APIKeyMiddleware, require_api_key
 from tessellm.server.context import ServerContext, get_context
 from tessellm.server.errors import install_error_handlers
@@ -75,6 +75,7 @@ def build_app(
     model_root: str | None = None,
     api_key: str | None = None,
     shutdown_timeout: float = 30.0,
+    lora_modules: list[tuple[str, str]] | None = None,
 ) -> FastAPI:
     """An app serving ``engine``; the engine thread starts and stops with the app.
 
@@ -90,6 +91,8 @@ def build_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         shutdown.bind(asyncio.get_running_loop())
         engine.start()
+        for name, path in lora_modules or ():  # checked before serving: a bad one stops here
+            await routes_lora.add_adapter(ctx, name, path)
         try:
             yield
         finally:
@@ -108,8 +111,13 @@ def build_app(
     app.add_middleware(APIKeyMiddleware, api_key=api_key)
     app.add_middleware(GracefulShutdownMiddleware, shutdown=shutdown)
     app.add_middleware(HTTPMetricsMiddleware, counter=ctx.metrics.http_requests)
-    app.include_router(routes_completions.router)
-    app.include_router(routes_chat.router)
+    if routes_embeddings.serves_embeddings(engine):
+        app.include_router(routes_embeddings.generation_refused)
+    else:
+        app.include_router(routes_completions.router)
+        app.include_router(routes_chat.router)
+        app.include_router(routes_lora.router)
+    app.include_router(routes_embeddings.router)
 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_api_key)])
     async def list_models(request: Request) -> ModelList:
@@ -117,6 +125,12 @@ def build_app(
         cards = [
             ModelCard(id=name, root=c.model_root, max_model_len=c.max_model_len)
             for name in c.model_names
+        ]
+        cards += [
+            ModelCard(
+                id=name, root=lora.lora_path, parent=c.model_names[0], max_model_len=c.max_model_len
+            )
+            for name, lora in c.lora_modules.items()
         ]
         return ModelList(data=cards)
 

@@ -11,6 +11,7 @@ from fastapi import Request
 from tessellm.engine.async_engine import AsyncLLMEngine
 from tessellm.entrypoints.llm import apply_chat_template
 from tessellm.errors import InvalidRequestError
+from tessellm.lora.request import LoRARequest
 from tessellm.outputs import CompletionOutput, RequestOutput
 from tessellm.sampling_params import SamplingParams
 from tessellm.server.errors import APIError, bad_request
@@ -31,6 +32,9 @@ class ServerContext:
     model_names: list[str]
     model_root: str
     api_key: str | None = None
+    # LoRA adapters served by name (--lora-modules, /v1/load_lora_adapter): a request's
+    # ``model`` names one to run with it.
+    lora_modules: dict[str, LoRARequest] = field(default_factory=dict)
     metrics: ServerMetrics = field(init=False)
     vocab_size: int = field(init=False)
 
@@ -47,15 +51,20 @@ class ServerContext:
         """The served name to answer with; 404 for a name this server does not serve."""
         if name is None or name == "":
             return self.model_names[0]
-        if name not in self.model_names:
+        if name not in self.model_names and name not in self.lora_modules:
+            served = [*self.model_names, *self.lora_modules]
             raise APIError(
                 404,
                 f"the model {name!r} does not exist; this server serves "
-                f"{', '.join(repr(n) for n in self.model_names)}",
+                f"{', '.join(repr(n) for n in served)}",
                 param="model",
                 code="model_not_found",
             )
         return name
+
+    def lora_for(self, name: str) -> LoRARequest | None:
+        """The adapter a served name stands for (None: the base model)."""
+        return self.lora_modules.get(name)
 
     def token_budget(
         self, prompt_len: int, requested: int | None, explicit: bool, prompt_param: str

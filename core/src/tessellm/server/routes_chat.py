@@ -59,7 +59,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     request_id = new_id("chatcmpl")
     stream = ctx.engine.new_stream()
     try:
-        await stream.add(request_id, prompt.token_ids, params)
+        await stream.add(request_id, prompt.token_ids, params, lora_request=ctx.lora_for(model))
     except BaseException:
         stream.abort()
         raise

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from tessellm.engine.async_engine import OutputStream
+from tessellm.lora.request import LoRARequest
 from tessellm.outputs import CompletionOutput, Logprob, RequestOutput
 from tessellm.server.auth import require_api_key
 from tessellm.server.context import (
@@ -48,7 +49,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     request_id = new_id("cmpl")
     stream = ctx.engine.new_stream()
     try:
-        await _submit(ctx, body, prompts, request_id, stream)
+        await _submit(ctx, body, prompts, request_id, stream, ctx.lora_for(model))
     except BaseException:
         stream.abort()
         raise
@@ -74,6 +75,7 @@ async def _submit(
     prompts: list[Prompt],
     request_id: str,
     stream: OutputStream,
+    lora_request: LoRARequest | None = None,
 ) -> None:
     explicit = "max_tokens" in body.model_fields_set and body.max_tokens is not None
     requested = body.max_tokens if "max_tokens" in body.model_fields_set else DEFAULT_MAX_TOKENS
@@ -83,7 +85,7 @@ async def _submit(
         max_tokens = ctx.token_budget(len(prompt.token_ids), requested, explicit, "prompt")
         params = ctx.sampling_params(body, max_tokens, body.logprobs, prompt_logprobs)
         params = await constrain(ctx, body, params)
-        await stream.add(f"{request_id}-{i}", prompt.token_ids, params)
+        await stream.add(f"{request_id}-{i}", prompt.token_ids, params, lora_request=lora_request)
     if body.echo:
         await ctx.fill_echo_texts(prompts)
 
