@@ -126,3 +126,26 @@ def test_bad_adapters_are_clear_errors(family, tmp_path):
         plain.generate(prompt, params, lora_request=LoRARequest("a1", 1, adapters[0]))
     # The engine is unharmed: a good request still runs.
     assert len(llm.generate(prompt, params)[0].outputs[0].token_ids) == 2
+
+
+@pytest.mark.parametrize("family", ["LlamaForCausalLM"], indirect=True)
+def test_tensor_parallel_adapters_equal_peft(family, tmp_path):
+    """Adapters sharded like their layers (column: B rows; row: A columns, partial sums
+    all-reduced) over two gloo ranks give PEFT's tokens too."""
+    model_dir, adapters, prompts, references = family
+    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", enable_lora=True,
+              max_loras=3, tensor_parallel_size=2, download_dir=str(tmp_path))  # fmt: skip
+    try:
+        loras = requests_for(adapters)
+        batch = [(p, lora) for lora in loras for p in prompts]
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+        outs = llm.generate(
+            [{"prompt_token_ids": p} for p, _ in batch],
+            params,
+            lora_request=[lo for _, lo in batch],
+        )
+        for (prompt, lora), out in zip(batch, outs, strict=True):
+            key = None if lora is None else lora.lora_path
+            assert out.outputs[0].token_ids == references[key][prompts.index(prompt)]
+    finally:
+        llm.engine.shutdown()
