@@ -306,16 +306,18 @@ def main() -> int:
     with _build_lock(cache_store.compiled_dir(cache_dir), emit):
         for job in payload["jobs"]:
             batch_range, path = tuple(job["batch_range"]), Path(job["path"])
+            query_len = int(job.get("query_len", 1))
+            shape = {"batch_range": batch_range, "query_len": query_len}
             if path.exists():  # built by another process meanwhile
-                emit("built", batch_range=batch_range, cached=True)
+                emit("built", **shape, cached=True)
                 continue
-            emit("exporting", batch_range=batch_range)
+            emit("exporting", **shape)
             start = time.monotonic()
             try:
                 with torch.no_grad():
-                    program = export_decode_step(model, batch_range)
+                    program = export_decode_step(model, batch_range, query_len)
                 exported = time.monotonic()
-                emit("exported", batch_range=batch_range, seconds=exported - start)
+                emit("exported", **shape, seconds=exported - start)
                 compile_library(program, path)
             except Exception as exc:
                 import traceback
@@ -323,13 +325,13 @@ def main() -> int:
                 traceback.print_exc()
                 first_line = (str(exc).splitlines() or [""])[0][:300]
                 reason = f"{type(exc).__name__}: {first_line}"
-                emit("failed", batch_range=batch_range, reason=reason)
+                emit("failed", **shape, reason=reason)
                 return 1
-            cache_store.write_sidecar(path, payload["model_name"], batch_range)
+            cache_store.write_sidecar(path, payload["model_name"], batch_range, query_len=query_len)
             end = time.monotonic()
             emit(
                 "built",
-                batch_range=batch_range,
+                **shape,
                 export_seconds=exported - start,
                 compile_seconds=end - exported,
                 bytes=path.stat().st_size,

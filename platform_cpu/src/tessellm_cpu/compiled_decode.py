@@ -22,6 +22,11 @@ eagerly; each batch range switches to its library between two steps once it is b
 Larger batches and steps with prompt tokens run eagerly, as do models the exporter cannot
 trace (a step whose Python branches on tensor values, such as MoE routing): the runner
 logs why and returns None.
+
+With speculative decoding on (``GraphSpec.max_draft_tokens = k``), verification steps
+(``1 + d`` tokens per sequence, ``d <= k``) get libraries of their own, traced for
+``Q = 1 + k`` query tokens per sequence, over which each step is padded
+(:mod:`tessellm_cpu.verify_step`); ``TESSELLM_CPU_COMPILE_VERIFY=0`` leaves them eager.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from tessellm_cpu.decode_key import (  # noqa: F401 - re-exported
     traced_sources_digest,
 )
 from tessellm_cpu.decode_step import DecodeStep, decode_inputs, load_library  # noqa: F401
+from tessellm_cpu.verify_step import VERIFY_ENV, VerificationSteps
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +89,28 @@ def compiler_missing() -> str | None:
     return "no C++ compiler (g++) on PATH"
 
 
-def _label(batch_range: tuple[int, int]) -> str:
-    return f"{batch_range[0]}-{batch_range[1]}"
+# A library's shape: (fewest, most) sequences for a decode library, (fewest, most, Q) for
+# a verification library of Q tokens per sequence.
+Shape = tuple[int, ...]
+
+
+def _shape(batch_range: tuple[int, ...], query_len: int = 1) -> Shape:
+    return tuple(batch_range[:2]) if query_len == 1 else (*batch_range[:2], query_len)
+
+
+def _query_len(shape: Shape) -> int:
+    return shape[2] if len(shape) > 2 else 1
+
+
+def _label(shape: Shape) -> str:
+    return f"{shape[0]}-{shape[1]}"
+
+
+def _what(shape: Shape) -> str:
+    """The library's kind and batch range, for messages."""
+    if _query_len(shape) == 1:
+        return f"decode step for {_label(shape)} sequences"
+    return f"verification step for {_label(shape)} sequences of {_query_len(shape)} tokens"
 
 
 class CompiledDecodeRunner:
@@ -96,6 +122,13 @@ class CompiledDecodeRunner:
         # Whole ranges whatever max_num_seqs is within them: `generate` (one sequence) and
         # a server share the first range's library (one cache entry).
         self.batch_ranges = [r for r in BATCH_RANGES if r[0] <= spec.max_num_seqs]
+        # Speculative verification steps: Q = 1 + k tokens per sequence.
+        self.verify = VerificationSteps(model, spec, self.batch_ranges)
+        # Every library this runner uses: the decode ones first (every step takes them).
+        self.shapes: list[Shape] = [
+            *self.batch_ranges,
+            *(_shape(r, self.verify.query_len) for r in self.verify.ranges),
+        ]
         self.world_size = spec.world_size
         self.cache_dir = cache_dir
         config = getattr(model, "config", None)
@@ -105,41 +138,50 @@ class CompiledDecodeRunner:
         self._libraries: list[tuple[int, int, Any]] = []  # (fewest, most sequences, library)
         self._static: list[torch.Tensor] = []
         self._lock = threading.Lock()
-        self._arrived: list[tuple[tuple[int, int], Path]] = []  # built, not yet loaded
-        self.pending: list[tuple[int, int]] = []  # ranges building in the background
+        self._arrived: list[tuple[Shape, Path]] = []  # built, not yet loaded
+        self.pending: list[Shape] = []  # libraries building in the background
         self._build: Any = None  # background_build.BuildProcess
         self._build_start = 0.0
-        self._paths: dict[tuple[int, int], Path] = {}
+        self._paths: dict[Shape, Path] = {}
         self.failure: str | None = None
         self.steps = 0  # decode steps run compiled
+
+    @property
+    def verify_steps(self) -> int:
+        """Verification steps run compiled."""
+        return self.verify.steps
 
     def _kv_caches(self) -> list[torch.Tensor]:
         return [t for layer in self.attn_layers for t in (layer.k_cache, layer.v_cache)]
 
-    def cache_key(self, batch_range: tuple[int, int]) -> str:
+    def cache_key(self, shape: Shape) -> str:
         kv = self._kv_caches()
-        return library_key(self.model, self.weights, kv, batch_range, self._sources_digest)
+        return library_key(
+            self.model, self.weights, kv, shape[:2], self._sources_digest, _query_len(shape)
+        )
 
-    def library_path(self, batch_range: tuple[int, int]) -> Path:
-        if batch_range not in self._paths:  # the key hashes every weight's layout: once
-            key = self.cache_key(batch_range)
-            self._paths[batch_range] = (
-                cache_store.compiled_dir(self.cache_dir) / f"decode-{key}.pt2"
-            )
-        return self._paths[batch_range]
+    def library_path(self, shape: Shape) -> Path:
+        if shape not in self._paths:  # the key hashes every weight's layout: once
+            key = self.cache_key(shape)
+            self._paths[shape] = cache_store.compiled_dir(self.cache_dir) / f"decode-{key}.pt2"
+        return self._paths[shape]
 
     @property
-    def ready_ranges(self) -> list[tuple[int, int]]:
-        """Batch ranges whose library is loaded or built (loaded at the next call)."""
+    def ready_ranges(self) -> list[Shape]:
+        """Libraries loaded or built (loaded at the next call), by shape: decode batch
+        ranges, then ``(fewest, most, Q)`` of verification libraries."""
         with self._lock:
-            arrived = [r for r, _ in self._arrived]
-        return sorted([(lo, hi) for lo, hi, _ in self._libraries] + arrived)
+            arrived = [shape for shape, _ in self._arrived]
+        loaded = [(lo, hi) for lo, hi, _ in self._libraries]
+        loaded += [(lo, hi, self.verify.query_len) for lo, hi, _ in self.verify.libraries]
+        return sorted(loaded + arrived, key=lambda shape: (_query_len(shape), shape))
 
     # -- starting ----------------------------------------------------------------------
     def capture(self) -> None:
         mode = compile_mode()
         if mode == "off":
             self.failure = f"{ENABLE_ENV}=0"
+            self.verify.log_eager(self.failure)
             return
         # The gloo collectives of a tensor-parallel forward are not exported.
         tensor_parallel = (
@@ -149,24 +191,34 @@ class CompiledDecodeRunner:
         if self.failure:
             logger.warning("CPU decode steps run eagerly: %s", self.failure)
             return
+        if not self.verify.query_len:
+            self.verify.log_eager(f"{VERIFY_ENV}=0")
         self._static = pytree.tree_leaves((self._kv_caches(), self.weights))
         missing = []
-        for batch_range in self.batch_ranges:
-            path = self.library_path(batch_range)
+        for shape in self.shapes:
+            path = self.library_path(shape)
             try:
-                self._libraries.append((*batch_range, load_library(path)))
+                self._add_library(shape, load_library(path))
             except Exception as exc:  # absent, or unreadable: (re)build it
                 if path.exists():
                     logger.warning("rebuilding the unreadable library %s: %s", path, exc)
                     with contextlib.suppress(OSError):
                         path.unlink()
-                missing.append((batch_range, path))
+                missing.append((shape, path))
         if missing:
             self._start_build(missing, mode)
         if mode == "wait":
             self.wait_ready()
 
-    def _start_build(self, missing: list[tuple[tuple[int, int], Path]], mode: str) -> None:
+    def _add_library(self, shape: Shape, library: Any) -> None:
+        """Into the list its step kind reads (replaced whole: a step may be reading it)."""
+        if _query_len(shape) > 1:
+            self.verify.add(shape[0], shape[1], library)
+        else:
+            entry = (shape[0], shape[1], library)
+            self._libraries = sorted([*self._libraries, entry], key=lambda e: e[0])
+
+    def _start_build(self, missing: list[tuple[Shape, Path]], mode: str) -> None:
         from tessellm_cpu import background_build
 
         try:
@@ -190,13 +242,24 @@ class CompiledDecodeRunner:
             "niceness": 0 if mode == "wait" else background_build.BUILD_NICENESS,
             "cache_dir": str(self.cache_dir),
             "max_cache_bytes": limit,
-            "keep": [str(self.library_path(r)) for r in self.batch_ranges],
-            "jobs": [{"batch_range": list(r), "path": str(p)} for r, p in missing],
+            "keep": [str(self.library_path(shape)) for shape in self.shapes],
+            "jobs": [
+                {"batch_range": list(shape[:2]), "query_len": _query_len(shape), "path": str(p)}
+                for shape, p in missing
+            ],
         }
-        self.pending = [r for r, _ in missing]
-        ranges = " and ".join(_label(r) for r in self.pending)
+        self.pending = [shape for shape, _ in missing]
+        decode = [_label(shape) for shape in self.pending if _query_len(shape) == 1]
+        verify = [_label(shape) for shape in self.pending if _query_len(shape) > 1]
+        parts = [f"{' and '.join(decode)} sequences"] if decode else []
+        if verify:
+            parts.append(
+                f"speculative verification ({self.verify.query_len} tokens a sequence) for "
+                f"{' and '.join(verify)} sequences"
+            )
+        ranges = ", ".join(parts)
         logger.warning(
-            "building the CPU decode step%s for %s sequences of %s %s into %s (once for this "
+            "building the CPU decode step%s for %s of %s %s into %s (once for this "
             "model and tessellm version)",
             "s" if len(missing) > 1 else "",
             ranges,
@@ -214,7 +277,7 @@ class CompiledDecodeRunner:
             payload,
             directory / f"build-{os.getpid()}-{id(self):x}.log",
             lambda event: (h := handler()) is not None and h(event),
-            f"the CPU decode step{'s' if len(missing) > 1 else ''} for {ranges} sequences "
+            f"the CPU decode step{'s' if len(missing) > 1 else ''} for {ranges} "
             f"of {self.model_name}",
         )
         weakref.finalize(self, self._build.kill)
@@ -223,23 +286,24 @@ class CompiledDecodeRunner:
     def _on_event(self, event: dict) -> None:
         kind = event.get("event")
         batch_range = tuple(event.get("batch_range", ()))
+        shape = _shape(batch_range, event.get("query_len", 1)) if batch_range else ()
         elapsed = time.monotonic() - self._build_start
-        label = f"{_label(batch_range)} sequences of {self.model_name}" if batch_range else ""
+        label = f"{_what(shape)} of {self.model_name}" if shape else ""
         if kind == "waiting":
             logger.warning("waiting for another process's build in %s", self.cache_dir)
         elif kind == "exporting":
-            logger.info("CPU decode step for %s: exporting (%.1f s in)", label, elapsed)
+            logger.info("CPU %s: exporting (%.1f s in)", label, elapsed)
         elif kind == "exported":
             logger.warning(
-                "CPU decode step for %s: exported in %.1f s, compiling (%.1f s after start)",
+                "CPU %s: exported in %.1f s, compiling (%.1f s after start)",
                 label,
                 event["seconds"],
                 elapsed,
             )
         elif kind == "built":
             with self._lock:
-                self._arrived.append((batch_range, self.library_path(batch_range)))
-                self.pending = [r for r in self.pending if r != batch_range]
+                self._arrived.append((shape, self.library_path(shape)))
+                self.pending = [r for r in self.pending if r != shape]
             phases = (
                 "built by another process"
                 if event.get("cached")
@@ -247,14 +311,14 @@ class CompiledDecodeRunner:
                 f"{event['compile_seconds']:.1f} s, {event['bytes'] / 1e6:.1f} MB"
             )
             logger.warning(
-                "CPU decode step for %s ready %.1f s after start (%s): such batches run "
-                "compiled from the next step",
+                "CPU %s ready %.1f s after start (%s): such batches run compiled from the "
+                "next step",
                 label,
                 elapsed,
                 phases,
             )
         elif kind == "failed":
-            self._fail(f"{event['reason']} (building {_label(batch_range)})")
+            self._fail(f"{event['reason']} (building the {_what(shape)})")
         elif kind == "exit":
             if self._build.killed:  # stopped on purpose (close, exit)
                 self.pending = []
@@ -275,8 +339,8 @@ class CompiledDecodeRunner:
             self.failure = reason
         if ranges and self._build is not None:
             logger.warning(
-                "CPU decode steps for %s sequences run eagerly (compiling failed: %s; log: %s)",
-                " and ".join(_label(r) for r in ranges),
+                "CPU steps for %s run eagerly (compiling failed: %s; log: %s)",
+                " and ".join(_what(r) for r in ranges),
                 reason,
                 self._build.log_path,
             )
@@ -292,7 +356,8 @@ class CompiledDecodeRunner:
                 break
             self._build.done.wait(left)  # short waits: Ctrl-C stays prompt
         self._adopt()
-        return not self.pending and len(self._libraries) == len(self.batch_ranges)
+        loaded = len(self._libraries) + len(self.verify.libraries)
+        return not self.pending and loaded == len(self.shapes)
 
     def close(self) -> None:
         """Stop a build in progress (its compilers too); loaded libraries stay usable."""
@@ -306,14 +371,12 @@ class CompiledDecodeRunner:
         place under a step that reads it)."""
         with self._lock:
             arrived, self._arrived = self._arrived, []
-            loaded = list(self._libraries)
-            for batch_range, path in arrived:
+            for shape, path in arrived:
                 try:
-                    loaded.append((*batch_range, load_library(path)))
+                    self._add_library(shape, load_library(path))
                 except Exception as exc:  # removed or corrupt meanwhile: that range stays eager
                     self.failure = self.failure or f"{type(exc).__name__}: {exc}"
                     logger.warning("cannot load %s: %s; its batches stay eager", path, exc)
-            self._libraries = sorted(loaded, key=lambda entry: entry[0])
 
     # -- running -----------------------------------------------------------------------
     def __call__(
@@ -322,7 +385,9 @@ class CompiledDecodeRunner:
         if self._arrived:  # a library finished building: switch between two steps
             self._adopt()
         n = input_ids.shape[0]
-        if metadata.max_query_len != 1 or n != metadata.num_seqs:
+        if metadata.max_query_len != 1:  # several tokens per sequence: drafts to verify?
+            return self.verify.run(input_ids, positions, metadata, self._static)
+        if n != metadata.num_seqs:
             return None
         for fewest, most, library in self._libraries:
             if fewest <= n <= most:

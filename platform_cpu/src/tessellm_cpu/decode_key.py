@@ -2,8 +2,9 @@
 
 Torch and transformers versions, the sources of every package whose code the trace may
 run, whatever it is called (:func:`traced_module_names`), the model's class and config,
-dtype, the input tensors' names, shapes and dtypes, threads, CPU capability and the batch
-range. The libraries hold no weights, so the weights' values are not in it.
+dtype, the input tensors' names, shapes and dtypes, threads, CPU capability, the batch
+range and the query tokens per sequence. The libraries hold no weights, so the weights'
+values are not in it.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def library_key(
     kv_caches: list[torch.Tensor],
     batch_range: tuple[int, int],
     sources_digest: str,
+    query_len: int = 1,
 ) -> str:
     h = hashlib.sha256()
     config = getattr(model, "config", None)
@@ -160,6 +162,8 @@ def library_key(
         "held": held_objects_settings(model),
         "config": config.to_json_string() if hasattr(config, "to_json_string") else "",
         "batch_range": list(batch_range),
+        # Query tokens per sequence: 1 + k for a speculative verification library.
+        **({"query_len": query_len} if query_len != 1 else {}),
         "threads": torch.get_num_threads(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         # The caches' block count is a dynamic dimension (it follows free memory).

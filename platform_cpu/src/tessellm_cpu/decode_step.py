@@ -1,11 +1,13 @@
 """The decode step a library compiles: its module, its inputs, the export, AOTInductor.
 
-:class:`DecodeStep` takes ``B`` one-token sequences and a block table ``W`` columns
-wide, both dynamic, and the cache's block count too: one library serves every batch in
-its range and every context length. Weights and KV caches are inputs, not constants: the
-library holds only code, shares the model's tensors, and does not depend on the weights'
-values. Used by the build process (:mod:`tessellm_cpu.background_build`) and, for loading,
-by the runner (:mod:`tessellm_cpu.compiled_decode`).
+:class:`DecodeStep` takes ``B`` sequences of ``Q`` query tokens each (``Q`` static: 1 for
+a decode library, ``1 + k`` for a speculative verification library) and a block table
+``W`` columns wide, ``B`` and ``W`` dynamic, and the cache's block count too: one library
+serves every batch in its range and every context length. Weights and KV caches are
+inputs, not constants: the library holds only code, shares the model's tensors, and does
+not depend on the weights' values. Used by the build process
+(:mod:`tessellm_cpu.background_build`) and, for loading, by the runner
+(:mod:`tessellm_cpu.compiled_decode`).
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from tessellm_cpu import cache_store
 
 
 class DecodeStep(nn.Module):
-    """The model's forward for a decode batch, with weights and KV caches as inputs."""
+    """The model's forward for ``B`` sequences of ``query_len`` tokens each (the last
+    ``query_len`` of each sequence's ``seq_lens`` positions), with weights and KV caches
+    as inputs. Token inputs are flat, sequence by sequence (``B·Q`` rows)."""
 
-    def __init__(self, model: nn.Module, attn_layers: list[Attention]) -> None:
+    def __init__(self, model: nn.Module, attn_layers: list[Attention], query_len: int = 1) -> None:
         super().__init__()
         self.model = model
         self._attn_layers = attn_layers
+        self.query_len = query_len
 
     def forward(
         self,
@@ -43,17 +48,18 @@ class DecodeStep(nn.Module):
     ) -> torch.Tensor:
         for i, layer in enumerate(self._attn_layers):
             layer.bind_kv_cache(kv_caches[2 * i], kv_caches[2 * i + 1])
-        # One query token per sequence. The host-side fields are not read under tracing
+        # query_len tokens per sequence. The host-side fields are not read under tracing
         # (a traced backend uses tensors only); they get the device tensors.
-        query_start_loc = torch.arange(
-            input_ids.shape[0] + 1, dtype=torch.int32, device=input_ids.device
+        query_start_loc = (
+            torch.arange(block_tables.shape[0] + 1, dtype=torch.int32, device=input_ids.device)
+            * self.query_len
         )
         metadata = AttentionMetadata(
             query_start_loc=query_start_loc,
             seq_lens=seq_lens,
             block_tables=block_tables,
             slot_mapping=slot_mapping,
-            max_query_len=1,
+            max_query_len=self.query_len,
             max_seq_len=0,
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
@@ -73,30 +79,50 @@ def decode_inputs(model: nn.Module) -> tuple[list[Attention], list[torch.Tensor]
     return attn_layers, kv_caches, weights
 
 
+# Example sizes of the dimensions left dynamic (table width, cache blocks; the child's
+# stand-in caches have background_build.KV_EXAMPLE_BLOCKS = 7): a batch size must differ
+# from them, or the exporter could unify the dimensions.
+_TAKEN_EXAMPLE_SIZES = (3, 7)
+
+
+def example_batch(batch_range: tuple[int, int], query_len: int) -> int:
+    """The batch size to trace ``batch_range`` with: in the range, at least 2 (sizes 0 and
+    1 specialise) where the range allows, unlike the other dynamic dimensions' examples."""
+    low, high = batch_range
+    for batch in range(max(low, 2), high + 1):
+        if batch not in _TAKEN_EXAMPLE_SIZES and batch * query_len not in _TAKEN_EXAMPLE_SIZES:
+            return batch
+    return low
+
+
 def export_decode_step(
-    model: nn.Module, batch_range: tuple[int, int]
+    model: nn.Module, batch_range: tuple[int, int], query_len: int = 1
 ) -> torch.export.ExportedProgram:
-    """``model``'s decode step for ``batch_range`` sequences (dynamic batch, block-table
-    width and cache block count). Leaves the model as it found it."""
+    """``model``'s step for ``batch_range`` sequences of ``query_len`` tokens each
+    (dynamic batch, block-table width and cache block count; a range of one size has it
+    static). Leaves the model as it found it."""
     attn_layers, kv_caches, weights = decode_inputs(model)
-    # Distinct example sizes (sequences, 3 blocks): equal ones could be unified.
-    batch, width = batch_range[0] + 1, 3
+    batch, width = example_batch(batch_range, query_len), 3
+    tokens = batch * query_len
     args = (
-        torch.zeros(batch, dtype=torch.int64),
-        torch.arange(batch, dtype=torch.int64),
-        torch.arange(batch, dtype=torch.int64),
+        torch.zeros(tokens, dtype=torch.int64),
+        torch.arange(tokens, dtype=torch.int64),
+        torch.arange(tokens, dtype=torch.int64),
         torch.zeros(batch, width, dtype=torch.int32),
-        torch.ones(batch, dtype=torch.int32),
+        torch.full((batch,), query_len, dtype=torch.int32),
         kv_caches,
         weights,
     )
-    seqs = torch.export.Dim("num_seqs", min=batch_range[0], max=batch_range[1])
+    seqs = None
+    if batch_range[0] < batch_range[1]:
+        seqs = torch.export.Dim("num_seqs", min=batch_range[0], max=batch_range[1])
+    rows = seqs if seqs is None or query_len == 1 else query_len * seqs
     table_width = torch.export.Dim("table_width", min=1, max=1 << 20)
     blocks = torch.export.Dim("num_blocks", min=2, max=1 << 30)
     dynamic = (
-        {0: seqs},
-        {0: seqs},
-        {0: seqs},
+        {0: rows},
+        {0: rows},
+        {0: rows},
         {0: seqs, 1: table_width},
         {0: seqs},
         [{0: blocks}] * len(kv_caches),
@@ -112,7 +138,10 @@ def export_decode_step(
             # The KV cache attributes are rebound during the trace on purpose.
             warnings.filterwarnings("ignore", message=".*were assigned during export.*")
             return torch.export.export(
-                DecodeStep(model, attn_layers), args, dynamic_shapes=dynamic, strict=False
+                DecodeStep(model, attn_layers, query_len),
+                args,
+                dynamic_shapes=dynamic,
+                strict=False,
             )
     finally:
         for module, ops in fused:

@@ -1,12 +1,15 @@
-"""Decode attention from tensors alone, for a step that is exported and compiled once.
+"""Decode and verification attention from tensors alone, for a step that is exported and
+compiled once.
 
 The backend's usual path plans each step on the host (``prepare``: groups, block lists,
 whether blocks are consecutive), which a captured graph cannot redo per step. Under
 tracing (``torch.compiler.is_compiling()``) the backend attends through this function:
-every sequence has one query token, its context is read through its row of the block
-table (``W`` blocks, ``W`` a dynamic dimension of the compiled step) and positions at or
-past its length are masked. Inductor fuses the gather, the masking and the softmax into
-a few loops; nothing is planned on the host.
+every sequence has the same number ``Q`` of query tokens, the last ``Q`` of its
+``seq_len`` positions (``Q = 1`` for a decode step; ``1 + k`` for a speculative
+verification step, whose sequences the runner pads to ``Q``); its context is read
+through its row of the block table (``W`` blocks, ``W`` a dynamic dimension of the
+compiled step) and positions a query may not see are masked. Inductor fuses the gather,
+the masking and the softmax into a few loops; nothing is planned on the host.
 """
 
 from __future__ import annotations
@@ -24,30 +27,39 @@ def traced_decode(
     sliding_window: int | None,
     logits_soft_cap: float | None,
 ) -> torch.Tensor:
-    """One query token per sequence: ``query`` ``[B, H, D]`` → ``[B, H, D]``, in fp32
-    inside (as the eager decode path computes it).
+    """``Q`` query tokens per sequence, ``Q`` = query rows / sequences (static in a trace):
+    ``query`` ``[B·Q, H, D]``, sequence by sequence → ``[B·Q, H, D]``, in fp32 inside (as
+    the eager decode path computes it). Query ``i`` of a sequence stands at position
+    ``seq_len - Q + i`` and sees the positions before and at it (causal).
 
     Written as products and sums, not matmuls: inductor then reads each cached key and
     value where it lies, through the block table, inside its reduction loops. As batched
     matmuls (einsum) the gathered context is first copied out in fp32, per layer: at 16
-    sequences of 2,048 tokens (SmolLM2's heads, two threads) 15 ms a layer, against 5.9 ms
-    this way and 4.4 ms for the eager backend; at one sequence of 2,048 tokens 1.3 ms,
-    0.44 ms and 1.4 ms."""
-    num_seqs, num_heads, head_size = query.shape
+    sequences of 2,048 tokens (SmolLM2's heads, two threads, one query each) 15 ms a
+    layer, against 5.9 ms this way and 4.4 ms for the eager backend; at one sequence of
+    2,048 tokens 1.3 ms, 0.44 ms and 1.4 ms."""
+    num_seqs = block_tables.shape[0]
+    num_tokens, num_heads, head_size = query.shape
+    # Under export the sizes are symbols (Q·B rows, B sequences): int() makes Q the
+    # constant it is in the trace rather than a symbolic quotient.
+    query_len = int(num_tokens // num_seqs)
     _, block_size, kv_heads, _ = k_cache.shape
     context = block_tables.shape[1] * block_size
-    keys = k_cache[block_tables].view(num_seqs, context, kv_heads, 1, head_size)
-    values = v_cache[block_tables].view(num_seqs, context, kv_heads, 1, head_size)
+    keys = k_cache[block_tables].view(num_seqs, 1, context, kv_heads, 1, head_size)
+    values = v_cache[block_tables].view(num_seqs, 1, context, kv_heads, 1, head_size)
     # Every kv head's group of query heads at once: GQA without repeating K/V.
-    grouped = query.view(num_seqs, 1, kv_heads, num_heads // kv_heads, head_size).float()
-    scores = (grouped * keys.float()).sum(dim=-1) * scale  # [B, T, Hkv, G]
+    group = num_heads // kv_heads
+    grouped = query.view(num_seqs, query_len, 1, kv_heads, group, head_size).float()
+    scores = (grouped * keys.float()).sum(dim=-1) * scale  # [B, Q, T, Hkv, G]
     if logits_soft_cap:
         scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
     position = torch.arange(context, device=query.device)
-    visible = position[None, :] < seq_lens[:, None]
+    # Query i sees the positions before seq_len - (Q - 1 - i).
+    ends = seq_lens[:, None] - (query_len - 1) + torch.arange(query_len, device=query.device)
+    visible = position[None, None, :] < ends[:, :, None]  # [B, Q, T]
     if sliding_window:
-        visible &= position[None, :] >= seq_lens[:, None] - sliding_window
-    scores = scores.masked_fill(~visible[:, :, None, None], float("-inf"))
-    probs = scores.softmax(dim=1)
-    out = (probs[..., None] * values.float()).sum(dim=1)  # [B, Hkv, G, D]
-    return out.reshape(num_seqs, num_heads, head_size).to(query.dtype)
+        visible &= position[None, None, :] >= ends[:, :, None] - sliding_window
+    scores = scores.masked_fill(~visible[..., None, None], float("-inf"))
+    probs = scores.softmax(dim=2)
+    out = (probs[..., None] * values.float()).sum(dim=2)  # [B, Q, Hkv, G, D]
+    return out.reshape(num_tokens, num_heads, head_size).to(query.dtype)
