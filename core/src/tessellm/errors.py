@@ -32,3 +32,8 @@ class StepError(TessellmError):
     """A tensor-parallel rank raised while running a step, with an exception that could not
     be sent back as itself; the message names its type. The workers are still running and
     in step with each other: the request(s) to blame fail, the engine goes on."""
+
+
+class EngineSleepingError(TessellmError):
+    """The engine is asleep (``sleep``): its memory is given back until ``wake_up``. A
+    request sent meanwhile is refused with this (a 503 from the server)."""

@@ -142,6 +142,11 @@ class KVCacheManager(seams.KVCacheManager):
     def usage(self) -> float:
         return self.pool.usage()
 
+    def reset_prefix_cache(self) -> bool:
+        if self._unpublished:
+            return False
+        return self.pool.reset_prefix_cache()
+
     @property
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks

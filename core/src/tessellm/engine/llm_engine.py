@@ -17,7 +17,7 @@ from tessellm.engine import structured_output as so
 from tessellm.engine.output_processor import OutputProcessor, child_id
 from tessellm.engine.speculative import Speculator, load_proposer, proposer_class
 from tessellm.engine.step_recovery import apply_result, fail_unprocessed, is_fatal, recover_step
-from tessellm.errors import ConfigError, InvalidRequestError
+from tessellm.errors import ConfigError, EngineSleepingError, InvalidRequestError
 from tessellm.interfaces.engine import (
     Executor,
     KVCacheManager,
@@ -159,6 +159,7 @@ class LLMEngine:
         self._failed_launch: tuple[SchedulerOutput, Any, Exception] | None = None
         self._ids = itertools.count()
         self._checked_adapters: set[tuple[int, str]] = set()
+        self.sleep_level = 0  # 0 awake; 1 or 2 asleep (sleep())
         self.counters = {
             "prompt_tokens": 0,
             "generation_tokens": 0,
@@ -276,6 +277,8 @@ class LLMEngine:
         lora_request: LoRARequest | None = None,
     ) -> str:
         params = params or SamplingParams()
+        if self.sleep_level:
+            raise EngineSleepingError("the engine is asleep; wake it up (POST /wake_up) first")
         if lora_request is not None:
             self.validate_lora(lora_request)
         request_id = request_id if request_id is not None else str(next(self._ids))
@@ -316,6 +319,39 @@ class LLMEngine:
                 outputs.append(out)
         self.structured.sweep(self.output_processor)
         return outputs
+
+    # -- sleep (vLLM's names) --------------------------------------------------------------
+    def sleep(self, level: int = 1) -> float:
+        """Give the device's memory back while idle: level 1 frees the KV cache and moves
+        the weights to host memory, level 2 frees both. Requests are refused
+        (``EngineSleepingError``) until ``wake_up``. Returns the seconds it took."""
+        if level not in (1, 2):
+            raise InvalidRequestError(f"sleep level must be 1 or 2, got {level!r}")
+        if self.sleep_level:
+            return 0.0
+        if self.has_unfinished_requests():
+            raise InvalidRequestError("requests are running; the engine sleeps only when idle")
+        if not self.executor.supports_sleep:
+            raise ConfigError(f"the {type(self.executor).__name__} executor cannot sleep")
+        start = time.monotonic()
+        self.structured.sweep(self.output_processor)
+        if not self.kv_cache_manager.reset_prefix_cache():
+            raise ConfigError(
+                f"{type(self.kv_cache_manager).__name__} cannot forget its prefix cache, "
+                "which sleep needs (the KV it points to is freed)"
+            )
+        self.executor.sleep(level)
+        self.sleep_level = level
+        return time.monotonic() - start
+
+    def wake_up(self) -> float:
+        """Restore what ``sleep`` freed; returns the seconds it took."""
+        if not self.sleep_level:
+            return 0.0
+        start = time.monotonic()
+        self.executor.wake_up()
+        self.sleep_level = 0
+        return time.monotonic() - start
 
     def has_unfinished_requests(self) -> bool:
         return (

@@ -11,6 +11,7 @@ import torch
 from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
 from tessellm.engine.profile_run import profile_forward
+from tessellm.engine.runner_sleep import sleep_runner, wake_runner
 from tessellm.engine.sampler import Sampler, compute_prompt_logprobs
 from tessellm.engine.spec_verify import verify_drafts
 from tessellm.engine.transfer import to_device
@@ -71,9 +72,23 @@ class ModelRunner:
             plugins, self.platform, self.dtype, args.quantization, self.config
         )
         self.quantization = self.quantization_choice.name
-        quant = build_quantization(plugins, self.quantization_choice, self.device, self.dtype)
         if self.quantization_choice.dequantize:  # the weight format hands out dense weights
             self.config.quantization_config = None
+        self._plugins, self._resolved = plugins, resolved
+        self.load_model()
+        self.sleep_level = 0  # engine sleep: 0 awake, 1 KV freed (weights on the host), 2 all freed
+        self.host_weights: dict[str, torch.Tensor] = {}  # level 1 on a device: the weights
+        self.graph_runner: GraphRunner | None = None
+        self.step_runner: StepRunner | None = None
+        self.sampler = Sampler(args.seed)
+        self.block_size = args.block_size
+        self.num_blocks = 0
+
+    def load_model(self) -> None:
+        """Build the model and load its weights (at start, and waking from a deep sleep)."""
+        plugins, resolved, args = self._plugins, self._resolved, self.args
+        fmt = ml.weight_format(plugins, resolved)
+        quant = build_quantization(plugins, self.quantization_choice, self.device, self.dtype)
         ctx = ModelContext(self.dtype, self.device, self.attention, quant, self.parallel)
         self.model = ml.build_model(plugins, self.config, ctx)
         with self.platform.inference_mode():
@@ -86,11 +101,16 @@ class ModelRunner:
                 self.model, args.max_loras, args.max_lora_rank, args.max_cpu_loras or args.max_loras
             )
         bind_fused_ops(self.model, self.platform.fused_ops(self.dtype))
-        self.graph_runner: GraphRunner | None = None
-        self.step_runner: StepRunner | None = None
-        self.sampler = Sampler(args.seed)
-        self.block_size = args.block_size
-        self.num_blocks = 0
+
+    def sleep(self, level: int) -> None:
+        """Free the KV cache (its contents are lost) and, at level 1, move the weights to
+        host memory (on a CPU they stay where they are); at level 2 free them too."""
+        sleep_runner(self, level)
+
+    def wake_up(self) -> None:
+        """Undo ``sleep``: weights back (reloaded from the checkpoint after level 2), and a
+        fresh KV cache of the same size."""
+        wake_runner(self)
 
     # -- KV cache ------------------------------------------------------------------------
     @property

@@ -28,6 +28,15 @@ class LLM:
         # An embedding model runs on the pooling engine (no KV cache, one forward).
         self.engine = PoolingEngine(args) if runs_pooling(args) else LLMEngine(args)
 
+    def sleep(self, level: int = 1) -> float:
+        """Free the device's memory while idle (vLLM's ``LLM.sleep``): level 1 keeps the
+        weights in host memory, level 2 reloads them from the checkpoint on ``wake_up``."""
+        return self.engine.sleep(level)
+
+    def wake_up(self) -> float:
+        """Restore what ``sleep`` freed; the outputs are the same as before it."""
+        return self.engine.wake_up()
+
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 

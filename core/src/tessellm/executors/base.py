@@ -71,6 +71,7 @@ class DistributedExecutor(Executor):
 
     name: ClassVar[str]
     verifies_drafts = True  # every rank's ModelRunner verifies speculative drafts
+    supports_sleep = True
 
     def __init__(self, args: EngineArgs, resolved: ResolvedModel, plugins: PluginSet) -> None:
         self.args = args
@@ -157,6 +158,12 @@ class DistributedExecutor(Executor):
 
     def initialize_cache(self, num_blocks: int) -> None:
         self._run("initialize_cache", num_blocks)
+
+    def sleep(self, level: int) -> None:
+        self._run("sleep", level)
+
+    def wake_up(self) -> None:
+        self._run("wake_up")
 
     def execute(self, plan: SchedulerOutput) -> StepResult:
         results = self._run("execute", plan)

@@ -48,7 +48,7 @@ from tessellm.executors.worker import (
 )
 from tessellm.model_loader import ResolvedModel
 
-WORKER_CALLS = frozenset({"available_blocks", "initialize_cache", "execute"})
+WORKER_CALLS = frozenset({"available_blocks", "initialize_cache", "execute", "sleep", "wake_up"})
 CLOSE = "close"
 # How long workers get to leave on their own before they are terminated.
 CLOSE_GRACE_S = 5.0

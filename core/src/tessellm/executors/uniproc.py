@@ -27,6 +27,7 @@ class UniProcExecutor(Executor):
     # the step still running are known (placeholders, filled in on the device).
     feeds_sampled_tokens = True
     verifies_drafts = True  # the ModelRunner verifies speculative drafts
+    supports_sleep = True
 
     def __init__(self, args: EngineArgs, resolved: ResolvedModel, plugins: PluginSet) -> None:
         self.runner = ModelRunner(args, resolved, plugins=plugins)
@@ -58,6 +59,12 @@ class UniProcExecutor(Executor):
         """Queue the step; ``result()`` on what returns waits for its sampled tokens."""
         # ``previous`` is always this executor's own launch: a ``PendingStep``.
         return self.runner.launch(plan, previous)  # type: ignore[arg-type]
+
+    def sleep(self, level: int) -> None:
+        self.runner.sleep(level)
+
+    def wake_up(self) -> None:
+        self.runner.wake_up()
 
     def shutdown(self) -> None:
         pass

@@ -173,6 +173,12 @@ class Worker:
     def initialize_cache(self, num_blocks: int) -> None:
         self.runner.initialize_cache(num_blocks)
 
+    def sleep(self, level: int) -> None:
+        self.runner.sleep(level)
+
+    def wake_up(self) -> None:
+        self.runner.wake_up()
+
     def execute(self, plan: SchedulerOutput) -> StepResult | RaisedInStep | None:
         try:
             result = self.runner.execute(plan)

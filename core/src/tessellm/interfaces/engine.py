@@ -111,6 +111,12 @@ class KVCacheManager(ABC):
     def usage(self) -> float:
         """Fraction of the blocks that requests hold (0.0 to 1.0), for stats and metrics."""
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (the KV it pointed to is gone: engine sleep). Only
+        while no request holds blocks; returns whether it did. The default: False (the
+        engine then refuses to sleep)."""
+        return False
+
     def publish_filled(self, request: Request) -> None:  # noqa: B027 - optional hook
         """Schedule-ahead only (``supports_schedule_ahead``): the placeholder that was the
         request's last output token when a block was allocated is now its real token;
@@ -266,6 +272,10 @@ class Executor(ABC):
     prepare the next step meanwhile (``LLMEngine.overlap_steps``). May be a property where it
     depends on the device; the engine reads it once, after construction."""
 
+    supports_sleep: bool = False
+    """Whether ``sleep(level)`` and ``wake_up()`` are implemented: free the KV cache (and at
+    level 1 move the weights to host memory, at level 2 free them) and restore both."""
+
     verifies_drafts: bool = False
     """Whether a step verifies speculative drafts: for a seq with ``draft_token_ids`` it
     scores every draft and returns ``StepResult.num_accepted_drafts`` (the model runner's
@@ -312,6 +322,14 @@ class Executor(ABC):
             )
         return CompletedStep(self.execute(plan))
 
+    def sleep(self, level: int) -> None:
+        """``supports_sleep``: give the device's memory back (level 1 or 2, vLLM's)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sleep")
+
+    def wake_up(self) -> None:
+        """``supports_sleep``: restore what ``sleep`` freed (an empty KV cache)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sleep")
+
     def describe(self) -> dict[str, str]:
         """What this executor runs on, for logs and benchmark reports (e.g. ``platform``,
         ``attention``, ``dtype``, ``device``, ``quantization``)."""
@@ -323,9 +341,12 @@ class Executor(ABC):
 
     @classmethod
     def _capability_gaps(cls) -> list[str]:
+        gaps = []
         if cls.feeds_sampled_tokens and cls.launch is Executor.launch:
-            return ["launch (it sets feeds_sampled_tokens = True)"]
-        return []
+            gaps.append("launch (it sets feeds_sampled_tokens = True)")
+        if cls.supports_sleep and (cls.sleep is Executor.sleep or cls.wake_up is Executor.wake_up):
+            gaps.append("sleep and wake_up (it sets supports_sleep = True)")
+        return gaps
 
 
 def check_implementation(cls: object, base: type, what: str) -> None:

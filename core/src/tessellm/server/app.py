@@ -14,7 +14,13 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tessellm.engine.async_engine import AsyncLLMEngine
-from tessellm.server import routes_chat, routes_completions, routes_embeddings, routes_lora
+from tessellm.server import (
+    routes_chat,
+    routes_completions,
+    routes_embeddings,
+    routes_lora,
+    routes_sleep,
+)
 from tessellm.server.auth import APIKeyMiddleware, require_api_key
 from tessellm.server.context import ServerContext, get_context
 from tessellm.server.errors import install_error_handlers
@@ -117,6 +123,7 @@ def build_app(
         app.include_router(routes_completions.router)
         app.include_router(routes_chat.router)
         app.include_router(routes_lora.router)
+        app.include_router(routes_sleep.router)
     app.include_router(routes_embeddings.router)
 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_api_key)])

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tessellm.engine.async_engine import EngineDeadError
-from tessellm.errors import InvalidRequestError
+from tessellm.errors import EngineSleepingError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def to_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, InvalidRequestError):
         return bad_request(str(exc))
-    if isinstance(exc, EngineDeadError):
+    if isinstance(exc, EngineDeadError | EngineSleepingError):
         return APIError(503, str(exc), error_type="service_unavailable_error")
     logger.error("unexpected error while serving a request", exc_info=exc)
     return APIError(500, "internal server error", error_type="server_error")
@@ -144,5 +144,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(InvalidRequestError, on_invalid_request)  # type: ignore[arg-type]
     app.add_exception_handler(EngineDeadError, on_engine_dead)  # type: ignore[arg-type]
+    app.add_exception_handler(EngineSleepingError, on_engine_dead)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, on_http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, on_unexpected)
