@@ -84,6 +84,24 @@ def test_which_engine_a_model_gets(bert_dir, tiny_llama, tmp_path):
     assert runs_pooling(EngineArgs(model=str(bare)))
 
 
+def test_the_generation_engine_can_refuse_an_embedding_model(bert_dir, tiny_llama):
+    from tessellm.engine.pooling import check_generative
+    from tessellm.formats.safetensors import SafetensorsFormat
+    from tessellm.plugins import get_plugins
+
+    plugins = get_plugins()
+    for path, pooling in ((bert_dir, True), (tiny_llama, False)):
+        config = SafetensorsFormat().load_config(path)
+        args = EngineArgs(model=str(path))
+        if pooling:
+            with pytest.raises(ConfigError, match="is an embedding model"):
+                check_generative(args, plugins, config, path)
+        else:
+            check_generative(args, plugins, config, path)
+    with pytest.raises(ConfigError, match="is an embedding model"):
+        check_generative(EngineArgs(model="x", runner="pooling"), plugins, None, tiny_llama)
+
+
 def write_pooling(path, modules, pooling_config=None):
     path.mkdir(parents=True, exist_ok=True)
     (path / "modules.json").write_text(json.dumps(modules))

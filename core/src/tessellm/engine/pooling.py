@@ -60,6 +60,18 @@ def runs_pooling(args: EngineArgs, plugins: PluginSet | None = None) -> bool:
     return is_pooling_checkpoint(plugins, config, resolved.path)
 
 
+def check_generative(args: EngineArgs, plugins: PluginSet, config: Any, path: Path) -> None:
+    """``ConfigError`` where the generation engine is given an embedding model (for
+    ``LLMEngine``: without it an encoder fails later, with no clear reason)."""
+    if args.runner == "pooling" or (
+        args.runner == "auto" and is_pooling_checkpoint(plugins, config, path)
+    ):
+        raise ConfigError(
+            f"{args.model} is an embedding model, which does not generate: use LLM.embed(), "
+            "or serve it (`tessellm serve`) for POST /v1/embeddings"
+        )
+
+
 class PoolingEngine:
     def __init__(self, args: EngineArgs, plugins: PluginSet | None = None) -> None:
         start = time.monotonic()
