@@ -163,3 +163,27 @@ def test_a_generative_server_refuses_embeddings(tiny_server):
     response = httpx.post(tiny_server.base_url + "/embeddings", json={"input": "A"}, timeout=30)
     assert response.status_code == 400
     assert "generative model" in response.json()["error"]["message"]
+
+
+def test_concurrent_clients_share_forwards(server, reference):
+    import asyncio
+
+    expected, _ = reference
+
+    async def run() -> list[list[float]]:
+        async with openai.AsyncOpenAI(
+            base_url=server.base_url, api_key=API_KEY, max_retries=0
+        ) as client:
+            calls = [
+                client.embeddings.create(model="tiny-bert", input=s, encoding_format="float")
+                for s in EMBEDDING_SENTENCES * 3
+            ]
+            return [r.data[0].embedding for r in await asyncio.gather(*calls)]
+
+    before = server.metrics()["tessellm:engine_steps_total"]
+    got = asyncio.run(run())
+    assert (cosine(got, torch.cat([expected] * 3)) >= MIN_COSINE).all()
+    steps = server.metrics()["tessellm:engine_steps_total"] - before
+    # 30 single-input requests arrived together: they were embedded in fewer forwards.
+    assert steps < len(got)
+    assert server.metrics()["tessellm:batched_seqs_max"] > 1
