@@ -145,8 +145,11 @@ class OutputStream:
         priority: int,
         lora_request: Any = None,
     ) -> None:
+        if lora_request is None:
+            await self._engine.call(lambda e: e.add_request(request_id, prompt, params, priority))
+            return
         await self._engine.call(
-            lambda e: e.add_request(request_id, prompt, params, priority, lora_request)
+            lambda e: e.add_request(request_id, prompt, params, priority, lora_request=lora_request)
         )
 
     def _cancel(self, request_ids: list[str]) -> None:

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import atexit
 import gc
 import itertools
 import logging
 import time
 from concurrent.futures import Future
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
 from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
 from tessellm.engine import structured_output as so
+from tessellm.engine.engine_setup import load_seam, tune_garbage_collector
 from tessellm.engine.output_processor import OutputProcessor, child_id
-from tessellm.engine.speculative import Speculator, load_proposer, proposer_class
+from tessellm.engine.speculative import build_speculator, proposer_class
 from tessellm.engine.step_recovery import apply_result, fail_unprocessed, is_fatal, recover_step
+from tessellm.engine.validation import RequestValidation
 from tessellm.errors import ConfigError, EngineSleepingError, InvalidRequestError
 from tessellm.interfaces.engine import (
     Executor,
@@ -27,10 +28,7 @@ from tessellm.interfaces.engine import (
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
-    check_implementation,
 )
-from tessellm.interfaces.speculative import ProposerContext
-from tessellm.lora.adapter import read_adapter_config
 from tessellm.lora.request import LoRARequest
 from tessellm.outputs import RequestOutput
 from tessellm.plugins import PluginSet, get_plugins
@@ -39,43 +37,7 @@ from tessellm.sampling_params import MAX_SEED, SamplingParams
 logger = logging.getLogger(__name__)
 
 
-# A step allocates thousands of short-lived containers (plans, outputs), all freed by
-# reference counting; at Python's default of 700 the young generation was collected
-# ~3 times a step, for nothing. Raised to this, never lowered.
-GC_YOUNG_THRESHOLD = 50_000
-
-
-def tune_garbage_collector() -> None:
-    """Tune the process's garbage collector for the step loop. What startup built
-    (modules, tokenizer, registries, imported code) lives as long as the engine: it is
-    left out of collections, since a full one walking it all takes ~100 ms, which would
-    land in some step every few hundred steps."""
-    gc.collect()
-    gc.freeze()
-    young, middle, old = gc.get_threshold()
-    if 0 < young < GC_YOUNG_THRESHOLD:
-        gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
-    # Unfrozen at exit, so finalization still frees what is left (extension modules
-    # would otherwise report their objects as leaked).
-    atexit.unregister(gc.unfreeze)
-    atexit.register(gc.unfreeze)
-
-
-Seam = TypeVar("Seam", Executor, Scheduler, KVCacheManager)
-
-
-def load_seam(plugins: PluginSet, kind: str, name: str, base: type[Seam]) -> type[Seam]:
-    """The class registered as ``name`` under ``kind``, checked against its seam's ABC
-    once, here, so the engine may then call the declared members without probing."""
-    cls = plugins.load(kind, name)
-    registration = plugins.get(kind, name)
-    label = kind.removesuffix("s").replace("_", " ")
-    origin = f" (from plugin {registration.plugin!r})" if registration is not None else ""
-    check_implementation(cls, base, f"{label} {name!r}{origin}")
-    return cls
-
-
-class LLMEngine:
+class LLMEngine(RequestValidation):
     def __init__(self, args: EngineArgs, plugins: PluginSet | None = None) -> None:
         self.args = args
         self.plugins = plugins = plugins or get_plugins()
@@ -138,7 +100,7 @@ class LLMEngine:
             max_loras=args.max_loras if args.enable_lora else 0,
         )
         self.scheduler: Scheduler = scheduler_cls(sched_config, kv)
-        self.speculator = self._build_speculator(num_blocks)
+        self.speculator = build_speculator(self, num_blocks)
         self.kv_cache_manager: KVCacheManager = kv
         self.num_blocks = num_blocks
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -172,33 +134,6 @@ class LLMEngine:
         if plugins.manager is not None:
             plugins.manager.hook.engine_started(engine=self)
 
-    def _build_speculator(self, num_blocks: int) -> Speculator | None:
-        config = self.args.speculative_config
-        if config is None:
-            return None
-        for seam, flag in (
-            (self.scheduler, "supports_speculation"),
-            (self.executor, "verifies_drafts"),
-        ):
-            if not getattr(seam, flag):
-                raise ConfigError(
-                    f"speculative decoding needs a {type(seam).__name__} with {flag}; this "
-                    "one has not"
-                )
-        context = ProposerContext(
-            self.args, self.resolved, self.plugins, self.vocab_size, self.max_model_len
-        )
-        proposer = load_proposer(self.plugins, config, context)
-        proposer.initialize_cache(num_blocks, self.args.block_size)
-        logger.info(
-            "speculative decoding: %s, %d tokens per step; verification steps (1 + k tokens "
-            "per sequence) run eagerly (compiled decode steps and CUDA graphs cover one token "
-            "per sequence)",
-            config.method,
-            config.num_speculative_tokens,
-        )
-        return Speculator(proposer)
-
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args)
@@ -206,56 +141,6 @@ class LLMEngine:
     # -- requests ------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
-
-    def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ``InvalidRequestError`` for a prompt or parameters this model cannot run."""
-        if not token_ids:
-            raise InvalidRequestError("the prompt is empty")
-        top = self.max_token_id
-        if any(
-            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= top for t in token_ids
-        ):
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {top}]")
-        if len(token_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(token_ids)} tokens; this model's context is "
-                f"{self.max_model_len} tokens, leaving no room to generate"
-            )
-        self.validate_params(params)
-
-    def validate_params(self, params: SamplingParams) -> None:
-        """What ``SamplingParams`` checks, plus the bounds that depend on this model: token
-        ids within its vocabulary, ``top_k`` and logprobs no more than it has."""
-        params.validate()  # again: the caller may have changed the object since
-        top, vocab = self.max_token_id, self.vocab_size
-        if params.top_k > vocab:
-            raise InvalidRequestError(
-                f"top_k must be at most the vocabulary size {vocab} (or -1/0 for off), "
-                f"got {params.top_k}"
-            )
-        if any(t > top for t in params.stop_token_ids or ()):
-            raise InvalidRequestError(f"stop_token_ids must be token ids in [0, {top}]")
-        if any(t > top for t in params.logit_bias or {}):
-            raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {top}]")
-        limit = min(self.args.max_logprobs, vocab)
-        if params.logprobs is not None and params.logprobs > limit:
-            raise InvalidRequestError(f"logprobs must be at most {limit}")
-        if params.prompt_logprobs is not None and params.prompt_logprobs > limit:
-            raise InvalidRequestError(f"prompt_logprobs must be at most {limit}")
-        if params.structured_outputs is not None:
-            self.structured.backend_name(params.structured_outputs)
-
-    def validate_lora(self, lora_request: LoRARequest) -> None:
-        """``InvalidRequestError`` unless the engine runs LoRA and the adapter's config is
-        one it can run (read once per adapter id and path)."""
-        if not isinstance(lora_request, LoRARequest):
-            raise InvalidRequestError("lora_request must be a tessellm.lora.LoRARequest")
-        if not self.args.enable_lora:
-            raise InvalidRequestError("LoRA adapters need an engine started with enable_lora=True")
-        key = (lora_request.lora_int_id, lora_request.lora_path)
-        if key not in self._checked_adapters:
-            read_adapter_config(lora_request.lora_path, self.args.max_lora_rank)
-            self._checked_adapters.add(key)
 
     def compile_structured(self, params: SamplingParams) -> Future[Any] | None:
         """The (cached) compile of ``params``' grammar, or ``None``; thread-safe. It fails

@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import time
 from dataclasses import dataclass, field, fields
 
+from tessellm.engine.scheduler_results import StepResultsMixin
 from tessellm.errors import InvalidRequestError
 from tessellm.interfaces import engine as seams
 from tessellm.interfaces.engine import (
-    PLACEHOLDER_TOKEN,
     Request,
     RequestStatus,
-    RequestUpdateError,
     ScheduledSeq,
     SchedulerConfig,
     SchedulerOutput,
-    StepResult,
 )
 
 # Scheduler._to_seq passes these positionally (keywords cost twice as much a sequence).
@@ -40,14 +37,6 @@ _SEQ_FIELDS = (
 )
 if " ".join(f.name for f in fields(ScheduledSeq)[: _SEQ_FIELDS.count(" ") + 1]) != _SEQ_FIELDS:
     raise ImportError("ScheduledSeq's fields changed: update Scheduler._to_seq")
-
-
-def _applied(changed: list[Request], errors: dict[str, Exception]) -> list[Request]:
-    """What ``update``/``fill`` return, or ``RequestUpdateError`` naming the requests whose
-    stop check raised (the others applied)."""
-    if errors:
-        raise RequestUpdateError([r for r in changed if r.request_id not in errors], errors)
-    return changed
 
 
 @dataclass(slots=True)
@@ -72,7 +61,7 @@ class _StepDraft:
     drafts: dict[str, list[int]] = field(default_factory=dict)
 
 
-class Scheduler(seams.Scheduler):
+class Scheduler(StepResultsMixin, seams.Scheduler):
     """The default scheduler (this module's docstring says how it plans a step)."""
 
     supports_schedule_ahead = True
@@ -352,112 +341,8 @@ class Scheduler(seams.Scheduler):
             seq.lora_request = request.lora_request
         return seq
 
-    def update(self, plan: SchedulerOutput, result: StepResult) -> list[Request]:
-        """Advance progress, append sampled tokens and finish what should stop."""
-        changed: list[Request] = []
-        sampled = iter(result.sampled_token_ids)
-        now = time.monotonic()
-        requests = self.requests
-        running = RequestStatus.RUNNING
-        errors: dict[str, Exception] = {}
-        accepted = result.num_accepted_drafts
-        index = -1
-        for seq in plan.seqs:
-            request = requests.get(seq.request_id)
-            token = next(sampled) if seq.sample else None
-            index += seq.sample
-            if request is None or request.status is not running:
-                continue
-            if seq.draft_token_ids and token is not None:
-                # Computed: the seq's first token and the drafts accepted (not the rejected).
-                num_accepted = accepted[index] if accepted is not None else 0
-                request.num_computed_tokens += len(seq.token_ids) - len(seq.draft_token_ids)
-                request.num_computed_tokens += num_accepted
-                tokens = [*seq.draft_token_ids[:num_accepted], token]
-            else:
-                request.num_computed_tokens += len(seq.token_ids)
-                if token is None:
-                    continue
-                tokens = [token]
-            if request.first_token_time is None:
-                request.first_token_time = now
-            try:
-                for token in tokens:
-                    request.output_token_ids.append(token)
-                    status = self._check_stop(request, token)
-                    if status is not None:
-                        self.finish_requests([request.request_id], status)
-                        break
-                changed.append(request)
-            except Exception as exc:  # this request's own data: it fails alone
-                errors[request.request_id] = exc
-        return _applied(changed, errors)
-
     def speculation_candidates(self) -> list[Request]:
         return [r for r in self.running if r.num_computed_tokens == r.num_tokens - 1]
-
-    # -- schedule-ahead: the next step is scheduled before this one's tokens are known --
-    def advance(self, plan: SchedulerOutput) -> None:
-        """Count ``plan`` as computed before its sampled tokens are known: each sampling
-        request gets a placeholder output token (``fill`` puts the real one in), so the
-        next ``schedule()`` can run while the device still runs ``plan``."""
-        requests = self.requests
-        running = RequestStatus.RUNNING
-        for seq in plan.seqs:
-            request = requests.get(seq.request_id)
-            if request is None or request.status is not running:
-                continue
-            request.num_computed_tokens += len(seq.token_ids)
-            if seq.sample:
-                request.output_token_ids.append(PLACEHOLDER_TOKEN)
-
-    def fill(self, plan: SchedulerOutput, result: StepResult) -> list[Request]:
-        """Replace the placeholders that ``advance(plan)`` left with the sampled tokens and
-        finish what should stop, as ``update`` does. A request that stops here may be in
-        the step scheduled meanwhile: its token there is dropped (it is gone by then)."""
-        changed: list[Request] = []
-        errors: dict[str, Exception] = {}
-        sampled = iter(result.sampled_token_ids)
-        now = time.monotonic()
-        for seq in plan.seqs:
-            token = next(sampled) if seq.sample else None
-            request = self.requests.get(seq.request_id)
-            if token is None or request is None:
-                continue
-            outputs = request.output_token_ids
-            if not outputs or outputs[-1] != PLACEHOLDER_TOKEN:
-                continue  # it stopped before ``advance`` (a stop string, then re-added)
-            outputs[-1] = token
-            if request.first_token_time is None:
-                request.first_token_time = now
-            # Preempted by the schedule in between: the token still counts (its KV was
-            # there when it was sampled); the recompute will see it.
-            try:
-                status = self._check_stop(request, token)
-                changed.append(request)
-                if status is not None:
-                    self.finish_requests([request.request_id], status)
-                elif request.status is RequestStatus.RUNNING:
-                    self.kv.publish_filled(request)
-            except Exception as exc:
-                errors[request.request_id] = exc
-        return _applied(changed, errors)
-
-    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
-        params = request.params
-        num_out = len(request.output_token_ids)
-        if num_out >= params.min_tokens:
-            if not params.ignore_eos and token in request.eos_token_ids:
-                request.stop_reason = None
-                return RequestStatus.FINISHED_STOPPED
-            if params.stop_token_ids and token in params.stop_token_ids:
-                request.stop_reason = token
-                return RequestStatus.FINISHED_STOPPED
-        if params.max_tokens is not None and num_out >= params.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if request.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
 
     def stats(self) -> dict[str, float]:
         c = self.counters

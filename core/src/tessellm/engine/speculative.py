@@ -6,11 +6,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from tessellm.errors import ConfigError
 from tessellm.interfaces.engine import Request, RequestStatus, SchedulerOutput, StepResult
 from tessellm.interfaces.speculative import Proposer, ProposerContext, SpeculativeConfig
 from tessellm.plugins import PluginSet
+
+if TYPE_CHECKING:
+    from tessellm.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
@@ -114,3 +118,32 @@ class Speculator:
                 1000 * self.proposer_seconds / self.num_steps if self.num_steps else 0.0
             ),
         }
+
+
+def build_speculator(engine: LLMEngine, num_blocks: int) -> Speculator | None:
+    """The engine's speculator, or None without ``speculative_config``; checks that its
+    scheduler and executor support speculation, and gives the proposer its cache."""
+    config = engine.args.speculative_config
+    if config is None:
+        return None
+    for seam, flag in (
+        (engine.scheduler, "supports_speculation"),
+        (engine.executor, "verifies_drafts"),
+    ):
+        if not getattr(seam, flag):
+            raise ConfigError(
+                f"speculative decoding needs a {type(seam).__name__} with {flag}; this one has not"
+            )
+    context = ProposerContext(
+        engine.args, engine.resolved, engine.plugins, engine.vocab_size, engine.max_model_len
+    )
+    proposer = load_proposer(engine.plugins, config, context)
+    proposer.initialize_cache(num_blocks, engine.args.block_size)
+    logger.info(
+        "speculative decoding: %s, %d tokens per step; verification steps (1 + k tokens "
+        "per sequence) run compiled where the platform's graph runner covers them (the "
+        "CPU's verification libraries), else eagerly (CUDA graphs cover one token a sequence)",
+        config.method,
+        config.num_speculative_tokens,
+    )
+    return Speculator(proposer)
