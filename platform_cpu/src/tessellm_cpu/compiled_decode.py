@@ -249,24 +249,14 @@ class CompiledDecodeRunner:
             ],
         }
         self.pending = [shape for shape, _ in missing]
-        decode = [_label(shape) for shape in self.pending if _query_len(shape) == 1]
-        verify = [_label(shape) for shape in self.pending if _query_len(shape) > 1]
-        parts = [f"{' and '.join(decode)} sequences"] if decode else []
-        if verify:
-            parts.append(
-                f"speculative verification ({self.verify.query_len} tokens a sequence) for "
-                f"{' and '.join(verify)} sequences"
-            )
-        ranges = ", ".join(parts)
+        what = self._describe_pending()
         logger.warning(
-            "building the CPU decode step%s for %s of %s %s into %s (once for this "
-            "model and tessellm version)",
-            "s" if len(missing) > 1 else "",
-            ranges,
+            "building %s of %s %s into %s (once for this model and tessellm version)",
+            what,
             self.model_name,
             "before serving"
             if mode == "wait"
-            else "in the background; decode runs eagerly until each is ready",
+            else "in the background; they run eagerly until each is ready",
             directory,
         )
         directory.mkdir(parents=True, exist_ok=True)
@@ -277,10 +267,26 @@ class CompiledDecodeRunner:
             payload,
             directory / f"build-{os.getpid()}-{id(self):x}.log",
             lambda event: (h := handler()) is not None and h(event),
-            f"the CPU decode step{'s' if len(missing) > 1 else ''} for {ranges} "
-            f"of {self.model_name}",
+            f"{what} of {self.model_name}",
         )
         weakref.finalize(self, self._build.kill)
+
+    def _describe_pending(self) -> str:
+        """``the CPU decode steps for 1-16 and 17-64 sequences`` (and the verification
+        steps'), for messages."""
+        decode = [_label(shape) for shape in self.pending if _query_len(shape) == 1]
+        verify = [_label(shape) for shape in self.pending if _query_len(shape) > 1]
+        parts = []
+        if decode:
+            parts.append(
+                f"decode step{'s' if len(decode) > 1 else ''} for {' and '.join(decode)} sequences"
+            )
+        if verify:
+            parts.append(
+                f"verification step{'s' if len(verify) > 1 else ''} ({self.verify.query_len} "
+                f"tokens a sequence) for {' and '.join(verify)} sequences"
+            )
+        return "the CPU " + " and ".join(parts)
 
     # -- progress (the build's reader thread) ------------------------------------------
     def _on_event(self, event: dict) -> None:
