@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -37,7 +37,54 @@ def serve(
             metavar="[MODEL]", help="The model, as vLLM's `serve MODEL` (same as --model)."
         ),
     ] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)] = DEFAULT_MODEL,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help=MODEL_HELP + " Repeatable: several models on one port, routed by the "
+            "request's model (the first answers requests that name none).",
+            show_default=DEFAULT_MODEL,
+        ),
+    ] = None,
+    models_config: Annotated[
+        str | None,
+        typer.Option(
+            help="A YAML or JSON file listing models to serve: [{model, served_model_name, "
+            "<engine arguments>...}]; each entry's keys override the command line's.",
+            rich_help_panel=SERVER,
+            show_default=False,
+        ),
+    ] = None,
+    max_loaded_models: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Several models: most loaded at once; the least recently used idle one is "
+            "unloaded to load another (default: no limit).",
+            rich_help_panel=SERVER,
+            show_default=False,
+        ),
+    ] = None,
+    models_memory_budget: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Several models: bytes the loaded ones may take (weights + KV cache, "
+            "estimated); the least recently used idle ones are unloaded to stay within it.",
+            rich_help_panel=SERVER,
+            show_default=False,
+        ),
+    ] = None,
+    model_load_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Several models: seconds a request waits for its model to load (and for "
+            "room to load it) before a 503.",
+            rich_help_panel=SERVER,
+        ),
+    ] = 300.0,
     host: Annotated[str, typer.Option(help="Address to listen on.", rich_help_panel=SERVER)] = (
         "127.0.0.1"
     ),
@@ -191,10 +238,11 @@ def serve(
     ] = "auto",
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1), with /health and /metrics."""
+    models = list(model or [])
     if model_tag is not None:
-        if model != DEFAULT_MODEL and model != model_tag:
-            fail(f"the model is given twice ({model_tag!r} and --model {model!r})", USER_ERROR)
-        model = model_tag
+        if models and models != [model_tag]:
+            fail(f"the model is given twice ({model_tag!r} and --model {models[0]!r})", USER_ERROR)
+        models = [model_tag]
     try:
         import uvicorn
 
@@ -205,15 +253,18 @@ def serve(
 
     from tessellm.config import EngineArgs
     from tessellm.errors import TessellmError
+    from tessellm.server.models_config import build_model_specs, read_models_config
 
+    try:
+        entries = read_models_config(models_config) if models_config else []
+    except TessellmError as exc:
+        fail_with(exc)
+    model = models[0] if models else entries[0]["model"] if entries else DEFAULT_MODEL
     names = list(served_model_name or [model])
     try:  # adapters checked before the model loads
-        from tessellm.lora.adapter import read_adapter_config
         from tessellm.server.routes_lora import parse_lora_modules
 
         adapters = parse_lora_modules(lora_modules or [])
-        for _name, path in adapters:
-            read_adapter_config(path, max_lora_rank)
     except TessellmError as exc:
         fail_with(exc)
     if tool_call_parser is not None:
@@ -252,14 +303,31 @@ def serve(
             max_lora_rank=max_lora_rank,
             served_model_name=names[0],
         )
-        progress_note(f"tessellm serve: loading {model} ...")
-        engine = start_async_engine(args, data_parallel_size)
+        cli_models = models or ([] if entries else [model])
+        specs = build_model_specs(
+            args, cli_models, list(served_model_name or []), entries, data_parallel_size, adapters
+        )
+        from tessellm.lora.adapter import read_adapter_config
+
+        for spec in specs:
+            for _name, path in spec.lora_modules:
+                read_adapter_config(path, spec.args.max_lora_rank)
+        if len(specs) == 1:
+            args, names, adapters = specs[0].args, specs[0].names, specs[0].lora_modules
+            progress_note(f"tessellm serve: loading {args.model} ...")
+            engine = start_async_engine(args, specs[0].data_parallel_size)
     except TessellmError as exc:
         fail_with(exc)
+    if len(specs) > 1:  # several models: routed by the request's model
+        _serve_models(
+            specs, host, port, api_key, log_level, shutdown_timeout, tool_call_parser,
+            enable_auto_tool_choice, max_loaded_models, models_memory_budget, model_load_timeout,
+        )  # fmt: skip
+        return
     app = build_app(
         engine,
         names,
-        model_root=model,
+        model_root=args.model,
         api_key=api_key,
         shutdown_timeout=shutdown_timeout,
         lora_modules=adapters,
@@ -292,6 +360,53 @@ def serve(
     server.run()
     if engine.dead is not None:
         fail(f"the engine stopped ({engine.dead!r}); exiting so that the server can be restarted")
+
+
+def _serve_models(
+    specs: list[Any],
+    host: str,
+    port: int,
+    api_key: str | None,
+    log_level: str,
+    shutdown_timeout: int,
+    tool_call_parser: str | None,
+    enable_auto_tool_choice: bool,
+    max_loaded_models: int | None,
+    models_memory_budget: int | None,
+    model_load_timeout: float,
+) -> None:
+    """Several models on one port: the first loads now, the others on first use."""
+    import uvicorn
+
+    from tessellm.server.app import build_app
+    from tessellm.server.router import ModelRouter
+    from tessellm.server.shutdown import DrainingServer
+
+    router = ModelRouter(
+        specs,
+        lambda spec: start_async_engine(spec.args, spec.data_parallel_size),
+        max_loaded=max_loaded_models,
+        memory_budget=models_memory_budget,
+        load_timeout=model_load_timeout,
+        tool_call_parser=tool_call_parser,
+        enable_auto_tool_choice=enable_auto_tool_choice,
+    )
+    app = build_app(router, router.model_names, api_key=api_key, shutdown_timeout=shutdown_timeout)
+    progress_note(
+        f"tessellm serve: {', '.join(repr(s.name) for s in specs)} on http://{host}:{port}/v1 "
+        f"(loading {specs[0].name!r} now, the others on first use)"
+    )
+    signal.signal(signal.SIGTERM, _exit_after_graceful_shutdown)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=shutdown_timeout + SHUTDOWN_BACKSTOP_S,
+    )
+    # An engine that dies is started afresh on its model's next request (the others serve
+    # on), so the server does not exit for it as a one-model server does.
+    DrainingServer(config, app.state.shutdown).run()
 
 
 def _exit_after_graceful_shutdown(signum: int, frame: FrameType | None) -> None:

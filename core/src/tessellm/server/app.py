@@ -25,6 +25,7 @@ from tessellm.server.auth import APIKeyMiddleware, require_api_key
 from tessellm.server.context import ServerContext, get_context
 from tessellm.server.errors import install_error_handlers
 from tessellm.server.protocol import ModelCard, ModelList
+from tessellm.server.router import ModelLeaseMiddleware, ModelRouter
 from tessellm.server.shutdown import GracefulShutdown, GracefulShutdownMiddleware
 
 
@@ -76,7 +77,7 @@ def route_label(scope: Scope) -> str:
 
 
 def build_app(
-    engine: AsyncLLMEngine,
+    engine: AsyncLLMEngine | ModelRouter,
     served_model_names: list[str],
     model_root: str | None = None,
     api_key: str | None = None,
@@ -87,15 +88,34 @@ def build_app(
 
     ``app.state.shutdown`` (a :class:`GracefulShutdown`) is what the server's stop signal
     drives: no new requests, then in-flight ones get up to ``shutdown_timeout`` seconds.
+
+    Several models: ``engine`` is a ``ModelRouter``, which requests route through;
+    ``app.state.ctx`` is then the router (it holds the server's ``api_key`` and
+    ``metrics``).
     """
+    router = engine if isinstance(engine, ModelRouter) else None
     if not served_model_names:
         raise ValueError("served_model_names must name at least one model")
-    ctx = ServerContext(engine, served_model_names, model_root or served_model_names[0], api_key)
+    ctx: ServerContext | ModelRouter
+    if router is None:
+        ctx = ServerContext(
+            engine, served_model_names, model_root or served_model_names[0], api_key
+        )
+    else:
+        ctx = router
+        router.api_key = api_key
     shutdown = GracefulShutdown(shutdown_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         shutdown.bind(asyncio.get_running_loop())
+        if router is not None:
+            await router.start()  # the default model; the others on first use
+            try:
+                yield
+            finally:
+                await router.shutdown()
+            return
         engine.start()
         for name, path in lora_modules or ():  # checked before serving: a bad one stops here
             await routes_lora.add_adapter(ctx, name, path)
@@ -111,23 +131,29 @@ def build_app(
         lifespan=lifespan,
     )
     app.state.ctx = ctx
+    app.state.router = router
     app.state.shutdown = shutdown
     install_error_handlers(app)
+    if router is not None:  # the models a request routed to are held until it ends
+        app.add_middleware(ModelLeaseMiddleware, router=router)
     # The last added runs first: count everything, then refuse while draining, then auth.
     app.add_middleware(APIKeyMiddleware, api_key=api_key)
     app.add_middleware(GracefulShutdownMiddleware, shutdown=shutdown)
     app.add_middleware(HTTPMetricsMiddleware, counter=ctx.metrics.http_requests)
-    if routes_embeddings.serves_embeddings(engine):
+    if router is None and routes_embeddings.serves_embeddings(engine):
         app.include_router(routes_embeddings.generation_refused)
     else:
         app.include_router(routes_completions.router)
         app.include_router(routes_chat.router)
         app.include_router(routes_lora.router)
         app.include_router(routes_sleep.router)
-    app.include_router(routes_embeddings.router)
+    if router is None:
+        app.include_router(routes_embeddings.router)
 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_api_key)])
     async def list_models(request: Request) -> ModelList:
+        if router is not None:
+            return ModelList(data=[ModelCard(**card) for card in router.model_cards()])
         c = get_context(request)
         cards = [
             ModelCard(id=name, root=c.model_root, max_model_len=c.max_model_len)
@@ -143,7 +169,7 @@ def build_app(
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
-        running = get_context(request).engine.is_running
+        running = router.healthy if router is not None else get_context(request).engine.is_running
         return JSONResponse({"status": "ok" if running else "unavailable"}, 200 if running else 503)
 
     @app.get("/version")

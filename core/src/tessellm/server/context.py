@@ -35,6 +35,8 @@ class ServerContext:
     # LoRA adapters served by name (--lora-modules, /v1/load_lora_adapter): a request's
     # ``model`` names one to run with it.
     lora_modules: dict[str, LoRARequest] = field(default_factory=dict)
+    # This model's tool calling (a server of several models); None: the app's.
+    tool_calling: Any = None
     metrics: ServerMetrics = field(init=False)
     vocab_size: int = field(init=False)
 
@@ -198,8 +200,25 @@ class ServerContext:
         return ids
 
 
+# Request scope keys of a server of several models (server/router.py): the context the
+# request was routed to, and the models it holds until its response ends.
+ROUTED_CONTEXT = "tessellm.routed_context"
+LEASES = "tessellm.model_leases"
+
+
 def get_context(request: Request) -> ServerContext:
-    return request.app.state.ctx
+    """The request's context: the one model's, or the one ``model_context`` routed it to."""
+    return request.scope.get(ROUTED_CONTEXT) or request.app.state.ctx
+
+
+async def model_context(request: Request, name: str | None) -> tuple[ServerContext, str]:
+    """The context serving the request's ``model`` and the served name to answer with (a
+    404 for a name not served). Several models: the router's, loaded if need be."""
+    router = getattr(request.app.state, "router", None)
+    if router is None:  # one model: no routing
+        ctx: ServerContext = request.app.state.ctx
+        return ctx, ctx.check_model(name)
+    return await router.acquire(request.scope, name)
 
 
 def new_id(prefix: str) -> str:

@@ -14,7 +14,7 @@ from tessellm.server.context import (
     ChoiceUpdate,
     DeltaTracker,
     Prompt,
-    get_context,
+    model_context,
     new_id,
     usage_of,
 )
@@ -44,8 +44,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
     "/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-    ctx = get_context(request)
-    model = ctx.check_model(body.model)
+    ctx, model = await model_context(request, body.model)
     tools = tool_session(request, body)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")

@@ -16,7 +16,7 @@ from tessellm.server.context import (
     DeltaTracker,
     Prompt,
     ServerContext,
-    get_context,
+    model_context,
     new_id,
     usage_of,
 )
@@ -39,8 +39,7 @@ DEFAULT_MAX_TOKENS = 16
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
-    ctx = get_context(request)
-    model = ctx.check_model(body.model)
+    ctx, model = await model_context(request, body.model)
     if body.suffix:
         raise bad_request("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from tessellm.errors import InvalidRequestError
 from tessellm.lora.request import LoRARequest
 from tessellm.server.auth import require_api_key
-from tessellm.server.context import ServerContext, get_context
+from tessellm.server.context import ServerContext, model_context
 from tessellm.server.errors import APIError, bad_request
 from tessellm.server.routes_common import ERROR_RESPONSES
 
@@ -24,12 +24,14 @@ class LoadLoRAAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lora_name: str
     lora_path: str
+    model: str | None = None  # the base model, on a server of several (default: the first)
 
 
 class UnloadLoRAAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lora_name: str
     lora_int_id: int | None = None
+    model: str | None = None
 
 
 def parse_lora_modules(specs: list[str]) -> list[tuple[str, str]]:
@@ -56,14 +58,17 @@ async def add_adapter(ctx: ServerContext, name: str, path: str) -> LoRARequest:
 
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=ERROR_RESPONSES)
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> str:
-    ctx = get_context(request)
+    ctx, _ = await model_context(request, body.model)
+    router = request.app.state.router
+    if router is not None and body.lora_name in router.served_names():
+        raise bad_request(f"the name {body.lora_name!r} is already served", param="lora_name")
     await add_adapter(ctx, body.lora_name, body.lora_path)
     return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
 
 @router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=ERROR_RESPONSES)
 async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> str:
-    ctx = get_context(request)
+    ctx, _ = await model_context(request, body.model)
     if body.lora_name not in ctx.lora_modules:
         raise APIError(
             404,

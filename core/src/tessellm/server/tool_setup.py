@@ -14,7 +14,7 @@ from fastapi import Request
 from tessellm.errors import ConfigError, TessellmError
 from tessellm.interfaces.tool_parser import ToolCallParser, tool_parameters
 from tessellm.sampling_params import StructuredOutputsParams
-from tessellm.server.context import ServerContext
+from tessellm.server.context import ServerContext, get_context
 from tessellm.server.errors import bad_request
 from tessellm.server.protocol import ChatCompletionRequest, ChatMessage
 
@@ -109,7 +109,9 @@ def configure_tool_calling(app: Any, parser: str | None, enable_auto_tool_choice
 
 
 def request_config(request: Request) -> ToolCallingConfig:
-    config = getattr(request.app.state, "tool_calling", None)
+    # A server of several models keeps one per model (its chat template, its parser).
+    config = getattr(get_context(request), "tool_calling", None)
+    config = config or getattr(request.app.state, "tool_calling", None)
     if config is None:  # an app built without serve's flags: detect
         config = request.app.state.tool_calling = ToolCallingConfig()
     return config
