@@ -15,6 +15,7 @@ from tessellm.config import EngineArgs
 from tessellm.engine import structured_output as so
 from tessellm.engine.engine_setup import load_seam, tune_garbage_collector
 from tessellm.engine.output_processor import OutputProcessor, child_id
+from tessellm.engine.pooling import check_generative
 from tessellm.engine.speculative import build_speculator, proposer_class
 from tessellm.engine.step_recovery import apply_result, fail_unprocessed, is_fatal, recover_step
 from tessellm.engine.validation import RequestValidation
@@ -45,6 +46,7 @@ class LLMEngine(RequestValidation):
         self.resolved = ml.resolve_model(plugins, args.model, args.cache_dir, args.revision)
         fmt = ml.weight_format(plugins, self.resolved)
         self.model_config = fmt.load_config(self.resolved.path)
+        check_generative(args, plugins, self.model_config, self.resolved.path)
         tok_source = (
             self.resolved
             if args.tokenizer is None
