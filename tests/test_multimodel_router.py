@@ -243,3 +243,36 @@ def test_a_dead_engine_is_started_afresh_on_next_use():
         assert first.shut_down and loader.loads == ["a", "a"]
 
     asyncio.run(main())
+
+
+def test_an_unloaded_engine_gives_its_memory_back(tmp_path):
+    """Real engines: once a model is unloaded nothing holds its engine or its weights."""
+    import gc
+    import weakref
+    from dataclasses import replace
+
+    from tessellm.engine.async_engine import AsyncLLMEngine
+    from tessellm.testing import tiny_model
+
+    path = tiny_model("LlamaForCausalLM", tmp_path / "llama")
+    args = EngineArgs(model=str(path), dtype="float32", device="cpu", download_dir=str(tmp_path))
+    models = [ModelSpec([n], replace(args, served_model_name=n)) for n in ("a", "b")]
+
+    async def main():
+        router = ModelRouter(
+            models, lambda s: AsyncLLMEngine.from_engine_args(s.args), max_loaded=1
+        )
+        await router.start()
+        engine = router.entries[0].ctx.engine.engine
+        refs = [weakref.ref(engine), weakref.ref(engine.executor.runner.model)]
+        del engine
+        scope = {LEASES: []}
+        ctx, served = await router.acquire(scope, "b")
+        assert served == "b" and ctx.model_names == ["b"] and loaded(router) == {"b"}
+        assert router.entries[1].bytes > 0  # weights + KV cache, measured
+        Requests(router).end(scope)
+        gc.collect()
+        assert [ref() for ref in refs] == [None, None]
+        await router.shutdown()
+
+    asyncio.run(main())

@@ -121,11 +121,26 @@ def test_a_model_that_cannot_load_is_a_clear_error_and_the_others_serve(server, 
 
 
 def test_one_loaded_model_at_a_time_loses_no_request(models, expected, tmp_path):
-    """--max-loaded-models 1 and a config file (with its own engine arguments): requests
-    alternate between the models, concurrently; each completes with the right tokens."""
-    paths, _ = models
+    """--max-loaded-models 1 and a config file (with its own engine arguments and a LoRA
+    adapter): requests alternate between the models, concurrently; each completes with
+    the right tokens, the adapter's too (it survives its model's unloads)."""
+    pytest.importorskip("peft")
+    from test_lora_parity import make_adapter
+
+    from tessellm.lora import LoRARequest
+
+    paths, root = models
+    adapter = make_adapter(paths["qwen"], tmp_path / "adapter", seed=3, rank=4)
+    llm = LLM(model=str(paths["qwen"]), dtype="float32", device="cpu", enable_lora=True,
+              max_lora_rank=8, download_dir=str(root))  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    lora = LoRARequest("x", 1, adapter)
+    with_adapter = [o.outputs[0].text for o in llm.generate(PROMPTS, params, lora_request=lora)]
+    del llm
+    assert with_adapter != expected["qwen"]
     config = tmp_path / "models.json"
-    entry = {"model": str(paths["qwen"]), "served_model_name": "qwen", "max_model_len": 64}
+    entry = {"model": str(paths["qwen"]), "served_model_name": "qwen", "max_model_len": 64,
+             "max_lora_rank": 8, "lora_modules": [f"qwen-sql={adapter}"]}  # fmt: skip
     config.write_text(json.dumps([entry]))
     server = start_server(
         paths["llama"], tmp_path, "--served-model-name", "llama", "--models-config", str(config),
@@ -133,16 +148,22 @@ def test_one_loaded_model_at_a_time_loses_no_request(models, expected, tmp_path)
     )  # fmt: skip
     try:
         client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
-        jobs = [("llama", 0), ("qwen", 1), ("llama", 2), ("qwen", 0), ("llama", 1), ("qwen", 2)]
+        cards = {card.id: card for card in client.models.list().data}
+        assert set(cards) == {"llama", "qwen", "qwen-sql"}  # before qwen ever loaded
+        assert cards["qwen-sql"].parent == "qwen" and cards["qwen-sql"].root == adapter
+        jobs = [("llama", 0), ("qwen", 1), ("llama", 2), ("qwen-sql", 0), ("llama", 1),
+                ("qwen", 2), ("qwen-sql", 1)]  # fmt: skip
         with ThreadPoolExecutor(3) as pool:
             texts = list(pool.map(lambda job: complete(client, job[0], PROMPTS[job[1]]), jobs))
             chats = list(pool.map(lambda m: stream_chat(client, m), ["qwen", "llama"] * 2))
-        assert texts == [expected[m][i] for m, i in jobs]
+        wanted = {**expected, "qwen-sql": with_adapter}
+        assert texts == [wanted[m][i] for m, i in jobs]
         assert chats == [expected["qwen:chat"], expected["llama:chat"]] * 2
         metrics = server.metrics()
         assert sum(loaded(server).values()) == 1.0
         unloads = sum(metrics[f'tessellm:model_unloads_total{{model="{m}"}}'] for m in paths)
         assert unloads >= 2  # qwen came in once, and the chats swapped at least once more
+        assert complete(client, "qwen-sql", PROMPTS[2]) == with_adapter[2]
         cards = {card.id: card for card in client.models.list().data}
         assert cards["qwen"].max_model_len == 64  # the config's own engine argument
         assert cards["llama"].max_model_len != 64
