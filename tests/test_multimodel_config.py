@@ -105,3 +105,13 @@ def test_serve_refuses_a_bad_config_before_loading(tmp_path):
         timeout=120,
     )  # fmt: skip
     assert twice.returncode == 2 and "'a' is served twice" in twice.stderr
+
+
+def test_serve_exits_when_the_default_model_cannot_load(tmp_path):
+    bad = subprocess.run(
+        cli_command("serve", "--model", str(tmp_path / "none"), "--model", str(tmp_path / "b"),
+                    "--port", "0", "--device", "cpu"),
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert bad.returncode == 2, bad.stderr
+    assert "Error: the model " in bad.stderr and "could not be loaded" in bad.stderr

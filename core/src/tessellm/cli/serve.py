@@ -406,7 +406,13 @@ def _serve_models(
     )
     # An engine that dies is started afresh on its model's next request (the others serve
     # on), so the server does not exit for it as a one-model server does.
-    DrainingServer(config, app.state.shutdown).run()
+    try:
+        DrainingServer(config, app.state.shutdown).run()
+    except SystemExit:  # uvicorn's exit when the app's start-up failed
+        if router.start_error is None:
+            raise
+    if router.start_error is not None:  # the default model did not load: nothing served
+        fail(router.start_error.message, USER_ERROR if router.start_error.status < 500 else 1)
 
 
 def _exit_after_graceful_shutdown(signum: int, frame: FrameType | None) -> None:

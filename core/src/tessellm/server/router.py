@@ -103,6 +103,7 @@ class ModelRouter:
         self._load_lock = asyncio.Lock()
         self._changed = asyncio.Event()  # set (and replaced) whenever a lease is released
         self._closing = False
+        self.start_error: APIError | None = None
 
     # -- what the app asks -----------------------------------------------------------------
     @property
@@ -206,10 +207,15 @@ class ModelRouter:
             ) from None
 
     async def start(self) -> None:
-        """Load the default model (the server is not ready before it is)."""
+        """Load the default model (the server is not ready before it is); its failure is
+        kept in ``start_error`` for ``serve`` to report."""
         entry = self.default
         entry.load_task = asyncio.create_task(self._load(entry))
-        await entry.load_task
+        try:
+            await entry.load_task
+        except APIError as exc:
+            self.start_error = exc
+            raise
 
     async def shutdown(self) -> None:
         self._closing = True
