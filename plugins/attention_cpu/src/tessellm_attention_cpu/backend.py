@@ -49,9 +49,10 @@ BLOCK_DIAGONAL_MIN_SEQS = 8
 BLOCK_DIAGONAL_MAX_KV_HEADS = 4
 # Decode groups attend in chunks of sequences whose gathered K and V (in the compute
 # dtype) fit this, so that what one chunk gathers, converts and multiplies stays in the
-# caches: at 64 sequences of 512 tokens (3 kv heads of 64) 4 sequences a chunk (3 MiB)
-# took 11.5 ms a layer against 21 ms for all 64 at once, 12.5 ms for 8, 13 ms for 2
-# (fp32 compute, one thread, 2-core AMD EPYC).
+# caches. Swept on a 2-core AMD EPYC (fp32 compute, one thread, 3 kv heads of 64, busy
+# machine, medians of 9 interleaved rounds): 64 sequences of 512 tokens took 39/31/26/
+# 23/30 ms a layer at 1/2/3/4/6 MiB against 38 ms unchunked; 16 of 2,048 tokens (one
+# sequence a chunk) 25 against 39 ms; 64 of 128 tokens 7.3 against 9.4 ms.
 DECODE_CHUNK_BYTES = 4 << 20
 
 
