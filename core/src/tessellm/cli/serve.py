@@ -44,7 +44,7 @@ def serve(
             "-m",
             help=MODEL_HELP + " Repeatable: several models on one port, routed by the "
             "request's model (the first answers requests that name none).",
-            show_default=DEFAULT_MODEL,
+            show_default=False,
         ),
     ] = None,
     models_config: Annotated[
