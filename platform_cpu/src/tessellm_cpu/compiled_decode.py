@@ -110,7 +110,9 @@ def _what(shape: Shape) -> str:
     """The library's kind and batch range, for messages."""
     if _query_len(shape) == 1:
         return f"decode step for {_label(shape)} sequences"
-    return f"verification step for {_label(shape)} sequences of {_query_len(shape)} tokens"
+    return (
+        f"verification step ({_query_len(shape)} tokens a sequence) for {_label(shape)} sequences"
+    )
 
 
 class CompiledDecodeRunner:
