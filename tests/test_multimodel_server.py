@@ -19,6 +19,7 @@ from tessellm import LLM, SamplingParams
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai")
 
+KEY = "multimodel-key"
 PROMPTS = ["The capital of France is", "hello world", "one two three"]
 MAX_TOKENS = 8
 
@@ -55,7 +56,7 @@ def server(models):
     server = start_server(
         paths["llama"], root, "--served-model-name", "llama", "--model", str(paths["qwen"]),
         "--served-model-name", "qwen", "--model", str(root / "no-such-model"),
-        "--served-model-name", "broken",
+        "--served-model-name", "broken", "--api-key", KEY,
     )  # fmt: skip
     yield server
     server.stop()
@@ -84,7 +85,7 @@ def loaded(server) -> dict[str, float]:
 
 
 def test_models_are_listed_and_load_on_first_use_then_answer_concurrently(server, expected):
-    client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
+    client = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
     cards = {card.id: card for card in client.models.list().data}
     assert set(cards) == {"llama", "qwen", "broken"}
     assert loaded(server) == {"llama": 1.0, "qwen": 0.0}  # the default loads at start
@@ -96,19 +97,28 @@ def test_models_are_listed_and_load_on_first_use_then_answer_concurrently(server
     assert chats == [expected["qwen:chat"], expected["llama:chat"]] * 2
     assert loaded(server) == {"llama": 1.0, "qwen": 1.0}
     # The default model answers a request that names none.
-    raw = httpx.post(server.base_url + "/completions", json={"prompt": PROMPTS[0]}, timeout=30)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    raw = httpx.post(
+        server.base_url + "/completions", json={"prompt": PROMPTS[0]}, headers=auth, timeout=30
+    )
     assert raw.status_code == 200 and raw.json()["model"] == "llama"
 
 
-def test_unknown_model_is_a_404(server):
-    client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
+def test_unknown_model_is_a_404_and_the_api_key_guards_every_model(server):
+    client = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError) as err:
         complete(client, "gpt-4", "hi")
     assert "'gpt-4' does not exist" in str(err.value) and "'qwen'" in str(err.value)
+    keyless = openai.OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0)
+    for model in ("llama", "qwen"):
+        with pytest.raises(openai.AuthenticationError):
+            complete(keyless, model, "hi")
+    with pytest.raises(openai.AuthenticationError):
+        keyless.models.list()
 
 
 def test_a_model_that_cannot_load_is_a_clear_error_and_the_others_serve(server, expected):
-    client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
+    client = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
     for _ in range(2):  # the same answer each time
         with pytest.raises(openai.BadRequestError) as err:
             complete(client, "broken", "hi")
