@@ -276,3 +276,21 @@ def test_an_unloaded_engine_gives_its_memory_back(tmp_path):
         await router.shutdown()
 
     asyncio.run(main())
+
+
+def test_shutdown_ends_a_load_that_waits_for_room():
+    async def main():
+        router = make_router(max_loaded=1, load_timeout=60)
+        await router.start()
+        req = Requests(router)
+        await req.start("a")  # never ends: b's load waits for room
+        waiting = asyncio.create_task(req.one("b"))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await asyncio.wait_for(router.shutdown(), 10)
+        assert time.monotonic() - started < 5
+        with pytest.raises(APIError) as err:
+            await waiting
+        assert err.value.status == 503 and "shutting down" in err.value.message
+
+    asyncio.run(main())

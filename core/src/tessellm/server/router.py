@@ -219,6 +219,7 @@ class ModelRouter:
 
     async def shutdown(self) -> None:
         self._closing = True
+        self._changed.set()  # a load waiting for room gives up now
         for entry in self.entries:
             if entry.load_task is not None:
                 await asyncio.gather(entry.load_task, return_exceptions=True)
@@ -317,6 +318,8 @@ class ModelRouter:
     async def _make_room(self, entry: ModelEntry) -> None:
         deadline = time.monotonic() + self.load_timeout
         while not self._fits(entry):
+            if self._closing:
+                raise APIError(503, "the server is shutting down", code="server_shutting_down")
             idle = [e for e in self.loaded() if e is not entry and e.leases == 0]
             if idle:
                 victim = min(idle, key=lambda e: e.last_used)
