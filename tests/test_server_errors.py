@@ -122,6 +122,8 @@ MALFORMED_BODIES = [
 def test_every_route_answers_malformed_bodies_without_a_500(http):
     spec = http.get("/openapi.json").json()
     for path, operations in spec["paths"].items():
+        if path in ("/sleep", "/wake_up"):  # take no body; they put this shared server to
+            continue  # sleep and back (tests/test_sleep_wake.py drives them)
         for method in operations:
             for body in MALFORMED_BODIES:
                 response = http.request(
