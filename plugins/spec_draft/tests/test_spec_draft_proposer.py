@@ -218,3 +218,40 @@ def quantized_linears(model) -> int:
         or getattr(getattr(m, "weight", None), "dtype", None) == torch.int8
         for m in model.modules()
     )
+
+
+def test_the_draft_runs_in_the_targets_dtype(tiny_model_factory, monkeypatch):
+    """``dtype="auto"`` means what it resolved to for the target (a GGUF target runs in
+    bf16 on the CPU, whose default is fp32), whatever the draft's own format would pick."""
+    import torch
+
+    from tessellm import model_loader as ml
+    from tessellm.config import EngineArgs
+    from tessellm.interfaces.speculative import ProposerContext, SpeculativeConfig
+    from tessellm.plugins import get_plugins
+    from tessellm_spec_draft import draft_runner
+
+    target = tiny_model_factory("LlamaForCausalLM")
+    plugins = get_plugins()
+    config = SpeculativeConfig(method="draft_model", model=str(target), quantization="woq_int4")
+
+    def context(dtype: str) -> ProposerContext:
+        args = EngineArgs(model=str(target), dtype=dtype, device="cpu", download_dir=str(target))
+        resolved = ml.resolve_model(plugins, args.model, args.cache_dir)
+        return ProposerContext(args, resolved, plugins, 256, 512)
+
+    seen = []
+
+    def as_for_gguf(plugins, platform, config, requested=None):
+        seen.append(requested)
+        return torch.bfloat16
+
+    monkeypatch.setattr(draft_runner, "default_dtype_for", as_for_gguf)
+    args = draft_runner.draft_engine_args(config, context("auto"), 512)
+    assert (args.dtype, args.quantization, args.speculative_config) == (
+        "bfloat16",
+        "woq_int4",
+        None,
+    )
+    assert seen == [None]  # asked for the target, with the target's quantization
+    assert draft_runner.draft_engine_args(config, context("float16"), 512).dtype == "float16"
