@@ -15,36 +15,23 @@ from tessellm.engine.model_runner import ModelRunner
 from tessellm.errors import ConfigError, ModelLoadError
 from tessellm.interfaces.schedule import ScheduledSeq, SchedulerOutput
 from tessellm.interfaces.speculative import ProposerContext, SpeculativeConfig
-from tessellm.selection import choose_platform, default_dtype_for
 
 logger = logging.getLogger(__name__)
-
-
-def target_dtype_name(context: ProposerContext) -> str:
-    """The dtype the target runs in: what ``dtype="auto"`` resolved to for it (a GGUF
-    target runs in bf16 on the CPU, where the platform's default is fp32), so that a draft
-    of another format or quantization does not fall back to the platform's default."""
-    args = context.args
-    if args.dtype != "auto":
-        return args.dtype
-    plugins = context.plugins
-    platform, _ = choose_platform(plugins, args.device)
-    target_config = ml.weight_format(plugins, context.resolved).load_config(context.resolved.path)
-    auto = default_dtype_for(plugins, platform, target_config, args.quantization)
-    return str(auto).removeprefix("torch.")
 
 
 def draft_engine_args(
     config: SpeculativeConfig, context: ProposerContext, max_model_len: int
 ) -> EngineArgs:
     """The target's engine arguments with the draft's model and quantization: same
-    platform, run dtype, block size, attention backend and KV cache dtype; one process,
-    no speculation of its own."""
+    platform, block size, attention backend and KV cache dtype; one process, no
+    speculation of its own. ``dtype`` is the target's argument: ``"auto"`` resolves for
+    the draft's own checkpoint and quantization (a GGUF draft runs in bf16 on the CPU,
+    where its int4 kernels are fast, under an fp32 target), since the draft's dtype
+    changes only its guesses, never an output."""
     return dataclasses.replace(
         context.args,
         model=config.model,
         quantization=config.quantization,
-        dtype=target_dtype_name(context),
         speculative_config=None,
         tokenizer=None,
         revision=None,
