@@ -153,20 +153,15 @@ class Scheduler(StepResultsMixin, seams.Scheduler):
             if request.status is not running:  # an earlier one preempted it
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, draft.budget)
-            reserve = 0  # KV slots past the drafts (num_lookahead_slots), not computed
             if request.spec_token_ids:
-                num_drafts = self._take_drafts(request, draft)
-                if num_drafts:
-                    num_new += num_drafts
-                    room = self.max_model_len - request.num_tokens - num_drafts
-                    reserve = max(0, min(self.config.num_lookahead_slots - num_drafts, room))
+                num_new += self._take_drafts(request, draft)
             while not kv.can_allocate(request, num_new):
                 victim = self.running[-1]  # the lowest-ranked
                 self._preempt(victim, draft)
                 if victim is request:
                     break
             if request.status is running:
-                kv.allocate(request, num_new + reserve)
+                kv.allocate(request, num_new + self._lookahead(request, num_new))
                 draft.scheduled[request.request_id] = (request, num_new)
                 draft.budget -= num_new
 
@@ -190,6 +185,19 @@ class Scheduler(StepResultsMixin, seams.Scheduler):
         c.num_scheduled_steps += 1 if seqs else 0
         return SchedulerOutput(seqs, total, draft.preempted)
 
+    def _lookahead(self, request: Request, num_new: int) -> int:
+        """KV slots to reserve past a decode's tokens this step (``num_lookahead_slots``,
+        speculative decoding): a compiled verification step pads every decode of the step,
+        drafts or not, to ``1 + k`` tokens within its own blocks. Only where free blocks
+        allow: a reserve never preempts anyone."""
+        slots = self.config.num_lookahead_slots
+        if not slots or request.num_computed_tokens + num_new < request.num_tokens:
+            return 0  # off, or a prompt chunk
+        want = min(1 + slots - num_new, self.max_model_len - request.num_computed_tokens - num_new)
+        if want <= 0 or not self.kv.can_allocate(request, num_new + want):
+            return 0
+        return want
+
     def _take_drafts(self, request: Request, draft: _StepDraft) -> int:
         """Take a decoding request's speculative drafts into this step, as many as the
         budget, the context, ``max_tokens`` and free blocks allow; return how many."""
@@ -201,11 +209,8 @@ class Scheduler(StepResultsMixin, seams.Scheduler):
         if request.params.max_tokens is not None:
             room = min(room, request.params.max_tokens - len(request.output_token_ids) - 1)
         drafts = drafts[: max(room, 0)]
-        # Drafts never preempt anyone: without blocks for them (and for the lookahead
-        # slots) the step decodes one token.
-        lookahead = max(len(drafts), self.config.num_lookahead_slots)
-        slots = 1 + min(lookahead, self.max_model_len - num_tokens)
-        if not drafts or not self.kv.can_allocate(request, slots):
+        # Drafts never preempt anyone: without blocks for them the step decodes one token.
+        if not drafts or not self.kv.can_allocate(request, 1 + len(drafts)):
             return 0
         draft.drafts[request.request_id] = drafts
         return len(drafts)
