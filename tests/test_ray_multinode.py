@@ -25,7 +25,7 @@ from conftest import TEST_PROMPTS
 
 from tessellm import LLM, SamplingParams
 from tessellm.errors import ConfigError, WorkerError
-from tessellm.executors.ray import bundle_resources, placement_strategy
+from tessellm.executors.ray import bundle_resources, interface_holding, placement_strategy
 from tessellm.executors.worker import free_port
 
 psutil = pytest.importorskip("psutil")
@@ -167,6 +167,14 @@ def test_placement_settings_are_checked(monkeypatch):
     monkeypatch.setenv("TESSELLM_RAY_BUNDLE_RESOURCES", '[{"node_a": 1}, {"node_b": "x"}]')
     with pytest.raises(ConfigError, match="positive amount"):
         bundle_resources(2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="127.0.0.0/8 on lo is Linux's")
+def test_gloo_interface_is_the_one_holding_the_node_ip():
+    loopback = interface_holding("127.0.0.1")
+    assert loopback is not None
+    assert interface_holding(NODE_B_IP) == loopback  # the whole 127.0.0.0/8 network
+    assert interface_holding("203.0.113.7") is None  # TEST-NET-3: on no interface here
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ import json
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from tessellm.config import EngineArgs
 from tessellm.errors import ConfigError
@@ -108,7 +108,7 @@ def bundle_resources(world_size: int) -> list[dict[str, float]]:
 
 def interface_holding(ip: str) -> str | None:
     """The name of the network interface whose IPv4 network contains ``ip``, if any."""
-    try:
+    try:  # Ray ships psutil (ray/thirdparty_files, on sys.path once ray is imported)
         import psutil
     except ImportError:
         return None
@@ -296,7 +296,7 @@ class RayExecutor(DistributedExecutor):
                     deadline = deadline_after_raise(started, deadline)
         return results
 
-    def _fail_dead(self, rank: int, what: str, exc: BaseException, seen_by: str = "") -> None:
+    def _fail_dead(self, rank: int, what: str, exc: BaseException, seen_by: str = "") -> NoReturn:
         self._fail(
             f"Ray worker {self._where(rank)} died during {what} (its process or node is "
             f"gone){seen_by}; all {self.world_size} workers were stopped ({exc})"
@@ -304,7 +304,7 @@ class RayExecutor(DistributedExecutor):
 
     def _fail_lost_peers(
         self, rank: int, exc: BaseException, pending: list[Any], rank_of: dict[Any, int], what: str
-    ) -> None:
+    ) -> NoReturn:
         """A rank's collective broke (a peer went away, or timed out): name the peer that
         died if Ray reports it soon, else the ranks that did not answer."""
         ray = self._ray
