@@ -106,15 +106,22 @@ def test_the_cache_follows_the_requests_blocks(tiny_model_factory):
     llm = make_llm(target, target, block_size=4, num_gpu_blocks_override=40)
     try:
         proposer = llm.engine.speculator.proposer
+        forward_tokens = record_forwards(proposer)
         request = Request("r", list(prompt), SamplingParams(temperature=0.0))
         # The target has computed all but the last token: 23 positions, 6 blocks of 4.
         request.block_ids = [10, 11, 12, 13, 14, 15]
         assert proposer.propose([request], [3]) == [greedy[:3]]
+        assert forward_tokens == [23, 1, 1]  # the catch-up, then one per draft
         assert proposer._states["r"].computed == 23
-        # One draft accepted and one more token: the last (position 24) is past the
-        # request's blocks, in a scratch block, and not counted as computed.
+        # The first draft's KV went to position 23, in the request's last block.
+        assert proposer._states["r"].drafts_in_blocks == (greedy[0],)
+        # One draft accepted and one more token: the accepted draft's KV stands, and the
+        # last token (position 24) is past the request's blocks, in a scratch block, and
+        # not counted as computed.
+        forward_tokens.clear()
         request.output_token_ids += greedy[:2]
         assert proposer.propose([request], [3]) == [greedy[2:5]]
+        assert forward_tokens == [1, 1, 1]
         assert proposer._states["r"].computed == 24
         request.output_token_ids += greedy[2:4]
         request.block_ids += [16]  # now the draft writes position 24 into the real block
@@ -130,6 +137,41 @@ def test_the_cache_follows_the_requests_blocks(tiny_model_factory):
         assert proposer._states == {}
     finally:
         llm.engine.shutdown()
+
+
+def test_a_rejected_drafts_kv_is_recomputed(tiny_model_factory):
+    """A draft's KV written into the request's block is reused only where the token there
+    is the draft: after a rejection followed by another token (two steps between rounds,
+    as when the next step was scheduled ahead), the drafts follow the target's tokens."""
+    target = tiny_model_factory("LlamaForCausalLM")
+    prompt = [7, 100, 31]  # short: one position's KV weighs on every draft
+    (greedy,) = hf_greedy(target, [prompt], 3)
+    other = (greedy[0] + 1) % 256
+    (after_other,) = hf_greedy(target, [[*prompt, other]], 4)
+    llm = make_llm(target, target, block_size=4, num_gpu_blocks_override=40)
+    try:
+        proposer = llm.engine.speculator.proposer
+        request = Request("r", list(prompt), SamplingParams(temperature=0.0))
+        request.block_ids = [10, 11]  # 8 positions: the drafts' KV goes to its blocks
+        assert proposer.propose([request], [3]) == [greedy]
+        assert proposer._states["r"].drafts_in_blocks == tuple(greedy[:2])
+        request.output_token_ids += [other, after_other[0]]  # the first draft rejected
+        assert proposer.propose([request], [3]) == [after_other[1:]]
+    finally:
+        llm.engine.shutdown()
+
+
+def record_forwards(proposer) -> list[int]:
+    """The number of tokens of every draft forward the proposer runs from now on."""
+    seen: list[int] = []
+    greedy = proposer.draft.greedy
+
+    def recorded(seqs):
+        seen.append(sum(len(s.token_ids) for s in seqs))
+        return greedy(seqs)
+
+    proposer.draft.greedy = recorded
+    return seen
 
 
 def test_a_draft_of_another_vocabulary_is_refused(tiny_model_factory):

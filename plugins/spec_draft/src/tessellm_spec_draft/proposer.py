@@ -35,10 +35,13 @@ GREEDY = SamplingParams(temperature=0.0)
 @dataclass(slots=True)
 class _DraftState:
     """How much of a request the draft's cache holds: positions ``[0, computed)``, in the
-    blocks ``block_ids`` (the request's first ones, as they were when written)."""
+    blocks ``block_ids`` (the request's first ones, as they were when written); and the
+    drafts whose KV was written into those blocks from ``computed`` on, which hold the
+    sequence's own KV where the target accepted them."""
 
     computed: int = 0
     block_ids: tuple[int, ...] = ()
+    drafts_in_blocks: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -50,6 +53,8 @@ class _Row:
     num_tokens: int
     table: list[int]  # its blocks, then its scratch blocks
     drafts: list[int]
+    state: _DraftState | None = None
+    num_blocks: int = 0  # the request's own blocks, at the front of ``table``
 
 
 class DraftModelProposer(Proposer):
@@ -144,8 +149,13 @@ class DraftModelProposer(Proposer):
             needed = -(-(row.num_tokens + row.limit - 1) // bs) - len(blocks)
             scratch = self.num_blocks + slot * self.scratch_per_request
             row.table = [*blocks, *range(scratch, scratch + max(needed, 0))]
+            start = state.computed
+            for token in state.drafts_in_blocks:  # accepted: the KV written for it stands
+                if start >= row.num_tokens or request.token_at(start) != token:
+                    break
+                start += 1
             # At least the last known token: its logits give the first draft.
-            start = min(state.computed, row.num_tokens - 1)
+            start = min(start, row.num_tokens - 1)
             seqs.append(
                 ScheduledSeq(
                     request.request_id,
@@ -160,7 +170,7 @@ class DraftModelProposer(Proposer):
             # the tail in scratch blocks, and every draft's KV, is not.
             computed = min(row.num_tokens, len(blocks) * bs)
             state.computed = computed
-            state.block_ids = tuple(blocks[: -(-computed // bs)])
+            row.state, row.num_blocks = state, len(blocks)
         tokens = self.draft.greedy(seqs)
         for row, token in zip(rows, tokens, strict=True):
             row.drafts.append(token)
@@ -179,3 +189,13 @@ class DraftModelProposer(Proposer):
             ]
             for row, token in zip(active, self.draft.greedy(seqs), strict=True):
                 row.drafts.append(token)
+        for row in rows:
+            # Draft inputs 1 .. limit - 1 were written at positions num_tokens onwards:
+            # those inside the request's own blocks may be reused next round.
+            state = row.state
+            assert state is not None
+            real_end = row.num_blocks * bs
+            in_blocks = 0 if state.computed < row.num_tokens else real_end - row.num_tokens
+            in_blocks = max(0, min(row.limit - 1, in_blocks))
+            state.drafts_in_blocks = tuple(row.drafts[:in_blocks])
+            state.block_ids = tuple(row.table[: -(-(state.computed + in_blocks) // bs)])
