@@ -14,8 +14,11 @@ chat model to repeat a paragraph longer than the output, so all ``--max-tokens``
 are the repeat (``ignore_eos`` keeps the count fixed). Every round runs each mode once,
 in a shuffled order, so load from other processes falls on every mode; a mode's figure
 is the median over rounds, with the range. tok/s is output tokens over the request's
-wall time (its prefill included). Each mode's tokens are compared with its target's run
-without drafts.
+wall time (its prefill included); "1st ms" is the proposer's first call (the draft reads
+the whole prompt), "prop ms" the median of the rest (one round of k drafts); compiled
+steps count the target's and the draft's steps run by the CPU's compiled libraries
+(``multi``: several tokens a sequence). Each mode's tokens are compared with its target's
+run without drafts.
 
     python bench/spec_draft_cpu.py --rounds 5 --k 3 --json out.json
 """
@@ -71,26 +74,58 @@ def modes(k: int) -> dict[str, tuple[str | None, dict[str, Any] | None]]:
 DEFAULT_MODES = ("off", "draft_self", "dense_off", "dense_draft_int4")
 
 
-def spec_counters(llm: LLM) -> dict[str, float]:
-    stats = llm.engine.stats()
-    keys = (
-        "steps",
-        "spec_decode_num_drafts",
-        "spec_decode_num_draft_tokens",
-        "spec_decode_num_accepted_tokens",
-        "spec_decode_proposer_seconds",
-    )
-    return {key: float(stats.get(key, 0.0)) for key in keys}
+class Probe:
+    """Per-engine instruments: the proposer's time per call, and how many steps of the
+    target's and the draft's runners ran compiled (the CPU's graph runner)."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        self.propose_seconds: list[float] = []
+        speculator = llm.engine.speculator
+        self.runners = {"target": llm.engine.executor.runner}
+        if speculator is not None:
+            proposer = speculator.proposer
+            plain = proposer.propose
+
+            def timed(*args: Any, **kwargs: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    return plain(*args, **kwargs)
+                finally:
+                    self.propose_seconds.append(time.perf_counter() - start)
+
+            proposer.propose = timed
+            draft = getattr(proposer, "draft", None)
+            if draft is not None:
+                self.runners["draft"] = draft.runner
+
+    def counters(self) -> dict[str, float]:
+        stats = self.llm.engine.stats()
+        keys = (
+            "steps",
+            "spec_decode_num_drafts",
+            "spec_decode_num_draft_tokens",
+            "spec_decode_num_accepted_tokens",
+        )
+        found = {key: float(stats.get(key, 0.0)) for key in keys}
+        for name, runner in self.runners.items():
+            graphs = runner.graph_runner
+            found[f"{name}_compiled"] = float(getattr(graphs, "steps", 0))
+            verify = getattr(graphs, "verify_steps", None)
+            found[f"{name}_compiled_multi"] = float(verify() if callable(verify) else 0)
+        return found
 
 
-def run_once(llm: LLM, prompt_ids: list[int], max_tokens: int) -> dict[str, Any]:
+def run_once(probe: Probe, prompt_ids: list[int], max_tokens: int) -> dict[str, Any]:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    before = spec_counters(llm)
+    before = probe.counters()
+    calls = len(probe.propose_seconds)
     start = time.perf_counter()
-    (output,) = llm.generate([{"prompt_token_ids": prompt_ids}], params, use_tqdm=False)
+    (output,) = probe.llm.generate([{"prompt_token_ids": prompt_ids}], params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    after = spec_counters(llm)
+    after = probe.counters()
     delta = {key: after[key] - before[key] for key in after}
+    proposes = probe.propose_seconds[calls:]
     tokens = list(output.outputs[0].token_ids)
     drafted = delta["spec_decode_num_draft_tokens"]
     rounds = delta["spec_decode_num_drafts"]
@@ -102,9 +137,10 @@ def run_once(llm: LLM, prompt_ids: list[int], max_tokens: int) -> dict[str, Any]
         "mean_accepted_length": (
             1 + delta["spec_decode_num_accepted_tokens"] / rounds if rounds else None
         ),
-        "proposer_ms_per_round": (
-            1000 * delta["spec_decode_proposer_seconds"] / rounds if rounds else None
-        ),
+        # The first call catches the draft up on the whole prompt; the rest are rounds.
+        "first_propose_ms": 1000 * proposes[0] if proposes else None,
+        "propose_ms": 1000 * statistics.median(proposes[1:]) if len(proposes) > 1 else None,
+        "compiled": {k: v for k, v in delta.items() if k.endswith(("compiled", "multi"))},
     }
 
 
@@ -121,10 +157,10 @@ def main() -> None:
 
     known = modes(args.k)
     chosen = {name: known[name] for name in dict.fromkeys(["off", *args.modes])}
-    engines: dict[str, LLM] = {}
+    engines: dict[str, Probe] = {}
     for name, (quantization, spec) in chosen.items():
         start = time.perf_counter()
-        engines[name] = llm = LLM(
+        llm = LLM(
             model=MODEL,
             max_num_seqs=1,
             max_model_len=1024,
@@ -135,8 +171,9 @@ def main() -> None:
         what = f"{runner.dtype} {runner.quantization}"
         if llm.engine.speculator is not None:
             what += f", {llm.engine.speculator.proposer.describe()}"
+        engines[name] = Probe(llm)
         print(f"built {name} in {time.perf_counter() - start:.1f} s: {what}", flush=True)
-    tokenizer = engines["off"].get_tokenizer()
+    tokenizer = engines["off"].llm.get_tokenizer()
     prompt_ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True
     )
@@ -147,8 +184,8 @@ def main() -> None:
         f"{len(prompt_ids)} tokens, {args.max_tokens} outputs, k={args.k}",
         flush=True,
     )
-    for llm in engines.values():  # warm-up
-        run_once(llm, prompt_ids, 16)
+    for probe in engines.values():  # warm-up
+        run_once(probe, prompt_ids, 16)
 
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
     names = list(engines)
@@ -163,25 +200,30 @@ def main() -> None:
     dense = results.get("dense_off", [{}])[0].get("tokens")
     base = statistics.median(r["tok_s"] for r in results["off"])
     print(
-        f"\n{'mode':16} {'tok/s':>7} {'range':>13} {'x off':>6} {'accept':>7} "
-        f"{'len':>5} {'prop ms':>8} {'steps':>6} same"
+        f"\n{'mode':16} {'tok/s':>7} {'range':>13} {'x off':>6} {'accept':>7} {'len':>5} "
+        f"{'1st ms':>7} {'prop ms':>8} {'steps':>6} same  compiled steps (last run)"
     )
+
+    def cell(value: float | None, width: int, digits: int = 1) -> str:
+        return f"{'' if value is None else f'{value:.{digits}f}':>{width}}"
+
     for name, runs in results.items():
         speeds = [r["tok_s"] for r in runs]
         median = statistics.median(speeds)
         last = runs[-1]
-        accept = last["acceptance"]
-        length = last["mean_accepted_length"]
-        proposer = last["proposer_ms_per_round"]
         # A dense target's greedy text is compared with the dense run without drafts.
         expected = dense if name.startswith("dense") and dense is not None else reference
         same = all(r["tokens"] == expected for r in runs)
+        firsts = [r["first_propose_ms"] for r in runs if r["first_propose_ms"] is not None]
+        rounds = [r["propose_ms"] for r in runs if r["propose_ms"] is not None]
+        compiled = " ".join(f"{k}={v:.0f}" for k, v in last["compiled"].items())
         print(
             f"{name:16} {median:7.1f} {min(speeds):6.1f}-{max(speeds):<6.1f} "
-            f"{median / base:6.2f} {'' if accept is None else f'{accept:.2f}':>7} "
-            f"{'' if length is None else f'{length:.2f}':>5} "
-            f"{'' if proposer is None else f'{proposer:.1f}':>8} "
-            f"{last['target_steps']:6.0f} {same}"
+            f"{median / base:6.2f} {cell(last['acceptance'], 7, 2)} "
+            f"{cell(last['mean_accepted_length'], 5, 2)} "
+            f"{cell(statistics.median(firsts) if firsts else None, 7)} "
+            f"{cell(statistics.median(rounds) if rounds else None, 8)} "
+            f"{last['target_steps']:6.0f} {same!s:5} {compiled}"
         )
     print(f"\ntext (off): {tokenizer.decode(reference)[:300]!r}")
     if args.json:
@@ -200,8 +242,8 @@ def main() -> None:
                 f,
                 indent=1,
             )
-    for llm in engines.values():
-        llm.engine.shutdown()
+    for probe in engines.values():
+        probe.llm.engine.shutdown()
 
 
 if __name__ == "__main__":

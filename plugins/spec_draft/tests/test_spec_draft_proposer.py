@@ -161,6 +161,57 @@ def test_a_rejected_drafts_kv_is_recomputed(tiny_model_factory):
         llm.engine.shutdown()
 
 
+def test_prefix_cache_hits_reuse_the_drafts_kv(tiny_model_factory):
+    """A prompt the target finds in its prefix cache is also in the draft's cache (same
+    block ids, same content): the draft reads only the tokens after the hit blocks."""
+    target = tiny_model_factory("LlamaForCausalLM")
+    expected = hf_greedy(target, PROMPTS[:1], 20)
+    llm = make_llm(target, target, block_size=4)
+    try:
+        assert generate(llm, PROMPTS[:1]) == expected
+        forward_tokens = record_forwards(llm.engine.speculator.proposer)
+        assert generate(llm, PROMPTS[:1]) == expected
+        # 15 prompt tokens: 3 blocks of 4 are hits; the first catch-up reads the other 3
+        # and the first output token.
+        assert forward_tokens[0] == 4
+        stats = llm.engine.stats()
+        assert stats["prefix_cache_hit_tokens"] == 12
+        assert stats["spec_decode_acceptance_rate"] == 1.0
+    finally:
+        llm.engine.shutdown()
+
+
+def test_a_block_rewritten_for_another_request_is_not_reused(tiny_model_factory):
+    """The draft's KV in a block counts for a prefix hit only while the block still holds
+    the draft's KV of that content: not once the draft wrote another request's tokens or
+    drafts into it, even where the block's recorded content would match."""
+    target = tiny_model_factory("LlamaForCausalLM")
+    prompt = [7, 100, 31, 9, 60, 61, 62, 5, 8]  # 9 tokens: blocks 0-1 full
+    (greedy,) = hf_greedy(target, [prompt], 3)
+    llm = make_llm(target, target, block_size=4, num_gpu_blocks_override=40)
+    try:
+        proposer = llm.engine.speculator.proposer
+        first = Request("a", list(prompt), SamplingParams(temperature=0.0))
+        first.block_ids, first.block_hashes = [1, 2, 3], [b"h1", b"h2"]
+        assert proposer.propose([first], [3]) == [greedy]
+        assert proposer._block_contents == {1: b"h1", 2: b"h2"}
+        proposer.finished(["a"])
+        # Another request with block 1 as its second block: its last known tokens and
+        # drafts overwrite it, and it is not full of known tokens.
+        other = Request("b", [3, 4, 5, 6, 40, 41], SamplingParams(temperature=0.0))
+        other.block_ids, other.block_hashes = [4, 1], [b"g1"]
+        proposer.propose([other], [3])
+        assert proposer._block_contents == {2: b"h2", 4: b"g1"}
+        proposer.finished(["b"])
+        again = Request("c", list(prompt), SamplingParams(temperature=0.0))
+        again.block_ids, again.block_hashes = [1, 2, 3], [b"h1", b"h2"]
+        forward_tokens = record_forwards(proposer)
+        assert proposer.propose([again], [3]) == [greedy]
+        assert forward_tokens[0] == len(prompt)  # nothing reused
+    finally:
+        llm.engine.shutdown()
+
+
 def record_forwards(proposer) -> list[int]:
     """The number of tokens of every draft forward the proposer runs from now on."""
     seen: list[int] = []

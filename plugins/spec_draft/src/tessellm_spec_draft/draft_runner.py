@@ -23,22 +23,29 @@ def draft_engine_args(
     config: SpeculativeConfig, context: ProposerContext, max_model_len: int
 ) -> EngineArgs:
     """The target's engine arguments with the draft's model and quantization: same
-    platform, block size, attention backend and KV cache dtype; one process, no
-    speculation of its own. ``dtype`` is the target's argument: ``"auto"`` resolves for
-    the draft's own checkpoint and quantization (a GGUF draft runs in bf16 on the CPU,
-    where its int4 kernels are fast, under an fp32 target), since the draft's dtype
-    changes only its guesses, never an output."""
+    platform, block size, attention backend and KV cache dtype; one process, no LoRA.
+    ``dtype`` is the target's argument: ``"auto"`` resolves for the draft's own checkpoint
+    and quantization (a GGUF draft runs in bf16 on the CPU, where its int4 kernels are
+    fast, under an fp32 target), since the draft's dtype changes only its guesses.
+
+    ``speculative_config`` keeps ``k`` and nothing else: the runner builds no proposer,
+    it only tells the platform's graph runner to cover steps of up to ``1 + k`` tokens a
+    sequence (GraphSpec.max_draft_tokens: the CPU's verification libraries), which is
+    what a round's catch-up is once the draft keeps up."""
     return dataclasses.replace(
         context.args,
         model=config.model,
         quantization=config.quantization,
-        speculative_config=None,
+        speculative_config=SpeculativeConfig(
+            method=config.method, num_speculative_tokens=config.num_speculative_tokens
+        ),
         tokenizer=None,
         revision=None,
         max_model_len=max_model_len,
         tensor_parallel_size=1,
         enable_expert_parallel=False,
         distributed_executor_backend=None,
+        enable_lora=False,
     )
 
 
@@ -117,14 +124,14 @@ class DraftRunner:
 
     def greedy(self, seqs: list[ScheduledSeq]) -> list[int]:
         """Write the seqs' KV into the draft's cache and return, for each seq, the draft's
-        argmax after its last token. One-token-per-seq steps take the platform's compiled
-        or graph-captured decode step where it has one."""
+        argmax after its last token. Steps the platform's graph runner covers (one token a
+        sequence; up to ``1 + k`` where it has verification graphs) run through it."""
         runner = self.runner
         plan = SchedulerOutput(seqs, sum(len(s.token_ids) for s in seqs))
         with runner.platform.inference_mode():
             input_ids, positions, metadata, sample_rows = runner.prepare_inputs(plan)
             hidden = None
-            if runner.graph_runner is not None and metadata.max_query_len == 1:
+            if runner.graph_runner is not None:
                 hidden = runner.graph_runner(input_ids, positions, metadata)
             if hidden is None:
                 runner.attention.prepare(metadata)

@@ -55,6 +55,7 @@ class _Row:
     drafts: list[int]
     state: _DraftState | None = None
     num_blocks: int = 0  # the request's own blocks, at the front of ``table``
+    start: int = 0  # the first position the round's catch-up writes
 
 
 class DraftModelProposer(Proposer):
@@ -68,15 +69,20 @@ class DraftModelProposer(Proposer):
         self.block_size = self.draft.block_size
         k = config.num_speculative_tokens
         # A request's target blocks cover at least its computed tokens (all but the last
-        # known one); the draft writes k positions from there: the last token and k - 1
-        # drafts, which may straddle one more block boundary.
-        self.scratch_per_request = -(-k // self.block_size) + 1
+        # known one); from there the draft writes the last token and k - 1 drafts, and a
+        # catch-up padded to 1 + k tokens (a compiled step's shape) reaches one further:
+        # k + 1 positions, which may straddle one more block boundary.
+        self.scratch_per_request = -(-(k + 1) // self.block_size) + 1
         limit = config.disable_by_batch_size
         self.max_batch = (
             min(context.args.max_num_seqs, limit) if limit else context.args.max_num_seqs
         )
         self.num_blocks = 0  # the target's; scratch blocks follow
         self._states: dict[str, _DraftState] = {}
+        # Block id -> the prefix-cache hash of the full block of known tokens whose KV the
+        # draft wrote there. A request admitted with prefix-cache hits starts from the
+        # hit blocks that still hold the draft's KV for the same content.
+        self._block_contents: dict[int, bytes] = {}
 
     # -- the seam ------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -123,20 +129,46 @@ class DraftModelProposer(Proposer):
         limit = min(wanted, self.draft.max_model_len - num_tokens)
         # ... and within its blocks and its scratch blocks (always so while the target's
         # blocks cover its computed tokens, as the scheduler keeps them).
-        covered = (len(request.block_ids) + self.scratch_per_request) * self.block_size
-        limit = min(limit, covered - num_tokens + 1)
+        limit = min(limit, self.reach(request.block_ids) - num_tokens + 1)
         if limit <= 0 or not request.block_ids:
             return None
         return _Row(index, limit, num_tokens, [], [])
 
+    def reach(self, blocks: list[int]) -> int:
+        """Positions a request's table can hold: its blocks and its scratch blocks."""
+        return (len(blocks) + self.scratch_per_request) * self.block_size
+
     def _state(self, request: Request) -> _DraftState:
         """The request's draft state, reset when its blocks are no longer the ones the
-        draft wrote (it was preempted and readmitted into other blocks)."""
+        draft wrote (it was preempted and readmitted into other blocks); a new one starts
+        after the leading blocks whose draft KV is that of the request's tokens."""
         state = self._states.get(request.request_id)
         blocks = request.block_ids
         if state is None or tuple(blocks[: len(state.block_ids)]) != state.block_ids:
-            state = self._states[request.request_id] = _DraftState()
+            reused = 0
+            contents = self._block_contents
+            for block_id, block_hash in zip(blocks, request.block_hashes, strict=False):
+                if contents.get(block_id) != block_hash:
+                    break
+                reused += 1
+            state = _DraftState(computed=reused * self.block_size)
+            self._states[request.request_id] = state
         return state
+
+    def _record_contents(self, request: Request, row: _Row, first: int) -> None:
+        """After a round that wrote the request's positions from ``first`` on: its blocks
+        written to no longer hold what they held, and those now full of its known tokens
+        hold the draft's KV for their content."""
+        assert row.state is not None
+        bs = self.block_size
+        blocks = request.block_ids
+        contents = self._block_contents
+        written_end = row.num_tokens + self.config.num_speculative_tokens
+        for block_id in blocks[first // bs : -(-written_end // bs)]:
+            contents.pop(block_id, None)
+        hashes = request.block_hashes
+        for index in range(first // bs, min(row.state.computed // bs, len(hashes))):
+            contents[blocks[index]] = hashes[index]
 
     def _draft_batch(self, requests: Sequence[Request], rows: list[_Row]) -> None:
         bs = self.block_size
@@ -145,8 +177,10 @@ class DraftModelProposer(Proposer):
             request = requests[row.index]
             state = self._state(request)
             blocks = request.block_ids
-            # Through the last draft input's position: num_tokens + limit - 2.
-            needed = -(-(row.num_tokens + row.limit - 1) // bs) - len(blocks)
+            # Through position num_tokens + k - 1: the last draft input's (num_tokens +
+            # limit - 2) and the end of a catch-up padded to 1 + k tokens.
+            reach = min(row.num_tokens + self.config.num_speculative_tokens, self.reach(blocks))
+            needed = -(-reach // bs) - len(blocks)
             scratch = self.num_blocks + slot * self.scratch_per_request
             row.table = [*blocks, *range(scratch, scratch + max(needed, 0))]
             start = state.computed
@@ -155,7 +189,7 @@ class DraftModelProposer(Proposer):
                     break
                 start += 1
             # At least the last known token: its logits give the first draft.
-            start = min(start, row.num_tokens - 1)
+            start = row.start = min(start, row.num_tokens - 1)
             seqs.append(
                 ScheduledSeq(
                     request.request_id,
@@ -199,3 +233,4 @@ class DraftModelProposer(Proposer):
             in_blocks = max(0, min(row.limit - 1, in_blocks))
             state.drafts_in_blocks = tuple(row.drafts[:in_blocks])
             state.block_ids = tuple(row.table[: -(-(state.computed + in_blocks) // bs)])
+            self._record_contents(requests[row.index], row, row.start)
