@@ -117,6 +117,9 @@ class LLMEngine(RequestValidation):
             and bool(self.executor.feeds_sampled_tokens)
             and bool(self.scheduler.supports_schedule_ahead)
             and bool(kv.supports_schedule_ahead)
+            # Drafts are proposed from the known tokens, which a step scheduled ahead lacks:
+            # with speculation the loop overlaps output processing only.
+            and self.speculator is None
         )
         self._in_flight: tuple[SchedulerOutput, PendingResult] | None = None
         # A next step whose launch raised (overlapped loop): recovered at the end of step().
