@@ -14,8 +14,9 @@ chat model to repeat a paragraph longer than the output, so all ``--max-tokens``
 are the repeat (``ignore_eos`` keeps the count fixed). Every round runs each mode once,
 in a shuffled order, so load from other processes falls on every mode; a mode's figure
 is the median over rounds, with the range. tok/s is output tokens over the request's
-wall time (its prefill included); "1st ms" is the proposer's first call (the draft reads
-the whole prompt), "prop ms" the median of the rest (one round of k drafts); compiled
+wall time (its prefill included; after the warm-up the prompt is a prefix-cache hit for
+the target and for the draft alike); "1st ms" is the proposer's first call of a request,
+"prop ms" the median of the rest (one round of k drafts); compiled
 steps count the target's and the draft's steps run by the CPU's compiled libraries
 (``multi``: several tokens a sequence). Each mode's tokens are compared with its target's
 run without drafts.
@@ -111,8 +112,8 @@ class Probe:
         for name, runner in self.runners.items():
             graphs = runner.graph_runner
             found[f"{name}_compiled"] = float(getattr(graphs, "steps", 0))
-            verify = getattr(graphs, "verify_steps", None)
-            found[f"{name}_compiled_multi"] = float(verify() if callable(verify) else 0)
+            verify = getattr(graphs, "verify_steps", 0)  # a property, or a method
+            found[f"{name}_compiled_multi"] = float(verify() if callable(verify) else verify)
         return found
 
 
@@ -184,8 +185,12 @@ def main() -> None:
         f"{len(prompt_ids)} tokens, {args.max_tokens} outputs, k={args.k}",
         flush=True,
     )
-    for probe in engines.values():  # warm-up
-        run_once(probe, prompt_ids, 16)
+    for name, probe in engines.items():  # warm-up; the draft reads the prompt cold
+        warm = run_once(probe, prompt_ids, 16)
+        if warm["first_propose_ms"] is not None:
+            print(
+                f"{name}: the draft's first call, whole prompt: {warm['first_propose_ms']:.0f} ms"
+            )
 
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
     names = list(engines)
