@@ -57,8 +57,12 @@ class LayerLoRA:
         self.kv_replicas = getattr(layer, "kv_replicas", 1)
         width = len(self.shard_sizes) * max_rank
         dtype, device = layer.ctx.dtype, layer.ctx.device
-        self.a = torch.zeros(num_slots, width, layer.in_features, dtype=dtype, device=device)
-        self.b = torch.zeros(num_slots, layer.out_features, width, dtype=dtype, device=device)
+        # On a CPU in fp32: the matrices are small, and half-precision matmuls there build a
+        # kernel per new shape (every group size of every step): seconds per step.
+        self.compute_dtype = torch.float32 if device.type == "cpu" else dtype
+        cd = self.compute_dtype
+        self.a = torch.zeros(num_slots, width, layer.in_features, dtype=cd, device=device)
+        self.b = torch.zeros(num_slots, layer.out_features, width, dtype=cd, device=device)
 
     def load(self, slot: int, shards: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put an adapter's matrices for this layer (full size) into ``slot``: this rank's
@@ -89,14 +93,16 @@ class LayerLoRA:
 
     def shrink(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``x A^T`` for each group (partial sums on a row-parallel layer)."""
+        cd = self.compute_dtype
         return [
-            (x if index is None else x[index]) @ self.a[slot].T for slot, index in self.step.groups
+            (x if index is None else x[index]).to(cd) @ self.a[slot].T
+            for slot, index in self.step.groups
         ]
 
     def expand(self, shrunk: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
         """``y`` plus each group's ``(x A^T) B^T`` at its tokens."""
         for (slot, index), u in zip(self.step.groups, shrunk, strict=True):
-            delta = u @ self.b[slot].T
+            delta = (u @ self.b[slot].T).to(y.dtype)
             y = y + delta if index is None else y.index_add(0, index, delta)
         return y
 
