@@ -121,7 +121,11 @@ def _alive(proc: psutil.Process) -> bool:
 
 @pytest.fixture(scope="module")
 def cluster():
-    pytest.importorskip("ray")
+    ray = pytest.importorskip("ray")
+    # An earlier test module's engine may have left this process connected to a local Ray
+    # (its executor did not own the connection): the cluster's engines must join this one.
+    if ray.is_initialized():
+        ray.shutdown()
     nodes = TwoNodeCluster()
     try:
         nodes.start()
