@@ -243,11 +243,10 @@ def serve(
         if models and models != [model_tag]:
             fail(f"the model is given twice ({model_tag!r} and --model {models[0]!r})", USER_ERROR)
         models = [model_tag]
-    try:
-        import uvicorn
+    try:  # the serve extra, checked before any model loads
+        import uvicorn  # noqa: F401
 
         from tessellm.server.app import build_app
-        from tessellm.server.shutdown import DrainingServer
     except ImportError as exc:
         fail(f"the server needs the serve extra: pip install 'tessellm[serve]' ({exc})")
 
@@ -342,18 +341,7 @@ def serve(
         f"tessellm serve: {', '.join(names)} (max_model_len {engine.max_model_len}) "
         f"on http://{host}:{port}/v1"
     )
-    # A finished graceful shutdown after SIGTERM is a normal end: uvicorn re-raises the
-    # signal once done, and this handler turns it into exit status 0.
-    signal.signal(signal.SIGTERM, _exit_after_graceful_shutdown)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level.lower(),
-        # Only a backstop: the app ends what is still running at shutdown_timeout itself.
-        timeout_graceful_shutdown=shutdown_timeout + SHUTDOWN_BACKSTOP_S,
-    )
-    server = DrainingServer(config, app.state.shutdown)
+    server = _draining_server(app, host, port, log_level, shutdown_timeout)
     # A dead engine (a worker process died, the device is lost) cannot serve again: stop,
     # and exit non-zero so that a supervisor restarts the server.
     engine.on_dead(lambda error: setattr(server, "should_exit", True))
@@ -376,11 +364,8 @@ def _serve_models(
     model_load_timeout: float,
 ) -> None:
     """Several models on one port: the first loads now, the others on first use."""
-    import uvicorn
-
     from tessellm.server.app import build_app
     from tessellm.server.router import ModelRouter
-    from tessellm.server.shutdown import DrainingServer
 
     router = ModelRouter(
         specs,
@@ -396,23 +381,36 @@ def _serve_models(
         f"tessellm serve: {', '.join(repr(s.name) for s in specs)} on http://{host}:{port}/v1 "
         f"(loading {specs[0].name!r} now, the others on first use)"
     )
+    server = _draining_server(app, host, port, log_level, shutdown_timeout)
+    # An engine that dies is started afresh on its model's next request (the others serve
+    # on), so the server does not exit for it as a one-model server does.
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's exit when the app's start-up failed
+        if router.start_error is None:
+            raise
+    if router.start_error is not None:  # the default model did not load: nothing served
+        fail(router.start_error.message, USER_ERROR if router.start_error.status < 500 else 1)
+
+
+def _draining_server(app: Any, host: str, port: int, log_level: str, shutdown_timeout: int) -> Any:
+    """The uvicorn server for ``app``, which drains in-flight requests on SIGTERM."""
+    import uvicorn
+
+    from tessellm.server.shutdown import DrainingServer
+
+    # A finished graceful shutdown after SIGTERM is a normal end: uvicorn re-raises the
+    # signal once done, and this handler turns it into exit status 0.
     signal.signal(signal.SIGTERM, _exit_after_graceful_shutdown)
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level.lower(),
+        # Only a backstop: the app ends what is still running at shutdown_timeout itself.
         timeout_graceful_shutdown=shutdown_timeout + SHUTDOWN_BACKSTOP_S,
     )
-    # An engine that dies is started afresh on its model's next request (the others serve
-    # on), so the server does not exit for it as a one-model server does.
-    try:
-        DrainingServer(config, app.state.shutdown).run()
-    except SystemExit:  # uvicorn's exit when the app's start-up failed
-        if router.start_error is None:
-            raise
-    if router.start_error is not None:  # the default model did not load: nothing served
-        fail(router.start_error.message, USER_ERROR if router.start_error.status < 500 else 1)
+    return DrainingServer(config, app.state.shutdown)
 
 
 def _exit_after_graceful_shutdown(signum: int, frame: FrameType | None) -> None:
