@@ -16,7 +16,12 @@ from tessellm.engine import structured_output as so
 from tessellm.engine.engine_setup import load_seam, tune_garbage_collector
 from tessellm.engine.output_processor import OutputProcessor, child_id
 from tessellm.engine.pooling import check_generative
-from tessellm.engine.speculative import build_speculator, proposer_class
+from tessellm.engine.speculative import (
+    build_proposer,
+    build_speculator,
+    kv_cache_blocks,
+    proposer_class,
+)
 from tessellm.engine.step_recovery import apply_result, fail_unprocessed, is_fatal, recover_step
 from tessellm.engine.validation import RequestValidation
 from tessellm.errors import ConfigError, EngineSleepingError, InvalidRequestError
@@ -70,7 +75,9 @@ class LLMEngine(RequestValidation):
         kv_cls = load_seam(plugins, "kv_cache_managers", args.kv_cache_manager, KVCacheManager)
         self.executor: Executor = executor_cls(args, self.resolved, plugins)
         self.max_model_len = self.executor.max_model_len
-        num_blocks = self.executor.available_blocks()
+        # Before the pool is sized: a proposer's weights and its own cache share the budget.
+        proposer = build_proposer(self, scheduler_cls)
+        num_blocks = kv_cache_blocks(self.executor, proposer)
         # Beyond what max_num_seqs full-length sequences could hold, blocks are wasted memory.
         needed = args.max_num_seqs * -(-self.max_model_len // args.block_size) + 1
         num_blocks = min(num_blocks, needed) if not args.num_gpu_blocks_override else num_blocks
@@ -102,7 +109,7 @@ class LLMEngine(RequestValidation):
             max_loras=args.max_loras if args.enable_lora else 0,
         )
         self.scheduler: Scheduler = scheduler_cls(sched_config, kv)
-        self.speculator = build_speculator(self, num_blocks)
+        self.speculator = build_speculator(self, proposer, num_blocks)
         self.kv_cache_manager: KVCacheManager = kv
         self.num_blocks = num_blocks
         self.output_processor = OutputProcessor(self.tokenizer)

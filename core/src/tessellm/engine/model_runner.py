@@ -123,8 +123,10 @@ class ModelRunner:
         per_layer = sum(2 * a.num_kv_heads * a.head_size for a in self.attn_layers)
         return per_layer * self.block_size * elem
 
-    def available_blocks(self) -> int:
-        """How many KV blocks fit this rank's memory budget."""
+    def available_blocks(self, extra_bytes_per_block: int = 0) -> int:
+        """How many KV blocks fit this rank's memory budget. ``extra_bytes_per_block``: what
+        another cache indexed by the same block ids takes per block (a speculative draft's):
+        the target gets ``t / (t + extra)`` of the budget, so both fit."""
         args = self.args
         if args.num_gpu_blocks_override:
             return args.num_gpu_blocks_override
@@ -135,7 +137,7 @@ class ModelRunner:
             budget = self.platform.available_kv_cache_bytes(
                 args.gpu_memory_utilization, ml.model_bytes(self.model)
             )
-        return max(0, budget // self.bytes_per_block())
+        return max(0, budget // (self.bytes_per_block() + extra_bytes_per_block))
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks

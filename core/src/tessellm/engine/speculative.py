@@ -9,7 +9,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tessellm.errors import ConfigError
-from tessellm.interfaces.engine import Request, RequestStatus, SchedulerOutput, StepResult
+from tessellm.interfaces.engine import (
+    Executor,
+    Request,
+    RequestStatus,
+    SchedulerOutput,
+    StepResult,
+)
 from tessellm.interfaces.speculative import Proposer, ProposerContext, SpeculativeConfig
 from tessellm.plugins import PluginSet
 
@@ -120,24 +126,49 @@ class Speculator:
         }
 
 
-def build_speculator(engine: LLMEngine, num_blocks: int) -> Speculator | None:
-    """The engine's speculator, or None without ``speculative_config``; checks that its
-    scheduler and executor support speculation, and gives the proposer its cache."""
+def build_proposer(engine: LLMEngine, scheduler_cls: type) -> Proposer | None:
+    """The engine's proposer, or None without ``speculative_config``; checks that its
+    scheduler and executor support speculation. Built once the target is loaded and before
+    the KV pool is sized: a draft's weights count in the memory the pool's budget is
+    measured after, and its own cache shares that budget (:func:`kv_cache_blocks`)."""
     config = engine.args.speculative_config
     if config is None:
         return None
     for seam, flag in (
-        (engine.scheduler, "supports_speculation"),
+        (scheduler_cls, "supports_speculation"),
         (engine.executor, "verifies_drafts"),
     ):
         if not getattr(seam, flag):
-            raise ConfigError(
-                f"speculative decoding needs a {type(seam).__name__} with {flag}; this one has not"
-            )
+            name = seam.__name__ if isinstance(seam, type) else type(seam).__name__
+            raise ConfigError(f"speculative decoding needs a {name} with {flag}; this one has not")
     context = ProposerContext(
-        engine.args, engine.resolved, engine.plugins, engine.vocab_size, engine.max_model_len
+        engine.args,
+        engine.resolved,
+        engine.plugins,
+        engine.vocab_size,
+        engine.max_model_len,
+        target=getattr(engine.executor, "runner", None),
     )
-    proposer = load_proposer(engine.plugins, config, context)
+    return load_proposer(engine.plugins, config, context)
+
+
+def kv_cache_blocks(executor: Executor, proposer: Proposer | None) -> int:
+    """The blocks the executor's budget holds: with a proposer that keeps a cache of its
+    own (``bytes_per_block() = p``), the target's share is ``t / (t + p)`` of the budget
+    (``t``: the target's bytes per block), so both caches fit in it."""
+    extra = proposer.bytes_per_block() if proposer is not None else 0
+    # Only when nonzero: an executor written before the argument existed still works.
+    return executor.available_blocks(extra) if extra else executor.available_blocks()
+
+
+def build_speculator(
+    engine: LLMEngine, proposer: Proposer | None, num_blocks: int
+) -> Speculator | None:
+    """The engine's speculator over ``proposer`` (None: no speculation), with the
+    proposer's cache allocated for the pool's ``num_blocks`` blocks."""
+    if proposer is None:
+        return None
+    config = proposer.config
     proposer.initialize_cache(num_blocks, engine.args.block_size)
     logger.info(
         "speculative decoding: %s, %d tokens per step; verification steps (1 + k tokens "

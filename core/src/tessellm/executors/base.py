@@ -152,9 +152,9 @@ class DistributedExecutor(Executor):
             "tensor_parallel_size": str(self.world_size),
         }
 
-    def available_blocks(self) -> int:
+    def available_blocks(self, extra_bytes_per_block: int = 0) -> int:
         # Every rank holds the same number of blocks (each its share of the heads).
-        return min(self._run("available_blocks"))
+        return min(self._run("available_blocks", extra_bytes_per_block))
 
     def initialize_cache(self, num_blocks: int) -> None:
         self._run("initialize_cache", num_blocks)

@@ -39,8 +39,8 @@ class UniProcExecutor(Executor):
     def describe(self) -> dict[str, str]:
         return describe_runner(self.runner)
 
-    def available_blocks(self) -> int:
-        return self.runner.available_blocks()
+    def available_blocks(self, extra_bytes_per_block: int = 0) -> int:
+        return self.runner.available_blocks(extra_bytes_per_block)
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.runner.initialize_cache(num_blocks)

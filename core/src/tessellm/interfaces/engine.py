@@ -297,9 +297,11 @@ class Executor(ABC):
         """The longest sequence (prompt + output tokens) the loaded model takes."""
 
     @abstractmethod
-    def available_blocks(self) -> int:
+    def available_blocks(self, extra_bytes_per_block: int = 0) -> int:
         """How many KV cache blocks (of ``args.block_size`` tokens) fit in the memory left
-        after loading the model; the engine allocates at most this many."""
+        after loading the model; the engine allocates at most this many. With
+        ``extra_bytes_per_block`` (a speculative proposer's own cache, indexed by the same
+        block ids; passed only when nonzero) each block costs that much more."""
 
     @abstractmethod
     def initialize_cache(self, num_blocks: int) -> None:

@@ -30,6 +30,7 @@ from tessellm.errors import ConfigError
 
 if TYPE_CHECKING:
     from tessellm.config import EngineArgs
+    from tessellm.engine.model_runner import ModelRunner
     from tessellm.interfaces.request import Request
     from tessellm.model_loader import ResolvedModel
     from tessellm.plugins import PluginSet
@@ -108,13 +109,19 @@ class SpeculativeConfig:
 
 @dataclass(slots=True)
 class ProposerContext:
-    """What a proposer is built with: the target's engine arguments, model and plugins."""
+    """What a proposer is built with: the target's engine arguments, model and plugins.
+
+    ``target``: the target's ``ModelRunner`` where it runs in the engine's process (the
+    ``uniproc`` executor), else None. A proposer that reads the target's hidden states or
+    shares its embedding and LM head (EAGLE) needs it: it sets the runner's
+    ``hidden_states_sink`` (``interfaces.model.HiddenStatesSource`` says what it gets)."""
 
     args: EngineArgs
     resolved: ResolvedModel
     plugins: PluginSet
     vocab_size: int
     max_model_len: int
+    target: ModelRunner | None = None
 
 
 class Proposer(ABC):
@@ -132,8 +139,10 @@ class Proposer(ABC):
         a step."""
 
     def bytes_per_block(self) -> int:
-        """KV cache bytes a draft model needs per block of the target's cache (0 without
-        one): the engine sizes the pool so that both fit."""
+        """KV cache bytes the proposer's own cache needs per block of the target's cache
+        (0 without one). Asked once the proposer is built, before the pool is sized: the
+        pool gets ``t / (t + bytes_per_block())`` of the KV budget (``t``: the target's
+        bytes per block), so that both caches fit in it."""
         return 0
 
     def initialize_cache(self, num_blocks: int, block_size: int) -> None:  # noqa: B027
