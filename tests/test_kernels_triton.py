@@ -104,6 +104,8 @@ def test_bind_reaches_every_layer_that_declares_fused_ops():
         "rotary_neox_write_kv",
         "linear_silu_and_mul",
         "rms_norm_linear",
+        "lora_shrink",
+        "lora_expand",
     }
     with pytest.raises(ValueError, match="unknown fused op"):
         triton_fused_ops(["nope"])

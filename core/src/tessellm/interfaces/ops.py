@@ -32,6 +32,24 @@ Tensor = torch.Tensor
 
 
 @dataclass(frozen=True, slots=True)
+class LoRATokens:
+    """A step's tokens grouped by LoRA adapter slot, built once per step for every layer.
+
+    ``slots`` ``[T]`` int32: each token's slot, -1 for none. ``order`` ``[T]`` int32: the
+    token indices sorted by slot (stably; the tokens without an adapter last); slot ``s``'s
+    tokens are ``order[starts[s]:starts[s + 1]]`` (``starts`` ``[S + 1]`` int32). On the
+    host: ``max_tokens_per_slot``, an upper bound on any slot's token count (``T`` is
+    always one; a kernel sizes its grid by it, so a CUDA graph captured with ``T`` serves
+    every layout of that size).
+    """
+
+    slots: Tensor
+    order: Tensor
+    starts: Tensor
+    max_tokens_per_slot: int
+
+
+@dataclass(frozen=True, slots=True)
 class FusedOps:
     """Each field is ``None`` (use the torch code) or a function with this contract."""
 
@@ -69,6 +87,16 @@ class FusedOps:
         Callable[[nn.Module, nn.Module, Tensor, Tensor | None, bool], tuple[Tensor, Tensor] | None]
         | None
     ) = None
+
+    # Batched multi-LoRA (Punica/S-LoRA's shrink and expand), each token adapted by its own
+    # slot's matrices (``tokens``: :class:`LoRATokens`). Entries must accept any layout.
+    # (x [T, K], a [S, R, K], tokens, scale) -> [T, R] fp32: row t is x_t a[s_t]^T * scale,
+    # zero where s_t = -1.
+    lora_shrink: Callable[[Tensor, Tensor, LoRATokens, float], Tensor] | None = None
+    # (u [T, R], b [S, N, R], out [T, >= offset + N], tokens, offset) -> out, in place:
+    # out[t, offset:offset + N] += u_t b[s_t]^T (rows with s_t = -1 untouched); the offset
+    # lets each piece of a fused layer (q/k/v, gate/up) write its own output columns.
+    lora_expand: Callable[[Tensor, Tensor, Tensor, LoRATokens, int], Tensor] | None = None
 
     def names(self) -> list[str]:
         """The operations this table provides."""

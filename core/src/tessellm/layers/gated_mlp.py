@@ -26,7 +26,7 @@ def runs_plain_linear(linear: nn.Module) -> bool:
     """A column-parallel layer running its own matmul: what a linear-fused entry replaces
     (not while LoRA adapters add to its output this step)."""
     lora = getattr(linear, "lora", None)
-    if lora is not None and lora.step.groups:
+    if lora is not None and lora.step.active:
         return False
     return runs_methods_of(linear, ColumnParallelLinear, "forward", "_matmul")
 

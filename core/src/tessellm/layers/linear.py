@@ -110,7 +110,7 @@ class ColumnParallelLinear(_ParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x, self.bias)
         lora = self.lora
-        if lora is not None and lora.step.groups:
+        if lora is not None and lora.step.active:
             y = lora.expand(lora.shrink(x), y)
         return all_gather_last_dim(y, self.parallel) if self.gather_output else y
 
@@ -199,7 +199,7 @@ class RowParallelLinear(_ParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x, None)
         lora = self.lora
-        shrunk = lora.reduce(lora.shrink(x)) if lora is not None and lora.step.groups else None
+        shrunk = lora.reduce(lora.shrink(x)) if lora is not None and lora.step.active else None
         y = all_reduce(y, self.parallel)
         if shrunk is not None:
             y = lora.expand(shrunk, y)

@@ -7,6 +7,11 @@ tokens are grouped by slot; each group adds ``(x A^T) B^T`` to the layer's outpu
 small matmuls per adapter in the batch, over that adapter's tokens only (the shrink and
 expand of Punica/S-LoRA, in torch). Tokens of requests without an adapter get nothing.
 
+Where the platform's fused-ops table has ``lora_shrink`` and ``lora_expand`` (Triton
+kernels on CUDA), a step's tokens are instead sorted by slot once (``LoRATokens``) and
+each layer makes one shrink launch and one expand launch per piece, whatever the number
+of adapters in the step; the torch path stays the CPU's and the reference.
+
 Tensor parallelism: a column-parallel layer keeps its rank's rows of ``B``; a
 row-parallel one its rank's columns of ``A``, so ``x A^T`` is a partial sum, all-reduced
 (``r`` numbers per token) before the expand.
@@ -27,6 +32,7 @@ from torch import nn
 
 from tessellm.errors import InvalidRequestError
 from tessellm.interfaces.model import ParallelInfo
+from tessellm.interfaces.ops import FusedOps, LoRATokens
 from tessellm.interfaces.schedule import SchedulerOutput
 from tessellm.layers.parallel import all_reduce
 from tessellm.lora.adapter import AdapterWeights, load_adapter_weights
@@ -38,9 +44,36 @@ logger = logging.getLogger(__name__)
 @dataclass(slots=True)
 class StepLoRA:
     """This step's token groups: ``(slot, token indices)``, indices ``None`` when the group
-    is every token of the step. Empty: no adapter in the step."""
+    is every token of the step (the torch path); or, with kernels, ``tokens``, every
+    token's slot; ``slots``: the slots in the step. Neither: no adapter in the step."""
 
     groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
+    tokens: LoRATokens | None = None
+    slots: set[int] = field(default_factory=set)
+    kernels: FusedOps | None = None  # lora_shrink and lora_expand, or None: torch
+
+    @property
+    def active(self) -> bool:
+        return bool(self.groups) or self.tokens is not None
+
+
+def token_layout(slots: torch.Tensor, num_slots: int, device: torch.device) -> LoRATokens:
+    """``LoRATokens`` for per-token ``slots`` (a CPU int tensor, -1 for no adapter): sorted
+    here on the host and copied to ``device`` in one transfer."""
+    slots = slots.to(torch.int32)
+    key = torch.where(slots < 0, num_slots, slots)  # the tokens without an adapter last
+    order = torch.sort(key, stable=True).indices.to(torch.int32)
+    counts = torch.bincount(key, minlength=num_slots + 1)[:num_slots]
+    starts = torch.zeros(num_slots + 1, dtype=torch.int32)
+    torch.cumsum(counts, 0, out=starts[1:])
+    packed = torch.cat([slots, order, starts]).to(device)
+    n = slots.shape[0]
+    return LoRATokens(
+        slots=packed[:n],
+        order=packed[n : 2 * n],
+        starts=packed[2 * n :],
+        max_tokens_per_slot=max(1, int(counts.max())) if num_slots else 1,
+    )
 
 
 class LayerLoRA:
@@ -63,12 +96,16 @@ class LayerLoRA:
         cd = self.compute_dtype
         self.a = torch.zeros(num_slots, width, layer.in_features, dtype=cd, device=device)
         self.b = torch.zeros(num_slots, layer.out_features, width, dtype=cd, device=device)
+        # Per slot, whether its adapter adapts this layer: a step whose adapters all leave
+        # it alone skips its kernels.
+        self.adapted = [False] * num_slots
 
     def load(self, slot: int, shards: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put an adapter's matrices for this layer (full size) into ``slot``: this rank's
         slice of each."""
         self.a[slot].zero_()
         self.b[slot].zero_()
+        self.adapted[slot] = bool(shards)
         rank, r_max = self.parallel.rank, self.max_rank
         for piece, (a, b) in shards.items():
             r = a.shape[0]
@@ -91,24 +128,51 @@ class LayerLoRA:
             rows = b[source * size : (source + 1) * size]
             self.b[slot, offset : offset + size, cols] = rows.to(self.b.dtype)
 
-    def shrink(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``x A^T`` for each group (partial sums on a row-parallel layer)."""
+    def shrink(self, x: torch.Tensor) -> list[torch.Tensor] | torch.Tensor | None:
+        """``x A^T`` for each group (partial sums on a row-parallel layer); with kernels,
+        one fp32 ``[T, width]`` for every token (None: no adapter of the step adapts this
+        layer)."""
+        step = self.step
+        if step.tokens is not None:
+            if not any(self.adapted[s] for s in step.slots):
+                return None
+            return step.kernels.lora_shrink(x, self.a, step.tokens, 1.0)
         cd = self.compute_dtype
         return [
             (x if index is None else x[index]).to(cd) @ self.a[slot].T
             for slot, index in self.step.groups
         ]
 
-    def expand(self, shrunk: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-        """``y`` plus each group's ``(x A^T) B^T`` at its tokens."""
+    def expand(
+        self, shrunk: list[torch.Tensor] | torch.Tensor | None, y: torch.Tensor
+    ) -> torch.Tensor:
+        """``y`` plus each group's ``(x A^T) B^T`` at its tokens (with kernels: ``y``
+        itself, added to in place, each piece of a fused layer at its own columns)."""
+        if shrunk is None:
+            return y
+        if isinstance(shrunk, torch.Tensor):
+            expand, tokens, r_max = self.step.kernels.lora_expand, self.step.tokens, self.max_rank
+            offset = 0
+            for piece, size in enumerate(self.shard_sizes):
+                cols = slice(piece * r_max, (piece + 1) * r_max)
+                b = self.b[:, offset : offset + size, cols]
+                expand(shrunk[:, cols], b, y, tokens, offset)
+                offset += size
+            return y
         for (slot, index), u in zip(self.step.groups, shrunk, strict=True):
             delta = (u @ self.b[slot].T).to(y.dtype)
             y = y + delta if index is None else y.index_add(0, index, delta)
         return y
 
-    def reduce(self, shrunk: list[torch.Tensor]) -> list[torch.Tensor]:
+    def reduce(
+        self, shrunk: list[torch.Tensor] | torch.Tensor | None
+    ) -> list[torch.Tensor] | torch.Tensor | None:
         """Sum a row-parallel layer's partial ``x A^T`` over the ranks."""
-        if self.parallel.world_size == 1 or not shrunk:
+        if self.parallel.world_size == 1 or shrunk is None:
+            return shrunk
+        if isinstance(shrunk, torch.Tensor):
+            return all_reduce(shrunk, self.parallel)
+        if not shrunk:
             return shrunk
         sizes = [u.shape[0] for u in shrunk]
         return list(all_reduce(torch.cat(shrunk), self.parallel).split(sizes))
@@ -129,8 +193,15 @@ class LoRAManager:
     """Slots on the device, adapters in host memory, and each step's token groups."""
 
     def __init__(
-        self, model: nn.Module, max_loras: int, max_lora_rank: int, max_cpu_loras: int
+        self,
+        model: nn.Module,
+        max_loras: int,
+        max_lora_rank: int,
+        max_cpu_loras: int,
+        fused_ops: FusedOps | None = None,
     ) -> None:
+        """``fused_ops``: the platform's table; its ``lora_shrink`` and ``lora_expand``,
+        when it has both, run every layer's adapters (else the torch path)."""
         from tessellm.layers.linear import RowParallelLinear
 
         self.model = model
@@ -138,6 +209,8 @@ class LoRAManager:
         self.max_rank = max_lora_rank
         self.max_cpu_loras = max(max_cpu_loras, max_loras)
         self.step = StepLoRA()
+        if fused_ops is not None and fused_ops.lora_shrink and fused_ops.lora_expand:
+            self.step.kernels = fused_ops
         self.layers: dict[str, LayerLoRA] = {}
         for name, module in adapted_layers(model):
             row = isinstance(module, RowParallelLinear)
@@ -198,15 +271,23 @@ class LoRAManager:
                 for layer in self.layers.values():
                     layer.a[s - 1].copy_(layer.a[s])
                     layer.b[s - 1].copy_(layer.b[s])
+                    layer.adapted[s - 1] = layer.adapted[s]
 
     def prepare(self, plan: SchedulerOutput, device: torch.device) -> bool:
         """Group this step's tokens by adapter slot (loading adapters as needed); True
         when any token has an adapter."""
-        self.step.groups.clear()
+        self.clear()
         wanted = [seq.lora_request for seq in plan.seqs]
         if not any(wanted):
             return False
         in_step = {r.lora_int_id for r in wanted if r is not None}
+        if self.step.kernels is not None:
+            seq_slots = [-1 if r is None else self._slot(r, in_step) for r in wanted]
+            lengths = torch.tensor([len(seq.token_ids) for seq in plan.seqs])
+            slots = torch.tensor(seq_slots).repeat_interleave(lengths)
+            self.step.tokens = token_layout(slots, self.max_loras, device)
+            self.step.slots = {s for s in seq_slots if s >= 0}
+            return True
         ranges: dict[int, list[tuple[int, int]]] = {}
         start = 0
         for seq, request in zip(plan.seqs, wanted, strict=True):
@@ -224,3 +305,5 @@ class LoRAManager:
 
     def clear(self) -> None:
         self.step.groups.clear()
+        self.step.tokens = None
+        self.step.slots = set()

@@ -8,6 +8,7 @@ from tessellm.interfaces.ops import FusedOps
 
 from .activation import silu_and_mul
 from .linear_ops import LinearFusions
+from .lora import lora_expand, lora_shrink
 from .norm import add_rms_norm, rms_norm
 from .rotary import rotary_neox
 from .rotary_kv import rotary_neox_write_kv
@@ -22,6 +23,8 @@ ALL_OPS: dict[str, object] = {
     "rotary_neox_write_kv": rotary_neox_write_kv,
     "linear_silu_and_mul": _DEFAULT_FUSIONS.linear_silu_and_mul,
     "rms_norm_linear": _DEFAULT_FUSIONS.rms_norm_linear,
+    "lora_shrink": lora_shrink,
+    "lora_expand": lora_expand,
 }
 LINEAR_OPS = ("linear_silu_and_mul", "rms_norm_linear")
 
