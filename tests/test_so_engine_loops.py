@@ -32,8 +32,8 @@ def test_overlapped_loop_gives_the_serial_outputs(llm):  # noqa: F811 - the fixt
         assert [[(c.text, c.token_ids) for c in o.outputs] for o in outs] == serial
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_a_step_failure_elsewhere_leaves_constrained_requests_valid(llm, monkeypatch, overlap):  # noqa: F811 - the fixture
+@pytest.mark.parametrize("mode", ["serial", "overlap", "ahead"])
+def test_a_step_failure_elsewhere_leaves_constrained_requests_valid(llm, monkeypatch, mode):  # noqa: F811 - the fixture
     """A request that breaks a step is found by re-running parts of the plan (bitmasks
     included) and fails alone; the constrained requests restart with their matchers."""
     from tessellm.engine.sampler import Sampler
@@ -47,7 +47,7 @@ def test_a_step_failure_elsewhere_leaves_constrained_requests_valid(llm, monkeyp
 
     monkeypatch.setattr(Sampler, "sample", sample)
     engine = llm.engine
-    engine.overlap_steps = overlap
+    engine.overlap_steps, engine.schedule_ahead = mode != "serial", mode == "ahead"
     try:
         engine.add_request("a", "A", choice(["yes", "no", "maybe"], temperature=0))
         engine.add_request("b", "The capital", choice(temperature=1.0, seed=4, n=2))
@@ -56,7 +56,7 @@ def test_a_step_failure_elsewhere_leaves_constrained_requests_valid(llm, monkeyp
         while engine.has_unfinished_requests():
             outs.update((o.request_id, o) for o in engine.step())
     finally:
-        engine.overlap_steps = False
+        engine.overlap_steps = engine.schedule_ahead = False
     assert isinstance(outs["poison"], FailedRequestOutput)
     assert outs["a"].outputs[0].text in ["yes", "no", "maybe"]
     assert all(c.text in CHOICES and c.finish_reason == "stop" for c in outs["b"].outputs)

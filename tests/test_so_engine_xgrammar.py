@@ -158,9 +158,13 @@ def test_preemption_keeps_matchers_valid(llm, model_path):
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in reference]
 
 
-@pytest.mark.parametrize("ahead", [False, True])
-def test_overlapped_loops_give_the_serial_outputs(llm, ahead):
+@pytest.mark.parametrize(("ahead", "deferred"), [(False, False), (True, True), (True, False)])
+def test_overlapped_loops_give_the_serial_outputs(llm, monkeypatch, ahead, deferred):
+    """Scheduled ahead, a constrained step samples once its bitmasks are filled (the
+    executor defers sampling), or is not scheduled ahead (an executor that cannot)."""
     engine = llm.engine
+    if not deferred:
+        monkeypatch.setattr(type(engine.executor), "defers_sampling", False)
     # The plain requests outlive the constrained ones: their last steps run ahead.
     plain = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
     params = [json_params(temperature=0), plain, json_params(temperature=1.0, seed=9, n=2), plain]
@@ -182,8 +186,9 @@ def test_overlapped_loops_give_the_serial_outputs(llm, ahead):
         engine.overlap_steps = engine.schedule_ahead = False
         del engine.scheduler.advance
     assert [[c.token_ids for c in o.outputs] for o in outs] == serial
-    # Scheduled ahead only when no sampling request of the step is constrained.
-    assert bool(advanced) == ahead and not any(any(step) for step in advanced)
+    assert bool(advanced) == ahead
+    # With deferred sampling constrained steps run ahead too; without, never.
+    assert any(any(step) for step in advanced) == deferred
     for o in (outs[0], outs[2]):
         for c in o.outputs:
             assert_valid(c)

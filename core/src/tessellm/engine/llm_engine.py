@@ -13,6 +13,7 @@ from typing import Any
 from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
 from tessellm.engine import structured_output as so
+from tessellm.engine import structured_steps as so_steps
 from tessellm.engine.engine_setup import load_seam, tune_garbage_collector
 from tessellm.engine.output_processor import OutputProcessor, child_id
 from tessellm.engine.pooling import check_generative
@@ -201,7 +202,7 @@ class LLMEngine(RequestValidation):
                     prompt_leader_id=child_id(request_id, 0, params.n) if i else None,
                 )
             )
-        so.schedule_or_park(self, request_id, children)
+        so_steps.schedule_or_park(self, request_id, children)
         self.output_processor.add(request_id, text, children)
         self.counters["prompt_tokens"] += len(token_ids)
         return request_id
@@ -273,7 +274,7 @@ class LLMEngine(RequestValidation):
         also run while the device works, behind this step on the device's queue.
         """
         idle = self._in_flight is None and not self.scheduler.has_unfinished()
-        admitted = so.admit_parked(self, idle)
+        admitted = so_steps.admit_parked(self, idle)
         if self._in_flight is not None:
             plan, pending = self._in_flight
             self._in_flight = None
@@ -302,7 +303,8 @@ class LLMEngine(RequestValidation):
         if self.speculator is not None:
             self.speculator.record(plan, result, changed)
         # Before the next launch: its bitmasks depend on this step's tokens.
-        admitted += failed + so.advance_matchers(self, changed)
+        admitted += failed + so_steps.advance_matchers(self, changed)
+        so_steps.sample_deferred(self)
         if self.overlap_steps and not ahead:
             self._launch_next(None)
         logprobs: dict[str, Any] = {}
@@ -336,6 +338,11 @@ class LLMEngine(RequestValidation):
     def _launch(
         self, plan: SchedulerOutput, previous: tuple[SchedulerOutput, PendingResult] | None = None
     ) -> PendingResult:
+        if previous is not None and so_steps.defer_bitmasks(self, plan):
+            # Its bitmasks wait for ``previous``'s tokens: filled, then sampled, in step().
+            pending = self.executor.launch(plan, previous, defer_sampling=True)  # type: ignore[call-arg]
+            self.structured.deferred = (plan, pending, previous)
+            return pending
         self.structured.fill_bitmasks(plan)
         return self.executor.launch(plan, previous)
 
@@ -358,17 +365,17 @@ class LLMEngine(RequestValidation):
                     # This step's outputs come first; the failed one is recovered after.
                     self._failed_launch = (plan, previous, exc)
 
-    @staticmethod
-    def _can_schedule_ahead(plan: SchedulerOutput) -> bool:
+    def _can_schedule_ahead(self, plan: SchedulerOutput) -> bool:
         """Not when a sampling request reads its own output history (penalties,
-        min_tokens, a grammar's bitmask): the next step's copy of it would hold a
-        placeholder. Nor after speculative drafts: how many tokens the step adds is known
-        only from its result."""
+        min_tokens; a grammar's bitmask unless the executor ``defers_sampling``): the next
+        step's copy of it would hold a placeholder. Nor after speculative drafts: how many
+        tokens the step adds is known only from its result."""
+        deferrable = bool(self.executor.defers_sampling)
         for seq in plan.seqs:
             p = seq.params
             if seq.sample and (
                 seq.draft_token_ids
-                or seq.token_bitmask is not None
+                or (seq.token_bitmask is not None and not deferrable)
                 or p.presence_penalty
                 or p.frequency_penalty
                 or p.repetition_penalty != 1.0

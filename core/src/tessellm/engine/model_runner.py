@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -245,7 +246,10 @@ class ModelRunner:
         return self.launch(plan).result()
 
     def launch(
-        self, plan: SchedulerOutput, previous: tuple[SchedulerOutput, PendingStep] | None = None
+        self,
+        plan: SchedulerOutput,
+        previous: tuple[SchedulerOutput, PendingStep] | None = None,
+        defer_sampling: bool = False,
     ) -> PendingStep:
         """Queue the step's device work and return before it is done (on a device that
         runs asynchronously); ``result()`` waits for the sampled tokens. Logprobs, when
@@ -254,16 +258,22 @@ class ModelRunner:
 
         Scheduled ahead, this runs while the previous step may not have started on the
         device: a host buffer given to a non-blocking copy (pinned staging) must not be
-        rewritten here before that step's copy has run (two buffers, or an event)."""
+        rewritten here before that step's copy has run (two buffers, or an event).
+
+        ``defer_sampling``: queue the forward pass only; ``sample()`` on what returns
+        samples (the engine fills grammar bitmasks in between)."""
         if plan.empty:
             return PendingStep(StepResult([]))
         if self.step_runner is not None:
             return self.step_runner.launch(plan, previous)
         with self.platform.inference_mode():
-            return self._launch_eager(plan, previous)
+            return self._launch_eager(plan, previous, defer_sampling)
 
     def _launch_eager(
-        self, plan: SchedulerOutput, previous: tuple[SchedulerOutput, PendingStep] | None
+        self,
+        plan: SchedulerOutput,
+        previous: tuple[SchedulerOutput, PendingStep] | None,
+        defer_sampling: bool = False,
     ) -> PendingStep:
         input_ids, positions, metadata, sample_rows = self.prepare_inputs(plan)
         if previous is not None:
@@ -286,8 +296,21 @@ class ModelRunner:
             result = verify_drafts(self.sampler, logits, sampled)
             result.prompt_logprobs = prompt_logprobs
             return PendingStep(result)
+        if defer_sampling:
+            step = PendingStep(StepResult([], prompt_logprobs=prompt_logprobs))
+            step.defer(self._deferred_sampler(logits, sampled))
+            return step
         tokens, logprobs = self.sampler.sample(logits, sampled)
         return PendingStep(StepResult([], logprobs, prompt_logprobs), tokens)
+
+    def _deferred_sampler(
+        self, logits: torch.Tensor, sampled: list
+    ) -> Callable[[], tuple[torch.Tensor, list | None]]:
+        def sample() -> tuple[torch.Tensor, list | None]:
+            with self.platform.inference_mode():
+                return self.sampler.sample(logits, sampled)
+
+        return sample
 
 
 class PendingStep:
@@ -300,21 +323,48 @@ class PendingStep:
     then processes outputs.
     """
 
-    __slots__ = ("_done", "_event", "_host_tokens", "_result", "tokens")
+    __slots__ = ("_done", "_error", "_event", "_host_tokens", "_result", "_sampler", "tokens")
 
     def __init__(self, result: StepResult, tokens: torch.Tensor | None = None) -> None:
         self._result = result
+        self._sampler: Callable[[], tuple[torch.Tensor, list | None]] | None = None
+        self._error: Exception | None = None
+        self._event: torch.cuda.Event | None = None
+        self._host_tokens: torch.Tensor | None = None
+        self._set_tokens(tokens)
+
+    def _set_tokens(self, tokens: torch.Tensor | None) -> None:
         self.tokens = tokens  # on the device, one per sampled sequence in plan order
         self._done = tokens is None
-        self._host_tokens: torch.Tensor | None = None
-        self._event: torch.cuda.Event | None = None
         if tokens is not None and tokens.device.type == "cuda":
             self._host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host_tokens.copy_(tokens, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
 
+    def defer(self, sampler: Callable[[], tuple[torch.Tensor, list | None]]) -> None:
+        """Sample only when ``sample()`` (or ``result()``) is called."""
+        self._sampler = sampler
+        self._done = False
+
+    def sample(self) -> None:
+        """Queue a deferred sampling (reads the seqs' bitmasks now); idempotent. Its error
+        is raised here and again by ``result()``."""
+        if self._error is not None:
+            raise self._error
+        sampler, self._sampler = self._sampler, None
+        if sampler is None:
+            return
+        try:
+            tokens, logprobs = sampler()
+        except Exception as exc:
+            self._error = exc
+            raise
+        self._result.logprobs = logprobs
+        self._set_tokens(tokens)
+
     def result(self) -> StepResult:
+        self.sample()
         if not self._done:
             assert self.tokens is not None
             if self._event is not None and self._host_tokens is not None:

@@ -17,7 +17,8 @@ row its matcher fills (rows are reused from step to step); the sampler applies i
 device. After the
 scheduler appends a step's tokens, each is fed to its matcher, before the next step is
 scheduled (its bitmask depends on that token): so a step with a constrained sampling
-sequence is never scheduled ahead. A matcher that ends (the grammar complete, an EOS taken
+sequence is scheduled ahead only where its sampling can wait for its bitmasks
+(``structured_steps``). A matcher that ends (the grammar complete, an EOS taken
 under ``ignore_eos``) finishes its request as stopped; a matcher or backend that raises,
 or a token the grammar refuses (e.g. ``min_tokens`` forbidding the only token it allows),
 fails that request alone. Preemption keeps a request's output tokens (its KV is
@@ -38,11 +39,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tessellm.config import EngineArgs
-from tessellm.engine import step_recovery
 from tessellm.engine.output_processor import OutputProcessor
 from tessellm.engine.step_recovery import RequestFailedError
 from tessellm.errors import ConfigError, InvalidRequestError
-from tessellm.interfaces.request import Request, RequestStatus
+from tessellm.interfaces.request import Request
 from tessellm.interfaces.schedule import SchedulerOutput
 from tessellm.interfaces.structured_output import (
     CompiledGrammar,
@@ -51,12 +51,11 @@ from tessellm.interfaces.structured_output import (
     StructuredOutputBackend,
     bitmask_words,
 )
-from tessellm.outputs import RequestOutput
 from tessellm.plugins import PluginSet
 from tessellm.sampling_params import StructuredOutputsParams
 
 if TYPE_CHECKING:
-    from tessellm.engine.llm_engine import LLMEngine
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +76,13 @@ def compile_timeout_error(seconds: float) -> InvalidRequestError:
     return InvalidRequestError(
         f"structured outputs: the grammar did not compile within {seconds:g} s; simplify the schema"
     )
+
+
+def _ended(matcher: GrammarMatcher) -> bool:
+    try:
+        return matcher.is_terminated()
+    except Exception:
+        return True  # its next fill or accept would raise: the request is failing anyway
 
 
 @dataclass(slots=True)
@@ -128,6 +134,8 @@ class StructuredOutputManager:
         # Requests to fail at the next update: a matcher raised while filling a bitmask.
         self.failed: dict[str, Exception] = {}
         self._rows: list[torch.Tensor] = []  # bitmask rows, one per constrained seq a step
+        # A step scheduled ahead whose sampling waits for its bitmasks (``defer_bitmasks``).
+        self.deferred: tuple[SchedulerOutput, Any, Any] | None = None
 
     # -- backends and compiling ----------------------------------------------------------
     def _unknown(self, name: str, what: str) -> str:
@@ -277,13 +285,17 @@ class StructuredOutputManager:
             wait([p.grammar for p in self.parked], timeout, FIRST_COMPLETED)
 
     # -- the step ------------------------------------------------------------------------
-    def fill_bitmasks(self, plan: SchedulerOutput) -> None:
+    def fill_bitmasks(self, plan: SchedulerOutput, scheduled_ahead: bool = False) -> None:
         """Give each constrained sampling seq of ``plan`` its row of allowed tokens.
 
         Rows are reused from step to step, each its own ``[1, words]`` tensor rather than
         a view of one buffer: a plan sent to tensor-parallel workers pickles a view with
         its whole storage (Ray: 64 views of a 256-row buffer would be 300 MB a step);
-        multiprocessing moves each row to shared memory once."""
+        multiprocessing moves each row to shared memory once.
+
+        ``scheduled_ahead``: ``plan`` was scheduled before the last tokens were known, so
+        it may hold requests that those tokens ended (a matcher terminated) or failed:
+        their token will be dropped, and their matchers are not asked."""
         if not self.matchers:
             return
         rows = self._rows
@@ -291,6 +303,9 @@ class StructuredOutputManager:
         for seq in plan.seqs:
             matcher = self.matchers.get(seq.request_id) if seq.sample else None
             if matcher is None:
+                continue
+            if scheduled_ahead and (seq.request_id in self.failed or _ended(matcher)):
+                seq.token_bitmask = None
                 continue
             if used == len(rows):
                 rows.append(torch.empty(1, bitmask_words(self.vocab_size), dtype=torch.int32))
@@ -359,66 +374,5 @@ class StructuredOutputManager:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
         self.parked.clear()
+        self.deferred = None
         self.matchers.clear()
-
-
-# -- the engine's side (kept here so that llm_engine.py stays the loop) -------------------
-PARKED_WAIT_S = 0.01  # an idle step waits this long for a compile (not a busy loop)
-
-
-def schedule_or_park(engine: LLMEngine, parent_id: str, children: list[Request]) -> None:
-    """Give a new request's samples to the scheduler, or park them while their grammar
-    compiles (a compiled one, cached, starts at once)."""
-    constraint = children[0].params.structured_outputs
-    manager = engine.structured
-    if constraint is None or manager.add(parent_id, children, manager.submit(constraint)):
-        for child in children:
-            engine.scheduler.add_request(child)
-
-
-def admit_parked(engine: LLMEngine, idle: bool) -> list[RequestOutput]:
-    """Give the scheduler the parked requests whose grammar is ready and fail those whose
-    compile failed. ``idle``: nothing else can run, so first wait a little for a compile
-    rather than spin."""
-    manager = engine.structured
-    if not manager.parked:
-        return []
-    if idle:
-        manager.wait(PARKED_WAIT_S)
-    start, errors = manager.ready()
-    processor = engine.output_processor
-    for child in start:
-        parent_id = processor.child_to_parent.get(child.request_id)
-        if parent_id is None or parent_id in errors:
-            continue
-        try:
-            engine.scheduler.add_request(child)
-        except InvalidRequestError as exc:
-            errors[parent_id] = exc
-    return fail_parents(engine, errors)
-
-
-def advance_matchers(engine: LLMEngine, changed: list[Request]) -> list[RequestOutput]:
-    """After the scheduler took a step's tokens: feed them to the matchers, finish the
-    requests whose grammar ended, fail those whose matcher failed (their outputs)."""
-    manager = engine.structured
-    if not manager.matchers and not manager.failed:
-        return []
-    ended, failed = manager.accept(changed)
-    if ended:
-        engine.scheduler.finish_requests(ended, RequestStatus.FINISHED_STOPPED)
-    errors: dict[str, Exception] = {}
-    for request_id, error in failed.items():
-        parent_id = engine.output_processor.child_to_parent.get(request_id)
-        if parent_id is not None:
-            errors.setdefault(parent_id, error)
-    return fail_parents(engine, errors)
-
-
-def fail_parents(engine: LLMEngine, errors: dict[str, Exception]) -> list[RequestOutput]:
-    """Finish each parent request with its error, then drop what it held here."""
-    if not errors:
-        return []
-    outputs = step_recovery.fail_parents(engine, errors)
-    engine.structured.sweep(engine.output_processor)
-    return outputs

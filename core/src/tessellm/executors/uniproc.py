@@ -53,12 +53,20 @@ class UniProcExecutor(Executor):
     def execute(self, plan: SchedulerOutput) -> StepResult:
         return self.runner.execute(plan)
 
+    @property
+    def defers_sampling(self) -> bool:  # type: ignore[override]
+        """The eager path can; a platform's whole-step runner (TPU) samples inside it."""
+        return self.runner.step_runner is None
+
     def launch(
-        self, plan: SchedulerOutput, previous: tuple[SchedulerOutput, PendingResult] | None = None
+        self,
+        plan: SchedulerOutput,
+        previous: tuple[SchedulerOutput, PendingResult] | None = None,
+        defer_sampling: bool = False,
     ) -> PendingStep:
         """Queue the step; ``result()`` on what returns waits for its sampled tokens."""
         # ``previous`` is always this executor's own launch: a ``PendingStep``.
-        return self.runner.launch(plan, previous)  # type: ignore[arg-type]
+        return self.runner.launch(plan, previous, defer_sampling)  # type: ignore[arg-type]
 
     def sleep(self, level: int) -> None:
         self.runner.sleep(level)

@@ -245,6 +245,18 @@ class PendingResult(Protocol):
         ...
 
 
+class DeferredSampling(Protocol):
+    """A step launched with ``defer_sampling=True`` (``Executor.defers_sampling``): its
+    forward pass is queued, its sampling waits for ``sample()``."""
+
+    def sample(self) -> None:
+        """Queue the sampling, reading each seq's ``token_bitmask`` now (idempotent). A
+        sampling error is raised here, and again by ``result()``."""
+        ...
+
+    def result(self) -> StepResult: ...
+
+
 class CompletedStep:
     """A step that ran in full already: what ``Executor.launch`` returns by default."""
 
@@ -285,6 +297,12 @@ class Executor(ABC):
     """Whether ``launch(plan, previous)`` accepts ``previous``: it replaces, on the device, each
     ``PLACEHOLDER_TOKEN`` in ``plan`` (the last token of a seq that sampled in ``previous``) with
     the token ``previous`` sampled. Requires overriding ``launch``."""
+
+    defers_sampling: bool = False
+    """Whether ``launch(plan, previous, defer_sampling=True)`` queues only the forward pass and
+    returns a ``DeferredSampling``: the engine fills the grammar bitmasks of a step scheduled
+    ahead once the step before it has its tokens (they decide the bitmasks), while the device
+    runs the forward pass. May be a property; read at every launch."""
 
     def __init__(  # noqa: B027 - states the constructor the engine calls
         self, args: EngineArgs, resolved: ResolvedModel, plugins: PluginSet
