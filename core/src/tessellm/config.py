@@ -37,6 +37,9 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "fcfs"
     tensor_parallel_size: int = 1
+    # Decoder layers split over this many stages (tessellm.interfaces.pipeline), each of
+    # tensor_parallel_size ranks: tp * pp processes in all.
+    pipeline_parallel_size: int = 1
     # MoE layers: whole experts spread over the tensor-parallel ranks (attention stays
     # tensor-parallel) instead of a slice of every expert on every rank.
     enable_expert_parallel: bool = False
@@ -86,6 +89,7 @@ class EngineArgs:
             (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
             (self.max_num_seqs >= 1, "max_num_seqs must be at least 1"),
             (self.tensor_parallel_size >= 1, "tensor_parallel_size must be at least 1"),
+            (self.pipeline_parallel_size >= 1, "pipeline_parallel_size must be at least 1"),
             (self.max_loras >= 1, "max_loras must be at least 1"),
             (1 <= self.max_lora_rank <= 512, "max_lora_rank must be in [1, 512]"),
             (

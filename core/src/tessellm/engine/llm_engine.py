@@ -69,7 +69,7 @@ class LLMEngine(RequestValidation):
         if args.speculative_config is not None:  # an unknown method fails before loading
             proposer_class(plugins, args.speculative_config)
         executor_name = args.distributed_executor_backend or (
-            "uniproc" if args.tensor_parallel_size == 1 else "mp"
+            "uniproc" if args.tensor_parallel_size * args.pipeline_parallel_size == 1 else "mp"
         )
         executor_cls = load_seam(plugins, "executors", executor_name, Executor)
         scheduler_cls = load_seam(plugins, "schedulers", args.scheduler, Scheduler)

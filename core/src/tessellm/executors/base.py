@@ -29,7 +29,7 @@ from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
 from tessellm.errors import ConfigError, WorkerError
 from tessellm.executors.worker import RaisedInStep, execute_timeout
-from tessellm.interfaces.engine import Executor, SchedulerOutput, StepResult
+from tessellm.interfaces.engine import Executor, PendingResult, SchedulerOutput, StepResult
 from tessellm.model_loader import ResolvedModel
 from tessellm.plugins import PluginSet
 
@@ -74,17 +74,25 @@ class DistributedExecutor(Executor):
     supports_sleep = True
 
     def __init__(self, args: EngineArgs, resolved: ResolvedModel, plugins: PluginSet) -> None:
+        from tessellm.executors import pipeline
+
         self.args = args
-        self.world_size = args.tensor_parallel_size
+        tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+        self.world_size = tp * pp
+        # Pipeline stages each work on a different step (tessellm.executors.pipeline).
+        self.max_concurrent_batches = pp
+        self._result_rank = pipeline.result_rank(tp, pp)
+        self._in_flight = pipeline.StepsInFlight(self)
         self._failure: str | None = None
         self._closed = False
         # Refuse a split that cannot work here, before any process starts.
         config = ml.weight_format(plugins, resolved).load_config(resolved.path)
-        check_tensor_parallel_fit(config, self.world_size)
+        check_tensor_parallel_fit(config, tp)
+        pipeline.check_pipeline_config(config, pp)
         if args.enable_expert_parallel:
             from tessellm.layers.moe import check_expert_parallel_fit
 
-            check_expert_parallel_fit(config, self.world_size)
+            check_expert_parallel_fit(config, tp)
         infos = self._start(args, resolved)
         self.worker_pids: list[int] = [info["pid"] for info in infos]
         self._max_model_len: int = infos[0]["max_model_len"]
@@ -120,13 +128,26 @@ class DistributedExecutor(Executor):
             f"{self.world_size} workers were stopped.\n{raised.traceback}"
         )
 
+    def _post_all(self, method: str, args: tuple[Any, ...]) -> None:
+        """Pipelining: send ``Worker.<method>(*args)`` to every rank without waiting."""
+        raise NotImplementedError(f"{type(self).__name__} cannot pipeline steps")
+
+    def _collect_posted(self, method: str) -> list[Any]:
+        """Pipelining: every rank's reply to the oldest call ``_post_all`` sent."""
+        raise NotImplementedError(f"{type(self).__name__} cannot pipeline steps")
+
     def _run(self, method: str, *args: Any) -> list[Any]:
+        if self._in_flight.busy:
+            raise RuntimeError(f"{method} called while pipelined steps are in flight")
+        return self._guarded(method, self._call_all, method, args, execute_timeout())
+
+    def _guarded(self, method: str, call: Any, *args: Any) -> Any:
         if self._failure is not None:
             raise WorkerError(f"the workers were stopped after an earlier failure: {self._failure}")
         if self._closed:
             raise WorkerError("the executor has been shut down")
         try:
-            return self._call_all(method, args, execute_timeout())
+            return call(*args)
         except WorkerError:
             raise
         except BaseException:
@@ -149,7 +170,8 @@ class DistributedExecutor(Executor):
         return {
             **self._describe,
             "executor": self.name,
-            "tensor_parallel_size": str(self.world_size),
+            "tensor_parallel_size": str(self.args.tensor_parallel_size),
+            "pipeline_parallel_size": str(self.args.pipeline_parallel_size),
         }
 
     def available_blocks(self, extra_bytes_per_block: int = 0) -> int:
@@ -166,12 +188,22 @@ class DistributedExecutor(Executor):
         self._run("wake_up")
 
     def execute(self, plan: SchedulerOutput) -> StepResult:
-        results = self._run("execute", plan)
+        return self._step_result(self._run("execute", plan))
+
+    def launch(
+        self, plan: SchedulerOutput, previous: tuple[SchedulerOutput, PendingResult] | None = None
+    ) -> PendingResult:
+        if self.max_concurrent_batches == 1 or previous is not None:
+            return super().launch(plan, previous)
+        return self._in_flight.launch(plan)
+
+    def _step_result(self, results: list[Any]) -> StepResult:
+        # In rank order: under pipelining the earliest stage's exception is the cause.
         for result in results:
             if isinstance(result, RaisedInStep):
                 # Every rank left the step: the workers go on; the engine blames a request.
                 raise result.exception()
-        return results[0]
+        return results[self._result_rank]
 
     def shutdown(self) -> None:
         if self._closed:

@@ -188,12 +188,19 @@ class MultiprocExecutor(DistributedExecutor):
         return {**super().describe(), "start_method": self.start_method}
 
     def _call_all(self, method: str, args: tuple[Any, ...], timeout: float) -> list[Any]:
+        self._post_all(method, args)
+        return self._collect(method, timeout, EXECUTE_TIMEOUT_ENV)
+
+    def _post_all(self, method: str, args: tuple[Any, ...]) -> None:
+        # Pipelined steps queue in each rank's socket buffer (hundreds of KiB) until read.
         for rank, conn in enumerate(self._conns):
             try:
                 conn.send((method, args))
             except OSError:
                 self._fail(self._death_message(rank, method))
-        return self._collect(method, timeout, EXECUTE_TIMEOUT_ENV)
+
+    def _collect_posted(self, method: str) -> list[Any]:
+        return self._collect(method, execute_timeout(), EXECUTE_TIMEOUT_ENV)
 
     def _collect(self, what: str, timeout: float, timeout_env: str) -> list[Any]:
         """Every rank's reply, or ``_fail`` on the first error, death or the deadline."""

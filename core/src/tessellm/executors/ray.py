@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import time
+from collections import deque
 from typing import Any, NoReturn
 
 from tessellm.config import EngineArgs
@@ -177,6 +178,7 @@ class RayExecutor(DistributedExecutor):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self._actors: list[Any] = []
+        self._posted: deque[list[Any]] = deque()  # pipelined steps sent, not yet collected
         self._placement_group: Any = None
         # Where each rank runs: Ray node ids and IPs, in rank order (filled once placed).
         self.worker_nodes: list[str] = []
@@ -251,6 +253,14 @@ class RayExecutor(DistributedExecutor):
     def _call_all(self, method: str, args: tuple[Any, ...], timeout: float) -> list[Any]:
         refs = [actor.call.remote(method, *args) for actor in self._actors]
         return self._gather(refs, method, timeout, EXECUTE_TIMEOUT_ENV)
+
+    def _post_all(self, method: str, args: tuple[Any, ...]) -> None:
+        # An actor runs one call at a time, in the order one caller submitted them.
+        self._posted.append([actor.call.remote(method, *args) for actor in self._actors])
+
+    def _collect_posted(self, method: str) -> list[Any]:
+        refs = self._posted.popleft()
+        return self._gather(refs, method, execute_timeout(), EXECUTE_TIMEOUT_ENV)
 
     def _where(self, rank: int) -> str:
         if rank < len(self.worker_ips):

@@ -152,7 +152,19 @@ class Worker:
             timeout=timedelta(seconds=config.collective_timeout_s),
         )
         parallel.group = dist.group.WORLD
-        self.runner = ModelRunner(config.args, config.resolved, parallel=parallel, plugins=plugins)
+        runner_cls = ModelRunner
+        # The rank whose tokens the driver takes (each rank of the last stage has them).
+        self.reports_result = config.rank == 0
+        if config.args.pipeline_parallel_size > 1:
+            from tessellm.engine.pipeline_stage import PipelineStageRunner
+            from tessellm.executors.pipeline import result_rank, stage_parallel_info
+
+            parallel = stage_parallel_info(config, parallel, plugins)
+            runner_cls = PipelineStageRunner
+            args = config.args
+            tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+            self.reports_result = config.rank == result_rank(tp, pp)
+        self.runner = runner_cls(config.args, config.resolved, parallel=parallel, plugins=plugins)
         if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
             # The platform gave this process every core; the other local ranks need theirs.
             share = torch.get_num_threads() // max(1, config.local_world_size)
@@ -187,7 +199,7 @@ class Worker:
                 raise
             return RaisedInStep.of(exc, self.rank)
         # Every rank samples the same tokens from the same gathered logits; one copy is enough.
-        return result if self.rank == 0 else None
+        return result if self.reports_result else None
 
     def close(self) -> None:
         import torch.distributed as dist

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
     from tessellm.interfaces.attention import AttentionBackend, AttentionMetadata
+    from tessellm.interfaces.pipeline import PipelineStage
     from tessellm.interfaces.quantization import QuantizationMethod
 
 
@@ -28,6 +29,9 @@ class ParallelInfo:
     # enable_expert_parallel: MoE layers hold whole experts, E / world_size per rank, rather
     # than a slice of every expert (tessellm.layers.moe).
     expert_parallel: bool = False
+    # pipeline_parallel_size > 1: this rank's stage (its layers; rank/world_size/group are
+    # then those of the stage's tensor-parallel group).
+    pipeline: PipelineStage | None = None
 
     @property
     def device_index(self) -> int:

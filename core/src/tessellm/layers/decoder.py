@@ -37,6 +37,7 @@ from tessellm.layers.decoder_attention import DecoderAttention, layer_sliding_wi
 from tessellm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from tessellm.layers.gated_mlp import GatedMLP, runs_plain_linear
 from tessellm.layers.norm import RMSNorm
+from tessellm.layers.pipeline import holds_embedding, is_last_stage, stage_layers
 from tessellm.layers.scaled_embedding import ScaledVocabEmbedding
 from tessellm.layers.weight_loading import QKV_GATE_UP_RULES, WeightRule, load_by_rules
 
@@ -172,14 +173,18 @@ class DecoderModel(nn.Module):
     ) -> None:
         super().__init__()
         vocab, hidden = config.vocab_size, config.hidden_size
+        # A pipeline stage builds only what it runs (tessellm.layers.pipeline).
         self.embed_tokens = (
-            VocabParallelEmbedding(vocab, hidden, ctx)
+            None
+            if not holds_embedding(config, ctx)
+            else VocabParallelEmbedding(vocab, hidden, ctx)
             if embed_scale is None
             else ScaledVocabEmbedding(vocab, hidden, ctx, embed_scale)
         )
         self.embedding_multiplier = _multiplier(embedding_multiplier)
-        self.layers = nn.ModuleList(build_layer(i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(hidden, config.rms_norm_eps, ctx.dtype, norm_offset)
+        self.layers = stage_layers(config.num_hidden_layers, ctx, build_layer)
+        last = is_last_stage(ctx)
+        self.norm = RMSNorm(hidden, config.rms_norm_eps, ctx.dtype, norm_offset) if last else None
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
@@ -225,10 +230,14 @@ class DecoderForCausalLM(nn.Module, ConfigAttentionRequirements, ABC):
         self.model = self.build_model(config, ctx)
         # The head maps onto the vocabulary from the embedding's width (narrower than
         # hidden_size where a family projects between them, as OPT-350m does).
-        embed_width = self.model.embed_tokens.weight.shape[1]
-        self.lm_head = ParallelLMHead(config.vocab_size, embed_width, ctx)
-        if self.tied:
-            self.lm_head.tie_to(self.model.embed_tokens)
+        embed = self.model.embed_tokens
+        embed_width = config.hidden_size if embed is None else embed.weight.shape[1]
+        # Only the last pipeline stage computes logits.
+        self.lm_head = (
+            ParallelLMHead(config.vocab_size, embed_width, ctx) if is_last_stage(ctx) else None
+        )
+        if self.tied and self.lm_head is not None:
+            self.lm_head.tie_to(embed)
 
     def build_model(self, config: Any, ctx: ModelContext) -> nn.Module:
         """The body (anything with an ``embed_tokens`` embedding); a :class:`DecoderModel`

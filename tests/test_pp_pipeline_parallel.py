@@ -1,0 +1,137 @@
+"""Pipeline parallelism (``pipeline_parallel_size``): decoder layers split over stages that
+pass hidden states point-to-point (mp over gloo), alone and with tensor parallelism.
+
+Tiny random models of 3 layers (split 2 + 1): a Llama whose LM head is tied to the
+embedding (the last stage then holds the embedding too) and a Qwen3-MoE with a dense first
+layer. PP=2 and TP=2 x PP=2 must give one process's greedy tokens on a workload with
+prefix-cache hits and, on a KV cache too small for all of it, preemptions.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tessellm import LLM, SamplingParams
+from tessellm.config import EngineArgs
+from tessellm.engine.pipeline_stage import PipelineStageRunner
+from tessellm.errors import ConfigError
+from tessellm.interfaces.model import ParallelInfo
+from tessellm.interfaces.pipeline import PipelineStage, describe_split, layer_split
+from tessellm.layers.pipeline import PipelineMissingLayer
+from tessellm.model_loader import resolve_model
+from tessellm.plugins import get_plugins
+from tessellm.testing.models import tiny_model
+
+NEW_TOKENS = 10
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+FAMILIES = {
+    "LlamaForCausalLM": dict(tie_word_embeddings=True),
+    "Qwen3MoeForCausalLM": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        norm_topk_prob=False,
+        mlp_only_layers=[0],
+    ),
+}
+# 16-token block-aligned prefix shared by three prompts, and two unrelated ones.
+_rng = random.Random(7)
+PREFIX = [_rng.randrange(3, 250) for _ in range(16)]
+PROMPTS = [PREFIX + [_rng.randrange(3, 250) for _ in range(n)] for n in (3, 6, 2)] + [
+    [_rng.randrange(3, 250) for _ in range(n)] for n in (21, 9)
+]
+# 14 blocks of 4 tokens: the five requests grow to 135 tokens in all, less 12 of shared
+# prefix blocks: they cannot all run at once, and some are preempted.
+SMALL_CACHE = dict(block_size=4, num_gpu_blocks_override=14)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_model(request, tmp_path_factory) -> Path:
+    overrides = FAMILIES[request.param]
+    return tiny_model(request.param, tmp_path_factory.mktemp(request.param), **overrides)
+
+
+def make_llm(path: Path, **kwargs) -> LLM:
+    return LLM(model=str(path), dtype="float32", device="cpu", enforce_eager=True, **kwargs)
+
+
+def run(llm: LLM) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def reference(family_model) -> list[list[int]]:
+    llm = make_llm(family_model)
+    try:
+        return run(llm)
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "tp2xpp2"])
+def test_pipeline_matches_one_process(family_model, reference, tp) -> None:
+    llm = make_llm(family_model, pipeline_parallel_size=2, tensor_parallel_size=tp, **SMALL_CACHE)
+    try:
+        engine = llm.engine
+        assert engine.describe()["pipeline_parallel_size"] == "2"
+        assert len(engine.executor.worker_pids) == 2 * tp
+        assert run(llm) == reference
+        stats = engine.stats()
+        assert stats["prefix_cache_hit_tokens"] >= 16
+        assert stats["num_preemptions"] > 0
+        assert stats["kv_cache_usage"] == 0.0 and stats["num_running"] == 0
+        # Asked again, the prompts' blocks are in the prefix cache.
+        assert run(llm) == reference
+    finally:
+        engine.shutdown()
+
+
+def test_layer_split_rule() -> None:
+    assert layer_split(3, 2) == [(0, 2), (2, 3)]
+    assert layer_split(4, 2) == [(0, 2), (2, 4)]
+    # The remainder goes one each to the stages just before the last.
+    assert layer_split(10, 4) == [(0, 2), (2, 5), (5, 8), (8, 10)]
+    assert layer_split(7, 7) == [(i, i + 1) for i in range(7)]
+    assert describe_split(3, 2, tied_head=True) == [
+        "stage 0: layers 0-1 (2) + embedding",
+        "stage 1: layers 2-2 (1) + final norm, LM head (tied: + embedding)",
+    ]
+    with pytest.raises(ConfigError, match="exceeds the model's 3 decoder layers"):
+        layer_split(3, 4)
+
+
+def test_more_stages_than_layers_is_refused(tiny_llama) -> None:
+    with pytest.raises(ConfigError, match="pipeline_parallel_size=4 exceeds the model's 3"):
+        make_llm(tiny_llama, pipeline_parallel_size=4)
+
+
+def test_a_stage_holds_only_its_layers(family_model) -> None:
+    """Built in this process as stage 1 of 2 (no process group: nothing is exchanged)."""
+    plugins = get_plugins()
+    args = EngineArgs(model=str(family_model), dtype="float32", device="cpu")
+    resolved = resolve_model(plugins, args.model, args.cache_dir)
+    stage = PipelineStage.of(1, 1, 2, 3)
+    runner = PipelineStageRunner(args, resolved, ParallelInfo(pipeline=stage), plugins)
+    model = runner.model.inner
+    layers = model.model.layers
+    assert [isinstance(layer, PipelineMissingLayer) for layer in layers] == [True, True, False]
+    assert model.model.norm is not None and model.lm_head is not None
+    tied = bool(model.config.tie_word_embeddings)
+    assert (model.model.embed_tokens is not None) == tied
+    names = {name for name, _ in model.named_parameters()}
+    assert not any(name.startswith(("model.layers.0.", "model.layers.1.")) for name in names)
+    assert len(runner.attn_layers) == 1
+    # The KV cache is this stage's one layer.
+    runner.initialize_cache(4)
+    assert runner.attn_layers[0].k_cache.shape[0] == 4
+    first = PipelineStage.of(0, 1, 2, 3)
+    head = PipelineStageRunner(args, resolved, ParallelInfo(pipeline=first), plugins).model.inner
+    assert head.lm_head is None and head.model.norm is None
+    assert len([m for m in head.model.layers if not isinstance(m, PipelineMissingLayer)]) == 2
+    if tied:  # the last stage's tied head reads the same embedding the first stage has
+        assert torch.equal(head.model.embed_tokens.weight, model.lm_head.weight)
