@@ -22,8 +22,9 @@ use_triton_plugins("kernels/triton/src")
 
 import tessellm_triton_kernels.lora as lora_kernels  # noqa: E402
 from tessellm import LLM, SamplingParams  # noqa: E402
-from tessellm.interfaces.ops import FusedOps  # noqa: E402
+from tessellm.interfaces.ops import FusedOps, LoRATokens  # noqa: E402
 from tessellm.lora import LoRARequest  # noqa: E402
+from tessellm.lora.graph_inputs import LoRAGraphInputs  # noqa: E402
 from tessellm.lora.slots import token_layout  # noqa: E402
 from tessellm.testing.lora import ALL_PROJECTIONS, write_random_adapter  # noqa: E402
 from tessellm_triton_kernels.ops import ALL_OPS  # noqa: E402
@@ -191,6 +192,46 @@ def test_engine_kernel_path_equals_torch_path(lora_model, tmp_path, monkeypatch)
     )
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the GPU tests replay real graphs")
+def test_graph_buffers_serve_any_mix(lora_model, tmp_path, monkeypatch):
+    """What a CUDA graph replays: every adapted layer's kernels over the static buffers,
+    captured for 8 tokens of no adapter (the base layer's output), then given a step's
+    5-token layout (padding rows marked -1) give that step's own rows."""
+    model_dir, loras = lora_model
+    from tessellm_cpu.platform import CpuPlatform
+
+    monkeypatch.setattr(CpuPlatform, "fused_ops", lambda self, dtype: lora_only_ops([]))
+    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", enable_lora=True,
+              max_loras=3, max_lora_rank=16, download_dir=str(tmp_path))  # fmt: skip
+    runner = llm.engine.executor.runner
+    manager, step = runner.lora, runner.lora.step
+    for lora in loras:
+        manager._slot(lora, set())
+    inputs = LoRAGraphInputs.of(runner.model, 8, DEVICE)
+    modules = dict(runner.model.named_modules())
+    slots = torch.tensor([2, -1, 0, 2, 1])
+    gen = torch.Generator().manual_seed(0)
+    changed = 0
+    for name in manager.layers:
+        layer = modules[name]
+        x = torch.randn(8, layer.in_features, generator=gen)
+        plain = layer.quant.apply(layer, x, layer.bias)
+        with inputs.capturing(8):
+            torch.testing.assert_close(layer(x), plain)
+        step.tokens, step.slots = token_layout(slots, 3, DEVICE), {0, 1, 2}
+        want = layer(x[:5])
+        changed += not torch.allclose(want, plain[:5])
+        inputs.copy_in(5, 8)
+        step.tokens = LoRATokens(inputs.slots, inputs.order, inputs.starts, 8)
+        step.every_layer = True
+        replayed = layer(x)
+        manager.clear()
+        step.every_layer = False
+        torch.testing.assert_close(replayed[:5], want)
+        torch.testing.assert_close(replayed[5:], plain[5:])
+    assert changed == len(manager.layers)  # every layer is adapted by some slot
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -243,3 +284,39 @@ def test_gpu_bf16_llama_shapes(num_tokens):
     want = reference_expand(y, b, out, listed, 128)
     lora_kernels.lora_expand(y, b, out, tokens, 128)
     torch.testing.assert_close(out.double(), want, atol=3e-2, rtol=3e-2)
+
+
+def counting_lora_replays(graph_runner) -> list[int]:
+    """Wraps the graph runner's LoRA layout copy (one per LoRA graph replay): the batch
+    size of each replay goes into the returned list."""
+    replays: list[int] = []
+    copy_in = graph_runner.lora.copy_in
+
+    def counted(n: int, size: int) -> None:
+        replays.append(n)
+        copy_in(n, size)
+
+    graph_runner.lora.copy_in = counted
+    return replays
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_lora_decode_steps_replay_graphs(lora_model):
+    """With the LoRA kernels, decode steps with adapters replay CUDA graphs (one per
+    batch size, whatever the mix) and give the eager engine's tokens (fp32)."""
+    model_dir, loras = lora_model
+    kwargs = dict(model=str(model_dir), dtype="float32", enable_lora=True, max_loras=3,
+                  max_lora_rank=16, gpu_memory_utilization=0.2, max_num_seqs=16)  # fmt: skip
+    eager = LLM(**kwargs, enforce_eager=True)
+    assert eager.engine.executor.runner.graph_runner is None
+    want = mixed_generate(eager, loras, 12)
+    del eager
+    gc.collect()
+    torch.cuda.empty_cache()
+    llm = LLM(**kwargs)
+    graphs = llm.engine.executor.runner.graph_runner
+    assert graphs.serves_lora and set(graphs.lora_graphs) == set(graphs.graphs)
+    replays = counting_lora_replays(graphs)
+    assert mixed_generate(llm, loras, 12) == want
+    assert len(replays) >= 10  # the mixed batch's decode steps

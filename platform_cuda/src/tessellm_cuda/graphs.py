@@ -10,6 +10,9 @@ skip them). Larger batches, and steps with prompt tokens, run eagerly.
 
 Only the forward pass is captured: the LM head and the sampler run eagerly on the ``n``
 real rows, so no logits are computed for padding and the graphs' memory stays small.
+
+With LoRA kernels (``enable_lora``), each size also gets a graph with the adapters'
+shrink and expand in it, which serves every mix of adapters (``tessellm.lora.graph_inputs``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import nn
 
 from tessellm.interfaces.attention import AttentionBackend, AttentionMetadata
 from tessellm.interfaces.platform import GraphSpec
+from tessellm.lora.graph_inputs import LoRAGraphInputs
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,10 @@ class CudaGraphRunner:
             self.block_tables = torch.zeros((n, width), dtype=torch.int32)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self.lora = LoRAGraphInputs.of(model, n, device)
+        self.lora_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # The model runner hands this runner decode steps with adapters too.
+        self.serves_lora = self.lora is not None
 
     def _metadata(self, size: int) -> AttentionMetadata:
         """Metadata over the static buffers, planned for the longest possible context."""
@@ -94,22 +102,30 @@ class CudaGraphRunner:
         for size in sorted(self.sizes, reverse=True):
             metadata = self._metadata(size)
             self.attention.prepare(metadata)
-            ids, pos = self.input_ids[:size], self.positions[:size]
-            for _ in range(2):
-                self.model(ids, pos, metadata)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                hidden = self.model(ids, pos, metadata)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[size] = (graph, hidden)
+            self.graphs[size] = self._capture_one(size, metadata)
+            if self.lora is not None:
+                with self.lora.capturing(size):
+                    self.lora_graphs[size] = self._capture_one(size, metadata)
         torch.cuda.synchronize(self.device)
         logger.info(
             "captured CUDA graphs for batch sizes %s in %.1f s",
             self.sizes,
             time.monotonic() - start,
         )
+
+    def _capture_one(
+        self, size: int, metadata: AttentionMetadata
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        ids, pos = self.input_ids[:size], self.positions[:size]
+        for _ in range(2):
+            self.model(ids, pos, metadata)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            hidden = self.model(ids, pos, metadata)
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph, hidden
 
     def size_for(self, num_seqs: int) -> int | None:
         for size in self.sizes:
@@ -125,12 +141,16 @@ class CudaGraphRunner:
         if metadata.max_query_len != 1 or input_ids.shape[0] != n:
             return None
         size = self.size_for(n)
-        if size is None or size not in self.graphs:
+        adapted = self.lora is not None and self.lora.wanted
+        graphs = self.lora_graphs if adapted else self.graphs
+        if size is None or size not in graphs:
             return None
         width = metadata.block_tables.shape[1]
         if width > self.block_tables.shape[1]:
             return None
-        graph, hidden = self.graphs[size]
+        graph, hidden = graphs[size]
+        if adapted:
+            self.lora.copy_in(n, size)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slot_mapping[:n].copy_(metadata.slot_mapping, non_blocking=True)

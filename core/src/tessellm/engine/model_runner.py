@@ -97,11 +97,16 @@ class ModelRunner:
             quant.process_model_after_loading(self.model)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.lora: LoRAManager | None = None
+        fused_ops = self.platform.fused_ops(self.dtype)
         if args.enable_lora:
             self.lora = LoRAManager(
-                self.model, args.max_loras, args.max_lora_rank, args.max_cpu_loras or args.max_loras
+                self.model,
+                args.max_loras,
+                args.max_lora_rank,
+                args.max_cpu_loras or args.max_loras,
+                fused_ops,
             )
-        bind_fused_ops(self.model, self.platform.fused_ops(self.dtype))
+        bind_fused_ops(self.model, fused_ops)
 
     def sleep(self, level: int) -> None:
         """Free the KV cache (its contents are lost) and, at level 1, move the weights to
@@ -279,10 +284,12 @@ class ModelRunner:
         if previous is not None:
             feed_sampled_tokens(plan, input_ids, *previous)
         hidden = None
-        # Steps with LoRA adapters run eagerly: graphs and compiled steps hold none.
+        # Steps with LoRA adapters run eagerly unless the graph runner says it serves them
+        # (CUDA graphs over the LoRA kernels); compiled CPU steps hold no adapters.
         adapted = self.lora is not None and self.lora.prepare(plan, self.device)
+        lora_ok = not adapted or getattr(self.graph_runner, "serves_lora", False)
         # The runner says which steps it covers (decodes; verification steps if it can).
-        if self.graph_runner is not None and not adapted:
+        if self.graph_runner is not None and lora_ok:
             hidden = self.graph_runner(input_ids, positions, metadata)
         if hidden is None:
             self.attention.prepare(metadata)

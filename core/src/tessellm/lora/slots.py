@@ -51,6 +51,9 @@ class StepLoRA:
     tokens: LoRATokens | None = None
     slots: set[int] = field(default_factory=set)
     kernels: FusedOps | None = None  # lora_shrink and lora_expand, or None: torch
+    # While a graph is captured: every layer runs its kernels, whichever adapters its
+    # slots hold then (a replay may find others there).
+    every_layer: bool = False
 
     @property
     def active(self) -> bool:
@@ -134,7 +137,7 @@ class LayerLoRA:
         layer)."""
         step = self.step
         if step.tokens is not None:
-            if not any(self.adapted[s] for s in step.slots):
+            if not step.every_layer and not any(self.adapted[s] for s in step.slots):
                 return None
             return step.kernels.lora_shrink(x, self.a, step.tokens, 1.0)
         cd = self.compute_dtype

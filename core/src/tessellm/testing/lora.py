@@ -44,12 +44,14 @@ def write_random_adapter(
     targets: tuple[str, ...] | list[str] = ALL_PROJECTIONS,
     alpha: float | None = None,
     std: float = 0.05,
+    dtype: torch.dtype = torch.float32,
 ) -> str:
     """Write a rank-``rank`` adapter on ``targets`` of every layer into ``out_dir``.
 
     ``config``: the base model's HF config (a dict, or a ``config.json`` path or its
     folder). ``A`` and ``B`` are normal with standard deviation ``std`` (PEFT starts ``B``
-    at zero, which would change nothing). Returns ``out_dir`` as a string.
+    at zero, which would change nothing), stored in ``dtype``. Returns ``out_dir`` as a
+    string.
     """
     from safetensors.torch import save_file
 
@@ -64,8 +66,10 @@ def write_random_adapter(
             group = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             module = f"base_model.model.model.layers.{layer}.{group}.{target}"
             fan_in, fan_out = shapes[target]
-            tensors[f"{module}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) * std
-            tensors[f"{module}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * std
+            a = torch.randn(rank, fan_in, generator=gen) * std
+            b = torch.randn(fan_out, rank, generator=gen) * std
+            tensors[f"{module}.lora_A.weight"] = a.to(dtype)
+            tensors[f"{module}.lora_B.weight"] = b.to(dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
