@@ -17,9 +17,9 @@ fresh random prompts (no prefix-cache hits): ``max_tokens=1`` (prefill) and
 the difference. Rounds alternate the mixes; medians are reported.
 
 ``--lora-kernels off`` runs the torch LoRA path (every other fused op kept), for the A/B
-against the Triton kernels; ``--enforce-eager`` turns CUDA graphs off on both engines
-(steps with adapters run eagerly either way today); ``--one-at-a-time`` also runs each
-mix of at most 8 adapters as one batch per adapter, one after another.
+against the Triton kernels (steps with adapters then run eagerly: only the kernels have
+CUDA graphs); ``--enforce-eager`` turns CUDA graphs off on both engines; ``--one-at-a-time``
+also runs each mix of at most 8 adapters as one batch per adapter, one after another.
 """
 
 from __future__ import annotations
