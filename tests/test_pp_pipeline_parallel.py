@@ -55,6 +55,37 @@ def family_model(request, tmp_path_factory) -> Path:
     return tiny_model(request.param, tmp_path_factory.mktemp(request.param), **overrides)
 
 
+class WatchedStep:
+    """A launched step that, once collected, leaves the record of steps in flight."""
+
+    def __init__(self, pending, sampling: set[str], flight: list[set[str]]) -> None:
+        self.pending, self.sampling, self.flight = pending, sampling, flight
+
+    def result(self):
+        out = self.pending.result()
+        self.flight.remove(self.sampling)
+        return out
+
+
+def watch_in_flight(engine) -> list[int]:
+    """Record how many steps are in flight at each launch, and check that no two of
+    them sample for the same request (the scheduler leaves those in flight out)."""
+    flight: list[set[str]] = []
+    depths: list[int] = []
+    launch = engine._launch
+
+    def watched(plan, previous=None):
+        sampling = {s.request_id for s in plan.seqs if s.sample}
+        assert all(not (sampling & other) for other in flight), "a request sampled twice"
+        step = WatchedStep(launch(plan, previous), sampling, flight)
+        flight.append(sampling)
+        depths.append(len(flight))
+        return step
+
+    engine._launch = watched
+    return depths
+
+
 def make_llm(path: Path, **kwargs) -> LLM:
     return LLM(model=str(path), dtype="float32", device="cpu", enforce_eager=True, **kwargs)
 
@@ -80,7 +111,10 @@ def test_pipeline_matches_one_process(family_model, reference, tp) -> None:
         engine = llm.engine
         assert engine.describe()["pipeline_parallel_size"] == "2"
         assert len(engine.executor.worker_pids) == 2 * tp
+        depths = watch_in_flight(engine)
         assert run(llm) == reference
+        # Two steps in flight most of the time: each stage has one to work on.
+        assert max(depths) == 2 and depths.count(2) > len(depths) // 2
         stats = engine.stats()
         assert stats["prefix_cache_hit_tokens"] >= 16
         assert stats["num_preemptions"] > 0

@@ -16,6 +16,7 @@ from tessellm.engine import structured_output as so
 from tessellm.engine import structured_steps as so_steps
 from tessellm.engine.engine_setup import load_seam, tune_garbage_collector
 from tessellm.engine.output_processor import OutputProcessor, child_id
+from tessellm.engine.pipeline_loop import PipelineLoop, check_pipelining
 from tessellm.engine.pooling import check_generative
 from tessellm.engine.speculative import (
     build_proposer,
@@ -35,6 +36,7 @@ from tessellm.interfaces.engine import (
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
+    StepResult,
 )
 from tessellm.lora.request import LoRARequest
 from tessellm.outputs import RequestOutput
@@ -108,6 +110,7 @@ class LLMEngine(RequestValidation):
                 args.speculative_config.num_speculative_tokens if args.speculative_config else 0
             ),
             max_loras=args.max_loras if args.enable_lora else 0,
+            max_concurrent_batches=int(self.executor.max_concurrent_batches),
         )
         self.scheduler: Scheduler = scheduler_cls(sched_config, kv)
         self.speculator = build_speculator(self, proposer, num_blocks)
@@ -116,7 +119,14 @@ class LLMEngine(RequestValidation):
         self.output_processor = OutputProcessor(self.tokenizer)
         # Overlap a step's output processing with the next step's device work where the
         # executor launches work without waiting for it (a GPU, not the CPU).
-        self.overlap_steps: bool = args.async_scheduling and bool(self.executor.asynchronous)
+        # Pipeline stages each run a different plan (engine/pipeline_loop.py).
+        depth = int(self.executor.max_concurrent_batches)
+        self.pipeline = PipelineLoop(self, depth) if depth > 1 else None
+        if self.pipeline is not None:
+            check_pipelining(self, depth)
+        self.overlap_steps: bool = (
+            args.async_scheduling and bool(self.executor.asynchronous) and self.pipeline is None
+        )
         # Schedule before the running step's tokens are known: needs an executor that
         # fills placeholders in on the device, a scheduler with advance/fill and a KV
         # cache manager that withholds the blocks a placeholder completes.
@@ -254,6 +264,7 @@ class LLMEngine(RequestValidation):
     def has_unfinished_requests(self) -> bool:
         return (
             self._in_flight is not None
+            or (self.pipeline is not None and bool(self.pipeline.in_flight))
             or self.scheduler.has_unfinished()
             or bool(self.output_processor.parents)
         )
@@ -273,6 +284,8 @@ class LLMEngine(RequestValidation):
         device fills in from this step's sampled tokens. Update, schedule and launch then
         also run while the device works, behind this step on the device's queue.
         """
+        if self.pipeline is not None:
+            return self.pipeline.step()
         idle = self._in_flight is None and not self.scheduler.has_unfinished()
         admitted = so_steps.admit_parked(self, idle)
         if self._in_flight is not None:
@@ -307,6 +320,17 @@ class LLMEngine(RequestValidation):
         so_steps.sample_deferred(self)
         if self.overlap_steps and not ahead:
             self._launch_next(None)
+        return self.step_outputs(plan, result, changed, admitted)
+
+    def step_outputs(
+        self,
+        plan: SchedulerOutput,
+        result: StepResult,
+        changed: list[Request],
+        admitted: list[RequestOutput],
+    ) -> list[RequestOutput]:
+        """A step's outputs once its result is applied (``changed``: the requests it
+        advanced); ``admitted``: outputs gathered earlier in the step, which come first."""
         logprobs: dict[str, Any] = {}
         if result.logprobs is not None:
             sampled_ids = [s.request_id for s in plan.seqs if s.sample]
@@ -399,6 +423,8 @@ class LLMEngine(RequestValidation):
     def shutdown(self) -> None:
         self._in_flight = None
         self._failed_launch = None
+        if self.pipeline is not None:
+            self.pipeline.clear()
         self.structured.shutdown()
         self.executor.shutdown()
         gc.unfreeze()  # the engine's objects may be collected again once dropped

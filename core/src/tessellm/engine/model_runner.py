@@ -18,7 +18,7 @@ from tessellm.engine.spec_verify import verify_drafts
 from tessellm.engine.transfer import to_device
 from tessellm.errors import ConfigError
 from tessellm.interfaces.attention import AttentionMetadata, kv_cache_torch_dtype
-from tessellm.interfaces.model import ModelContext, ParallelInfo
+from tessellm.interfaces.model import HiddenStatesSink, ModelContext, ParallelInfo
 from tessellm.interfaces.ops import bind_fused_ops
 from tessellm.interfaces.platform import GraphRunner, GraphSpec, StepRunner
 from tessellm.interfaces.schedule import PLACEHOLDER_TOKEN, SchedulerOutput, StepResult
@@ -81,6 +81,8 @@ class ModelRunner:
         self.host_weights: dict[str, torch.Tensor] = {}  # level 1 on a device: the weights
         self.graph_runner: GraphRunner | None = None
         self.step_runner: StepRunner | None = None
+        # Set by a proposer that reads the target's hidden states (interfaces.model).
+        self.hidden_states_sink: HiddenStatesSink | None = None
         self.sampler = Sampler(args.seed)
         self.block_size = args.block_size
         self.num_blocks = 0
@@ -294,6 +296,8 @@ class ModelRunner:
         if hidden is None:
             self.attention.prepare(metadata)
             hidden = self.model(input_ids, positions, metadata)
+        if self.hidden_states_sink is not None:
+            self.hidden_states_sink(plan, hidden)
         prompt_logprobs = compute_prompt_logprobs(hidden, plan, self.model.compute_logits)
         sampled = [s for s in plan.seqs if s.sample]
         if not sampled:

@@ -23,6 +23,7 @@ from tessellm.engine.scheduler_results import StepResultsMixin
 from tessellm.errors import InvalidRequestError
 from tessellm.interfaces import engine as seams
 from tessellm.interfaces.engine import (
+    PLACEHOLDER_TOKEN,
     Request,
     RequestStatus,
     ScheduledSeq,
@@ -57,6 +58,8 @@ class _StepDraft:
     scheduled: dict[str, tuple[Request, int]] = field(default_factory=dict)
     preempted: list[str] = field(default_factory=list)
     admitted_any: bool = False
+    # Pipelining: the most sequences this plan takes (its share of the requests).
+    max_seqs: int = 1 << 30
     # request id -> the speculative draft tokens it computes this step (after its last token)
     drafts: dict[str, list[int]] = field(default_factory=dict)
 
@@ -66,6 +69,7 @@ class Scheduler(StepResultsMixin, seams.Scheduler):
 
     supports_schedule_ahead = True
     supports_speculation = True
+    supports_concurrent_batches = True
 
     def __init__(self, config: SchedulerConfig, kv_cache_manager: seams.KVCacheManager) -> None:
         if config.policy not in ("fcfs", "priority"):
@@ -82,6 +86,7 @@ class Scheduler(StepResultsMixin, seams.Scheduler):
         self.max_model_len = min(config.max_model_len, self.capacity)
         # Each running request needs at least one token of budget per step.
         self.max_running = min(config.max_num_seqs, config.max_num_batched_tokens)
+        self.pipelined = config.max_concurrent_batches > 1
 
     # -- queue management --------------------------------------------------------------
     def _rank(self, request: Request) -> tuple[int, int]:
@@ -147,10 +152,14 @@ class Scheduler(StepResultsMixin, seams.Scheduler):
             (chunks if left > 1 else decodes).append(request)
         kv = self.kv
         running = RequestStatus.RUNNING
+        if self.pipelined:
+            self._share_out(draft)
         for request in itertools.chain(decodes, chunks):
-            if draft.budget <= 0:
+            if draft.budget <= 0 or len(draft.scheduled) >= draft.max_seqs:
                 break
             if request.status is not running:  # an earlier one preempted it
+                continue
+            if self.pipelined and self._in_flight(request):
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, draft.budget)
             if request.spec_token_ids:
@@ -220,10 +229,27 @@ class Scheduler(StepResultsMixin, seams.Scheduler):
         # leader ranks first, a step has budget left after it only once its chunk reaches
         # the prompt's end, and by then its full blocks are published for the siblings.
         while self.waiting and draft.budget > 0 and len(self.running) < self.max_running:
+            if len(draft.scheduled) >= draft.max_seqs:
+                return
+            if self.pipelined and self._in_flight(self.waiting[0]):
+                return  # preempted while its token is computed: it resumes once it is in
             if not self._try_admit(self.waiting[0], draft):
                 return
             self.waiting.pop(0)
             draft.admitted_any = True
+
+    def _share_out(self, draft: _StepDraft) -> None:
+        """Pipelining: each plan in flight takes an equal share of the requests, so that
+        every stage has work while the others run their plans (with all requests in one
+        plan, the next would find them all in flight and the stages would take turns)."""
+        batches = self.config.max_concurrent_batches
+        draft.max_seqs = max(1, -(-(len(self.running) + len(self.waiting)) // batches))
+
+    @staticmethod
+    def _in_flight(request: Request) -> bool:
+        """Pipelining: its last token is a placeholder, sampled by a plan still in flight."""
+        outputs = request.output_token_ids
+        return bool(outputs) and outputs[-1] == PLACEHOLDER_TOKEN
 
     def _adapter_fits(self, request: Request) -> bool:
         """Multi-LoRA: whether admitting ``request`` keeps the running adapters within

@@ -157,6 +157,14 @@ class Scheduler(ABC):
     ``token_ids`` and ``draft_token_ids`` (as many as fit, or none), and ``update`` appends
     the accepted drafts before the sampled token and counts only them as computed."""
 
+    supports_concurrent_batches: bool = False
+    """Whether ``schedule`` honours ``SchedulerConfig.max_concurrent_batches`` > 1 (pipeline
+    parallelism): the engine ``advance``s each plan as it launches it and ``fill``s it when
+    its tokens are back, with several plans in flight; ``schedule`` then leaves out every
+    request whose last output token is still a ``PLACEHOLDER_TOKEN`` (its token is being
+    computed), so plans in flight never share a sampling request. Needs ``advance`` and
+    ``fill``."""
+
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
@@ -234,6 +242,10 @@ class Scheduler(ABC):
             cls.speculation_candidates is Scheduler.speculation_candidates
         ):
             gaps.append("speculation_candidates (it sets supports_speculation = True)")
+        if cls.supports_concurrent_batches and (
+            cls.advance is Scheduler.advance or cls.fill is Scheduler.fill
+        ):
+            gaps.append("advance and fill (it sets supports_concurrent_batches = True)")
         return gaps
 
 
@@ -297,6 +309,12 @@ class Executor(ABC):
     """Whether ``launch(plan, previous)`` accepts ``previous``: it replaces, on the device, each
     ``PLACEHOLDER_TOKEN`` in ``plan`` (the last token of a seq that sampled in ``previous``) with
     the token ``previous`` sampled. Requires overriding ``launch``."""
+
+    max_concurrent_batches: int = 1
+    """How many launched steps may be in flight at once (vLLM's name): above 1 (pipeline
+    parallelism, one step per stage) ``launch`` returns at once and the engine keeps up to
+    this many steps launched, collecting their results in launch order; the plans in flight
+    share no sampling request. May be set per instance; the engine reads it once."""
 
     defers_sampling: bool = False
     """Whether ``launch(plan, previous, defer_sampling=True)`` queues only the forward pass and

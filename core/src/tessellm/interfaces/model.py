@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from tessellm.interfaces.attention import AttentionBackend, AttentionMetadata
     from tessellm.interfaces.pipeline import PipelineStage
     from tessellm.interfaces.quantization import QuantizationMethod
+    from tessellm.interfaces.schedule import SchedulerOutput
 
 
 @dataclass(slots=True)
@@ -124,3 +126,27 @@ class CausalLM(Protocol):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]: ...
+
+
+# What the model runner calls after each forward pass when a proposer asked for the hidden
+# states (``ModelRunner.hidden_states_sink``): the step's plan and ``forward``'s output.
+HiddenStatesSink = Callable[["SchedulerOutput", torch.Tensor], None]
+
+
+@runtime_checkable
+class HiddenStatesSource(Protocol):
+    """How a family hands out hidden states to a speculative head that reads them (EAGLE).
+
+    ``forward``'s rows are what such a head conditions on: row ``i`` is the LM head's input
+    at position ``i`` (after the final norm), the state ``compute_logits`` turns into the
+    distribution of the token after it. The head shares the family's token embedding,
+    ``get_input_embeddings()`` (ids to ``[n, hidden]`` rows), and its LM head,
+    ``compute_logits``. The model runner hands every step's rows to its
+    ``hidden_states_sink`` with the step's plan: one row per token of each seq's
+    ``token_ids``, in plan order, rows at drafts the target then rejects included (the sink
+    tells them apart by comparing the tokens with the request's). A family built on
+    ``tessellm.layers.decoder.DecoderForCausalLM`` has it."""
+
+    def get_input_embeddings(self) -> nn.Module: ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...

@@ -41,6 +41,8 @@ class SchedulerConfig:
     num_lookahead_slots: int = 0
     # Multi-LoRA: distinct adapters a step may hold (0: LoRA off, no limit to keep).
     max_loras: int = 0
+    # Pipeline parallelism: plans in flight at once (Scheduler.supports_concurrent_batches).
+    max_concurrent_batches: int = 1
 
 
 @dataclass(slots=True)

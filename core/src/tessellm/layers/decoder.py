@@ -253,6 +253,10 @@ class DecoderForCausalLM(nn.Module, ConfigAttentionRequirements, ABC):
     ) -> torch.Tensor:
         return self.model(input_ids, positions, metadata)
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The token embedding, which an EAGLE head shares (``HiddenStatesSource``)."""
+        return self.model.embed_tokens
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.head_input_scaling is not None:
             hidden = hidden / self.head_input_scaling

@@ -1,0 +1,1 @@
+"""Speculative decoding with an EAGLE head (``speculative_config={"method": "eagle"}``)."""
