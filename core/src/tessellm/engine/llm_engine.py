@@ -12,6 +12,7 @@ from typing import Any
 
 from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
+from tessellm.engine import cache_layout
 from tessellm.engine import structured_output as so
 from tessellm.engine import structured_steps as so_steps
 from tessellm.engine.engine_setup import load_seam, tune_garbage_collector
@@ -76,13 +77,15 @@ class LLMEngine(RequestValidation):
         executor_cls = load_seam(plugins, "executors", executor_name, Executor)
         scheduler_cls = load_seam(plugins, "schedulers", args.scheduler, Scheduler)
         kv_cls = load_seam(plugins, "kv_cache_managers", args.kv_cache_manager, KVCacheManager)
+        layout = cache_layout.layout_for(plugins, self.model_config, args)
+        cache_layout.check_layout_support(kv_cls, layout, args)
         self.executor: Executor = executor_cls(args, self.resolved, plugins)
         self.max_model_len = self.executor.max_model_len
         # Before the pool is sized: a proposer's weights and its own cache share the budget.
         proposer = build_proposer(self, scheduler_cls)
         num_blocks = kv_cache_blocks(self.executor, proposer)
         # Beyond what max_num_seqs full-length sequences could hold, blocks are wasted memory.
-        needed = args.max_num_seqs * -(-self.max_model_len // args.block_size) + 1
+        needed = cache_layout.pages_needed(layout, args, self.max_model_len)
         num_blocks = min(num_blocks, needed) if not args.num_gpu_blocks_override else num_blocks
         if num_blocks < 2:
             raise ConfigError(
@@ -96,7 +99,7 @@ class LLMEngine(RequestValidation):
             )
             self.max_model_len = capacity
         self.executor.initialize_cache(num_blocks)
-        kv = kv_cls(num_blocks, args.block_size, args.enable_prefix_caching)
+        kv = cache_layout.make_kv_cache_manager(kv_cls, num_blocks, args, layout)
         batched = args.max_num_batched_tokens or max(8192, args.max_num_seqs)
         if not args.enable_chunked_prefill:
             batched = max(batched, self.max_model_len)

@@ -11,6 +11,7 @@ import torch
 
 from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
+from tessellm.engine import cache_binding
 from tessellm.engine.profile_run import profile_forward
 from tessellm.engine.runner_sleep import sleep_runner, wake_runner
 from tessellm.engine.sampler import Sampler, compute_prompt_logprobs
@@ -98,6 +99,7 @@ class ModelRunner:
             ml.load_weights(self.model, fmt.iter_weights(resolved.path, self.config, self.dtype))
             quant.process_model_after_loading(self.model)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.cache_layout = cache_binding.runner_layout(self)
         self.lora: LoRAManager | None = None
         fused_ops = self.platform.fused_ops(self.dtype)
         if args.enable_lora:
@@ -127,9 +129,7 @@ class ModelRunner:
         return kv_cache_torch_dtype(self.args.kv_cache_dtype, self.dtype)
 
     def bytes_per_block(self) -> int:
-        elem = self.kv_cache_dtype.itemsize
-        per_layer = sum(2 * a.num_kv_heads * a.head_size for a in self.attn_layers)
-        return per_layer * self.block_size * elem
+        return cache_binding.page_bytes(self)
 
     def available_blocks(self, extra_bytes_per_block: int = 0) -> int:
         """How many KV blocks fit this rank's memory budget. ``extra_bytes_per_block``: what
@@ -145,16 +145,16 @@ class ModelRunner:
             budget = self.platform.available_kv_cache_bytes(
                 args.gpu_memory_utilization, ml.model_bytes(self.model)
             )
-        return max(0, budget // (self.bytes_per_block() + extra_bytes_per_block))
+        budget -= cache_binding.state_bytes(self)
+        per_block = self.bytes_per_block() + extra_bytes_per_block
+        if per_block == 0:  # recurrent layers only: blocks are bookkeeping
+            return cache_binding.UNBOUNDED_PAGES if budget >= 0 else 0
+        return max(0, budget // per_block)
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         dtype = self.kv_cache_dtype
-        for layer in self.attn_layers:
-            shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_size)
-            k = torch.zeros(shape, dtype=dtype, device=self.device)
-            v = torch.zeros(shape, dtype=dtype, device=self.device)
-            layer.bind_kv_cache(k, v)
+        cache_binding.bind_caches(self, num_blocks)
         if dtype != self.dtype:
             from_checkpoint = sum(layer.kv_scales_from_checkpoint for layer in self.attn_layers)
             logger.info(
@@ -165,6 +165,12 @@ class ModelRunner:
                 len(self.attn_layers),
             )
         self.step_runner = self.platform.step_runner(self)
+        if self.step_runner is not None and not self.cache_layout.single_table:
+            raise ConfigError(
+                f"the {self.platform_choice.chosen} platform's step runner serves one KV block "
+                "table without recurrent state; for windowed layers start the engine with "
+                "disable_hybrid_kv_cache_manager=True"
+            )
         if self.step_runner is not None and self.args.enable_lora:
             raise ConfigError(
                 f"LoRA adapters do not run on the {self.platform_choice.chosen} platform's "
@@ -175,7 +181,12 @@ class ModelRunner:
                 f"speculative decoding does not run on the {self.platform_choice.chosen} "
                 "platform's step runner yet; leave speculative_config unset"
             )
-        if self.step_runner is None and not self.args.enforce_eager:
+        # Graph runners know one block table and no recurrent state (docs/architecture.md).
+        if (
+            self.step_runner is None
+            and not self.args.enforce_eager
+            and self.cache_layout.single_table
+        ):
             spec = GraphSpec(
                 self.args.max_num_seqs,
                 self.max_model_len,
@@ -242,6 +253,8 @@ class ModelRunner:
             query_start_loc_cpu=qsl_cpu,
             seq_lens_cpu=seq_lens_cpu,
         )
+        if not self.cache_layout.plain:
+            cache_binding.add_layout_metadata(self, metadata, seqs, seq_index, positions)
         return (
             to_device(torch.from_numpy(input_ids), dev),
             to_device(torch.from_numpy(positions), dev),

@@ -370,6 +370,9 @@ class Scheduler(StepResultsMixin, seams.Scheduler):
             seq.draft_token_ids = drafts
         if request.lora_request is not None:
             seq.lora_request = request.lora_request
+        if request.group_block_ids:  # a layout with several KV groups (cache_layout.py)
+            seq.group_block_ids = [list(t) for t in request.group_block_ids]
+        seq.state_slot = request.state_slot
         return seq
 
     def speculation_candidates(self) -> list[Request]:

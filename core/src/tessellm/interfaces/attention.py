@@ -99,6 +99,13 @@ class AttentionMetadata:
     seq_lens_cpu: torch.Tensor
     # Whatever the backend's ``prepare`` adds (split plans, workspaces ...).
     extra: dict[str, Any] = field(default_factory=dict)
+    # KV groups 1.. of a layout with several (engine/cache_layout.py): the same batch with
+    # that group's ``block_tables``/``slot_mapping`` (and its own ``prepare``); a layer of
+    # group ``g`` reads ``kv_groups[g - 1]``. Empty for one group.
+    kv_groups: tuple[AttentionMetadata, ...] = ()
+    # Recurrent layers (tessellm.interfaces.cache_spec.StatefulLayer): each sequence's
+    # state slot, int64 [num_seqs] on the device; None where the model has none.
+    state_slots: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

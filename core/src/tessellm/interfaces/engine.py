@@ -76,6 +76,12 @@ class KVCacheManager(ABC):
     until ``publish_filled`` says the token is known. A manager without a prefix cache can set it
     ``True`` as is."""
 
+    supports_cache_layouts: bool = False
+    """Whether the constructor takes a keyword ``layout`` (``engine.cache_layout.CacheLayout``)
+    and serves layouts with several KV groups, windowed groups that free their old blocks,
+    and recurrent-state slots (``Request.group_block_ids``, ``Request.state_slot``). A
+    manager without it serves plain layouts only; the engine refuses other models with it."""
+
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.num_blocks = num_blocks
         """Blocks in the pool (the executor's cache was sized for this many)."""

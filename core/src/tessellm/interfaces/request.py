@@ -64,6 +64,11 @@ class Request:
     spec_token_ids: list[int] = field(default_factory=list)
     # The LoRA adapter it runs with (tessellm.lora.LoRARequest), None for the base model.
     lora_request: Any = None
+    # Written by the KV cache manager where the model's cache layout has several KV groups
+    # (engine/cache_layout.py): the block tables of groups 1.. (group 0's is block_ids),
+    # and the recurrent-state slot the request holds while it runs (-1: none).
+    group_block_ids: list[list[int]] = field(default_factory=list)
+    state_slot: int = -1
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -73,6 +73,10 @@ class ScheduledSeq:
     draft_token_ids: list[int] = field(default_factory=list)
     # The LoRA adapter its tokens run with (tessellm.lora.LoRARequest; None: the base).
     lora_request: Any = None
+    # Where the model's cache layout has several KV groups: the block tables of groups 1..
+    # (``Request.group_block_ids``), and the request's recurrent-state slot (-1: none).
+    group_block_ids: list[list[int]] = field(default_factory=list)
+    state_slot: int = -1
 
 
 @dataclass(slots=True)

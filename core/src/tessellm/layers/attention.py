@@ -54,6 +54,7 @@ class Attention(nn.Module):
         self.v_scale = torch.ones((), dtype=torch.float32, device=ctx.device)
         self.kv_scales_from_checkpoint = False
         self._fp8_cache = False
+        self.kv_group = 0  # set by the runner: which KV group's block table it reads
 
     def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         self.k_cache, self.v_cache = k_cache, v_cache
@@ -80,6 +81,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """``q`` ``[T, H*D]``, ``k``/``v`` ``[T, Hkv*D]`` (or the same as ``[T, heads, D]``)
         → ``[T, H*D]``; with ``rotary``, q and k are rotated by ``positions`` first."""
+        if self.kv_group:
+            metadata = metadata.kv_groups[self.kv_group - 1]
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_size)
         k = k.view(num_tokens, self.num_kv_heads, self.head_size)
