@@ -5,12 +5,20 @@ each context into a fresh tensor. Here the step's plan (indices, masks) is built
 ``prepare``; per layer, each group's blocks are copied into a buffer that lives as long
 as the backend (no allocation per step) and the whole group attends at once:
 
-* decode sequences (one query each) with two batched matmuls in the run dtype around an
-  fp32 softmax, every kv head's query group at once (GQA without repeating K/V). For
-  decode this is several times faster on the CPU than SDPA's flash kernel, which tiles
-  for long queries;
+* decode sequences (one query each) with two batched matmuls around an fp32 softmax,
+  every kv head's query group at once (GQA without repeating K/V). For decode this is
+  several times faster on the CPU than SDPA's flash kernel, which tiles for long queries;
 * prefill and chunked-prefill sequences, padded to the group's longest query, with
   ``scaled_dot_product_attention`` (vectorised, threaded, fp32 accumulation).
+
+A decode group of several sequences computes in ``precision.attention_compute_dtype`` of
+the cache's dtype: a bf16 or fp16 cache on a CPU without native instructions for it is
+attended in fp32, converting only the blocks the group gathered (and its queries), and
+the output is cast back. Such a group is gathered, converted and attended a few
+sequences at a time (``DECODE_CHUNK_BYTES``), so each chunk's K/V stay in the CPU's
+caches in between. Prefill groups stay in the cache's dtype: SDPA's CPU kernels already
+accumulate bf16 in fp32, and fp32 inputs were no faster there (bench/RESULTS.md), so
+converting would only change the rounding of every prompt's attention.
 
 A single sequence whose blocks are consecutive in the cache (the usual case at batch 1)
 attends over a view of the cache, with no copy at all. Cache entries outside a
@@ -19,6 +27,8 @@ finite; the model runner zero-fills the cache.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +39,7 @@ from tessellm.interfaces.attention import (
     AttentionMetadata,
     AttentionSpec,
 )
+from tessellm_attention_cpu import precision
 from tessellm_attention_cpu.plan import GroupPlan, StepPlan, build_plan
 from tessellm_attention_cpu.traced import traced_decode
 
@@ -39,6 +50,13 @@ PLAN_KEY = "cpu_attention_plan"
 # heads, a tie at 16, slower at 4).
 BLOCK_DIAGONAL_MIN_SEQS = 8
 BLOCK_DIAGONAL_MAX_KV_HEADS = 4
+# Decode groups attend in chunks of sequences whose gathered K and V (in the compute
+# dtype) fit this, so that what one chunk gathers, converts and multiplies stays in the
+# caches. Swept on a 2-core AMD EPYC (fp32 compute, one thread, 3 kv heads of 64, busy
+# machine, medians of 9 interleaved rounds): 64 sequences of 512 tokens took 39/31/26/
+# 23/30 ms a layer at 1/2/3/4/6 MiB against 38 ms unchunked; 16 of 2,048 tokens (one
+# sequence a chunk) 25 against 39 ms; 64 of 128 tokens 7.3 against 9.4 ms.
+DECODE_CHUNK_BYTES = 4 << 20
 
 
 def soft_capped_attention(
@@ -63,6 +81,11 @@ def soft_capped_attention(
     return out.reshape(n, heads, tq, d).to(q.dtype)
 
 
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # A no-op .to() costs microseconds: a batch-1 decode layer call is ~170 us.
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 class CpuPagedAttention(AttentionBackend):
     name = "cpu"
     capabilities = AttentionCapabilities(
@@ -75,7 +98,11 @@ class CpuPagedAttention(AttentionBackend):
 
     def __init__(self, spec: AttentionSpec) -> None:
         super().__init__(spec)
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        # What the eager path attends decode groups of several sequences in (the KV cache
+        # holds spec.dtype: this backend takes no other kv_cache_dtype); a bench may set
+        # it to time another choice.
+        self.compute_dtype: torch.dtype = precision.attention_compute_dtype(spec.dtype)
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         metadata.extra[PLAN_KEY] = build_plan(metadata, self.spec.block_size)
@@ -97,44 +124,66 @@ class CpuPagedAttention(AttentionBackend):
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
 
-    def _buffer(self, name: str, cache: torch.Tensor, num_blocks: int) -> torch.Tensor:
-        """A ``[num_blocks, *cache.shape[1:]]`` view of a buffer kept across steps."""
-        shape = (num_blocks, *cache.shape[1:])
-        needed = num_blocks * cache[0].numel()
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < needed or buf.dtype != cache.dtype:
+    def _buffer(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """A ``shape`` view of a buffer of ``dtype`` kept across steps."""
+        needed = math.prod(shape)
+        buf = self._buffers.get((name, dtype))
+        if buf is None or buf.numel() < needed:
             # Grow geometrically so a slowly lengthening context reallocates rarely.
             size = max(needed, 2 * buf.numel() if buf is not None else 0)
-            buf = torch.empty(size, dtype=cache.dtype, device=cache.device)
-            self._buffers[name] = buf
+            buf = torch.empty(size, dtype=dtype, device=device)
+            self._buffers[name, dtype] = buf
         return buf[:needed].view(shape)
 
-    def _context(self, cache: torch.Tensor, group: GroupPlan, name: str) -> torch.Tensor:
-        """The group's keys or values as ``[n, context, Hkv, D]`` (a view, never a copy
-        beyond the one gather)."""
+    def _context(
+        self,
+        cache: torch.Tensor,
+        group: GroupPlan,
+        name: str,
+        dtype: torch.dtype,
+        seqs: slice | None = None,
+    ) -> torch.Tensor:
+        """The keys or values of the group's sequences (or of ``seqs`` among them) as
+        ``[n, context, Hkv, D]`` in ``dtype``: a view of the cache when its blocks are
+        consecutive and no conversion is asked, else one gather (plus one conversion of
+        what was gathered, when ``dtype`` differs)."""
         block_size, kv_heads, head_size = cache.shape[1:]
         if group.first_block is not None:
             blocks = cache[group.first_block : group.first_block + group.num_blocks]
-            return blocks.view(1, -1, kv_heads, head_size)[:, : group.context_len]
-        out = self._buffer(name, cache, group.block_ids.numel())
-        torch.index_select(cache, 0, group.block_ids, out=out)
-        return out.view(group.num_seqs, group.num_blocks * block_size, kv_heads, head_size)
+            context = blocks.view(1, -1, kv_heads, head_size)[:, : group.context_len]
+        else:
+            ids, num_seqs = group.block_ids, group.num_seqs
+            if seqs is not None:
+                ids = ids[seqs.start * group.num_blocks : seqs.stop * group.num_blocks]
+                num_seqs = seqs.stop - seqs.start
+            gathered = self._buffer(
+                name, (ids.numel(), *cache.shape[1:]), cache.dtype, cache.device
+            )
+            torch.index_select(cache, 0, ids, out=gathered)
+            length = group.num_blocks * block_size
+            context = gathered.view(num_seqs, length, kv_heads, head_size)
+        if dtype == cache.dtype:
+            return context
+        return self._buffer(name, context.shape, dtype, cache.device).copy_(context)
 
     def _decode(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        group: GroupPlan,
+        bias: torch.Tensor | None,
+        block_diagonal: bool,
         scale: float,
-        sliding_window: int | None,
         soft_cap: float | None,
     ) -> torch.Tensor:
-        """One query per sequence: ``q`` ``[n, H, D]``, ``k``/``v`` ``[n, L, Hkv, D]``."""
+        """One query per sequence: ``q`` ``[n, H, D]``, ``k``/``v`` ``[n, L, Hkv, D]``,
+        ``bias`` ``[n, 1, 1, L]`` (additive) or None."""
         n, heads, head_size = q.shape
         kv_heads = k.shape[2]
-        if n >= BLOCK_DIAGONAL_MIN_SEQS and kv_heads <= BLOCK_DIAGONAL_MAX_KV_HEADS:
-            return self._decode_block_diagonal(q, k, v, group, scale, sliding_window, soft_cap)
+        if block_diagonal:
+            return self._decode_block_diagonal(q, k, v, bias, scale, soft_cap)
         if n == 1:
             # One sequence: a batched matmul over kv heads reads K/V in place; in fp32
             # because oneDNN's bf16 path costs more than the conversion at this size.
@@ -145,7 +194,6 @@ class CpuPagedAttention(AttentionBackend):
             scores = torch.matmul(grouped, k.permute(0, 2, 3, 1)).float().mul_(scale)
         if soft_cap:
             scores = torch.tanh(scores.div_(soft_cap)).mul_(soft_cap)
-        bias = group.mask(self.spec.block_size, sliding_window, additive=True)
         if bias is not None:
             scores.add_(bias if n > 1 else bias[0])
         if n == 1:
@@ -161,9 +209,8 @@ class CpuPagedAttention(AttentionBackend):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        group: GroupPlan,
+        bias: torch.Tensor | None,
         scale: float,
-        sliding_window: int | None,
         soft_cap: float | None,
     ) -> torch.Tensor:
         """Decode over gathered ``[n, L, Hkv, D]`` K/V read as plain ``[n, L, Hkv*D]``
@@ -186,13 +233,47 @@ class CpuPagedAttention(AttentionBackend):
         scores = scores.float().mul_(scale)  # [n, H, L]
         if soft_cap:
             scores = torch.tanh(scores.div_(soft_cap)).mul_(soft_cap)
-        bias = group.mask(self.spec.block_size, sliding_window, additive=True)
         if bias is not None:
             scores.add_(bias.view(n, 1, length))
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         mixed = torch.bmm(probs, v.reshape(n, length, kv_heads * head_size))
         out = torch.diagonal(mixed.view(n, kv_heads, group_size, kv_heads, head_size), 0, 1, 3)
         return out.permute(0, 3, 1, 2).reshape(n, heads, head_size)
+
+    def _attend_decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        group: GroupPlan,
+        dtype: torch.dtype,
+        scale: float,
+        sliding_window: int | None,
+        soft_cap: float | None,
+    ) -> torch.Tensor:
+        """A decode group's rows ``[n, H, D]``, attended in chunks of sequences whose K/V
+        in ``dtype`` fit ``DECODE_CHUNK_BYTES``."""
+        n = group.num_seqs
+        kv_heads = k_cache.shape[2]
+        block_diagonal = n >= BLOCK_DIAGONAL_MIN_SEQS and kv_heads <= BLOCK_DIAGONAL_MAX_KV_HEADS
+        bias = group.mask(self.spec.block_size, sliding_window, additive=True)
+        args = (block_diagonal, scale, soft_cap)
+        chunk = n
+        if n > 1:
+            seq_bytes = 2 * group.num_blocks * math.prod(k_cache.shape[1:]) * dtype.itemsize
+            chunk = max(1, DECODE_CHUNK_BYTES // seq_bytes)
+        if chunk >= n:
+            k = self._context(k_cache, group, "k", dtype)
+            v = self._context(v_cache, group, "v", dtype)
+            return self._decode(q, k, v, bias, *args)
+        out = torch.empty_like(q)
+        for start in range(0, n, chunk):
+            seqs = slice(start, min(start + chunk, n))
+            k = self._context(k_cache, group, "k", dtype, seqs)
+            v = self._context(v_cache, group, "v", dtype, seqs)
+            chunk_bias = None if bias is None else bias[seqs]
+            out[seqs] = self._decode(q[seqs], k, v, chunk_bias, *args)
+        return out
 
     def _attend(
         self,
@@ -204,14 +285,23 @@ class CpuPagedAttention(AttentionBackend):
         sliding_window: int | None,
         soft_cap: float | None,
     ) -> torch.Tensor:
-        """The group's output rows ``[n * query_len, H, D]`` in padded order."""
+        """The group's output rows ``[n * query_len, H, D]`` in padded order, in the
+        compute dtype (the caller casts back)."""
         n, q_len = group.num_seqs, group.query_len
         heads, head_size = query.shape[1:]
+        # Only decode groups of several sequences convert (the module docstring says why
+        # prefill does not). One sequence's decode reads its K/V as fp32 itself
+        # (_decode), in place when its blocks are consecutive: converting first was 10%
+        # slower.
+        dtype = self.compute_dtype if q_len == 1 and n > 1 else k_cache.dtype
         q = query if group.query_rows is None else query.index_select(0, group.query_rows)
-        k = self._context(k_cache, group, "k")
-        v = self._context(v_cache, group, "v")
+        q = _cast(q, dtype)
         if q_len == 1:
-            return self._decode(q, k, v, group, scale, sliding_window, soft_cap)
+            return self._attend_decode(
+                q, k_cache, v_cache, group, dtype, scale, sliding_window, soft_cap
+            )
+        k = self._context(k_cache, group, "k", dtype)
+        v = self._context(v_cache, group, "v", dtype)
         q = q.view(n, q_len, heads, head_size).transpose(1, 2)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
         mask = group.mask(self.spec.block_size, sliding_window)
@@ -249,12 +339,13 @@ class CpuPagedAttention(AttentionBackend):
         args = (scale, sliding_window, logits_soft_cap)
         decode, prefill = plan.decode, plan.prefill
         if prefill is None and decode is not None and decode.query_rows is None:
-            return self._attend(query, k_cache, v_cache, decode, *args)
+            return _cast(self._attend(query, k_cache, v_cache, decode, *args), query.dtype)
         out = torch.empty_like(query)
         if decode is not None:
             rows = self._attend(query, k_cache, v_cache, decode, *args)
-            out.index_copy_(0, decode.query_rows, rows)
+            out.index_copy_(0, decode.query_rows, _cast(rows, query.dtype))
         if prefill is not None:
             rows = self._attend(query, k_cache, v_cache, prefill, *args)
-            out.index_copy_(0, prefill.output_rows, rows.index_select(0, prefill.valid_rows))
+            rows = _cast(rows.index_select(0, prefill.valid_rows), query.dtype)
+            out.index_copy_(0, prefill.output_rows, rows)
         return out
