@@ -237,8 +237,8 @@ def test_graph_buffers_serve_any_mix(lora_model, tmp_path, monkeypatch):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpu_engine_kernels_equal_torch_path(lora_model, dtype, tmp_path, monkeypatch):
     """The CUDA platform's LoRA kernels against its torch path, same engine settings: in
-    fp32 the same greedy tokens; in bf16 at most one sequence of eight may part (an
-    argmax tie broken by a different rounding), and only after its first token."""
+    fp32 the same greedy tokens; in bf16 the same first token everywhere, and at most two
+    sequences of eight may part later (a near tie broken by another rounding)."""
     model_dir, loras = lora_model
     kwargs = dict(model=str(model_dir), dtype=dtype, enable_lora=True, max_loras=3,
                   max_lora_rank=16, gpu_memory_utilization=0.2, max_num_seqs=16)  # fmt: skip
@@ -260,7 +260,7 @@ def test_gpu_engine_kernels_equal_torch_path(lora_model, dtype, tmp_path, monkey
         assert kernels == torch_path
     else:
         parted = [i for i, (k, t) in enumerate(zip(kernels, torch_path, strict=True)) if k != t]
-        assert len(parted) <= 1 and all(kernels[i][0] == torch_path[i][0] for i in parted)
+        assert len(parted) <= 2 and all(kernels[i][0] == torch_path[i][0] for i in parted)
 
 
 @pytest.mark.gpu

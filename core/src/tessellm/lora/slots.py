@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tessellm.engine.transfer import to_device
 from tessellm.errors import InvalidRequestError
 from tessellm.interfaces.model import ParallelInfo
 from tessellm.interfaces.ops import FusedOps, LoRATokens
@@ -62,14 +63,16 @@ class StepLoRA:
 
 def token_layout(slots: torch.Tensor, num_slots: int, device: torch.device) -> LoRATokens:
     """``LoRATokens`` for per-token ``slots`` (a CPU int tensor, -1 for no adapter): sorted
-    here on the host and copied to ``device`` in one transfer."""
+    here on the host and copied to ``device`` in one transfer, queued without waiting for
+    the device (the overlapped loop's previous step may still run)."""
+
     slots = slots.to(torch.int32)
     key = torch.where(slots < 0, num_slots, slots)  # the tokens without an adapter last
     order = torch.sort(key, stable=True).indices.to(torch.int32)
     counts = torch.bincount(key, minlength=num_slots + 1)[:num_slots]
     starts = torch.zeros(num_slots + 1, dtype=torch.int32)
     torch.cumsum(counts, 0, out=starts[1:])
-    packed = torch.cat([slots, order, starts]).to(device)
+    packed = to_device(torch.cat([slots, order, starts]), device)
     n = slots.shape[0]
     return LoRATokens(
         slots=packed[:n],
