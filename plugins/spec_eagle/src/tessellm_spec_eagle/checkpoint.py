@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 
-def eagle_config(target_dir: Path | str, num_hidden_layers: int = 1) -> dict:
-    """``config.json`` of a head for the target whose checkpoint is ``target_dir``: a
-    ``LlamaForCausalLM`` of the target's widths, ``num_hidden_layers`` layers."""
-    from transformers import AutoConfig
+def eagle_config(target: Any, num_hidden_layers: int = 1) -> dict:
+    """``config.json`` of a head for ``target`` (its checkpoint directory, or its
+    transformers config): a ``LlamaForCausalLM`` of the target's widths,
+    ``num_hidden_layers`` layers."""
+    if isinstance(target, (str, Path)):
+        from transformers import AutoConfig
 
-    target = AutoConfig.from_pretrained(target_dir)
+        target = AutoConfig.from_pretrained(target)
     target = target.get_text_config() if hasattr(target, "get_text_config") else target
     heads = target.num_attention_heads
     return {
@@ -71,7 +74,7 @@ def random_eagle_weights(
 
 
 def save_random_eagle_head(
-    target_dir: Path | str,
+    target_dir: Any,
     path: Path | str,
     *,
     seed: int = 0,
@@ -79,9 +82,10 @@ def save_random_eagle_head(
     fc_bias: bool = False,
     with_embedding: bool = True,
 ) -> Path:
-    """A random head for the target at ``target_dir``, saved in ``path``: ``config.json``
-    and ``model.safetensors`` (with a copy of the target's embedding, as the published
-    heads carry one, unless ``with_embedding`` is false). Returns ``path``."""
+    """A random head for the target at ``target_dir`` (or of the transformers config
+    given), saved in ``path``: ``config.json`` and ``model.safetensors`` (with a copy of
+    the target's embedding from its safetensors, as the published heads carry one, unless
+    ``with_embedding`` is false). Returns ``path``."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -89,7 +93,7 @@ def save_random_eagle_head(
     path.mkdir(parents=True, exist_ok=True)
     config = eagle_config(target_dir, num_hidden_layers)
     weights = random_eagle_weights(config, seed, fc_bias)
-    if with_embedding:
+    if with_embedding and isinstance(target_dir, (str, Path)):
         for file in sorted(Path(target_dir).glob("*.safetensors")):
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping

@@ -34,6 +34,7 @@ class HiddenStash:
     def __init__(self, max_rows: int) -> None:
         self.max_rows = max_rows
         self.num_rows = 0
+        self.num_dropped = 0  # requests whose rows were dropped past the cap
         self._chunks: OrderedDict[str, list[HiddenChunk]] = OrderedDict()
 
     def __call__(self, plan: SchedulerOutput, hidden: torch.Tensor) -> None:
@@ -50,6 +51,7 @@ class HiddenStash:
         while self.num_rows > self.max_rows and len(self._chunks) > 1:
             _, dropped = self._chunks.popitem(last=False)
             self.num_rows -= sum(len(c.token_ids) for c in dropped)
+            self.num_dropped += 1
 
     def take(self, request_id: str) -> list[HiddenChunk]:
         """The request's chunks, oldest first; the stash forgets them."""
