@@ -1,0 +1,1 @@
+"""State-space model families for tessellm (Mamba2)."""
