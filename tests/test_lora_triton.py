@@ -83,7 +83,8 @@ def test_token_layout_groups_tokens_by_slot():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize(("rank", "pieces", "k"), [(8, 1, 40), (16, 1, 200), (8, 3, 72)])
+# k=600: split-K (partial sums added atomically) with a ragged last step.
+@pytest.mark.parametrize(("rank", "pieces", "k"), [(8, 1, 40), (16, 1, 600), (8, 3, 72)])
 def test_shrink_matches_reference(path, dtype, layout, rank, pieces, k):
     slots = LAYOUTS[layout]
     gen = torch.Generator().manual_seed(rank * k + len(slots))
@@ -115,6 +116,12 @@ def test_expand_adds_at_column_offset(path, dtype, layout, rank, offset):
     torch.testing.assert_close(out.double(), want, **tolerance(dtype))
     if layout == "no_adapter":
         assert torch.equal(out.double(), want)
+
+
+def test_long_inputs_are_split():
+    splits, per_split = lora_kernels._split_k(600, 64, 11)
+    assert splits > 1 and per_split % 64 == 0 and (splits - 1) * per_split < 600
+    assert lora_kernels._split_k(40, 64, 11) == (1, 64)
 
 
 def test_shapes_that_do_not_fit_are_refused():
@@ -170,40 +177,49 @@ def mixed_generate(llm, loras, new_tokens: int, base_only: bool = False) -> list
     return [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.mark.skipif(DEVICE.type == "cuda", reason="the GPU test below runs the real platform")
-def test_engine_kernel_path_equals_torch_path(lora_model, tmp_path, monkeypatch):
+ENGINE_KWARGS = dict(dtype="float32", enable_lora=True, max_loras=3, max_lora_rank=16)
+
+
+@pytest.fixture(scope="module")
+def cpu_kernel_engine(lora_model, tmp_path_factory):
+    """A CPU engine whose platform table holds the LoRA kernels alone (in the
+    interpreter), and the list their launches go into."""
+    if DEVICE.type == "cuda":
+        pytest.skip("the GPU tests run the real platform")
+    from tessellm_cpu.platform import CpuPlatform
+
+    model_dir, _ = lora_model
+    calls: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:  # the table is read while the engine loads
+        patch.setattr(CpuPlatform, "fused_ops", lambda self, dtype: lora_only_ops(calls))
+        llm = LLM(model=str(model_dir), device="cpu", **ENGINE_KWARGS,
+                  download_dir=str(tmp_path_factory.mktemp("cache")))  # fmt: skip
+    return llm, calls
+
+
+def test_engine_kernel_path_equals_torch_path(lora_model, cpu_kernel_engine, tmp_path):
     """A mixed batch (three adapters, the base model) on the CPU through the kernels in
     the interpreter gives the torch path's tokens; the kernels ran."""
     model_dir, loras = lora_model
-    kwargs = dict(model=str(model_dir), dtype="float32", device="cpu", enable_lora=True,
-                  max_loras=3, max_lora_rank=16, download_dir=str(tmp_path))  # fmt: skip
-    torch_llm = LLM(**kwargs)
+    torch_llm = LLM(model=str(model_dir), device="cpu", **ENGINE_KWARGS,
+                    download_dir=str(tmp_path))  # fmt: skip
+    assert torch_llm.engine.executor.runner.lora.step.kernels is None
     reference = mixed_generate(torch_llm, loras, 3)
     base = mixed_generate(torch_llm, loras, 3, base_only=True)
     assert all(reference[i] != base[i] for i in (1, 2, 3))  # every adapter changes tokens
-    calls: list[str] = []
-    platform_cls = type(torch_llm.engine.executor.runner.platform)
-    monkeypatch.setattr(platform_cls, "fused_ops", lambda self, dtype: lora_only_ops(calls))
-    llm = LLM(**kwargs)
+    llm, calls = cpu_kernel_engine
     assert llm.engine.executor.runner.lora.step.kernels is not None
+    calls.clear()
     assert mixed_generate(llm, loras, 3) == reference
-    assert calls.count("lora_shrink") > 0 and calls.count("lora_expand") > calls.count(
-        "lora_shrink"
-    )
+    assert 0 < calls.count("lora_shrink") < calls.count("lora_expand")
 
 
-@pytest.mark.skipif(DEVICE.type == "cuda", reason="the GPU tests replay real graphs")
-def test_graph_buffers_serve_any_mix(lora_model, tmp_path, monkeypatch):
+def test_graph_buffers_serve_any_mix(lora_model, cpu_kernel_engine):
     """What a CUDA graph replays: every adapted layer's kernels over the static buffers,
     captured for 8 tokens of no adapter (the base layer's output), then given a step's
     5-token layout (padding rows marked -1) give that step's own rows."""
-    model_dir, loras = lora_model
-    from tessellm_cpu.platform import CpuPlatform
-
-    monkeypatch.setattr(CpuPlatform, "fused_ops", lambda self, dtype: lora_only_ops([]))
-    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", enable_lora=True,
-              max_loras=3, max_lora_rank=16, download_dir=str(tmp_path))  # fmt: skip
-    runner = llm.engine.executor.runner
+    _, loras = lora_model
+    runner = cpu_kernel_engine[0].engine.executor.runner
     manager, step = runner.lora, runner.lora.step
     for lora in loras:
         manager._slot(lora, set())
@@ -240,8 +256,8 @@ def test_gpu_engine_kernels_equal_torch_path(lora_model, dtype, tmp_path, monkey
     fp32 the same greedy tokens; in bf16 the same first token everywhere, and at most two
     sequences of eight may part later (a near tie broken by another rounding)."""
     model_dir, loras = lora_model
-    kwargs = dict(model=str(model_dir), dtype=dtype, enable_lora=True, max_loras=3,
-                  max_lora_rank=16, gpu_memory_utilization=0.2, max_num_seqs=16)  # fmt: skip
+    kwargs = dict(model=str(model_dir), **{**ENGINE_KWARGS, "dtype": dtype},
+                  gpu_memory_utilization=0.2, max_num_seqs=16)  # fmt: skip
     results = {}
     for use_kernels in (True, False):
         if not use_kernels:  # every other fused op kept: only the LoRA path changes
@@ -306,8 +322,8 @@ def test_gpu_lora_decode_steps_replay_graphs(lora_model):
     """With the LoRA kernels, decode steps with adapters replay CUDA graphs (one per
     batch size, whatever the mix) and give the eager engine's tokens (fp32)."""
     model_dir, loras = lora_model
-    kwargs = dict(model=str(model_dir), dtype="float32", enable_lora=True, max_loras=3,
-                  max_lora_rank=16, gpu_memory_utilization=0.2, max_num_seqs=16)  # fmt: skip
+    kwargs = dict(model=str(model_dir), **ENGINE_KWARGS, gpu_memory_utilization=0.2,
+                  max_num_seqs=16)  # fmt: skip
     eager = LLM(**kwargs, enforce_eager=True)
     assert eager.engine.executor.runner.graph_runner is None
     want = mixed_generate(eager, loras, 12)

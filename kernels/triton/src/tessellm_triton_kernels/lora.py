@@ -33,8 +33,11 @@ from tessellm.interfaces.ops import LoRATokens
 # Per-token kernels when no slot has more tokens than this; above it, reading each
 # matrix once per tile of tokens beats reading it once per token.
 PER_TOKEN_MAX_TOKENS = 2
-# Enough programs to give every SM of a large GPU a few (split-K target).
+# Enough programs to give every SM of a large GPU a few (split-K target), each walking
+# at least a few K steps (fewer would spend more on atomic adds than on the product).
+# Untuned guesses: bench/lora_gpu.py is where to tune them.
 TARGET_PROGRAMS = 512
+MIN_K_STEPS_PER_SPLIT = 4
 BLOCK_K_SHRINK = 64
 BLOCK_N_EXPAND = 64
 NUM_WARPS = 4
@@ -259,7 +262,8 @@ def _split_k(k: int, block_k: int, programs: int) -> tuple[int, int]:
     """(splits, columns per split, a multiple of ``block_k``) giving about
     ``TARGET_PROGRAMS`` programs in all."""
     steps = triton.cdiv(k, block_k)
-    wanted = max(1, min(steps, triton.cdiv(TARGET_PROGRAMS, max(1, programs))))
+    most = max(1, steps // MIN_K_STEPS_PER_SPLIT)
+    wanted = max(1, min(most, triton.cdiv(TARGET_PROGRAMS, max(1, programs))))
     per_split = triton.cdiv(steps, wanted) * block_k
     return triton.cdiv(k, per_split), per_split
 
