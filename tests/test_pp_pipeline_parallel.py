@@ -14,11 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from tessellm import LLM, SamplingParams
+from tessellm.cli.app import build_app
 from tessellm.config import EngineArgs
+from tessellm.engine import pipeline_stage
 from tessellm.engine.pipeline_stage import PipelineStageRunner
+from tessellm.engine.step_recovery import FailedRequestOutput
 from tessellm.errors import ConfigError
+from tessellm.executors.start_method import START_METHOD_ENV
 from tessellm.interfaces.model import ParallelInfo
 from tessellm.interfaces.pipeline import PipelineStage, describe_split, layer_split
 from tessellm.layers.pipeline import PipelineMissingLayer
@@ -139,6 +144,19 @@ def test_layer_split_rule() -> None:
         layer_split(3, 4)
 
 
+def test_plugins_command_shows_the_split(tiny_llama) -> None:
+    app = build_app()
+    shown = CliRunner().invoke(app, ["plugins", "--model", str(tiny_llama), "-pp", "2"])
+    assert shown.exit_code == 0, shown.output
+    assert "pipeline split (pipeline_parallel_size=2, 3 layers):" in shown.stdout
+    assert "  stage 0: layers 0-1 (2) + embedding" in shown.stdout
+    assert "  stage 1: layers 2-2 (1) + final norm, LM head" in shown.stdout
+    refused = CliRunner().invoke(app, ["plugins", "--model", str(tiny_llama), "-pp", "4"])
+    assert (
+        "refused: pipeline_parallel_size=4 exceeds the model's 3 decoder layers" in refused.stdout
+    )
+
+
 def test_more_stages_than_layers_is_refused(tiny_llama) -> None:
     with pytest.raises(ConfigError, match="pipeline_parallel_size=4 exceeds the model's 3"):
         make_llm(tiny_llama, pipeline_parallel_size=4)
@@ -169,3 +187,36 @@ def test_a_stage_holds_only_its_layers(family_model) -> None:
     assert len([m for m in head.model.layers if not isinstance(m, PipelineMissingLayer)]) == 2
     if tied:  # the last stage's tied head reads the same embedding the first stage has
         assert torch.equal(head.model.embed_tokens.weight, model.lm_head.weight)
+
+
+POISON = 251  # a token none of PROMPTS has: the first stage raises on it
+
+
+def test_a_stage_that_raises_fails_only_the_request_to_blame(tiny_llama, monkeypatch) -> None:
+    """Stage 0 raises for one request; stage 1 is told so through the status header (no
+    hang), the plan behind it is dropped and rewound, and the step is recovered as usual:
+    that request fails, the others give one process's tokens, the workers serve on."""
+    embed = pipeline_stage.embed
+
+    def poisoned_embed(body, input_ids):
+        if bool((input_ids == POISON).any()):
+            raise ValueError("poisoned token on the first stage")
+        return embed(body, input_ids)
+
+    reference_llm = make_llm(tiny_llama)
+    expected = run(reference_llm)
+    reference_llm.engine.shutdown()
+    monkeypatch.setattr(pipeline_stage, "embed", poisoned_embed)
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)  # forked workers inherit the patch
+    llm = make_llm(tiny_llama, pipeline_parallel_size=2)
+    try:
+        prompts = [*PROMPTS[:2], [5, POISON, 7, 9], *PROMPTS[2:]]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)
+        failed = outs.pop(2)
+        assert isinstance(failed, FailedRequestOutput)
+        assert "poisoned token" in repr(failed.error) + repr(failed.error.__cause__)
+        assert [o.outputs[0].token_ids for o in outs] == expected
+        assert llm.engine.executor.failure is None
+        assert run(llm) == expected
+    finally:
+        llm.engine.shutdown()

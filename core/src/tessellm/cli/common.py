@@ -18,6 +18,10 @@ MODEL_HELP = (
 )
 REVISION_HELP = "Branch, tag or commit of a Hugging Face model ID (default: main)."
 DOWNLOAD_DIR_HELP = "Where Hub models are fetched to (default: the Hugging Face cache)."
+PIPELINE_HELP = (
+    "Split the decoder layers over this many stages, each of --tensor-parallel-size ranks "
+    "(`tessellm plugins --model M -pp N` shows the split)."
+)
 
 
 # Exit codes: 2 for what the user can fix (arguments, a model that cannot be read, a plugin

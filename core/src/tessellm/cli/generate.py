@@ -13,6 +13,7 @@ from tessellm.cli.common import (
     DOWNLOAD_DIR_HELP,
     KV_CACHE_DTYPE_HELP,
     MODEL_HELP,
+    PIPELINE_HELP,
     REVISION_HELP,
     SPECULATIVE_CONFIG_HELP,
     EnforceEager,
@@ -129,6 +130,9 @@ def generate(
     device: Annotated[str, typer.Option(help="Platform: auto, cpu, cuda ...")] = "auto",
     max_model_len: Annotated[int | None, typer.Option(min=2)] = None,
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", "-tp", min=1)] = 1,
+    pipeline_parallel_size: Annotated[
+        int, typer.Option("--pipeline-parallel-size", "-pp", min=1, help=PIPELINE_HELP)
+    ] = 1,
     distributed_executor_backend: Annotated[
         str | None,
         typer.Option(
@@ -169,6 +173,7 @@ def generate(
                 device=device,
                 max_model_len=max_model_len,
                 tensor_parallel_size=tensor_parallel_size,
+                pipeline_parallel_size=pipeline_parallel_size,
                 distributed_executor_backend=distributed_executor_backend,
                 max_num_seqs=min(len(texts), MAX_BATCH),
                 enforce_eager=enforce_eager,

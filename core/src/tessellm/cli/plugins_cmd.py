@@ -35,6 +35,12 @@ def plugins(
     kv_cache_dtype: Annotated[
         str, typer.Option(help="KV cache dtype to explain the attention choice for.")
     ] = "auto",
+    pipeline_parallel_size: Annotated[
+        int,
+        typer.Option(
+            "--pipeline-parallel-size", "-pp", min=1, help="Stages to show the split for."
+        ),
+    ] = 2,
 ) -> None:
     """List plugins, their versions and registrations, and the platform chosen here."""
     from tessellm.errors import TessellmError
@@ -64,7 +70,7 @@ def plugins(
     if model:
         _explain_model(
             found, platform, choice.chosen or "?", model, dtype, attention_backend, quantization,
-            kv_cache_dtype,
+            kv_cache_dtype, pipeline_parallel_size,
         )  # fmt: skip
 
 
@@ -84,6 +90,7 @@ def _explain_model(
     attention_backend: str | None,
     quantization: str | None,
     kv_cache_dtype: str = "auto",
+    pipeline_parallel_size: int = 2,
 ) -> None:
     from tessellm import model_loader as ml
     from tessellm.config import EngineArgs
@@ -140,6 +147,27 @@ def _explain_model(
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         typer.echo("  " + "  ".join([*cells, row[3]]))
+    _explain_pipeline_split(config, pipeline_parallel_size)
+
+
+def _explain_pipeline_split(config: object, stages: int) -> None:
+    """How ``pipeline_parallel_size`` would split the decoder layers (interfaces/pipeline)."""
+    from tessellm import model_loader as ml
+    from tessellm.errors import ConfigError
+    from tessellm.interfaces.pipeline import describe_split
+
+    text = ml.text_config(config)
+    layers = getattr(text, "num_hidden_layers", None)
+    if not layers:
+        return
+    typer.echo(f"pipeline split (pipeline_parallel_size={stages}, {layers} layers):")
+    try:
+        tied = bool(getattr(text, "tie_word_embeddings", False))
+        lines = describe_split(int(layers), stages, tied)
+    except ConfigError as exc:
+        lines = [f"refused: {exc}"]
+    for line in lines:
+        typer.echo(f"  {line}")
 
 
 def _provenance(found: PluginSet, role: Role) -> tuple[str, str]:

@@ -13,6 +13,7 @@ from tessellm.cli.common import (
     ENFORCE_EAGER_HELP,
     KV_CACHE_DTYPE_HELP,
     MODEL_HELP,
+    PIPELINE_HELP,
     REVISION_HELP,
     SPECULATIVE_CONFIG_HELP,
     USER_ERROR,
@@ -139,6 +140,16 @@ def serve(
     block_size: Annotated[int, typer.Option(rich_help_panel=ENGINE)] = 16,
     tensor_parallel_size: Annotated[
         int, typer.Option("--tensor-parallel-size", "-tp", min=1, rich_help_panel=ENGINE)
+    ] = 1,
+    pipeline_parallel_size: Annotated[
+        int,
+        typer.Option(
+            "--pipeline-parallel-size",
+            "-pp",
+            min=1,
+            help=PIPELINE_HELP,
+            rich_help_panel=ENGINE,
+        ),
     ] = 1,
     distributed_executor_backend: Annotated[
         str | None,
@@ -288,6 +299,7 @@ def serve(
             enable_prefix_caching=enable_prefix_caching,
             block_size=block_size,
             tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
             distributed_executor_backend=distributed_executor_backend,
             enable_expert_parallel=enable_expert_parallel,
             gpu_memory_utilization=gpu_memory_utilization,

@@ -97,7 +97,8 @@ def replica_placement(
 ) -> tuple[list[str | None], int | None]:
     """Each replica's CUDA devices (None off CUDA) and CPU threads (None: leave as set)."""
     platform, _ = choose_platform(plugins, args.device)
-    tp = args.tensor_parallel_size
+    # A replica's ranks: tensor-parallel ranks of every pipeline stage.
+    tp = args.tensor_parallel_size * args.pipeline_parallel_size
     if platform.device_type == "cuda":
         import torch
 
@@ -109,7 +110,8 @@ def replica_placement(
         )
         if len(ids) < replicas * tp:
             raise ConfigError(
-                f"data_parallel_size {replicas} x tensor_parallel_size {tp} needs "
+                f"data_parallel_size {replicas} x {tp} ranks (tensor_parallel_size x "
+                f"pipeline_parallel_size) needs "
                 f"{replicas * tp} GPUs; {len(ids)} are visible"
             )
         return [",".join(ids[i * tp : (i + 1) * tp]) for i in range(replicas)], None

@@ -77,7 +77,8 @@ def _run_replica(config: ReplicaConfig, commands: Connection, out: Connection) -
 
         # The platform then leaves threads alone, and this replica's tensor-parallel
         # workers inherit the setting: all replicas together use each core once.
-        threads = max(1, config.cpu_threads // config.args.tensor_parallel_size)
+        ranks = config.args.tensor_parallel_size * config.args.pipeline_parallel_size
+        threads = max(1, config.cpu_threads // ranks)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
     code = 0

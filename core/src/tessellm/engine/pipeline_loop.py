@@ -11,10 +11,11 @@ in and builds its outputs while the stages work on the plans behind it, then top
 pipeline up again (requests a stop string finished are then no longer scheduled).
 
 What differs from the serial loop: a plan is counted as computed before its tokens are
-back, so a step that raises there cannot be undone and stops the engine (as a step
-scheduled ahead does); a launch that raises is recovered as usual, once the plans
-in flight have been collected. A request that a stop string (or an abort) finishes while
-a plan of its is in flight loses that plan's token, as under the overlapped loop.
+back, so when a step raises, the plans behind it are collected and dropped, and every plan
+in flight is rewound (``Scheduler.rewind``) before the failed one is recovered as usual
+(re-run in parts to find the request to blame); a launch that raises is recovered once the
+plans in flight have been collected. A request that a stop string (or an abort) finishes
+while a plan of its is in flight loses that plan's token, as under the overlapped loop.
 """
 
 from __future__ import annotations
@@ -65,8 +66,12 @@ class PipelineLoop:
         if not self.in_flight:
             return admitted + self._recover_failed_launch()
         plan, pending = self.in_flight.popleft()
-        # ``plan`` was advanced and later plans built on it: a failure here is final.
-        result = pending.result()
+        try:
+            result = pending.result()
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            return admitted + self._recover(plan, exc)
         changed, failed = apply_result(engine, plan, result, True)
         # Before the next launch: its bitmasks depend on this step's tokens.
         admitted += failed + so_steps.advance_matchers(engine, changed)
@@ -97,6 +102,27 @@ class PipelineLoop:
                 return
             scheduler.advance(plan)
             self.in_flight.append((plan, pending))
+
+    def _recover(self, failed: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        """``failed`` raised on some stage (every stage left it: the status header passed
+        the failure on). The plans behind it are collected and their results dropped (a
+        later chunk of a request may have read KV that ``failed`` never wrote); every one
+        of them is rewound, latest first, so its requests compute those tokens again; then
+        ``failed`` is recovered as the serial loop recovers a step (re-run in parts to find
+        the request to blame; the others restart)."""
+        later = []
+        while self.in_flight:
+            plan, pending = self.in_flight.popleft()
+            later.append(plan)
+            try:
+                pending.result()
+            except Exception as again:
+                if is_fatal(again):
+                    raise
+        scheduler = self.engine.scheduler
+        for plan in reversed([failed, *later]):
+            scheduler.rewind(plan)
+        return recover_step(self.engine, failed, None, exc)
 
     def _recover_failed_launch(self) -> list[RequestOutput]:
         if self.failed_launch is None:

@@ -10,15 +10,17 @@ so the runner's usual step (prompt logprobs, LM head, sampler) runs there unchan
 other stages stop after sending.
 
 Every message is preceded by a small header (a status, the token count): a stage whose
-step raised sends "failed" instead of its hidden states, and each stage after it passes
-that on, so no stage waits forever for data that will not come and the ranks stay in
-step (the driver reports the first stage's exception). Sends are ``isend``: a stage goes
+step raised (wherever it raised: it first takes the message due from the stage before)
+sends "failed" instead of its hidden states, and each stage after it passes that on, so
+no stage waits forever for data that will not come and the ranks stay in step (the
+driver reports the first stage's exception). Sends are ``isend``: a stage goes
 on to its next micro-batch while the next stage receives, which is what lets stages
 overlap; a stage waits for its earlier sends only when it sends again.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from typing import Any
 
@@ -30,6 +32,7 @@ from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
 from tessellm.engine.model_runner import ModelRunner, PendingStep
 from tessellm.errors import ConfigError
+from tessellm.executors.worker import breaks_process_group
 from tessellm.interfaces.attention import AttentionMetadata
 from tessellm.interfaces.model import ParallelInfo
 from tessellm.interfaces.pipeline import PipelineStage
@@ -57,6 +60,22 @@ class StageLink:
         self.device = device
         # isend works and the tensors they read, kept alive until they complete.
         self._sending: list[tuple[Any, torch.Tensor]] = []
+        # This step's exchanges so far: each stage receives one message a step from the
+        # stage before and sends one to the stage after, whatever happens (``abandon``).
+        self.received = self.sent = False
+
+    def begin_step(self) -> None:
+        self.received = self.sent = False
+
+    def abandon(self, num_tokens: int) -> None:
+        """The step raised on this stage: take the message this step was due from the
+        stage before (if not yet taken) and tell the stage after that the step failed."""
+        if self.stage.prev_rank is not None and not self.received:
+            with contextlib.suppress(UpstreamStageError):
+                self.recv(num_tokens)
+        if self.stage.next_rank is not None and not self.sent:
+            self.sent = True
+            self._isend(torch.tensor([_FAILED, 0], dtype=torch.int64, device=self.device))
 
     def _wait_sent(self) -> None:
         for work, _tensor in self._sending:
@@ -71,19 +90,16 @@ class StageLink:
         if residual is None:  # a stage holds at least one layer, which makes one
             raise RuntimeError("a pipeline stage produced no residual stream to send")
         header = torch.tensor([_OK, hidden.shape[0]], dtype=torch.int64, device=self.device)
+        self.sent = True
         self._isend(header, torch.stack([hidden, residual]))
-
-    def send_failure(self) -> None:
-        if self.stage.next_rank is not None:
-            self._isend(torch.tensor([_FAILED, 0], dtype=torch.int64, device=self.device))
 
     def recv(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         src = self.stage.prev_rank
         header = torch.empty(2, dtype=torch.int64, device=self.device)
         dist.recv(header, src=src)
+        self.received = True
         status, count = header.tolist()
         if status != _OK:
-            self.send_failure()
             raise UpstreamStageError(f"pipeline stage {self.stage.stage - 1} failed this step")
         if count != num_tokens:  # the stages run different plans: nothing can continue
             raise RuntimeError(
@@ -125,14 +141,9 @@ class PipelineStageModel(nn.Module):
             shape = (num_tokens, link.hidden_size)
             hidden = torch.zeros(shape, dtype=link.dtype, device=link.device)
             residual = torch.zeros_like(hidden)
-        try:
-            hidden, residual = run_stage_layers(
-                body, stage.start_layer, stage.end_layer, positions, hidden, residual, metadata
-            )
-        except Exception:
-            if self.exchange:
-                self.link.send_failure()
-            raise
+        hidden, residual = run_stage_layers(
+            body, stage.start_layer, stage.end_layer, positions, hidden, residual, metadata
+        )
         if stage.is_last:
             hidden, _ = body.norm(hidden, residual)
         elif self.exchange:
@@ -225,11 +236,18 @@ class PipelineStageRunner(ModelRunner):
         previous: tuple[SchedulerOutput, PendingStep] | None,
         *args: Any,
     ) -> PendingStep:
-        if self.stage.is_last:  # the usual step: the LM head and sampler run here
-            return super()._launch_eager(plan, previous, *args)
-        input_ids, positions, metadata, _rows = self.prepare_inputs(plan)
-        if self.lora is not None:
-            self.lora.prepare(plan, self.device)
-        self.attention.prepare(metadata)
-        self.model(input_ids, positions, metadata)
-        return PendingStep(StepResult([]))
+        link = self.model.link
+        link.begin_step()
+        try:
+            if self.stage.is_last:  # the usual step: the LM head and sampler run here
+                return super()._launch_eager(plan, previous, *args)
+            input_ids, positions, metadata, _rows = self.prepare_inputs(plan)
+            if self.lora is not None:
+                self.lora.prepare(plan, self.device)
+            self.attention.prepare(metadata)
+            self.model(input_ids, positions, metadata)
+            return PendingStep(StepResult([]))
+        except Exception as exc:
+            if not breaks_process_group(exc):  # else nothing more can be exchanged
+                link.abandon(sum(len(seq.token_ids) for seq in plan.seqs))
+            raise

@@ -87,6 +87,20 @@ class StepResultsMixin:
             if seq.sample:
                 request.output_token_ids.append(PLACEHOLDER_TOKEN)
 
+    def rewind(self: Scheduler, plan: SchedulerOutput) -> None:
+        """Undo ``advance(plan)`` (pipelining: a plan in flight when an earlier one failed;
+        plans are rewound latest first). Progress goes back to the seq's start only where it
+        still ends at the seq's end: a request preempted meanwhile has none left to undo."""
+        for seq in plan.seqs:
+            request = self.requests.get(seq.request_id)
+            if request is None:
+                continue
+            if request.num_computed_tokens == seq.start_pos + len(seq.token_ids):
+                request.num_computed_tokens = seq.start_pos
+            outputs = request.output_token_ids
+            if seq.sample and outputs and outputs[-1] == PLACEHOLDER_TOKEN:
+                outputs.pop()
+
     def fill(self: Scheduler, plan: SchedulerOutput, result: StepResult) -> list[Request]:
         """Replace the placeholders that ``advance(plan)`` left with the sampled tokens and
         finish what should stop, as ``update`` does. A request that stops here may be in

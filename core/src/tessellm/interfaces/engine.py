@@ -168,8 +168,8 @@ class Scheduler(ABC):
     parallelism): the engine ``advance``s each plan as it launches it and ``fill``s it when
     its tokens are back, with several plans in flight; ``schedule`` then leaves out every
     request whose last output token is still a ``PLACEHOLDER_TOKEN`` (its token is being
-    computed), so plans in flight never share a sampling request. Needs ``advance`` and
-    ``fill``."""
+    computed), so plans in flight never share a sampling request. Needs ``advance``,
+    ``fill`` and ``rewind``."""
 
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
         self.config = config
@@ -231,6 +231,12 @@ class Scheduler(ABC):
         token, so that ``schedule()`` can plan the next step now."""
         raise NotImplementedError(f"{type(self).__name__} does not support schedule-ahead")
 
+    def rewind(self, plan: SchedulerOutput) -> None:
+        """``supports_concurrent_batches``: undo ``advance(plan)`` for a plan whose result
+        will never be applied (a plan in flight when an earlier one failed): its running
+        requests count its tokens as not computed again and lose its placeholder."""
+        raise NotImplementedError(f"{type(self).__name__} does not support concurrent batches")
+
     def fill(self, plan: SchedulerOutput, result: StepResult) -> list[Request]:
         """Schedule-ahead: replace the placeholders ``advance(plan)`` left with the sampled
         tokens, finish what stops and call ``KVCacheManager.publish_filled`` for each
@@ -249,9 +255,11 @@ class Scheduler(ABC):
         ):
             gaps.append("speculation_candidates (it sets supports_speculation = True)")
         if cls.supports_concurrent_batches and (
-            cls.advance is Scheduler.advance or cls.fill is Scheduler.fill
+            cls.advance is Scheduler.advance
+            or cls.fill is Scheduler.fill
+            or cls.rewind is Scheduler.rewind
         ):
-            gaps.append("advance and fill (it sets supports_concurrent_batches = True)")
+            gaps.append("advance, fill and rewind (it sets supports_concurrent_batches = True)")
         return gaps
 
 
