@@ -65,13 +65,12 @@ def token_layout(slots: torch.Tensor, num_slots: int, device: torch.device) -> L
     """``LoRATokens`` for per-token ``slots`` (a CPU int tensor, -1 for no adapter): sorted
     here on the host and copied to ``device`` in one transfer, queued without waiting for
     the device (the overlapped loop's previous step may still run)."""
-
     slots = slots.to(torch.int32)
     key = torch.where(slots < 0, num_slots, slots)  # the tokens without an adapter last
     order = torch.sort(key, stable=True).indices.to(torch.int32)
     counts = torch.bincount(key, minlength=num_slots + 1)[:num_slots]
     starts = torch.zeros(num_slots + 1, dtype=torch.int32)
-    torch.cumsum(counts, 0, out=starts[1:])
+    starts[1:] = torch.cumsum(counts, 0)
     packed = to_device(torch.cat([slots, order, starts]), device)
     n = slots.shape[0]
     return LoRATokens(
