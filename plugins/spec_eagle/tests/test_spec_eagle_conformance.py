@@ -1,6 +1,6 @@
 """The EAGLE proposer through tessellm.testing's conformance: greedy parity with HF
 batched, one at a time, with prefix-cache hits and under preemption, drafts proposed,
-seeded sampling reproducible, KV freed; for tiny Llama and Qwen3 targets with a random
+seeded sampling reproducible, KV freed; for tiny Llama, Qwen3 and Gemma 3 targets with a random
 head in the EAGLE-LLaMA layout (its guesses are rarely accepted: acceptance on a random
 head means nothing, the outputs are what is checked)."""
 
@@ -16,7 +16,9 @@ from tessellm_spec_eagle.checkpoint import save_random_eagle_head
 os.environ.setdefault("TESSELLM_CPU_COMPILE", "0")  # eager decode: no C++ build per model
 
 
-@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen3ForCausalLM"])
+@pytest.mark.parametrize(
+    "architecture", ["LlamaForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM"]
+)
 def test_conformance(tiny_model_factory, tmp_path, architecture):
     target = tiny_model_factory(architecture)
     head = save_random_eagle_head(target, tmp_path / "head", seed=5)
