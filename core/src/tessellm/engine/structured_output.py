@@ -43,7 +43,7 @@ from tessellm.engine.output_processor import OutputProcessor
 from tessellm.engine.step_recovery import RequestFailedError
 from tessellm.errors import ConfigError, InvalidRequestError
 from tessellm.interfaces.request import Request
-from tessellm.interfaces.schedule import SchedulerOutput
+from tessellm.interfaces.schedule import ScheduledSeq, SchedulerOutput
 from tessellm.interfaces.structured_output import (
     CompiledGrammar,
     GrammarMatcher,
@@ -76,6 +76,29 @@ def compile_timeout_error(seconds: float) -> InvalidRequestError:
     return InvalidRequestError(
         f"structured outputs: the grammar did not compile within {seconds:g} s; simplify the schema"
     )
+
+
+def _fill_by_class(matchers: list[GrammarMatcher], buffer: torch.Tensor) -> dict[int, Exception]:
+    """Fill ``buffer[i]`` for each ``matchers[i]``, one batched call per matcher class;
+    the rows whose matcher raised, with the error."""
+    by_class: dict[type[GrammarMatcher], list[int]] = {}
+    for row, matcher in enumerate(matchers):
+        by_class.setdefault(type(matcher), []).append(row)
+    errors: dict[int, Exception] = {}
+    for cls, rows in by_class.items():
+        whole = len(rows) == len(matchers)
+        target = buffer if whole else torch.empty(len(rows), buffer.shape[1], dtype=buffer.dtype)
+        try:
+            cls.fill_bitmasks([matchers[r] for r in rows], target)
+        except Exception:
+            for i, row in enumerate(rows):  # which one raised: fill them one at a time
+                try:
+                    matchers[row].fill_bitmask(target, i)
+                except Exception as exc:
+                    errors[row] = exc
+        if not whole:
+            buffer[rows] = target
+    return errors
 
 
 def _ended(matcher: GrammarMatcher) -> bool:
@@ -133,7 +156,7 @@ class StructuredOutputManager:
         self.matchers: dict[str, GrammarMatcher] = {}
         # Requests to fail at the next update: a matcher raised while filling a bitmask.
         self.failed: dict[str, Exception] = {}
-        self._rows: list[torch.Tensor] = []  # bitmask rows, one per constrained seq a step
+        self._buffer = torch.empty(0, bitmask_words(vocab_size), dtype=torch.int32)
         # A step scheduled ahead whose sampling waits for its bitmasks (``defer_bitmasks``).
         self.deferred: tuple[SchedulerOutput, Any, Any] | None = None
 
@@ -288,18 +311,19 @@ class StructuredOutputManager:
     def fill_bitmasks(self, plan: SchedulerOutput, scheduled_ahead: bool = False) -> None:
         """Give each constrained sampling seq of ``plan`` its row of allowed tokens.
 
-        Rows are reused from step to step, each its own ``[1, words]`` tensor rather than
-        a view of one buffer: a plan sent to tensor-parallel workers pickles a view with
-        its whole storage (Ray: 64 views of a 256-row buffer would be 300 MB a step);
-        multiprocessing moves each row to shared memory once.
+        The rows are views of one buffer, reused from step to step (a step's rows are read
+        when it samples, before the next step is filled). Matchers of one class fill their
+        rows in one call (``GrammarMatcher.fill_bitmasks``: xgrammar spreads them over
+        threads); a class whose call raises is filled again one matcher at a time, so the
+        error fails only the request whose matcher raised.
 
         ``scheduled_ahead``: ``plan`` was scheduled before the last tokens were known, so
         it may hold requests that those tokens ended (a matcher terminated) or failed:
         their token will be dropped, and their matchers are not asked."""
         if not self.matchers:
             return
-        rows = self._rows
-        used = 0
+        seqs: list[ScheduledSeq] = []
+        matchers: list[GrammarMatcher] = []
         for seq in plan.seqs:
             matcher = self.matchers.get(seq.request_id) if seq.sample else None
             if matcher is None:
@@ -307,28 +331,35 @@ class StructuredOutputManager:
             if scheduled_ahead and (seq.request_id in self.failed or _ended(matcher)):
                 seq.token_bitmask = None
                 continue
-            if used == len(rows):
-                rows.append(torch.empty(1, bitmask_words(self.vocab_size), dtype=torch.int32))
-            try:
-                matcher.fill_bitmask(rows[used], 0)
-            except Exception as exc:
-                # Unconstrained this step, failed before its token is shown.
+            seqs.append(seq)
+            matchers.append(matcher)
+        if not seqs:
+            return
+        buffer = self._bitmask_rows(len(seqs))
+        errors = _fill_by_class(matchers, buffer)
+        allows_some = buffer.any(dim=1).tolist()
+        for row, seq in enumerate(seqs):
+            seq.token_bitmask = None  # unconstrained this step if it fails below
+            if row in errors:
+                exc = errors[row]
                 self.failed[seq.request_id] = RequestFailedError(
                     f"the grammar matcher failed: {type(exc).__name__}: {exc}"
                 )
-                seq.token_bitmask = None
-                continue
-            if not rows[used].any():
+            elif not allows_some[row]:
                 # The vocabulary cannot spell what the grammar needs next (a regex over
                 # characters no token holds): the request's own constraint, a 400.
                 self.failed[seq.request_id] = InvalidRequestError(
                     "structured outputs: no token of this model's vocabulary can continue "
                     f"the grammar after {seq.num_output_tokens} output tokens"
                 )
-                seq.token_bitmask = None
-                continue
-            seq.token_bitmask = rows[used][0]
-            used += 1
+            else:
+                seq.token_bitmask = buffer[row]
+
+    def _bitmask_rows(self, count: int) -> torch.Tensor:
+        if self._buffer.shape[0] < count:
+            rows = max(count, 2 * self._buffer.shape[0])
+            self._buffer = torch.empty(rows, bitmask_words(self.vocab_size), dtype=torch.int32)
+        return self._buffer[:count]
 
     def accept(self, changed: list[Request]) -> tuple[list[str], dict[str, Exception]]:
         """Feed each request's newest token to its matcher. Returns the ids whose grammar

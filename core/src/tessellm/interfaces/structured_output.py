@@ -101,6 +101,14 @@ class GrammarMatcher(ABC):
         """Write the tokens allowed next into ``bitmask[row]`` (``int32``, CPU, shape
         ``[rows, bitmask_words(vocab_size)]``; see the module docstring for the layout)."""
 
+    @classmethod
+    def fill_bitmasks(cls, matchers: Sequence[GrammarMatcher], bitmask: torch.Tensor) -> None:
+        """Fill ``bitmask[i]`` for each ``matchers[i]`` (all of this class): a step's
+        constrained rows at once, so a backend may spread them over threads (plugin API
+        1.3). The default fills one row after another."""
+        for row, matcher in enumerate(matchers):
+            matcher.fill_bitmask(bitmask, row)
+
     @abstractmethod
     def rollback(self, num_tokens: int) -> None:
         """Undo the last ``num_tokens`` accepted tokens (speculation, dropped steps)."""

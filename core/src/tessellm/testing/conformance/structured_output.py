@@ -21,6 +21,7 @@ from tessellm.interfaces.structured_output import (
     bitmask_words,
 )
 from tessellm.testing.conformance.result import Checker, CheckResult
+from tessellm.testing.conformance.structured_batch import check_batched_fill
 
 # The default tokenizer: every byte a token, filler words up to the size; logits padded
 # past it to a width that is not a multiple of 32 (a partly used last bitmask word).
@@ -359,7 +360,8 @@ def check_structured_output_backend(
     and nothing else) allows the next token and ``accept_token`` takes it; at the end the
     EOS is allowed and accepting it terminates the matcher. A text that breaks the
     language is refused by the mask and by ``accept_token`` (state unchanged); ids past
-    the tokenizer are never allowed; ``rollback`` restores the earlier mask; the empty
+    the tokenizer are never allowed; ``rollback`` restores the earlier mask;
+    ``fill_bitmasks`` (the class's batched fill) gives each matcher's own rows; the empty
     output is refused where it is not valid; invalid specs raise ``ValueError``; one spec
     compiled from four threads at once works."""
     label = name_or_class if isinstance(name_or_class, str) else name_or_class.__name__
@@ -399,6 +401,10 @@ def check_structured_output_backend(
                     _check_valid(walk, compiled, case, text)
                 _check_start_and_bad(walk, compiled, case)
                 _check_rollback(walk, compiled, case)
+                text = max(case.valid, key=len)
+                check_batched_fill(
+                    checker, compiled, walk.encode(text), eos, walk.words, case.label
+                )
             except Exception as exc:
                 checker.crashed(f"[{case.label}]", exc)
             checker.result.checked.append(case.label)
