@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from tessellm import LLM, SamplingParams
 from tessellm.errors import ConfigError, ModelLoadError
+from tessellm.interfaces.speculative import ProposerContext, SpeculativeConfig
 from tessellm_spec_eagle.checkpoint import eagle_config, save_random_eagle_head
+from tessellm_spec_eagle.proposer import EagleProposer
 
 os.environ.setdefault("TESSELLM_CPU_COMPILE", "0")  # eager decode: no C++ build per model
 
@@ -240,6 +243,15 @@ def test_checkpoint_errors(tiny_model_factory, tmp_path):
     narrow = save_random_eagle_head(other, tmp_path / "narrow")
     with pytest.raises(ConfigError, match="hidden_size 32"):
         make_llm(target, narrow)
+    # The target in another process (tensor parallelism), or a family without the states.
+    config = SpeculativeConfig("eagle", model=str(head))
+    no_target = ProposerContext(None, None, None, 256, 512, target=None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="uniproc executor"):
+        EagleProposer(config, no_target)
+    stateless = SimpleNamespace(model=torch.nn.Linear(2, 2))
+    other = ProposerContext(None, None, None, 256, 512, target=stateless)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="hands out no hidden states"):
+        EagleProposer(config, other)
     with pytest.raises(ConfigError, match='needs a "model"'):
         LLM(
             model=str(target),
