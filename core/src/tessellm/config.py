@@ -50,6 +50,11 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"
     scheduler: str = "default"
     kv_cache_manager: str = "default"
+    # vLLM's name: True puts every attention layer in one KV block table, so windowed layers
+    # of a model that also has full-attention layers keep all their blocks (what graph
+    # runners and step runners serve); False gives them their own tables that free blocks
+    # outside the window (engine/cache_layout.py).
+    disable_hybrid_kv_cache_manager: bool = False
     distributed_executor_backend: str | None = None  # None: uniproc at TP 1, mp above
     download_dir: str | None = None
     # A branch, tag or commit of a Hugging Face model ID (None: main).
