@@ -19,8 +19,10 @@ weight scales anyway (``_scaled_mm`` pairs per-token activation scales only with
 weight scales), so the repeated scales cost nothing but ``N`` floats per layer.
 
 Where it runs: CUDA with compute capability >= 8.9 through ``torch._scaled_mm`` (see
-:mod:`tessellm_quant_fp8.fp8`); elsewhere (CPU, ROCm, older GPUs) the weight-only
-reference path, which keeps the weights in fp8 and casts them per call.
+:mod:`tessellm_quant_fp8.fp8`), one row at a time (batch-1 decode) through the Triton
+weight-only GEMV of :mod:`tessellm_quant_fp8.fp8_gemv`; elsewhere (CPU, ROCm, older
+GPUs) the weight-only reference path, which keeps the weights in fp8 and casts them per
+call.
 """
 
 from __future__ import annotations
@@ -207,6 +209,8 @@ class Fp8Method(QuantizationMethod):
         layer.fp8_in_features, layer.fp8_out_features = q.shape[1], q.shape[0]
         layer.fp8_kernel = self._kernel_for(q.device)
         layer.fp8_out_dtype = None
+        # One row (batch-1 decode) goes through fp8_gemv where _scaled_mm runs on its own.
+        layer.fp8_gemv = self.kernel == "auto" and layer.fp8_kernel == "scaled_mm"
         if layer.fp8_kernel == "scaled_mm":
             q, scale = pad_for_scaled_mm(q, scale)
             layer.fp8_out_dtype = scaled_mm_out_dtype(q.device, layer.fp8_dtype)
@@ -233,7 +237,11 @@ class Fp8Method(QuantizationMethod):
         x2 = x.reshape(-1, x.shape[-1])
         kernel = layer.fp8_kernel
         input_scale = getattr(layer, "input_scale", None)
-        if kernel == "scaled_mm":
+        if kernel == "scaled_mm" and x2.shape[0] == 1 and layer.fp8_gemv:
+            from tessellm_quant_fp8.fp8_gemv import fp8_gemv  # Triton: CUDA only
+
+            y = fp8_gemv(x2, layer.weight, layer.weight_scale, layer.fp8_out_features, bias)
+        elif kernel == "scaled_mm":
             y = scaled_mm_linear(
                 x2,
                 layer.weight,
