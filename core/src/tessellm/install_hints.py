@@ -51,6 +51,8 @@ FIRST_PARTY_FAMILIES: dict[str, InstallHint] = {
     "GPT2LMHeadModel": _GPT_OPT,
     "OPTForCausalLM": _GPT_OPT,
     "BertModel": InstallHint("tessellm-bert", "bert"),
+    "Mamba2ForCausalLM": InstallHint("tessellm-mamba", "mamba"),
+    "BambaForCausalLM": InstallHint("tessellm-mamba", "mamba"),
 }
 
 

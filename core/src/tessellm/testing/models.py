@@ -50,6 +50,19 @@ _WHERE_PRESENT: dict[str, Any] = dict(
     query_pre_attn_scalar=16,
     original_max_position_embeddings=512,
 )
+# State-space mixers whose defaults are full-size (or, for Bamba, have no attention layer,
+# which transformers' own cache cannot run): tiny, several heads per group, 8-token chunks.
+_MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mamba2": dict(expand=2, num_heads=8, head_dim=16, n_groups=2, state_size=16, chunk_size=8),
+    "bamba": dict(
+        attn_layer_indices=[1],
+        mamba_n_heads=8,
+        mamba_d_head=16,
+        mamba_n_groups=2,
+        mamba_d_state=16,
+        mamba_chunk_size=8,
+    ),
+}
 # Widened weights (see ``save_tiny_model``): the standard deviation of every matrix.
 WEIGHT_STD = 0.08
 
@@ -161,6 +174,7 @@ def tiny_config(architecture: str, **config_overrides: Any) -> Any:
             values[name] = value
     if "head_dim" in values:
         values["head_dim"] = TINY_DECODER["hidden_size"] // TINY_DECODER["num_attention_heads"]
+    values.update(_MODEL_TYPE_DEFAULTS.get(model_type, {}))
     for key, value in config_overrides.items():
         values[aliases.get(key, key)] = value
     config = AutoConfig.for_model(model_type, **values)

@@ -7,3 +7,4 @@ TESSELLM_PLUGIN_API = ">=1.1,<2"
 @hookimpl
 def register_models(register):
     register("Mamba2ForCausalLM", "tessellm_mamba.model:Mamba2ForCausalLM")
+    register("BambaForCausalLM", "tessellm_mamba.bamba:BambaForCausalLM")
