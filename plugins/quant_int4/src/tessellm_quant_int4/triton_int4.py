@@ -13,7 +13,9 @@ and scaled in registers; no dense weight is ever written.
 - GEMV (one row, batch-1 decode): no tensor cores to feed, the time is the weight's
   bytes; each program owns ``BLOCK_N`` outputs and reads each packed word once, taking
   its eight inputs as eight strided slices of ``x``; 128 inputs a step, with one row of
-  scales and zeros where they lie in one group (groups of 128 or more).
+  scales and zeros where they lie in one group (groups of 128 or more). The input is
+  split over programs (partial sums added after) so that narrow outputs still fill the
+  GPU.
 
 Imported lazily (triton is the package's ``[cuda]`` extra).
 """
@@ -23,6 +25,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+# The batch-1 GEMV's tile (outputs x packed words per step) and the grid it aims for.
+GEMV_BLOCK_N = 64
+GEMV_BLOCK_WORDS = 16
+GEMV_TARGET_PROGRAMS = 512
 
 
 @triton.jit
@@ -92,6 +99,8 @@ def _int4_gemv_kernel(
     N,
     K,
     group_size,
+    stride_split,
+    WORDS_PER_SPLIT,
     BLOCK_N: tl.constexpr,
     BLOCK_WORDS: tl.constexpr,
     STEP_IN_ONE_GROUP: tl.constexpr,
@@ -100,9 +109,13 @@ def _int4_gemv_kernel(
     words = tl.arange(0, BLOCK_WORDS)
     n_ok = cols < N
     acc = tl.zeros([BLOCK_WORDS, BLOCK_N], dtype=tl.float32)
-    for w0 in range(0, tl.cdiv(K, 8), BLOCK_WORDS):
+    # This program's share of the input: WORDS_PER_SPLIT packed words (a whole number of
+    # steps, so a step never straddles two splits' groups).
+    first = tl.program_id(1) * WORDS_PER_SPLIT
+    last = tl.minimum(first + WORDS_PER_SPLIT, tl.cdiv(K, 8))
+    for w0 in range(first, last, BLOCK_WORDS):
         word = w0 + words
-        word_ok = word < tl.cdiv(K, 8)
+        word_ok = word < last
         packed = tl.load(
             qw_ptr + word[:, None].to(tl.int64) * N + cols[None, :],
             mask=word_ok[:, None] & n_ok[None, :],
@@ -126,7 +139,8 @@ def _int4_gemv_kernel(
             q = ((packed >> (4 * j)) & 0xF).to(tl.float32)
             acc += x[:, None] * ((q - zero) * scale)
     y = tl.sum(acc, axis=0)
-    tl.store(out_ptr + cols, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+    out = out_ptr + tl.program_id(1) * stride_split + cols
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 def int4_group_matmul(
@@ -144,21 +158,33 @@ def int4_group_matmul(
         x = x.contiguous()
     out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
     if rows == 1:
-        block_n, block_words = 64, 16
-        grid = (triton.cdiv(out_features, block_n),)
-        _int4_gemv_kernel[grid](
+        block_n, block_words = GEMV_BLOCK_N, GEMV_BLOCK_WORDS
+        col_blocks = triton.cdiv(out_features, block_n)
+        steps = triton.cdiv(triton.cdiv(in_features, 8), block_words)
+        # Split the input over programs until the grid has about GEMV_TARGET_PROGRAMS
+        # (an 8B model's 4096-wide outputs are only 64 column blocks: a third of an
+        # H100's SMs, each walking all of K); partial sums in fp32, added by one sum.
+        split = max(1, min(steps, GEMV_TARGET_PROGRAMS // col_blocks))
+        words_per_split = triton.cdiv(steps, split) * block_words
+        split = triton.cdiv(triton.cdiv(in_features, 8), words_per_split)
+        target = out if split == 1 else torch.empty(split, out_features, device=x.device)
+        _int4_gemv_kernel[(col_blocks, split)](
             x,
             qweight,
             scales,
             zeros,
-            out,
+            target,
             out_features,
             in_features,
             group_size,
+            target.stride(0),
+            words_per_split,
             BLOCK_N=block_n,
             BLOCK_WORDS=block_words,
             STEP_IN_ONE_GROUP=group_size % (8 * block_words) == 0 or group_size >= in_features,
         )
+        if split > 1:
+            out.copy_(target.sum(dim=0, keepdim=True))
         return out
     block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
     block_n = 64 if out_features >= 64 else 32
