@@ -3,8 +3,20 @@
 
 from __future__ import annotations
 
-from tessellm.engine.cache_layout import KVGroup, build_layout, window_blocks
+import pytest
+
+from tessellm.config import EngineArgs
+from tessellm.engine.cache_layout import (
+    KVGroup,
+    build_layout,
+    check_layout_support,
+    make_kv_cache_manager,
+    pages_needed,
+    window_blocks,
+)
 from tessellm.engine.hybrid_kv_cache_manager import HybridKVCacheManager
+from tessellm.engine.kv_cache_manager import KVCacheManager
+from tessellm.errors import ConfigError
 from tessellm.interfaces.cache_spec import (
     FullAttentionSpec,
     RecurrentStateSpec,
@@ -132,3 +144,30 @@ def test_capacity_leaves_room_for_the_windowed_groups():
     assert HybridKVCacheManager(50, 4, True, layout=build_layout([FULL, W8])).num_blocks == 46
     # One windowed table: a lone request's table frees as it grows.
     assert HybridKVCacheManager(50, 4, True, layout=build_layout([W8, W8])).num_blocks == 49
+
+
+class NoLayoutsManager(KVCacheManager):
+    """A third-party manager that says nothing about cache layouts."""
+
+
+def test_the_engine_picks_or_refuses_a_manager_for_the_layout():
+    args = EngineArgs(model="x", block_size=4, max_num_seqs=2)
+    windowed, mamba = build_layout([FULL, W8]), build_layout([STATE], num_state_slots=2)
+    plain = build_layout([FULL, FULL])
+    assert type(make_kv_cache_manager(KVCacheManager, 20, args, plain)) is KVCacheManager
+    assert isinstance(
+        make_kv_cache_manager(KVCacheManager, 20, args, windowed), HybridKVCacheManager
+    )
+    check_layout_support(NoLayoutsManager, plain, args)
+    with pytest.raises(ConfigError, match="disable_hybrid_kv_cache_manager"):
+        check_layout_support(NoLayoutsManager, windowed, args)
+    with pytest.raises(ConfigError, match="supports_cache_layouts"):
+        check_layout_support(NoLayoutsManager, mamba, args)
+    speculating = EngineArgs(
+        model="x", speculative_config={"method": "ngram", "num_speculative_tokens": 2}
+    )
+    with pytest.raises(ConfigError, match="speculative"):
+        check_layout_support(KVCacheManager, mamba, speculating)
+    # Pages worth keeping: max_num_seqs full-length requests (and the null page).
+    assert pages_needed(windowed, args, 64) == 2 * (16 + 3) + 1 + 1
+    assert pages_needed(plain, args, 64) == 2 * 16 + 1

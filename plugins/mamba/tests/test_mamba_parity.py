@@ -46,7 +46,7 @@ def test_greedy_matches_hf(mamba2):
     )
 
 
-def test_chunked_prefill_and_n_greater_than_one(mamba2):
+def test_chunked_prefill_n_greater_than_one_and_sleep(mamba2):
     prompt_ids = encode_prompts(mamba2, PROMPTS)
     expected = hf_greedy(mamba2, prompt_ids, 12)
     llm = LLM(
@@ -63,6 +63,12 @@ def test_chunked_prefill_and_n_greater_than_one(mamba2):
         for out, want in zip(outs, expected, strict=True):
             assert [list(o.token_ids) for o in out.outputs] == [want, want]
         assert llm.engine.stats()["num_preemptions"] == 0
+        # Sleeping frees the states with the KV cache; awake, the model serves as before.
+        for level in (1, 2):
+            llm.sleep(level)
+            llm.wake_up()
+            again = llm.generate([{"prompt_token_ids": prompt_ids[0]}], params)[0]
+            assert [list(o.token_ids) for o in again.outputs] == [expected[0]] * 2
     finally:
         llm.engine.shutdown()
 

@@ -45,6 +45,8 @@ def sleep_runner(runner: ModelRunner, level: int) -> None:
     empty = torch.empty(0, device=runner.device)
     for layer in runner.attn_layers:
         layer.bind_kv_cache(empty, empty)
+    for stateful in runner.stateful_layers:  # recurrent states go with the KV cache
+        stateful.bind_state([empty for _ in stateful.state_spec.shapes])
     runner.host_weights = {}
     if level == 1 and runner.device.type != "cpu":
         for name, tensor in [*runner.model.named_parameters(), *runner.model.named_buffers()]:
@@ -53,6 +55,7 @@ def sleep_runner(runner: ModelRunner, level: int) -> None:
     elif level == 2:
         runner.model = None  # type: ignore[assignment]
         runner.attn_layers = []
+        runner.stateful_layers = []
         runner.lora = None
     runner.sleep_level = level
     _free_device_memory(runner)
