@@ -22,7 +22,7 @@ from tessellm.config import EngineArgs
 from tessellm.engine import pipeline_stage
 from tessellm.engine.pipeline_stage import PipelineStageRunner
 from tessellm.engine.step_recovery import FailedRequestOutput
-from tessellm.errors import ConfigError
+from tessellm.errors import ConfigError, WorkerError
 from tessellm.executors.start_method import START_METHOD_ENV
 from tessellm.interfaces.model import ParallelInfo
 from tessellm.interfaces.pipeline import PipelineStage, describe_split, layer_split
@@ -160,6 +160,12 @@ def test_plugins_command_shows_the_split(tiny_llama) -> None:
 def test_more_stages_than_layers_is_refused(tiny_llama) -> None:
     with pytest.raises(ConfigError, match="pipeline_parallel_size=4 exceeds the model's 3"):
         make_llm(tiny_llama, pipeline_parallel_size=4)
+
+
+def test_a_family_that_cannot_run_in_stages_is_refused(tmp_path) -> None:
+    gpt2 = tiny_model("GPT2LMHeadModel", tmp_path / "gpt2")
+    with pytest.raises(WorkerError, match="GPT2LMHeadModel does not support pipeline paral"):
+        make_llm(gpt2, pipeline_parallel_size=2)
 
 
 def test_a_stage_holds_only_its_layers(family_model) -> None:
