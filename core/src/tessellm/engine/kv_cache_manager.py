@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from tessellm.engine.block_pool import BlockHash, BlockPool
 from tessellm.interfaces import engine as seams
 from tessellm.interfaces.request import Request
+from tessellm.multimodal.processor import block_key
 
 # A block whose last token is a placeholder (an output token still being sampled, with
 # schedule-ahead) gets its hash, and is published, once the token is filled in.
@@ -53,12 +54,15 @@ class KVCacheManager(seams.KVCacheManager):
 
     def block_extra_key(self, request: Request, block_index: int) -> bytes | None:
         """What besides the tokens changes block ``block_index``'s KV (hook for LoRA,
-        multimodal inputs). The chain carries the first block's key to every later block."""
+        multimodal inputs). The chain carries the first block's key to every later block,
+        and an image's content hash from the block where the image starts."""
+        key = (
+            block_key(request.mm_inputs, block_index, self.block_size) if request.mm_inputs else b""
+        )
         if block_index != 0:
-            return None
-        key = b""
+            return key or None
         if request.cache_salt is not None:
-            key = request.cache_salt.encode()
+            key += request.cache_salt.encode()
         if request.lora_request is not None:  # an adapter changes every layer's KV
             key += b"\x00lora:%d" % request.lora_request.lora_int_id
         return key or None

@@ -40,6 +40,7 @@ from tessellm.interfaces.engine import (
     StepResult,
 )
 from tessellm.lora.request import LoRARequest
+from tessellm.multimodal.processor import attach_images, build_processor
 from tessellm.outputs import RequestOutput
 from tessellm.plugins import PluginSet, get_plugins
 from tessellm.sampling_params import MAX_SEED, SamplingParams
@@ -66,6 +67,10 @@ class LLMEngine(RequestValidation):
         self.vocab_size: int = ml.logits_width(self.model_config, self.tokenizer)
         self.max_token_id: int = min(self.vocab_size, len(self.tokenizer)) - 1
         self.eos_token_ids = ml.model_eos_ids(self.model_config, self.tokenizer, self.resolved.path)
+        # A vision-language model's image processing (None for a text model).
+        self.multimodal = build_processor(
+            plugins, self.model_config, self.resolved.path, self.tokenizer, args
+        )
         self.structured = so.StructuredOutputManager(
             plugins, self.tokenizer, self.vocab_size, self.eos_token_ids, args
         )
@@ -186,7 +191,10 @@ class LLMEngine(RequestValidation):
         params: SamplingParams | None = None,
         priority: int = 0,
         lora_request: LoRARequest | None = None,
+        multi_modal_data: dict[str, Any] | None = None,
     ) -> str:
+        """``multi_modal_data``: ``{"image": PIL image or list}`` for the prompt's image
+        placeholders (vLLM's shape), for a model that takes images."""
         params = params or SamplingParams()
         if self.sleep_level:
             raise EngineSleepingError("the engine is asleep; wake it up (POST /wake_up) first")
@@ -197,6 +205,7 @@ class LLMEngine(RequestValidation):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        token_ids, images = attach_images(self.multimodal, token_ids, multi_modal_data)
         self.validate_prompt(token_ids, params)
         children = []
         for i in range(params.n):
@@ -213,6 +222,7 @@ class LLMEngine(RequestValidation):
                     lora_request=lora_request,
                     # Samples of one prompt: the first computes it, the others reuse its KV.
                     prompt_leader_id=child_id(request_id, 0, params.n) if i else None,
+                    mm_inputs=images,
                 )
             )
         so_steps.schedule_or_park(self, request_id, children)

@@ -25,6 +25,7 @@ from tessellm.interfaces.platform import GraphRunner, GraphSpec, StepRunner
 from tessellm.interfaces.schedule import PLACEHOLDER_TOKEN, SchedulerOutput, StepResult
 from tessellm.layers.attention import Attention
 from tessellm.lora.slots import LoRAManager
+from tessellm.multimodal.runner import EncoderCache, has_images, step_input_embeds
 from tessellm.plugins import PluginSet, get_plugins
 from tessellm.selection import (
     build_quantization,
@@ -85,6 +86,7 @@ class ModelRunner:
         # Set by a proposer that reads the target's hidden states (interfaces.model).
         self.hidden_states_sink: HiddenStatesSink | None = None
         self.sampler = Sampler(args.seed)
+        self.encoder_cache = EncoderCache()  # image embeddings while a prefill crosses them
         self.block_size = args.block_size
         self.num_blocks = 0
 
@@ -299,16 +301,23 @@ class ModelRunner:
         if previous is not None:
             feed_sampled_tokens(plan, input_ids, *previous)
         hidden = None
+        # Steps with images run eagerly: their image rows replace the placeholders' embeddings.
+        embeds = None
+        if has_images(plan):
+            embeds = step_input_embeds(self.model, plan, input_ids, self.encoder_cache)
         # Steps with LoRA adapters run eagerly unless the graph runner says it serves them
         # (CUDA graphs over the LoRA kernels); compiled CPU steps hold no adapters.
         adapted = self.lora is not None and self.lora.prepare(plan, self.device)
         lora_ok = not adapted or getattr(self.graph_runner, "serves_lora", False)
         # The runner says which steps it covers (decodes; verification steps if it can).
-        if self.graph_runner is not None and lora_ok:
+        if self.graph_runner is not None and lora_ok and embeds is None:
             hidden = self.graph_runner(input_ids, positions, metadata)
         if hidden is None:
             self.attention.prepare(metadata)
-            hidden = self.model(input_ids, positions, metadata)
+            if embeds is None:
+                hidden = self.model(input_ids, positions, metadata)
+            else:
+                hidden = self.model(input_ids, positions, metadata, inputs_embeds=embeds)
         if self.hidden_states_sink is not None:
             self.hidden_states_sink(plan, hidden)
         prompt_logprobs = compute_prompt_logprobs(hidden, plan, self.model.compute_logits)

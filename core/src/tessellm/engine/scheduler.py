@@ -373,6 +373,8 @@ class Scheduler(StepResultsMixin, seams.Scheduler):
         if request.group_block_ids:  # a layout with several KV groups (cache_layout.py)
             seq.group_block_ids = [list(t) for t in request.group_block_ids]
         seq.state_slot = request.state_slot
+        if request.mm_inputs:
+            seq.mm_inputs = [m for m in request.mm_inputs if m.offset < end and start < m.end]
         return seq
 
     def speculation_candidates(self) -> list[Request]:

@@ -69,6 +69,8 @@ class Request:
     # and the recurrent-state slot the request holds while it runs (-1: none).
     group_block_ids: list[list[int]] = field(default_factory=list)
     state_slot: int = -1
+    # Images of the prompt (tessellm.interfaces.multimodal.ImageInput), in prompt order.
+    mm_inputs: list[Any] = field(default_factory=list)
 
     @property
     def all_token_ids(self) -> list[int]:

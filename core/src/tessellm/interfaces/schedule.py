@@ -91,6 +91,9 @@ class ScheduledSeq:
     # (``Request.group_block_ids``), and the request's recurrent-state slot (-1: none).
     group_block_ids: list[list[int]] = field(default_factory=list)
     state_slot: int = -1
+    # The request's images whose placeholder positions this chunk covers, wholly or in
+    # part (tessellm.interfaces.multimodal.ImageInput).
+    mm_inputs: list[Any] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -186,12 +186,21 @@ class DecoderModel(nn.Module):
         last = is_last_stage(ctx)
         self.norm = RMSNorm(hidden, config.rms_norm_eps, ctx.dtype, norm_offset) if last else None
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
-    ) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         if self.embedding_multiplier is not None:
             hidden = hidden * self.embedding_multiplier
+        return hidden
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        metadata: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # inputs_embeds: a vision-language model's, image rows in place (interfaces.multimodal).
+        hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, metadata)
@@ -249,9 +258,20 @@ class DecoderForCausalLM(nn.Module, ConfigAttentionRequirements, ABC):
         """Decoder layer ``layer_idx`` (usually a :class:`DecoderLayer`)."""
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        metadata: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids, positions, metadata)
+        if inputs_embeds is None:  # keeps the traced graphs of text steps as they were
+            return self.model(input_ids, positions, metadata)
+        return self.model(input_ids, positions, metadata, inputs_embeds)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """What ``forward`` embeds ``input_ids`` to (a vision-language family's language
+        model: ``interfaces.multimodal``)."""
+        return self.model.embed(input_ids)
 
     def get_input_embeddings(self) -> nn.Module:
         """The token embedding, which an EAGLE head shares (``HiddenStatesSource``)."""

@@ -1,0 +1,1 @@
+"""LLaVA (``LlavaForConditionalGeneration``) for tessellm: image input on the multimodal seam."""
