@@ -7,8 +7,8 @@ scheduler counts it as computed and gives each sampling request a placeholder to
 the next ``schedule()`` plans from the state after it, and a scheduler that
 ``supports_concurrent_batches`` leaves the requests whose token is still being computed
 out of the next plans. A ``step()`` waits for the oldest plan only, ``fill``s its tokens
-in and builds its outputs while the stages work on the plans behind it, then tops the
-pipeline up again (requests a stop string finished are then no longer scheduled).
+in, launches the next plan and builds the outputs while the stages work, then tops the
+pipeline up again.
 
 What differs from the serial loop: a plan is counted as computed before its tokens are
 back, so when a step raises, the plans behind it are collected and dropped, and every plan
@@ -75,33 +75,44 @@ class PipelineLoop:
         changed, failed = apply_result(engine, plan, result, True)
         # Before the next launch: its bitmasks depend on this step's tokens.
         admitted += failed + so_steps.advance_matchers(engine, changed)
-        # The stages run the plans behind this one meanwhile. Topped up only after: the
-        # outputs read each request's tokens, to which a new plan adds a placeholder.
+        # The first stage starts on the next plan while this one's outputs are built; it
+        # is advanced only after them, since they read tokens it would add a placeholder
+        # to (no plan is scheduled in between).
+        early = self._launch_next()
         outputs = engine.step_outputs(plan, result, changed, admitted)
+        if early is not None:
+            engine.scheduler.advance(early)
         self._top_up()
         return outputs
 
     def _top_up(self) -> None:
         """Launch plans until ``depth`` are in flight or nothing more can be scheduled."""
+        while (plan := self._launch_next()) is not None:
+            self.engine.scheduler.advance(plan)
+
+    def _launch_next(self) -> SchedulerOutput | None:
+        """Schedule and launch one more plan, if there is room and work; the caller
+        ``advance``s it before anything else is scheduled."""
         engine = self.engine
         scheduler = engine.scheduler
-        while (
-            self.failed_launch is None
-            and len(self.in_flight) < self.depth
-            and scheduler.has_unfinished()
+        if (
+            self.failed_launch is not None
+            or len(self.in_flight) >= self.depth
+            or not scheduler.has_unfinished()
         ):
-            plan = scheduler.schedule()
-            if plan.empty:
-                return
-            try:
-                pending = engine._launch(plan)
-            except Exception as exc:
-                if is_fatal(exc):
-                    raise
-                self.failed_launch = (plan, exc)
-                return
-            scheduler.advance(plan)
-            self.in_flight.append((plan, pending))
+            return None
+        plan = scheduler.schedule()
+        if plan.empty:
+            return None
+        try:
+            pending = engine._launch(plan)
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            self.failed_launch = (plan, exc)
+            return None
+        self.in_flight.append((plan, pending))
+        return plan
 
     def _recover(self, failed: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         """``failed`` raised on some stage (every stage left it: the status header passed
