@@ -95,11 +95,24 @@ class OutputStream:
         params: SamplingParams,
         priority: int = 0,
         lora_request: Any = None,
+        multi_modal_data: dict[str, Any] | None = None,
     ) -> None:
         self._engine._register(request_id, self._queue)
         self.request_ids.append(request_id)
         self._unfinished.add(request_id)
         try:
+            if multi_modal_data is not None:  # images (LLMEngine.add_request's argument)
+                await self._engine.call(
+                    lambda e: e.add_request(
+                        request_id,
+                        prompt,
+                        params,
+                        priority,
+                        lora_request=lora_request,
+                        multi_modal_data=multi_modal_data,
+                    )
+                )
+                return
             await self._submit(request_id, prompt, params, priority, lora_request)
         except asyncio.CancelledError:
             self.abort()  # the add may still go through; the abort is queued behind it

@@ -54,7 +54,7 @@ def split_messages(
                 heads.append(placeholder + "\n")
             else:
                 raise InvalidRequestError(f"unsupported message content part type {kind!r}")
-        out.append({**message, "content": "".join(heads) + "\n".join(texts)})
+        out.append({**message, "content": "".join(heads) + "".join(texts)})
     return out, refs
 
 

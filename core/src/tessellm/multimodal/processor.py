@@ -4,6 +4,7 @@ prompt's placeholders expanded to the rows each image takes (``interfaces/multim
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,16 @@ def hash_pixels(pixel_values: torch.Tensor, extras: dict[str, Any]) -> bytes:
         raw = value.cpu().numpy().tobytes() if isinstance(value, torch.Tensor) else repr(value)
         digest.update(raw if isinstance(raw, bytes) else raw.encode())
     return digest.digest()
+
+
+@dataclass(slots=True)
+class ProcessedImages:
+    """``multi_modal_data`` already through ``MultiModalProcessor.process`` (the server
+    does that off the engine thread): the expanded token ids it was made for, and the
+    images. ``add_request`` takes it in place of ``{"image": ...}``."""
+
+    token_ids: list[int]
+    images: list[ImageInput]
 
 
 def placeholder_runs(token_ids: list[int], token: int) -> list[tuple[int, int]]:
@@ -169,6 +180,10 @@ def attach_images(
         return token_ids, []
     if processor is None:
         raise InvalidRequestError("this model does not take images (multi_modal_data)")
+    if isinstance(data, ProcessedImages):
+        if data.token_ids != token_ids:
+            raise InvalidRequestError("processed images given with another prompt")
+        return token_ids, data.images
     return processor.process(token_ids, data)
 
 

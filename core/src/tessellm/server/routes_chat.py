@@ -19,6 +19,7 @@ from tessellm.server.context import (
     usage_of,
 )
 from tessellm.server.errors import bad_request, to_api_error
+from tessellm.server.images import process_images, take_images
 from tessellm.server.metrics import RequestTimer
 from tessellm.server.protocol import (
     AssistantMessage,
@@ -45,10 +46,12 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     ctx, model = await model_context(request, body.model)
+    images = await take_images(ctx, body)  # before the messages are read: placeholders
     tools = tool_session(request, body)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
     rendered = await ctx.chat_prompt(tools.messages, body.add_generation_prompt, tools.tools)
+    rendered, processed = await process_images(ctx, rendered, images)
     prompt = Prompt(None, rendered)
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = ctx.token_budget(len(prompt.token_ids), requested, True, "messages")
@@ -58,7 +61,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     request_id = new_id("chatcmpl")
     stream = ctx.engine.new_stream()
     try:
-        await stream.add(request_id, prompt.token_ids, params, lora_request=ctx.lora_for(model))
+        await stream.add(
+            request_id,
+            prompt.token_ids,
+            params,
+            lora_request=ctx.lora_for(model),
+            multi_modal_data=processed,
+        )
     except BaseException:
         stream.abort()
         raise
