@@ -10,6 +10,7 @@ prefix-cache hits and, on a KV cache too small for all of it, preemptions.
 from __future__ import annotations
 
 import random
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,57 @@ def test_pipeline_matches_one_process(family_model, reference, tp) -> None:
         assert run(llm) == reference
     finally:
         engine.shutdown()
+
+
+def scheduler_workload():
+    from test_scheduler import make_request
+
+    shared = list(range(3, 15))  # three blocks of 4 that every short request starts with
+    requests = [make_request(f"r{i}", shared + [20 + i] * (i + 1), max_tokens=6) for i in range(6)]
+    return [*requests, make_request("long", range(30, 70), max_tokens=5)]
+
+
+def test_scheduler_keeps_plans_in_flight_disjoint_and_their_kv_valid() -> None:
+    """The default scheduler with two plans in flight, on a fake model that checks every
+    position a sequence reads holds its own prefix's KV (tests/test_scheduler.py): plans
+    run in launch order, as every stage runs them, and come back one behind."""
+    from test_scheduler import FakeRunner, make_scheduler, step
+
+    serial = make_scheduler(num_blocks=24, budget=24, max_num_seqs=6)
+    for request in (expected := scheduler_workload()):
+        serial.add_request(request)
+    runner = FakeRunner(serial)
+    while serial.has_unfinished():
+        step(serial, runner)
+
+    scheduler = make_scheduler(num_blocks=12, budget=24, max_num_seqs=6, max_concurrent_batches=2)
+    for request in (requests := scheduler_workload()):
+        scheduler.add_request(request)
+    runner = FakeRunner(scheduler)
+    in_flight: deque = deque()
+    depths = []
+    preempted_in_flight = 0  # requests preempted while a plan of theirs ran
+    while scheduler.has_unfinished() or in_flight:
+        while len(in_flight) < 2:
+            plan = scheduler.schedule()
+            busy = {s.request_id for p, _, _ in in_flight for s in p.seqs}
+            preempted_in_flight += len(busy & set(plan.preempted_ids))
+            if plan.empty:
+                break
+            sampling = {s.request_id for s in plan.seqs if s.sample}
+            assert all(not (sampling & other) for _, _, other in in_flight)
+            result = runner.execute(plan)  # its KV is written before any later plan's
+            scheduler.advance(plan)
+            in_flight.append((plan, result, sampling))
+            depths.append(len(in_flight))
+        plan, result, _ = in_flight.popleft()
+        scheduler.fill(plan, result)
+    assert [r.output_token_ids for r in requests] == [r.output_token_ids for r in expected]
+    assert depths.count(2) > len(depths) // 2
+    assert preempted_in_flight > 0
+    stats = scheduler.stats()
+    assert stats["num_preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0
+    assert stats["kv_cache_usage"] == 0.0
 
 
 def test_layer_split_rule() -> None:

@@ -243,7 +243,8 @@ class Scheduler(StepResultsMixin, seams.Scheduler):
         every stage has work while the others run their plans (with all requests in one
         plan, the next would find them all in flight and the stages would take turns)."""
         batches = self.config.max_concurrent_batches
-        draft.max_seqs = max(1, -(-(len(self.running) + len(self.waiting)) // batches))
+        runnable = min(len(self.running) + len(self.waiting), self.max_running)
+        draft.max_seqs = max(1, -(-runnable // batches))
 
     @staticmethod
     def _in_flight(request: Request) -> bool:
