@@ -278,3 +278,16 @@ def test_a_stage_that_raises_fails_only_the_request_to_blame(tiny_llama, monkeyp
         assert run(llm) == expected
     finally:
         llm.engine.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_pp2_over_nccl_matches_one_process(family_model) -> None:
+    def tokens(**kwargs) -> list[list[int]]:
+        llm = LLM(model=str(family_model), dtype="float32", device="cuda", **kwargs)
+        try:
+            return run(llm)
+        finally:
+            llm.engine.shutdown()
+
+    assert tokens(pipeline_parallel_size=2, **SMALL_CACHE) == tokens()
