@@ -38,22 +38,6 @@ class ProcessedImages:
     images: list[ImageInput]
 
 
-def placeholder_runs(token_ids: list[int], token: int) -> list[tuple[int, int]]:
-    """(start, length) of each maximal run of ``token`` in ``token_ids``."""
-    runs: list[tuple[int, int]] = []
-    i, n = 0, len(token_ids)
-    while i < n:
-        if token_ids[i] == token:
-            j = i
-            while j < n and token_ids[j] == token:
-                j += 1
-            runs.append((i, j - i))
-            i = j
-        else:
-            i += 1
-    return runs
-
-
 class MultiModalProcessor:
     """Turns ``(prompt token ids, {"image": ...})`` into expanded token ids and
     :class:`ImageInput` s, for a model class that is a :class:`MultiModalModel`."""
@@ -107,35 +91,48 @@ class MultiModalProcessor:
 
     def process(self, token_ids: list[int], data: Any) -> tuple[list[int], list[ImageInput]]:
         """Expanded token ids and one ``ImageInput`` per image (``InvalidRequestError``
-        for images the prompt has no placeholder for, or placeholders without an image)."""
+        for images the prompt has no placeholder for, or placeholders without an image).
+
+        Either every image has one placeholder token, which expands to its rows, or the
+        prompt is already expanded (as a processor's output is): as many placeholder
+        tokens as all the images' rows, each image's in one run."""
         images = self._images(data)
-        runs = placeholder_runs(token_ids, self.image_token_id)
-        if len(runs) != len(images):
-            raise InvalidRequestError(
-                f"the prompt has {len(runs)} image placeholder(s) "
-                f"({self.placeholder_text!r}) but {len(images)} image(s) were given"
-            )
-        if not images:
+        positions = [i for i, t in enumerate(token_ids) if t == self.image_token_id]
+        if not images and not positions:
             return token_ids, []
+        if not images or len(positions) < len(images):
+            raise self._mismatch(len(positions), len(images))
         inputs = self._run_processor(images)
-        out: list[int] = []
-        result: list[ImageInput] = []
-        cursor = 0
-        for (start, length), image in zip(runs, inputs, strict=True):
-            size = self.model_cls.num_image_tokens(self.config, image)
-            # One placeholder expands; a run already of the image's size is taken as is.
-            if length not in (1, size):
+        sizes = [self.model_cls.num_image_tokens(self.config, image) for image in inputs]
+        if len(positions) == len(images):
+            out: list[int] = []
+            cursor = 0
+            for position, image, size in zip(positions, inputs, sizes, strict=True):
+                out.extend(token_ids[cursor:position])
+                image.offset, image.length = len(out), size
+                out.extend([self.image_token_id] * size)
+                cursor = position + 1
+            out.extend(token_ids[cursor:])
+            return out, inputs
+        if len(positions) != sum(sizes):
+            raise self._mismatch(len(positions), len(images))
+        first = 0
+        for image, size in zip(inputs, sizes, strict=True):
+            offset = positions[first]
+            if positions[first + size - 1] != offset + size - 1:
                 raise InvalidRequestError(
-                    f"an image placeholder run of {length} tokens at position {start}: "
-                    f"give one {self.placeholder_text!r} per image (it takes {size} tokens)"
+                    f"the image placeholders at position {offset} are not one run of the "
+                    f"image's {size} tokens; give one {self.placeholder_text!r} per image"
                 )
-            out.extend(token_ids[cursor:start])
-            image.offset, image.length = len(out), size
-            out.extend([self.image_token_id] * size)
-            cursor = start + length
-            result.append(image)
-        out.extend(token_ids[cursor:])
-        return out, result
+            image.offset, image.length = offset, size
+            first += size
+        return list(token_ids), inputs
+
+    def _mismatch(self, placeholders: int, images: int) -> InvalidRequestError:
+        return InvalidRequestError(
+            f"the prompt has {placeholders} image placeholder(s) ({self.placeholder_text!r}) "
+            f"but {images} image(s) were given"
+        )
 
     def _run_processor(self, images: list[Any]) -> list[ImageInput]:
         try:
@@ -171,7 +168,7 @@ def attach_images(
     processor: MultiModalProcessor | None, token_ids: list[int], data: Any
 ) -> tuple[list[int], list[ImageInput]]:
     """The prompt's token ids with image placeholders expanded, and its images."""
-    if data is None or (isinstance(data, dict) and not data.get("image")):
+    if data is None:
         if processor is not None and processor.image_token_id in token_ids:
             raise InvalidRequestError(
                 f"the prompt has image placeholders ({processor.placeholder_text!r}) but no "
