@@ -52,7 +52,7 @@ def test_vlm_urls_fetched_only_from_allowed_hosts(monkeypatch):
     payload = png_bytes(sample_images(1)[0])
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
             self.end_headers()
@@ -81,15 +81,15 @@ def test_vlm_urls_fetched_only_from_allowed_hosts(monkeypatch):
 def test_vlm_mismatches_are_clear_errors(llm):
     images = sample_images(2)
     one = "Hello <image> A"
-    with pytest.raises(InvalidRequestError, match="1 image placeholder.*2 image"):
+    with pytest.raises(InvalidRequestError, match=r"1 image placeholder.*2 image"):
         llm.generate({"prompt": one, "multi_modal_data": {"image": images}}, GREEDY)
     with pytest.raises(InvalidRequestError, match="no image was given"):
         llm.generate(one, GREEDY)
     with pytest.raises(InvalidRequestError, match="PIL"):
         llm.generate({"prompt": one, "multi_modal_data": {"image": b"png"}}, GREEDY)
-    with pytest.raises(InvalidRequestError, match="key\(s\) video"):
+    with pytest.raises(InvalidRequestError, match=r"key\(s\) video"):
         llm.generate({"prompt": one, "multi_modal_data": {"video": images}}, GREEDY)
-    with pytest.raises(InvalidRequestError, match="17 image placeholder.*1 image"):
+    with pytest.raises(InvalidRequestError, match=r"17 image placeholder.*1 image"):
         ids = llm.get_tokenizer().encode("Hello " + "<image>" * 17 + " A")
         llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": images[0]}}, GREEDY)
     # An already expanded prompt (one image's 16 rows) is taken as it is.

@@ -106,3 +106,18 @@ def test_llava_preemption_recomputes_images(llava, tmp_path):
     outs = llm.generate(_inputs(prompts[:3]), GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == expected[:3]
     assert llm.engine.stats()["num_preemptions"] > 0
+
+
+def test_llava_samples_and_speculation(llava, tmp_path):
+    """``n = 2`` (the second sample takes the first's KV, image blocks included) and
+    n-gram speculative decoding over a prompt with images keep transformers' tokens."""
+    path, prompts, _, expected = llava
+    llm = _llm(path, tmp_path, block_size=4)
+    two = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, n=2)
+    (out,) = llm.generate(_inputs([prompts[2]]), two)
+    assert [c.token_ids for c in out.outputs] == [expected[2], expected[2]]
+    spec = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}
+    llm = _llm(path, tmp_path, speculative_config=spec, enable_prefix_caching=False)
+    outs = llm.generate(_inputs(prompts[:3]), GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == expected[:3]
+    assert llm.engine.stats()["spec_decode_num_accepted_tokens"] > 0
