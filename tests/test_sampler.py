@@ -245,3 +245,15 @@ def test_engine_seed_is_reproducible_in_any_batch(tiny_llama):
     assert many.outputs[0].token_ids == alone
     assert len({tuple(o.token_ids) for o in many.outputs}) == 3
     assert math.isfinite(llm.engine.stats()["prefix_cache_hit_rate"])
+
+
+def test_bitmask_rows_of_one_buffer_are_read_in_place_and_others_copied():
+    from tessellm.engine.sampler import _stacked_rows
+
+    buffer = torch.arange(40, dtype=torch.int32).view(8, 5)
+    consecutive = _stacked_rows(list(buffer[2:6].unbind(0)))
+    assert consecutive.data_ptr() == buffer[2].data_ptr()
+    assert torch.equal(consecutive, buffer[2:6])
+    gapped = _stacked_rows([buffer[1], buffer[3]])
+    assert gapped.data_ptr() != buffer[1].data_ptr()
+    assert torch.equal(gapped, buffer[[1, 3]])

@@ -120,6 +120,21 @@ def _bit_table(device: torch.device) -> torch.Tensor:
     return table
 
 
+def _stacked_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """The rows as one ``[len(rows), words]`` tensor: a view of the buffer they already lie
+    in one after another (the engine fills them so), else a copy."""
+    first = rows[0]
+    storage, start, step = first.untyped_storage(), first.storage_offset(), first.numel()
+    if first.is_contiguous() and all(
+        r.untyped_storage().data_ptr() == storage.data_ptr()
+        and r.storage_offset() == start + i * step
+        and r.is_contiguous()
+        for i, r in enumerate(rows)
+    ):
+        return first.new_empty(0).set_(storage, start, (len(rows), step), (step, 1))
+    return torch.stack(rows)
+
+
 def apply_token_bitmask(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch.Tensor:
     """Forbid (-inf) the tokens each constrained row's grammar does not allow next.
 
@@ -133,7 +148,7 @@ def apply_token_bitmask(logits: torch.Tensor, seqs: list[ScheduledSeq]) -> torch
         return logits
     device = logits.device
     vocab = logits.shape[1]
-    packed = to_device(torch.stack([seqs[i].token_bitmask for i in rows]), device)  # type: ignore[misc]
+    packed = to_device(_stacked_rows([seqs[i].token_bitmask for i in rows]), device)  # type: ignore[misc]
     halves = packed.view(torch.int16).flatten().long() & 0xFFFF
     allowed = _bit_table(device).index_select(0, halves).view(len(rows), -1)[:, :vocab]
     if allowed.shape[1] < vocab:

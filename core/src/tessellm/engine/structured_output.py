@@ -337,7 +337,8 @@ class StructuredOutputManager:
             return
         buffer = self._bitmask_rows(len(seqs))
         errors = _fill_by_class(matchers, buffer)
-        allows_some = buffer.any(dim=1).tolist()
+        # numpy: torch's reduction would wake its thread pool for 64 small rows.
+        allows_some = buffer.numpy().any(axis=1).tolist()
         for row, seq in enumerate(seqs):
             seq.token_bitmask = None  # unconstrained this step if it fails below
             if row in errors:
