@@ -182,6 +182,25 @@ def test_scheduler_keeps_plans_in_flight_disjoint_and_their_kv_valid() -> None:
     assert stats["kv_cache_usage"] == 0.0
 
 
+def test_ray_executor_runs_the_stages(tiny_llama) -> None:
+    ray = pytest.importorskip("ray")
+    reference_llm = make_llm(tiny_llama)
+    expected = run(reference_llm)
+    reference_llm.engine.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        llm = make_llm(tiny_llama, pipeline_parallel_size=2, distributed_executor_backend="ray")
+        try:
+            assert llm.engine.describe()["executor"] == "ray"
+            depths = watch_in_flight(llm.engine)
+            assert run(llm) == expected
+            assert max(depths) == 2
+        finally:
+            llm.engine.shutdown()
+    finally:
+        ray.shutdown()
+
+
 def test_layer_split_rule() -> None:
     assert layer_split(3, 2) == [(0, 2), (2, 3)]
     assert layer_split(4, 2) == [(0, 2), (2, 4)]
