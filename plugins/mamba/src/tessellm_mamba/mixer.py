@@ -165,7 +165,9 @@ class Mamba2Mixer(StatefulLayer):
             self._by_head(c),
             self.D.float(),
             state,
-            self.chunk_size,
+            # The scan is exact for any chunk length: no longer than the longest row, so a
+            # batch of short chunks is not padded up to the model's chunk size.
+            min(self.chunk_size, longest),
         )
         return y.reshape(batch, longest, self.inner)[real], state, new_history
 
