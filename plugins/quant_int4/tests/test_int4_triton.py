@@ -80,18 +80,19 @@ def test_layers_on_the_triton_path_permute_act_order_inputs(monkeypatch):
     gen = torch.Generator().manual_seed(8)
     parts = random_quantized(128, 48, 32, gen, act_order=True)
     method = GPTQ.from_config({"group_size": 32, "desc_act": True, "sym": False})
-    ctx = ModelContext(torch.float32, torch.device("cpu"), None, method, ParallelInfo())
+    # On the device Triton runs on (the CPU only under its interpreter).
+    ctx = ModelContext(torch.float32, torch.device(DEVICE), None, method, ParallelInfo())
     layer = ColumnParallelLinear(128, 48, ctx)
     for name, tensor in gptq_checkpoint(parts).items():
         param = getattr(layer, name)
-        layer.weight_loader(param, tensor.to(param.dtype))
+        layer.weight_loader(param, tensor.to(param.dtype).to(param.device))
     method.process_weights_after_loading(layer)
     assert layer.int4_path == "triton" and layer.int4_perm is not None
     assert layer.int4_scales.dtype == torch.float16 and layer.int4_zeros.dtype == torch.uint8
     dense = dequantize(parts).double()
     for rows in (1, 6):
         x = torch.randn(rows, 128, generator=gen)
-        assert rel_err(layer(x), x.double() @ dense.t()) < 1e-5
+        assert rel_err(layer(x.to(DEVICE)), x.double() @ dense.t()) < 1e-5
 
 
 @gpu
