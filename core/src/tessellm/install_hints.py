@@ -53,6 +53,7 @@ FIRST_PARTY_FAMILIES: dict[str, InstallHint] = {
     "BertModel": InstallHint("tessellm-bert", "bert"),
     "Mamba2ForCausalLM": InstallHint("tessellm-mamba", "mamba"),
     "BambaForCausalLM": InstallHint("tessellm-mamba", "mamba"),
+    "LlavaForConditionalGeneration": InstallHint("tessellm-llava", "llava"),
 }
 
 
