@@ -25,6 +25,7 @@ def llava(tmp_path_factory):
         ("Hello, my name is <image>\nThe capital of France is", [images[1]]),
         ("<image> The quick brown fox <image> A", [images[2], images[3]]),
         ("The capital of France is", []),
+        ("The quick brown fox <image>", [images[0]]),  # ends inside the image
     ]
     prompt_ids, expected = hf_llava_greedy(path, prompts, MAX_TOKENS)
     # The images matter: the same text with another image continues otherwise.
@@ -87,6 +88,14 @@ def test_llava_prefix_cache_keys_on_the_image(llava, tmp_path):
     assert first.outputs[0].token_ids == expected[0]
     assert again.outputs[0].token_ids == expected[0]
     assert other.outputs[0].token_ids == expected[1]
+    # A hit that ends inside an image: the rest of its rows come from the encoder again.
+    runner = _runner(llm)
+    (cold,) = llm.generate(_inputs([prompts[4]]), GREEDY)
+    encoded = runner.encoder_cache.encoded
+    (warm,) = llm.generate(_inputs([prompts[4]]), GREEDY)
+    assert prompt_ids[4].index(255) < warm.num_cached_tokens < len(prompt_ids[4])
+    assert runner.encoder_cache.encoded == encoded + 1
+    assert cold.outputs[0].token_ids == warm.outputs[0].token_ids == expected[4]
 
 
 def test_llava_preemption_recomputes_images(llava, tmp_path):
