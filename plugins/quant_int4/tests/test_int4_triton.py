@@ -82,7 +82,8 @@ def test_layers_on_the_triton_path_permute_act_order_inputs(monkeypatch):
     method = GPTQ.from_config({"group_size": 32, "desc_act": True, "sym": False})
     # On the device Triton runs on (the CPU only under its interpreter).
     ctx = ModelContext(torch.float32, torch.device(DEVICE), None, method, ParallelInfo())
-    layer = ColumnParallelLinear(128, 48, ctx)
+    with torch.device(DEVICE):
+        layer = ColumnParallelLinear(128, 48, ctx)
     for name, tensor in gptq_checkpoint(parts).items():
         param = getattr(layer, name)
         layer.weight_loader(param, tensor.to(param.dtype).to(param.device))
