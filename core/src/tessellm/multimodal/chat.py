@@ -29,11 +29,24 @@ def image_ref(part: dict[str, Any]) -> Any:
     return url
 
 
+def _beyond_text(message: Any) -> bool:
+    """Whether the message has a content part other than text (an image, or one that is
+    refused)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    return isinstance(content, list) and any(
+        not isinstance(p, dict) or p.get("type") != "text" for p in content
+    )
+
+
 def split_messages(
     messages: list[dict[str, Any]], placeholder: str | None
 ) -> tuple[list[dict[str, Any]], list[Any]]:
     """Messages with string content, and the image references (URLs or PIL images) in
-    order. ``placeholder`` None (a model without images) refuses image parts."""
+    order. ``placeholder`` None (a model without images) refuses image parts. Without
+    parts other than text the messages are returned as they are (text parts reach the
+    template)."""
+    if not any(_beyond_text(m) for m in messages):
+        return messages, []
     out: list[dict[str, Any]] = []
     refs: list[Any] = []
     for message in messages:
