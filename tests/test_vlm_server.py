@@ -83,6 +83,12 @@ def test_vlm_server_png_data_url_matches_hf(client, llava):
     assert response.usage.completion_tokens == MAX_TOKENS
 
 
+def test_vlm_server_streams_the_same_answer(client, llava):
+    stream = _ask(client, png_data_url(llava[1]), stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == _ask(client, png_data_url(llava[1])).choices[0].message.content
+
+
 @pytest.mark.parametrize(
     ("url", "says"),
     [

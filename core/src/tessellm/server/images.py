@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from tessellm.engine.llm_engine import LLMEngine
 from tessellm.multimodal.chat import resolve_images
 from tessellm.multimodal.processor import ProcessedImages
 from tessellm.server.context import ServerContext
@@ -28,8 +29,12 @@ async def take_images(ctx: ServerContext, body: ChatCompletionRequest) -> dict[s
         parts = message.content
         if not isinstance(parts, list) or not any(isinstance(p, ImagePart) for p in parts):
             continue
-        # The data-parallel front has no processor: images are not served there yet.
-        processor = getattr(ctx.engine.engine, "multimodal", None)
+        engine = ctx.engine.engine
+        if not isinstance(engine, LLMEngine):  # the data-parallel front's view
+            raise bad_request(
+                "image input is not served with data parallelism yet", param="messages"
+            )
+        processor = engine.multimodal
         if processor is None:
             raise bad_request("this model does not take images", param="messages")
         images = [p for p in parts if isinstance(p, ImagePart)]
