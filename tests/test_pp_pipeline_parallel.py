@@ -231,6 +231,8 @@ def test_plugins_command_shows_the_split(tiny_llama) -> None:
 def test_more_stages_than_layers_is_refused(tiny_llama) -> None:
     with pytest.raises(ConfigError, match="pipeline_parallel_size=4 exceeds the model's 3"):
         make_llm(tiny_llama, pipeline_parallel_size=4)
+    with pytest.raises(ConfigError, match="needs the mp or ray executor"):
+        make_llm(tiny_llama, pipeline_parallel_size=2, distributed_executor_backend="uniproc")
 
 
 def test_a_family_that_cannot_run_in_stages_is_refused(tmp_path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tessellm.config import EngineArgs
 from tessellm.engine.model_runner import ModelRunner, PendingStep
+from tessellm.errors import ConfigError
 from tessellm.interfaces.engine import Executor, PendingResult, SchedulerOutput, StepResult
 from tessellm.model_loader import ResolvedModel
 from tessellm.plugins import PluginSet
@@ -30,6 +31,11 @@ class UniProcExecutor(Executor):
     supports_sleep = True
 
     def __init__(self, args: EngineArgs, resolved: ResolvedModel, plugins: PluginSet) -> None:
+        if args.pipeline_parallel_size > 1:
+            raise ConfigError(
+                "the uniproc executor runs the whole model in one process: "
+                "pipeline_parallel_size > 1 needs the mp or ray executor"
+            )
         self.runner = ModelRunner(args, resolved, plugins=plugins)
 
     @property
