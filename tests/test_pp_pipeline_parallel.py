@@ -233,6 +233,9 @@ def test_more_stages_than_layers_is_refused(tiny_llama) -> None:
         make_llm(tiny_llama, pipeline_parallel_size=4)
     with pytest.raises(ConfigError, match="needs the mp or ray executor"):
         make_llm(tiny_llama, pipeline_parallel_size=2, distributed_executor_backend="uniproc")
+    ngram = {"method": "ngram", "num_speculative_tokens": 2}
+    with pytest.raises(ConfigError, match="speculative decoding does not run with pipeline"):
+        make_llm(tiny_llama, pipeline_parallel_size=2, speculative_config=ngram)
 
 
 def test_a_family_that_cannot_run_in_stages_is_refused(tmp_path) -> None:

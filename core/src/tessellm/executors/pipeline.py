@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tessellm import model_loader as ml
-from tessellm.errors import WorkerError
+from tessellm.config import EngineArgs
+from tessellm.errors import ConfigError, WorkerError
 from tessellm.interfaces.engine import StepResult
 from tessellm.interfaces.model import ParallelInfo
 from tessellm.interfaces.pipeline import PipelineStage, check_pipeline_fit
@@ -34,9 +35,16 @@ def num_layers_of(config: Any) -> int:
     return int(ml.text_config(config).num_hidden_layers)
 
 
-def check_pipeline_config(config: Any, pp: int) -> None:
-    """Before any process starts: every stage must get a layer."""
+def check_pipeline_config(config: Any, args: EngineArgs) -> None:
+    """Before any process starts: every stage must get a layer, and what stages cannot
+    run yet is refused."""
+    pp = args.pipeline_parallel_size
     check_pipeline_fit(num_layers_of(config), pp)
+    if pp > 1 and args.speculative_config is not None:
+        raise ConfigError(
+            "speculative decoding does not run with pipeline parallelism yet; leave "
+            "speculative_config unset or use pipeline_parallel_size=1"
+        )
 
 
 def result_rank(tp: int, pp: int) -> int:
