@@ -10,12 +10,13 @@ from tessellm.config import EngineArgs
 from tessellm.engine.llm_engine import LLMEngine
 from tessellm.engine.pooling import PoolingEngine, embed_prompts, refuse_generation, runs_pooling
 from tessellm.errors import InvalidRequestError
+from tessellm.multimodal.chat import chat_prompt
 from tessellm.outputs import RequestOutput
 from tessellm.pooling_params import EmbeddingRequestOutput, PoolingParams
 from tessellm.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict[str, Any]
-Message = dict[str, str]
+Message = dict[str, Any]  # content: a string, or OpenAI content parts (text, images)
 
 
 class LLM:
@@ -49,7 +50,9 @@ class LLM:
         lora_request: Any = None,
     ) -> list[RequestOutput]:
         """One output per prompt, in order. A prompt is text, token ids or
-        ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}``. ``lora_request``: a
+        ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}``, either with
+        ``"multi_modal_data": {"image": PIL image or list}`` for a model that takes
+        images (one image per placeholder of the prompt). ``lora_request``: a
         ``tessellm.lora.LoRARequest`` for every prompt, or one (or None) per prompt."""
         refuse_generation(self.engine)
         batch = _as_batch(prompts)
@@ -74,7 +77,12 @@ class LLM:
                 rank = priority[i] if priority else 0
                 ids.append(
                     self.engine.add_request(
-                        None, _prompt_input(prompt), p, priority=rank, lora_request=loras[i]
+                        None,
+                        _prompt_input(prompt),
+                        p,
+                        priority=rank,
+                        lora_request=loras[i],
+                        multi_modal_data=_multi_modal_data(prompt),
                     )
                 )
         except Exception:
@@ -106,8 +114,12 @@ class LLM:
         refuse_generation(self.engine)
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts: list[Prompt] = [
-            apply_chat_template(
-                self.engine.tokenizer, conv, chat_template, add_generation_prompt, tools
+            chat_prompt(
+                self.engine,
+                lambda flat: apply_chat_template(
+                    self.engine.tokenizer, flat, chat_template, add_generation_prompt, tools
+                ),
+                conv,
             )
             for conv in conversations  # type: ignore[union-attr]
         ]
@@ -170,6 +182,10 @@ def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if prompts and isinstance(prompts, list) and all(isinstance(t, int) for t in prompts):
         return [prompts]  # one prompt given as token ids
     return list(prompts)
+
+
+def _multi_modal_data(prompt: Prompt) -> dict[str, Any] | None:
+    return prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
 
 
 def _prompt_input(prompt: Prompt) -> str | list[int]:
