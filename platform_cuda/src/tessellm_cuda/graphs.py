@@ -60,6 +60,12 @@ class CudaGraphRunner:
         self.attention = attention
         self.spec = spec
         self.device = device
+        if spec.max_draft_tokens:
+            logger.info(
+                "speculative verification steps (up to %d tokens per sequence) run eagerly: "
+                "the CUDA graphs cover one-token decodes only",
+                1 + spec.max_draft_tokens,
+            )
         self.sizes = sorted(sizes or capture_sizes(spec.max_num_seqs))
         self.max_size = self.sizes[-1]
         width = -(-spec.max_model_len // spec.block_size)
