@@ -242,6 +242,10 @@ def test_a_family_that_cannot_run_in_stages_is_refused(tmp_path) -> None:
     gpt2 = tiny_model("GPT2LMHeadModel", tmp_path / "gpt2")
     with pytest.raises(WorkerError, match="GPT2LMHeadModel does not support pipeline paral"):
         make_llm(gpt2, pipeline_parallel_size=2)
+    # Windowed layers free blocks per layer group: refused before any process starts.
+    mistral = tiny_model("MistralForCausalLM", tmp_path / "mistral", sliding_window=8)
+    with pytest.raises(ConfigError, match="several groups, windowed blocks"):
+        make_llm(mistral, pipeline_parallel_size=2)
 
 
 def test_a_stage_holds_only_its_layers(family_model) -> None:

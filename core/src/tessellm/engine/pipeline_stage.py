@@ -199,17 +199,10 @@ class PipelineStageRunner(ModelRunner):
         self._restrict_cache_layout()
 
     def _restrict_cache_layout(self) -> None:
-        """The per-layer cache layout (``engine/cache_layout.py``, where this version has
-        it) lists the whole model's attention layers; this stage's cache holds its own.
-        Read with a default: the layout is newer than pipelining."""
-        layout = getattr(self, "cache_layout", None)
-        if layout is None:
-            return
-        if not layout.plain:
-            raise ConfigError(
-                "pipeline parallelism does not support models whose KV cache has several "
-                "groups, windowed blocks or recurrent state yet; use pipeline_parallel_size=1"
-            )
+        """The per-layer cache layout (``engine/cache_layout.py``) lists the whole model's
+        attention layers; this stage's cache holds its own. Only one-table layouts get
+        here (``executors/pipeline.check_pipeline_config``)."""
+        layout = self.cache_layout
         own = len(self.attn_layers)
         group = replace(layout.groups[0], layers=tuple(range(own)))
         self.cache_layout = replace(layout, groups=(group,), group_size=own)

@@ -88,7 +88,7 @@ class DistributedExecutor(Executor):
         # Refuse a split that cannot work here, before any process starts.
         config = ml.weight_format(plugins, resolved).load_config(resolved.path)
         check_tensor_parallel_fit(config, tp)
-        pipeline.check_pipeline_config(config, args)
+        pipeline.check_pipeline_config(config, args, plugins)
         if args.enable_expert_parallel:
             from tessellm.layers.moe import check_expert_parallel_fit
 

@@ -35,15 +35,24 @@ def num_layers_of(config: Any) -> int:
     return int(ml.text_config(config).num_hidden_layers)
 
 
-def check_pipeline_config(config: Any, args: EngineArgs) -> None:
+def check_pipeline_config(config: Any, args: EngineArgs, plugins: PluginSet) -> None:
     """Before any process starts: every stage must get a layer, and what stages cannot
     run yet is refused."""
+    from tessellm.engine.cache_layout import layout_for
+
     pp = args.pipeline_parallel_size
     check_pipeline_fit(num_layers_of(config), pp)
-    if pp > 1 and args.speculative_config is not None:
+    if pp == 1:
+        return
+    if args.speculative_config is not None:
         raise ConfigError(
             "speculative decoding does not run with pipeline parallelism yet; leave "
             "speculative_config unset or use pipeline_parallel_size=1"
+        )
+    if not layout_for(plugins, config, args).plain:
+        raise ConfigError(
+            "pipeline parallelism does not support models whose KV cache has several "
+            "groups, windowed blocks or recurrent state yet; use pipeline_parallel_size=1"
         )
 
 
