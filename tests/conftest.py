@@ -28,6 +28,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # (servers, tensor-parallel workers) that would fight over the same two cores. The CPU
 # platform respects OMP_NUM_THREADS, and subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Worker processes of tiny models start in seconds and step in milliseconds: a start-up or
+# a step that hangs (a rendezvous that never completes) fails its test within minutes
+# rather than the defaults' 15 and 5 (what a real model on a busy machine may need).
+os.environ.setdefault("TESSELLM_WORKER_STARTUP_TIMEOUT_SECONDS", "300")
+os.environ.setdefault("TESSELLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "180")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # Engines in tests run their CPU decode steps eagerly: compiling one (a C++ build) per test
 # model would take most of the suite's time. test_cpu_compiled_decode.py turns it on.
