@@ -84,9 +84,9 @@ def test_chunked_scan_equals_step_updates():
     b, c = torch.randn(batch, length, heads, d_state), torch.randn(batch, length, heads, d_state)
     init = torch.randn(batch, heads, head_dim, d_state)
     y, final = chunked_scan(x, dt, a, b, c, d, init, chunk_size=8)
-    state = init
+    state = init.clone()
     for t in range(length):
-        y_t, state = step_update(state, x[:, t], dt[:, t], a, b[:, t], c[:, t], d)
+        y_t = step_update(state, x[:, t], dt[:, t], a, b[:, t], c[:, t], d)  # in place
         for row in range(batch):
             if t < lengths[row]:
                 torch.testing.assert_close(y[row, t], y_t[row], rtol=1e-4, atol=1e-4)

@@ -79,14 +79,19 @@ def step_update(
     b: torch.Tensor,
     c: torch.Tensor,
     d: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per sequence: ``state`` ``[batch, heads, head_dim, d_state]``, ``x``
-    ``[batch, heads, head_dim]``, ``dt`` ``[batch, heads]``, ``b``/``c`` ``[batch, heads,
-    d_state]``. Returns ``y`` ``[batch, heads, head_dim]`` and the new state."""
-    decay = torch.exp(dt * a)[..., None, None]
-    state = state * decay + (dt[..., None] * x)[..., None] * b[:, :, None, :]
-    y = torch.einsum("bhpn,bhn->bhp", state, c) + d[:, None] * x
-    return y, state
+) -> torch.Tensor:
+    """One token per sequence, ``state`` ``[batch, heads, head_dim, d_state]`` (contiguous)
+    updated in place; ``x`` ``[batch, heads, head_dim]``, ``dt`` ``[batch, heads]``,
+    ``b``/``c`` ``[batch, heads, d_state]``. Returns ``y`` ``[batch, heads, head_dim]``.
+    Two passes over the state (decay, then the rank-1 update as a batched ``baddbmm``)
+    and one read for the output: decode is bound by the state's memory traffic."""
+    batch, heads, head_dim, d_state = state.shape
+    rows = state.view(batch * heads, head_dim, d_state)
+    rows.mul_(torch.exp(dt * a).reshape(-1, 1, 1))
+    dtx = (dt[..., None] * x).reshape(-1, head_dim, 1)
+    rows.baddbmm_(dtx, b.reshape(-1, 1, d_state))
+    y = torch.bmm(rows, c.reshape(-1, d_state, 1)).view(batch, heads, head_dim)
+    return y + d[:, None] * x
 
 
 def causal_conv(
