@@ -1,7 +1,7 @@
 from tessellm import hookimpl
 
-# The plugin API versions this package is written for (tessellm refuses it outside them).
-TESSELLM_PLUGIN_API = ">=1.1,<2"
+# The plugin API versions this package is written for (tessellm refuses it outside them):
+TESSELLM_PLUGIN_API = ">=1.3,<2"  # per-layer cache specs and StatefulLayer came in 1.3
 
 
 @hookimpl
