@@ -15,7 +15,12 @@ from tessellm.config import EngineArgs
 from tessellm.engine import cache_layout
 from tessellm.engine import structured_output as so
 from tessellm.engine import structured_steps as so_steps
-from tessellm.engine.engine_setup import load_seam, tune_garbage_collector
+from tessellm.engine.engine_setup import (
+    fit_max_model_len,
+    load_seam,
+    scheduler_config,
+    tune_garbage_collector,
+)
 from tessellm.engine.output_processor import OutputProcessor, child_id
 from tessellm.engine.pipeline_loop import PipelineLoop, check_pipelining
 from tessellm.engine.pooling import check_generative
@@ -35,7 +40,6 @@ from tessellm.interfaces.engine import (
     Request,
     RequestStatus,
     Scheduler,
-    SchedulerConfig,
     SchedulerOutput,
     StepResult,
 )
@@ -92,34 +96,10 @@ class LLMEngine(RequestValidation):
         # Beyond what max_num_seqs full-length sequences could hold, blocks are wasted memory.
         needed = cache_layout.pages_needed(layout, args, self.max_model_len)
         num_blocks = min(num_blocks, needed) if not args.num_gpu_blocks_override else num_blocks
-        if num_blocks < 2:
-            raise ConfigError(
-                "not enough memory for the KV cache; lower max_model_len or raise "
-                "gpu_memory_utilization / kv_cache_memory_bytes"
-            )
-        capacity = num_blocks * args.block_size
-        if capacity < self.max_model_len:
-            logger.warning(
-                "max_model_len %d exceeds KV capacity %d; lowering it", self.max_model_len, capacity
-            )
-            self.max_model_len = capacity
+        self.max_model_len = fit_max_model_len(num_blocks, args.block_size, self.max_model_len)
         self.executor.initialize_cache(num_blocks)
         kv = cache_layout.make_kv_cache_manager(kv_cls, num_blocks, args, layout)
-        batched = args.max_num_batched_tokens or max(8192, args.max_num_seqs)
-        if not args.enable_chunked_prefill:
-            batched = max(batched, self.max_model_len)
-        sched_config = SchedulerConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=batched,
-            max_model_len=self.max_model_len,
-            enable_chunked_prefill=args.enable_chunked_prefill,
-            policy=args.scheduling_policy,
-            num_lookahead_slots=(
-                args.speculative_config.num_speculative_tokens if args.speculative_config else 0
-            ),
-            max_loras=args.max_loras if args.enable_lora else 0,
-            max_concurrent_batches=int(self.executor.max_concurrent_batches),
-        )
+        sched_config = scheduler_config(args, self.max_model_len, self.executor)
         self.scheduler: Scheduler = scheduler_cls(sched_config, kv)
         self.speculator = build_speculator(self, proposer, num_blocks)
         self.kv_cache_manager: KVCacheManager = kv
