@@ -1,17 +1,38 @@
 #!/usr/bin/env bash
-# Issue 16's serving comparison on the CPU: `tessellm serve` (the default model, its
-# defaults) and then `transformers serve --continuous-batching` on the same weights (an fp32
-# HF folder, $HF_MODEL, made from the default model's converted checkpoint), each measured
-# by `tessellm bench serve` at the request rates given, one server at a time.
-#   bash bench/serve_vs_transformers.sh OUT_DIR 1 4
+# Issue 16's serving comparison on the CPU: `tessellm serve` (the default model; its
+# defaults, and any other configurations named in TESSELLM_CONFIGS) against
+# `transformers serve --continuous-batching` on the same weights (an fp32 HF folder,
+# $HF_MODEL, made from the default model's converted checkpoint), each measured by
+# `tessellm bench serve` at the request rates given.
+#
+# One server runs at a time (each sizes its KV cache from the free memory: three at once
+# ran the machine out of memory); ROUNDS > 1 repeats the whole sequence with the server
+# order reversed every other round, so a change in the machine's load between servers
+# shows as spread between rounds. Raw JSON per round:
+# $OUT/serve_<name>_r<rate>_round<k>.json; the summary (medians over rounds, target
+# check) goes to $OUT/summary.txt; each measurement's load average to $OUT/load.txt.
+#
+# tessellm builds its compiled decode libraries before serving (TESSELLM_CPU_COMPILE=wait:
+# the measurement is of the compiled steps, not of the eager fallback while they build),
+# so its "ready" time includes a build whenever the tree's sources changed.
+#   ROUNDS=2 TESSELLM_CONFIGS="tessellm:;tessellm-fp32:--dtype float32" \
+#       bash bench/serve_vs_transformers.sh OUT_DIR 1 2 4
 set -u
 OUT=$1
 shift
+RATES=("$@")
 HF_MODEL=${HF_MODEL:-/tmp/smol_hf}
+PORT=${PORT:-8010}  # tessellm configurations on PORT, PORT+1, ...; transformers after them
+ROUNDS=${ROUNDS:-1}
+TESSELLM_CONFIGS=${TESSELLM_CONFIGS:-"tessellm:"}  # name:extra serve args;name:args...
+# transformers' own KV cache sizing took ~14 GiB of this 24 GiB machine (and was killed for
+# memory once, next to other processes); 512 blocks of 32 tokens hold 16k tokens, over 5
+# times what 32 requests of 32 + 64 tokens can need at once.
+HF_ARGS=${HF_ARGS:-"--cb-block-size 32 --cb-num-blocks 512"}
 mkdir -p "$OUT"
 
-wait_ready() {  # wait_ready URL: until it answers 200, at most 300 s
-    for _ in $(seq 600); do
+wait_ready() {  # wait_ready URL: until it answers 200, at most 1,800 s (a build under load)
+    for _ in $(seq 3600); do
         curl -sf "$1" >/dev/null && return 0
         sleep 0.5
     done
@@ -19,32 +40,81 @@ wait_ready() {  # wait_ready URL: until it answers 200, at most 300 s
     return 1
 }
 
-measure() {  # measure NAME URL MODEL
-    local name=$1 url=$2 model=$3
-    # Warm-up, not recorded: transformers serve loads the model on its first request.
-    tessellm bench serve --base-url "$url" --model "$model" --num-prompts 2 --input-len 32 \
-        --output-len 8 --text-prompts --tokenizer smollm2-135m-instruct --no-ignore-eos \
-        --request-rate 1 >/dev/null
-    for rate in "${RATES[@]}"; do
-        tessellm bench serve --base-url "$url" --model "$model" --num-prompts 32 --input-len 32 \
-            --output-len 64 --text-prompts --tokenizer smollm2-135m-instruct --no-ignore-eos \
-            --request-rate "$rate" --output-json "$OUT/serve_${name}_r${rate}.json" | tail -4
-    done
+bench() {  # bench URL MODEL ARGS...
+    local url=$1 model=$2
+    shift 2
+    tessellm bench serve --base-url "$url" --model "$model" --input-len 32 --text-prompts \
+        --tokenizer smollm2-135m-instruct --no-ignore-eos "$@"
 }
 
-RATES=("$@")
-tessellm serve --port 8010 >"$OUT/tessellm_serve.log" 2>&1 &
-pid=$!
-t0=$SECONDS
-wait_ready http://127.0.0.1:8010/health && echo "tessellm ready in $((SECONDS - t0)) s"
-measure tessellm http://127.0.0.1:8010/v1 smollm2-135m-instruct
-kill -INT $pid
-wait $pid
+names=() ports=() extras=()
+IFS=';' read -ra configs <<<"$TESSELLM_CONFIGS"
+port=$PORT
+for config in "${configs[@]}"; do
+    names+=("${config%%:*}") ports+=("$port") extras+=("${config#*:}")
+    port=$((port + 1))
+done
+names+=(hf) ports+=("$port") extras+=("$HF_ARGS")
 
-transformers serve --continuous-batching --port 8011 >"$OUT/transformers_serve.log" 2>&1 &
-pid=$!
-t0=$SECONDS
-wait_ready http://127.0.0.1:8011/v1/models && echo "transformers ready in $((SECONDS - t0)) s"
-measure hf http://127.0.0.1:8011/v1 "$HF_MODEL"
-kill -INT $pid
-wait $pid
+run_server() {  # run_server INDEX ROUND: start it, warm it up, measure every rate, stop it
+    local i=$1 round=$2 name=${names[$1]} url=http://127.0.0.1:${ports[$1]} model health pid
+    local -a extra
+    read -ra extra <<<"${extras[$i]}"
+    if [ "$name" = hf ]; then
+        transformers serve --continuous-batching --port "${ports[$i]}" "${extra[@]}" \
+            >>"$OUT/transformers_serve.log" 2>&1 &
+        model=$HF_MODEL health=$url/v1/models
+    else
+        TESSELLM_CPU_COMPILE=${TESSELLM_CPU_COMPILE:-wait} tessellm serve --port "${ports[$i]}" \
+            "${extra[@]}" >>"$OUT/${name}_serve.log" 2>&1 &
+        model=smollm2-135m-instruct health=$url/health
+    fi
+    pid=$!
+    local t0=$SECONDS
+    if wait_ready "$health"; then
+        echo "$name ready in $((SECONDS - t0)) s (round $round)"
+        # Warm-up, not recorded: transformers serve loads the model on its first request.
+        bench "$url/v1" "$model" --num-prompts 2 --output-len 8 --request-rate 1 >/dev/null
+        for rate in "${RATES[@]}"; do
+            echo "$name r$rate round$round before: $(date -u +%H:%M:%S) $(cat /proc/loadavg)" >>"$OUT/load.txt"
+            bench "$url/v1" "$model" --num-prompts 32 --output-len 64 --request-rate "$rate" \
+                --output-json "$OUT/serve_${name}_r${rate}_round${round}.json" |
+                tail -1 | sed "s/^tessellm-server/$name r$rate round$round/"
+            echo "$name r$rate round$round after: $(date -u +%H:%M:%S) $(cat /proc/loadavg)" >>"$OUT/load.txt"
+        done
+    fi
+    kill -INT "$pid"
+    wait "$pid"
+}
+
+for round in $(seq "$ROUNDS"); do
+    order=("${!names[@]}")
+    if ((round % 2 == 0)); then
+        order=($(printf '%s\n' "${order[@]}" | tac))
+    fi
+    for i in "${order[@]}"; do
+        run_server "$i" "$round"
+    done
+done
+
+python - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
+# Medians over rounds; the target: TTFT p99 and TPOT p50 at most half of the peer's.
+import json, statistics, sys
+from collections import defaultdict
+from pathlib import Path
+
+runs = defaultdict(list)
+for path in sorted(Path(sys.argv[1]).glob("serve_*_r*_round*.json")):
+    name, rate, _ = path.stem[len("serve_"):].rsplit("_", 2)
+    runs[name, float(rate[1:])].append(json.loads(path.read_text())["rows"][0]["metrics"])
+keys = ["ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "output_tok_s"]
+med = {k: {m: statistics.median(r[m] for r in v) for m in keys} | {"n": len(v)} for k, v in runs.items()}
+for (name, rate), m in sorted(med.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    line = f"{name:16s} rate {rate:g}: " + "  ".join(f"{k} {m[k]:.1f}" for k in keys)
+    peer = med.get(("hf", rate))
+    if name != "hf" and peer:
+        ttft, tpot = m["ttft_p99_ms"] / peer["ttft_p99_ms"], m["tpot_p50_ms"] / peer["tpot_p50_ms"]
+        met = "met" if ttft <= 0.5 and tpot <= 0.5 else "MISSED"
+        line += f"  | TTFT p99 {ttft:.2f}x, TPOT p50 {tpot:.2f}x the peer's: {met}"
+    print(line + f"  ({m['n']} rounds)")
+EOF
