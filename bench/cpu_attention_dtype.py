@@ -20,6 +20,11 @@ fresh sequence. Modes:
 * ``auto``: today's backend as it chooses on this CPU (``attention_compute_dtype``:
   fp32 where bf16 is not native; decode groups in chunks of ``DECODE_CHUNK_BYTES``).
 
+``compute_dtype`` applies to decode groups of several sequences only: since 68a1546 the
+prefill rows stay in the cache's dtype in every mode (bench/RESULTS.md says why), so
+``prefill256`` and the prefill part of ``mixed`` measure the same computation in every
+mode but ``base``; the 1f10b18 results under bench/results were taken before that.
+
 Every (threads, mode, step) case runs once per round, in a shuffled order, so load from
 other processes falls on every mode; a case's figure is the median over rounds of its
 per-round medians, with the range of those medians as the noise. Every mode's output is
