@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from tessellm_quant_fp8.fp8 import pad_for_scaled_mm, quantize_weight_per_channel
-from tessellm_quant_fp8.fp8_gemv import Fp8GemvConfig, fp8_gemv
+from tessellm_quant_fp8.fp8_gemv import fp8_gemv
+from tessellm_triton_kernels.gemv import GemvConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -28,8 +29,8 @@ def _reference(x, q, scale, bias):
     ("n", "k", "config"),
     [
         (24, 40, None),  # narrow: one step of K's own width
-        (37, 300, Fp8GemvConfig(block_n=4, block_k=128, num_warps=4)),  # ragged N and K
-        (64, 512, Fp8GemvConfig(block_n=8, block_k=256, num_warps=4)),  # even
+        (37, 300, GemvConfig(block_n=4, block_k=128, num_warps=4)),  # ragged N and K
+        (64, 512, GemvConfig(block_n=8, block_k=256, num_warps=4)),  # even
     ],
 )
 @pytest.mark.parametrize("with_bias", [False, True])

@@ -42,11 +42,13 @@ DEFAULT_CONFIG = GemvConfig(block_n=4, block_k=2048, num_warps=4)
 def _gemv_kernel(
     x_ptr,
     w_ptr,
+    scale_ptr,
     bias_ptr,
     out_ptr,
     N,
     K,
     stride_wn,
+    HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -74,6 +76,8 @@ def _gemv_kernel(
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     y = tl.sum(acc, axis=1)
+    if HAS_SCALE:  # per output row, after the sum (an fp8 weight's channel scale)
+        y *= tl.load(scale_ptr + rows, mask=n_ok, other=0.0)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -84,11 +88,21 @@ def gemv(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: GemvConfig | None = None,
+    *,
+    scale: torch.Tensor | None = None,
+    out_features: int | None = None,
 ) -> torch.Tensor:
-    """``x @ weight.T + bias`` for ``x`` of one row (``[1, K]``), ``weight`` ``[N, K]``."""
+    """``(x @ weight.T) * scale + bias`` for ``x`` of one row (``[1, K]``), ``weight``
+    ``[N, K]`` of any dtype Triton widens to fp32 (bf16, fp16, fp32, float8_e4m3fn), an
+    optional float32 ``scale`` per output row. A padded weight (``[>= N, >= K]``, as
+    ``_scaled_mm`` wants fp8 weights) is read in its first ``out_features`` rows and ``K``
+    columns."""
     if x.shape[0] != 1 or x.dim() != 2:
         raise ValueError(f"gemv takes one row, got x of shape {tuple(x.shape)}")
-    n, k = weight.shape
+    n = weight.shape[0] if out_features is None else out_features
+    k = x.shape[1]
+    if weight.shape[0] < n or weight.shape[1] < k:
+        raise ValueError(f"gemv: weight {tuple(weight.shape)} does not cover [{n}, {k}]")
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     if x.stride(1) != 1:
@@ -101,11 +115,13 @@ def gemv(
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x,
         weight,
+        scale if scale is not None else out,  # never read without HAS_SCALE
         bias if bias is not None else out,  # never read without HAS_BIAS
         out,
         n,
         k,
         weight.stride(0),
+        HAS_SCALE=scale is not None,
         HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n,
         BLOCK_K=block_k,

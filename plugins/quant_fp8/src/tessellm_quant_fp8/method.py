@@ -27,6 +27,7 @@ call.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, ClassVar
 
 import torch
@@ -210,7 +211,9 @@ class Fp8Method(QuantizationMethod):
         layer.fp8_kernel = self._kernel_for(q.device)
         layer.fp8_out_dtype = None
         # One row (batch-1 decode) goes through fp8_gemv where _scaled_mm runs on its own.
-        layer.fp8_gemv = self.kernel == "auto" and layer.fp8_kernel == "scaled_mm"
+        layer.fp8_gemv = (
+            self.kernel == "auto" and layer.fp8_kernel == "scaled_mm" and _gemv_installed()
+        )
         if layer.fp8_kernel == "scaled_mm":
             q, scale = pad_for_scaled_mm(q, scale)
             layer.fp8_out_dtype = scaled_mm_out_dtype(q.device, layer.fp8_dtype)
@@ -256,6 +259,12 @@ class Fp8Method(QuantizationMethod):
         else:
             y = reference_linear(x2, layer.weight, layer.weight_scale, bias)
         return y.reshape(*lead, y.shape[-1])
+
+
+def _gemv_installed() -> bool:
+    """Whether the ``[cuda]`` extra's kernel library is there (else one row takes
+    ``_scaled_mm`` too)."""
+    return importlib.util.find_spec("tessellm_triton_kernels") is not None
 
 
 def _check_loaded(layer: nn.Module, values: torch.Tensor, name: str) -> None:
