@@ -92,7 +92,13 @@ def fit_to_server(body: dict) -> dict:
         ]
         for message in body["messages"]:
             if isinstance(message["content"], list):
-                message["content"] = [{**p, "text": p["text"][:12]} for p in message["content"]]
+                # Text parts shortened; image parts (a tiny text model refuses them: 400) kept.
+                message["content"] = [
+                    {**p, "text": p["text"][:12]}
+                    if isinstance(p, dict) and isinstance(p.get("text"), str)
+                    else p
+                    for p in message["content"]
+                ]
     if body.get("top_logprobs") is not None:
         body["logprobs"] = True
     if body.get("stop_token_ids"):
