@@ -233,7 +233,10 @@ def _preemption_mode(
     layout: tuple[int, int],
 ) -> list[str]:
     block_size, num_blocks = layout
-    with run.engine(block_size=block_size, num_gpu_blocks_override=num_blocks) as llm:
+    # The pool is sized for one block table: windowed layers in tables of their own would
+    # split it (tests/test_cachespec_windows.py preempts those layouts).
+    one_table = {"disable_hybrid_kv_cache_manager": True, **run.base}
+    with run.engine(**one_table, block_size=block_size, num_gpu_blocks_override=num_blocks) as llm:
         got = _generate(llm, prompt_ids, max_tokens)
         preemptions = llm.engine.stats().get("num_preemptions")
     mode = f"preemption ({num_blocks} KV blocks of {block_size})"
