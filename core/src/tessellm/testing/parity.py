@@ -235,8 +235,12 @@ def _preemption_mode(
     block_size, num_blocks = layout
     # The pool is sized for one block table: windowed layers in tables of their own would
     # split it (tests/test_cachespec_windows.py preempts those layouts).
-    one_table = {"disable_hybrid_kv_cache_manager": True, **run.base}
-    with run.engine(**one_table, block_size=block_size, num_gpu_blocks_override=num_blocks) as llm:
+    one_table = run.base.get("disable_hybrid_kv_cache_manager", True)
+    with run.engine(
+        block_size=block_size,
+        num_gpu_blocks_override=num_blocks,
+        disable_hybrid_kv_cache_manager=one_table,
+    ) as llm:
         got = _generate(llm, prompt_ids, max_tokens)
         preemptions = llm.engine.stats().get("num_preemptions")
     mode = f"preemption ({num_blocks} KV blocks of {block_size})"
