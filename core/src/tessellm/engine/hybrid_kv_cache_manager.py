@@ -18,7 +18,7 @@ state at a block boundary is not kept), and each running request holds a state s
 from __future__ import annotations
 
 from tessellm.engine.cache_layout import CacheLayout, window_blocks
-from tessellm.engine.kv_cache_manager import PLACEHOLDER_TOKEN, KVCacheManager
+from tessellm.engine.kv_cache_manager import KVCacheManager
 from tessellm.interfaces.request import Request
 
 
@@ -142,16 +142,7 @@ class HybridKVCacheManager(KVCacheManager):
                 table.extend(self.pool.allocate(blocks - len(table)))
         if not self.enable_prefix_caching:
             return
-        known = min(end, request.num_tokens)
-        first = min(start // bs, len(request.block_hashes))
-        outputs = request.output_token_ids
-        if outputs and outputs[-1] == PLACEHOLDER_TOKEN and known == request.num_tokens:
-            known -= 1
-            if end % bs == 0:
-                self._unpublished[request.request_id] = end // bs - 1
-        if (len(request.block_hashes) + 1) * bs <= known:
-            self._update_hashes(request, known)
-        for i in range(first, known // bs):
+        for i in self._blocks_to_publish(request, start, end):
             for g, table in enumerate(tables):
                 if table[i] != self.null_block:
                     self.pool.cache(table[i], self._key(g, request.block_hashes[i]))

@@ -108,20 +108,26 @@ class KVCacheManager(seams.KVCacheManager):
         if needed > 0:
             request.block_ids.extend(self.pool.allocate(needed))
         if self.enable_prefix_caching:
-            # Speculative drafts run past the known tokens: no block holding one is published
-            # until it is accepted, which the next allocation (from the first block not yet
-            # hashed) catches up on.
-            known = min(end, request.num_tokens)
-            first = min(start // bs, len(request.block_hashes))
-            outputs = request.output_token_ids
-            if outputs and outputs[-1] == PLACEHOLDER_TOKEN and known == request.num_tokens:
-                known -= 1
-                if end % bs == 0:
-                    self._unpublished[request.request_id] = end // bs - 1
-            if (len(request.block_hashes) + 1) * bs <= known:
-                self._update_hashes(request, known)
-            for i in range(first, known // bs):
+            for i in self._blocks_to_publish(request, start, end):
                 self.pool.cache(request.block_ids[i], request.block_hashes[i])
+
+    def _blocks_to_publish(self, request: Request, start: int, end: int) -> range:
+        """The indices of the full blocks that tokens ``start..end`` complete and whose
+        tokens are all known (their hashes computed here). Speculative drafts run past the
+        known tokens: no block holding one is published until it is accepted, which the next
+        allocation (from the first block not yet hashed) catches up on; a block completed
+        by a placeholder waits for ``publish_filled``."""
+        bs = self.block_size
+        known = min(end, request.num_tokens)
+        first = min(start // bs, len(request.block_hashes))
+        outputs = request.output_token_ids
+        if outputs and outputs[-1] == PLACEHOLDER_TOKEN and known == request.num_tokens:
+            known -= 1
+            if end % bs == 0:
+                self._unpublished[request.request_id] = end // bs - 1
+        if (len(request.block_hashes) + 1) * bs <= known:
+            self._update_hashes(request, known)
+        return range(first, known // bs)
 
     def publish_filled(self, request: Request) -> None:
         """Publish the block that a placeholder token completed, now that the token is
