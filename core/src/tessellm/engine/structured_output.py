@@ -34,7 +34,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -53,9 +53,6 @@ from tessellm.interfaces.structured_output import (
 )
 from tessellm.plugins import PluginSet
 from tessellm.sampling_params import StructuredOutputsParams
-
-if TYPE_CHECKING:
-    pass
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +310,7 @@ class StructuredOutputManager:
 
         The rows are views of one buffer, reused from step to step (a step's rows are read
         when it samples, before the next step is filled). Matchers of one class fill their
-        rows in one call (``GrammarMatcher.fill_bitmasks``: xgrammar spreads them over
+        rows in one call (``GrammarMatcher.fill_bitmasks``: a backend may spread them over
         threads); a class whose call raises is filled again one matcher at a time, so the
         error fails only the request whose matcher raised.
 

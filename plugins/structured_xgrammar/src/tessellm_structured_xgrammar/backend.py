@@ -109,23 +109,6 @@ def structural_tag_json(value: Any) -> str:
     return json.dumps({"type": "structural_tag", "format": fmt})
 
 
-# Below this many rows a step's bitmasks are filled in this thread: handing them to
-# xgrammar's threads cost more than the fills (a few microseconds each for JSON). On an
-# H100 host (16 cores), 64 rows a step: 3.25 ms/step filled here, 4.91 with 8 threads
-# (bench/structured_outputs.py, random:qwen3-0.6b, 2026-12-05).
-BATCH_FILL_MIN_ROWS = 256
-_BATCH_FILLER: xgr.BatchGrammarMatcher | None = None
-
-
-def _batch_filler() -> xgr.BatchGrammarMatcher:
-    """One ``BatchGrammarMatcher`` for the process (its threads fill rows in parallel)."""
-    global _BATCH_FILLER
-    if _BATCH_FILLER is None:
-        threads = max(1, min(8, (os.cpu_count() or 2) // 2))
-        _BATCH_FILLER = xgr.BatchGrammarMatcher(max_threads=threads)
-    return _BATCH_FILLER
-
-
 class XgrammarMatcher(GrammarMatcher):
     """One sequence's xgrammar matcher (rollback is unbounded in xgrammar >= 0.2)."""
 
@@ -147,23 +130,6 @@ class XgrammarMatcher(GrammarMatcher):
             bitmask[row].copy_(self._stop_row)
             return
         self._matcher.fill_next_token_bitmask(bitmask, row)
-
-    @classmethod
-    def fill_bitmasks(cls, matchers: Sequence[GrammarMatcher], bitmask: torch.Tensor) -> None:
-        live: list[xgr.GrammarMatcher] = []
-        rows: list[int] = []
-        for row, matcher in enumerate(matchers):
-            assert isinstance(matcher, XgrammarMatcher)
-            if matcher._matcher.is_terminated():
-                bitmask[row].copy_(matcher._stop_row)
-            else:
-                live.append(matcher._matcher)
-                rows.append(row)
-        if len(live) < BATCH_FILL_MIN_ROWS:
-            for matcher, row in zip(live, rows, strict=True):
-                matcher.fill_next_token_bitmask(bitmask, row)
-        else:
-            _batch_filler().batch_fill_next_token_bitmask(live, bitmask, rows)
 
     def rollback(self, num_tokens: int) -> None:
         if num_tokens <= 0:
