@@ -411,8 +411,8 @@ def test_backend_choice_and_the_errors_without_one():
     error = broken.submit(so).exception(timeout=10)
     assert isinstance(error, RequestFailedError) and "no vocabulary" in str(error)
     for _ in range(100):  # the future's callbacks run just after its waiters wake
-        if not broken._cache:
+        if not broken.compiler._cache:
             break
         time.sleep(0.01)
-    assert not broken._cache  # a failure is not cached
+    assert not broken.compiler._cache  # a failure is not cached
     broken.shutdown()

@@ -221,7 +221,7 @@ def test_llguidance_per_request(llm):
     )
     for o in outs:
         assert_valid(o.outputs[0])
-    assert set(llm.engine.structured._backends) >= {"xgrammar", "llguidance"}
+    assert set(llm.engine.structured.compiler._backends) >= {"xgrammar", "llguidance"}
 
 
 def test_tensor_parallel_workers_get_the_bitmasks(llm, model_path):

@@ -23,32 +23,32 @@ under ``ignore_eos``) finishes its request as stopped; a matcher or backend that
 or a token the grammar refuses (e.g. ``min_tokens`` forbidding the only token it allows),
 fails that request alone. Preemption keeps a request's output tokens (its KV is
 recomputed), so its matcher stays valid.
+
+Choosing the backend and compiling (thread-safe, nothing of requests) is
+``engine/grammar_compiler.py``'s ``GrammarCompiler``, which the manager owns.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tessellm.config import EngineArgs
+from tessellm.engine.grammar_compiler import CACHE_SIZE, COMPILE_WORKERS, GrammarCompiler
 from tessellm.engine.output_processor import OutputProcessor
 from tessellm.engine.step_recovery import RequestFailedError
-from tessellm.errors import ConfigError, InvalidRequestError
+from tessellm.errors import InvalidRequestError
 from tessellm.interfaces.request import Request
 from tessellm.interfaces.schedule import ScheduledSeq, SchedulerOutput
 from tessellm.interfaces.structured_output import (
     CompiledGrammar,
     GrammarMatcher,
-    GrammarSpec,
-    StructuredOutputBackend,
     bitmask_words,
 )
 from tessellm.plugins import PluginSet
@@ -56,13 +56,6 @@ from tessellm.sampling_params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
-KIND = "structured_output_backends"
-AUTO = "auto"
-# "auto" takes the first of these that is registered, else the first registered at all.
-PREFERENCE = ("xgrammar", "llguidance")
-INSTALL_HINT = "install tessellm-structured-xgrammar or tessellm-structured-llguidance"
-CACHE_SIZE = 256  # compiled grammars kept (the futures; a compiled JSON schema is small)
-COMPILE_WORKERS = 2
 # A request whose grammar is not compiled by then fails (a 400): a pathological schema
 # must not park a request forever. The compile itself cannot be stopped; it finishes in
 # its worker and stays cached.
@@ -133,22 +126,17 @@ class StructuredOutputManager:
         cache_size: int = CACHE_SIZE,
         workers: int = COMPILE_WORKERS,
     ) -> None:
-        self.plugins = plugins
-        self.tokenizer = tokenizer
+        self.compiler = GrammarCompiler(
+            plugins,
+            tokenizer,
+            vocab_size,
+            eos_token_ids,
+            args.structured_outputs_backend,
+            cache_size,
+            workers,
+        )
         self.vocab_size = vocab_size
-        self.eos_token_ids = tuple(sorted(eos_token_ids))
-        default = args.structured_outputs_backend
-        if default != AUTO and plugins.get(KIND, default) is None:
-            raise ConfigError(self._unknown(default, "structured_outputs_backend"))
-        self.default_backend = default
-        self.cache_size = cache_size
-        self.workers = workers
         self.compile_timeout_s = COMPILE_TIMEOUT_S
-        self._backends: dict[str, StructuredOutputBackend] = {}
-        self._backend_lock = threading.Lock()
-        self._cache: OrderedDict[tuple[str, str], Future[CompiledGrammar]] = OrderedDict()
-        self._cache_lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
         self.parked: list[Parked] = []
         self.matchers: dict[str, GrammarMatcher] = {}
         # Requests to fail at the next update: a matcher raised while filling a bitmask.
@@ -157,93 +145,13 @@ class StructuredOutputManager:
         # A step scheduled ahead whose sampling waits for its bitmasks (``defer_bitmasks``).
         self.deferred: tuple[SchedulerOutput, Any, Any] | None = None
 
-    # -- backends and compiling ----------------------------------------------------------
-    def _unknown(self, name: str, what: str) -> str:
-        known = ", ".join(sorted(self.plugins.names(KIND)))
-        if not known:
-            return f"{what} {name!r}: no structured output backend is installed; {INSTALL_HINT}"
-        return f"unknown {what} {name!r} (known: {known}, or auto)"
-
     def backend_name(self, so: StructuredOutputsParams) -> str:
         """The registered backend that compiles ``so`` (``InvalidRequestError`` if none)."""
-        name = so.backend or self.default_backend
-        if name != AUTO:
-            if self.plugins.get(KIND, name) is None:
-                raise InvalidRequestError(self._unknown(name, "structured_outputs.backend"))
-            return name
-        names = self.plugins.names(KIND)
-        for preferred in PREFERENCE:
-            if preferred in names:
-                return preferred
-        if not names:
-            raise InvalidRequestError(
-                f"structured outputs need a grammar backend and none is installed; {INSTALL_HINT}"
-            )
-        return names[0]
-
-    def _backend(self, name: str) -> StructuredOutputBackend:
-        # Built on first use, in a compile worker: a backend reads the whole vocabulary.
-        with self._backend_lock:
-            backend = self._backends.get(name)
-            if backend is None:
-                cls = self.plugins.load(KIND, name)
-                if not (isinstance(cls, type) and issubclass(cls, StructuredOutputBackend)):
-                    raise RequestFailedError(
-                        f"structured output backend {name!r} is not a StructuredOutputBackend"
-                    )
-                try:
-                    backend = cls(self.tokenizer, self.vocab_size, self.eos_token_ids)
-                except Exception as exc:
-                    raise RequestFailedError(
-                        f"structured output backend {name!r} cannot serve this model's "
-                        f"tokenizer: {type(exc).__name__}: {exc}"
-                    ) from exc
-                self._backends[name] = backend
-            return backend
-
-    def _compile(self, name: str, spec: GrammarSpec) -> CompiledGrammar:
-        backend = self._backend(name)
-        if spec.kind not in backend.capabilities.kinds:
-            raise InvalidRequestError(
-                f"structured output backend {name!r} cannot compile {spec.kind!r} "
-                f"(it compiles: {', '.join(backend.capabilities.kinds)})"
-            )
-        try:
-            return backend.compile(spec)
-        except ValueError as exc:  # the contract: the spec is not valid, and why
-            raise InvalidRequestError(f"structured_outputs.{spec.kind}: {exc}") from None
-        except Exception as exc:
-            raise RequestFailedError(
-                f"structured output backend {name!r} failed to compile the "
-                f"{spec.kind}: {type(exc).__name__}: {exc}"
-            ) from exc
+        return self.compiler.backend_name(so)
 
     def submit(self, so: StructuredOutputsParams) -> Future[CompiledGrammar]:
-        """The compile of ``so``'s grammar: cached, or started in the pool. The future's
-        error is an ``InvalidRequestError`` naming the problem for an invalid spec."""
-        name = self.backend_name(so)
-        spec = so.spec()
-        key = (name, spec.key)
-        with self._cache_lock:
-            future = self._cache.get(key)
-            if future is not None:
-                self._cache.move_to_end(key)
-                return future
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tessellm-grammar")
-            future = self._pool.submit(self._compile, name, spec)
-            self._cache[key] = future
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        future.add_done_callback(lambda f: self._forget_failure(key, f))
-        return future
-
-    def _forget_failure(self, key: tuple[str, str], future: Future[CompiledGrammar]) -> None:
-        # A failure is not kept: the next request with the same spec compiles again.
-        if future.cancelled() or future.exception() is not None:
-            with self._cache_lock:
-                if self._cache.get(key) is future:
-                    del self._cache[key]
+        """The compile of ``so``'s grammar (``GrammarCompiler.submit``): thread-safe."""
+        return self.compiler.submit(so)
 
     # -- requests waiting for their grammar ---------------------------------------------
     def add(
@@ -399,9 +307,7 @@ class StructuredOutputManager:
             del self.matchers[request_id]
 
     def shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        self.compiler.shutdown()
         self.parked.clear()
         self.deferred = None
         self.matchers.clear()
