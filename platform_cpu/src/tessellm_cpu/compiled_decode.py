@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import sys
 import threading
 import time
@@ -49,6 +48,18 @@ from torch.utils import _pytree as pytree
 from tessellm.interfaces.attention import AttentionMetadata
 from tessellm.interfaces.platform import GraphSpec
 from tessellm_cpu import cache_store
+from tessellm_cpu.compile_plan import (  # noqa: F401 - compiler_missing etc. re-exported
+    ENABLE_ENV,
+    Shape,
+    compile_enabled,
+    compile_mode,
+    compiler_missing,
+    describe_shape,
+    library_shape,
+    query_len_of,
+    range_label,
+)
+from tessellm_cpu.decode_groups import cache_inputs, step_inputs
 from tessellm_cpu.decode_key import (  # noqa: F401 - re-exported
     VERSIONED_PACKAGES,
     library_key,
@@ -67,52 +78,6 @@ logger = logging.getLogger(__name__)
 # larger batches run eagerly. A range is built only where max_num_seqs reaches it
 # (`generate`, one sequence, builds only the first).
 BATCH_RANGES = ((1, 16), (17, 64))
-# "0": never compile (tests; the eager reference). "wait": build missing libraries before
-# serving (benchmarks that must measure the compiled step). Otherwise: in the background.
-ENABLE_ENV = "TESSELLM_CPU_COMPILE"
-
-
-def compile_mode() -> str:
-    """``off``, ``wait`` or ``background``, from ``TESSELLM_CPU_COMPILE``."""
-    raw = os.environ.get(ENABLE_ENV, "1").strip().lower()
-    return {"0": "off", "wait": "wait"}.get(raw, "background")
-
-
-def compile_enabled() -> bool:
-    return compile_mode() != "off"
-
-
-def compiler_missing() -> str | None:
-    """Why AOTInductor cannot build here (it needs a C++ compiler), or None."""
-    if any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        return None
-    return "no C++ compiler (g++) on PATH"
-
-
-# A library's shape: (fewest, most) sequences for a decode library, (fewest, most, Q) for
-# a verification library of Q tokens per sequence.
-Shape = tuple[int, ...]
-
-
-def _shape(batch_range: tuple[int, ...], query_len: int = 1) -> Shape:
-    return tuple(batch_range[:2]) if query_len == 1 else (*batch_range[:2], query_len)
-
-
-def _query_len(shape: Shape) -> int:
-    return shape[2] if len(shape) > 2 else 1
-
-
-def _label(shape: Shape) -> str:
-    return f"{shape[0]}-{shape[1]}"
-
-
-def _what(shape: Shape) -> str:
-    """The library's kind and batch range, for messages."""
-    if _query_len(shape) == 1:
-        return f"decode step for {_label(shape)} sequences"
-    return (
-        f"verification step ({_query_len(shape)} tokens a sequence) for {_label(shape)} sequences"
-    )
 
 
 class CompiledDecodeRunner:
@@ -126,16 +91,20 @@ class CompiledDecodeRunner:
         self.batch_ranges = [r for r in BATCH_RANGES if r[0] <= spec.max_num_seqs]
         # Speculative verification steps: Q = 1 + k tokens per sequence.
         self.verify = VerificationSteps(model, spec, self.batch_ranges)
+        self.attn_layers, _, self.weights = decode_inputs(model)
+        # Windowed layers in KV groups of their own: a block table per group (decode_groups).
+        self.num_groups = cache_inputs(self.attn_layers).num_groups
+        if self.num_groups > 1:
+            self.verify.turn_off(f"{self.num_groups} KV groups (windowed layers' own tables)")
         # Every library this runner uses: the decode ones first (every step takes them).
         self.shapes: list[Shape] = [
             *self.batch_ranges,
-            *(_shape(r, self.verify.query_len) for r in self.verify.ranges),
+            *(library_shape(r, self.verify.query_len) for r in self.verify.ranges),
         ]
         self.world_size = spec.world_size
         self.cache_dir = cache_dir
         config = getattr(model, "config", None)
         self.model_name = spec.model or getattr(config, "_name_or_path", "") or type(model).__name__
-        self.attn_layers, _, self.weights = decode_inputs(model)
         self._sources_digest = traced_sources_digest(model)
         self._libraries: list[tuple[int, int, Any]] = []  # (fewest, most sequences, library)
         self._static: list[torch.Tensor] = []
@@ -154,12 +123,18 @@ class CompiledDecodeRunner:
         return self.verify.steps
 
     def _kv_caches(self) -> list[torch.Tensor]:
-        return [t for layer in self.attn_layers for t in (layer.k_cache, layer.v_cache)]
+        return cache_inputs(self.attn_layers).caches
 
     def cache_key(self, shape: Shape) -> str:
-        kv = self._kv_caches()
+        caches = cache_inputs(self.attn_layers)
         return library_key(
-            self.model, self.weights, kv, shape[:2], self._sources_digest, _query_len(shape)
+            self.model,
+            self.weights,
+            caches.caches,
+            shape[:2],
+            self._sources_digest,
+            query_len_of(shape),
+            kv_layout=caches.layout_facts(self.attn_layers),
         )
 
     def library_path(self, shape: Shape) -> Path:
@@ -176,7 +151,7 @@ class CompiledDecodeRunner:
             arrived = [shape for shape, _ in self._arrived]
         loaded = [(lo, hi) for lo, hi, _ in self._libraries]
         loaded += [(lo, hi, self.verify.query_len) for lo, hi, _ in self.verify.libraries]
-        return sorted(loaded + arrived, key=lambda shape: (_query_len(shape), shape))
+        return sorted(loaded + arrived, key=lambda shape: (query_len_of(shape), shape))
 
     # -- starting ----------------------------------------------------------------------
     def capture(self) -> None:
@@ -194,7 +169,7 @@ class CompiledDecodeRunner:
             logger.warning("CPU decode steps run eagerly: %s", self.failure)
             return
         if not self.verify.query_len:
-            self.verify.log_eager(f"{VERIFY_ENV}=0")
+            self.verify.log_eager(self.verify.off_reason or f"{VERIFY_ENV}=0")
         self._static = pytree.tree_leaves((self._kv_caches(), self.weights))
         missing = []
         for shape in self.shapes:
@@ -214,7 +189,7 @@ class CompiledDecodeRunner:
 
     def _add_library(self, shape: Shape, library: Any) -> None:
         """Into the list its step kind reads (replaced whole: a step may be reading it)."""
-        if _query_len(shape) > 1:
+        if query_len_of(shape) > 1:
             self.verify.add(shape[0], shape[1], library)
         else:
             entry = (shape[0], shape[1], library)
@@ -246,7 +221,7 @@ class CompiledDecodeRunner:
             "max_cache_bytes": limit,
             "keep": [str(self.library_path(shape)) for shape in self.shapes],
             "jobs": [
-                {"batch_range": list(shape[:2]), "query_len": _query_len(shape), "path": str(p)}
+                {"batch_range": list(shape[:2]), "query_len": query_len_of(shape), "path": str(p)}
                 for shape, p in missing
             ],
         }
@@ -276,8 +251,8 @@ class CompiledDecodeRunner:
     def _describe_pending(self) -> str:
         """``the CPU decode steps for 1-16 and 17-64 sequences`` (and the verification
         steps'), for messages."""
-        decode = [_label(shape) for shape in self.pending if _query_len(shape) == 1]
-        verify = [_label(shape) for shape in self.pending if _query_len(shape) > 1]
+        decode = [range_label(shape) for shape in self.pending if query_len_of(shape) == 1]
+        verify = [range_label(shape) for shape in self.pending if query_len_of(shape) > 1]
         parts = []
         if decode:
             parts.append(
@@ -294,9 +269,9 @@ class CompiledDecodeRunner:
     def _on_event(self, event: dict) -> None:
         kind = event.get("event")
         batch_range = tuple(event.get("batch_range", ()))
-        shape = _shape(batch_range, event.get("query_len", 1)) if batch_range else ()
+        shape = library_shape(batch_range, event.get("query_len", 1)) if batch_range else ()
         elapsed = time.monotonic() - self._build_start
-        label = f"{_what(shape)} of {self.model_name}" if shape else ""
+        label = f"{describe_shape(shape)} of {self.model_name}" if shape else ""
         if kind == "waiting":
             logger.warning("waiting for another process's build in %s", self.cache_dir)
         elif kind == "exporting":
@@ -326,7 +301,7 @@ class CompiledDecodeRunner:
                 phases,
             )
         elif kind == "failed":
-            self._fail(f"{event['reason']} (building the {_what(shape)})")
+            self._fail(f"{event['reason']} (building the {describe_shape(shape)})")
         elif kind == "exit":
             if self._build.killed:  # stopped on purpose (close, exit)
                 self.pending = []
@@ -348,7 +323,7 @@ class CompiledDecodeRunner:
         if ranges and self._build is not None:
             logger.warning(
                 "CPU steps for %s run eagerly (compiling failed: %s; log: %s)",
-                " and ".join(_what(r) for r in ranges),
+                " and ".join(describe_shape(r) for r in ranges),
                 reason,
                 self._build.log_path,
             )
@@ -397,6 +372,9 @@ class CompiledDecodeRunner:
             return self.verify.run(input_ids, positions, metadata, self._static)
         if n != metadata.num_seqs:
             return None
+        groups = step_inputs(metadata, self.num_groups) if self.num_groups > 1 else []
+        if groups is None:
+            return None
         for fewest, most, library in self._libraries:
             if fewest <= n <= most:
                 inputs = [
@@ -406,6 +384,7 @@ class CompiledDecodeRunner:
                     metadata.block_tables,
                     metadata.seq_lens,
                     *self._static,
+                    *groups,
                 ]
                 self.steps += 1
                 return library.boxed_run(inputs)[0]

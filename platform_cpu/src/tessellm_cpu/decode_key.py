@@ -152,6 +152,7 @@ def library_key(
     batch_range: tuple[int, int],
     sources_digest: str,
     query_len: int = 1,
+    kv_layout: list[list[int]] | None = None,
 ) -> str:
     h = hashlib.sha256()
     config = getattr(model, "config", None)
@@ -168,6 +169,8 @@ def library_key(
         "capability": torch.backends.cpu.get_cpu_capability(),
         # The caches' block count is a dynamic dimension (it follows free memory).
         "kv_caches": [(list(c.shape[1:]), str(c.dtype)) for c in kv_caches],
+        # Several KV groups: each layer's group and caches (absent for one group).
+        **({"kv_layout": kv_layout} if kv_layout else {}),
         "weights": [
             (name, list(t.shape), str(t.dtype), list(t.stride())) for name, t in weights.items()
         ],

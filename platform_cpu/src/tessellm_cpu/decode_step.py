@@ -5,7 +5,9 @@ a decode library, ``1 + k`` for a speculative verification library) and a block 
 ``W`` columns wide, ``B`` and ``W`` dynamic, and the cache's block count too: one library
 serves every batch in its range and every context length. Weights and KV caches are
 inputs, not constants: the library holds only code, shares the model's tensors, and does
-not depend on the weights' values. Used by the build process
+not depend on the weights' values. A model whose layers read several KV groups' block
+tables takes each group's table and slot mapping (:mod:`tessellm_cpu.decode_groups`).
+Used by the build process
 (:mod:`tessellm_cpu.background_build`) and, for loading, by the runner
 (:mod:`tessellm_cpu.compiled_decode`).
 """
@@ -23,17 +25,20 @@ from torch import nn
 from tessellm.interfaces.attention import AttentionMetadata
 from tessellm.layers.attention import Attention
 from tessellm_cpu import cache_store
+from tessellm_cpu.decode_groups import cache_inputs, example_inputs, group_metadata
 
 
 class DecodeStep(nn.Module):
     """The model's forward for ``B`` sequences of ``query_len`` tokens each (the last
     ``query_len`` of each sequence's ``seq_lens`` positions), with weights and KV caches
-    as inputs. Token inputs are flat, sequence by sequence (``B·Q`` rows)."""
+    as inputs. Token inputs are flat, sequence by sequence (``B·Q`` rows); KV groups
+    1.. (if any) bring their tables and slot mappings last."""
 
     def __init__(self, model: nn.Module, attn_layers: list[Attention], query_len: int = 1) -> None:
         super().__init__()
         self.model = model
         self._attn_layers = attn_layers
+        self._caches = cache_inputs(attn_layers)
         self.query_len = query_len
 
     def forward(
@@ -45,9 +50,10 @@ class DecodeStep(nn.Module):
         seq_lens: torch.Tensor,
         kv_caches: list[torch.Tensor],
         weights: dict[str, torch.Tensor],
+        group_tables: list[torch.Tensor] | None = None,
+        group_slots: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        for i, layer in enumerate(self._attn_layers):
-            layer.bind_kv_cache(kv_caches[2 * i], kv_caches[2 * i + 1])
+        self._caches.bind(self._attn_layers, kv_caches)
         # query_len tokens per sequence. The host-side fields are not read under tracing
         # (a traced backend uses tensors only); they get the device tensors.
         query_start_loc = (
@@ -64,14 +70,16 @@ class DecodeStep(nn.Module):
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
         )
+        if group_tables:
+            metadata.kv_groups = group_metadata(metadata, group_tables, group_slots or [])
         return torch.func.functional_call(self.model, weights, (input_ids, positions, metadata))
 
 
 def decode_inputs(model: nn.Module) -> tuple[list[Attention], list[torch.Tensor], dict]:
-    """The attention layers, their KV caches (K, V per layer) and the weights, in the
-    order the library takes them."""
+    """The attention layers, their KV caches (K, V per layer; a tensor that layers of
+    several KV groups share, once) and the weights, in the order the library takes them."""
     attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
-    kv_caches = [t for layer in attn_layers for t in (layer.k_cache, layer.v_cache)]
+    kv_caches = cache_inputs(attn_layers).caches
     weights = {
         **dict(model.named_parameters(remove_duplicate=False)),
         **dict(model.named_buffers(remove_duplicate=False)),
@@ -104,7 +112,7 @@ def export_decode_step(
     attn_layers, kv_caches, weights = decode_inputs(model)
     batch, width = example_batch(batch_range, query_len), 3
     tokens = batch * query_len
-    args = (
+    args: tuple = (
         torch.zeros(tokens, dtype=torch.int64),
         torch.arange(tokens, dtype=torch.int64),
         torch.arange(tokens, dtype=torch.int64),
@@ -128,6 +136,12 @@ def export_decode_step(
         [{0: blocks}] * len(kv_caches),
         dict.fromkeys(weights),
     )
+    num_groups = cache_inputs(attn_layers).num_groups
+    if num_groups > 1:  # each further KV group's block table and slot mapping
+        taken = {0, 1, width, batch, tokens, *_TAKEN_EXAMPLE_SIZES}
+        taken |= {int(c.shape[0]) for c in kv_caches}
+        group_args, group_dims = example_inputs(num_groups, batch, tokens, seqs, rows, taken)
+        args, dynamic = (*args, *group_args), (*dynamic, *group_dims)
     # Trace the plain torch code: a fused-op table may branch on tensor values.
     fused = [(m, m.fused_ops) for m in model.modules() if hasattr(m, "fused_ops")]
     caches = [(layer, layer.k_cache, layer.v_cache) for layer in attn_layers]

@@ -80,6 +80,8 @@ class CpuPlatform(Platform):
     priority = 0
     distributed_backend = "gloo"
     attention_backends = ("cpu", "torch")
+    # Compiled decode steps take one block table per KV group (decode_groups.py).
+    graph_runner_serves_kv_groups = True
 
     @classmethod
     def is_available(cls) -> bool:

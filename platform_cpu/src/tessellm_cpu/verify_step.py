@@ -153,6 +153,7 @@ class VerificationSteps:
     ) -> None:
         self.speculating = spec.max_draft_tokens > 0
         self.query_len = 1 + spec.max_draft_tokens if self.speculating and verify_enabled() else 0
+        self.off_reason = ""  # why verification steps run eagerly, when not VERIFY_ENV
         self.ranges: list[tuple[int, int]] = []
         if self.query_len:
             split = verify_batch_ranges(decode_ranges, self.query_len)
@@ -165,6 +166,11 @@ class VerificationSteps:
         self.libraries: list[tuple[int, int, Any]] = []  # (fewest, most sequences, library)
         self.steps = 0  # run compiled
         self._logged: set[str] = set()
+
+    def turn_off(self, reason: str) -> None:
+        """No verification libraries: such steps run eagerly (``reason`` is logged)."""
+        if self.query_len:
+            self.query_len, self.ranges, self.off_reason = 0, [], reason
 
     def add(self, fewest: int, most: int, library: Any) -> None:
         # Replaced whole, never edited in place: a step may be reading the list.

@@ -184,12 +184,23 @@ class ModelRunner:
                 f"speculative decoding does not run on the {self.platform_choice.chosen} "
                 "platform's step runner yet; leave speculative_config unset"
             )
-        # Graph runners know one block table and no recurrent state (docs/architecture.md).
-        if (
-            self.step_runner is None
-            and not self.args.enforce_eager
-            and self.cache_layout.single_table
-        ):
+        # Graph runners know one block table (some, one per KV group) and no recurrent
+        # state (docs/architecture.md).
+        layout = self.cache_layout
+        graphs_fit = layout.single_table or (
+            not layout.has_state and getattr(self.platform, "graph_runner_serves_kv_groups", False)
+        )
+        if self.step_runner is None and not self.args.enforce_eager and not graphs_fit:
+            logger.info(
+                "steps run eagerly: the %s platform's graph runner serves one KV block table "
+                "and no recurrent state (this model: %d KV groups%s)",
+                self.platform_choice.chosen,
+                len(layout.groups),
+                ", recurrent state"
+                if layout.has_state
+                else "; disable_hybrid_kv_cache_manager=True puts them in one",
+            )
+        if self.step_runner is None and not self.args.enforce_eager and graphs_fit:
             spec = GraphSpec(
                 self.args.max_num_seqs,
                 self.max_model_len,

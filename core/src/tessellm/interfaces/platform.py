@@ -85,6 +85,10 @@ class Platform(ABC):
     priority: ClassVar[int] = 0  # higher wins when several are available
     distributed_backend: ClassVar[str] = "gloo"
     attention_backends: ClassVar[tuple[str, ...]] = ("torch",)  # preference order
+    # True when ``graph_runner``'s runners serve a cache layout of several KV groups (a
+    # block table per group, ``AttentionMetadata.kv_groups``: engine/cache_layout.py);
+    # otherwise models with windowed layers in groups of their own run eagerly.
+    graph_runner_serves_kv_groups: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod

@@ -1,0 +1,159 @@
+"""Compiled CPU decode steps over several KV groups: a Gemma 3 with windowed and full
+layers keeps its windowed layers in tables of their own (the hybrid KV cache manager, the
+default) and still decodes on its AOTInductor library, one block table per group; greedy
+tokens equal the eager run's and transformers' fp32 ones, with contexts past the window
+so that windowed groups' tables point at the null page while the library runs. One tiny
+model, one library (1-16 sequences), built once for the module."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from tessellm import LLM, SamplingParams
+from tessellm.testing import hf_greedy, tiny_model
+from tessellm_cpu import background_build, compiled_decode
+from tessellm_cpu.compiled_decode import CompiledDecodeRunner, compiler_missing
+from tessellm_cpu.decode_groups import cache_inputs
+from tessellm_cpu.platform import CpuPlatform
+
+WINDOW = 8
+BLOCK_SIZE = 4
+NEW_TOKENS = 20
+# 2 full and 4 windowed layers: groups of 2 layers (one full, two windowed), 2 cache
+# tensor pairs shared by the groups' layers.
+LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+PROMPTS = [
+    [5, 17, 33, 8, 90, 4, 61, 12, 7, 3, 150, 22, 9, 41],
+    [11, 3, 200, 47],
+    [7 + (3 * i) % 190 for i in range(27)],
+    [99, 98, 97, 96, 95, 94, 93, 92, 91],
+]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+BUILD_TIMEOUT_S = 900
+needs_compiler = pytest.mark.skipif(
+    compiler_missing() is not None, reason="no C++ compiler to build decode libraries"
+)
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """Libraries built before serving, into a cache of this module's own."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TESSELLM_CPU_COMPILE", "wait")
+        mp.setenv("TESSELLM_CACHE", str(tmp_path_factory.mktemp("groups-cache")))
+        # The library checks every input's dtype, sizes and strides against the traced ones.
+        mp.setenv("AOTI_RUNTIME_CHECK_INPUTS", "1")
+        yield
+
+
+@pytest.fixture(autouse=True)
+def no_build_outlives_its_test():
+    yield
+    for build in list(background_build._LIVE):
+        build.kill()
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    return tiny_model(
+        "Gemma3ForCausalLM",
+        tmp_path_factory.mktemp("groups") / "gemma3",
+        num_hidden_layers=len(LAYER_TYPES),
+        layer_types=LAYER_TYPES,
+        sliding_window=WINDOW,
+        max_position_embeddings=256,
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(gemma3):
+    return hf_greedy(gemma3, PROMPTS, NEW_TOKENS, attn_implementation="eager")
+
+
+def engine(path, **kwargs) -> LLM:
+    return LLM(
+        model=str(path),
+        dtype="float32",
+        device="cpu",
+        block_size=BLOCK_SIZE,
+        max_num_seqs=8,
+        **kwargs,
+    )
+
+
+def generate_ids(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def compiled(gemma3, compile_cache) -> LLM:
+    return engine(gemma3)
+
+
+@needs_compiler
+def test_windowed_groups_decode_compiled_with_eager_and_hf_tokens(
+    compiled, gemma3, reference, monkeypatch
+):
+    runner = compiled.engine.executor.runner.graph_runner
+    assert isinstance(runner, CompiledDecodeRunner)
+    layout = compiled.engine.executor.runner.cache_layout
+    assert [(len(g.layers), g.window) for g in layout.groups] == [
+        (2, None),
+        (2, WINDOW),
+        (2, WINDOW),
+    ]
+    assert runner.num_groups == 3
+    assert runner.wait_ready(BUILD_TIMEOUT_S), runner.failure
+    assert runner.failure is None and runner.ready_ranges == [(1, 16)]
+    # Every compiled step's group tables, to see the null page in them.
+    null = compiled.engine.kv_cache_manager.null_block
+    seen: list[bool] = []
+    step_inputs = compiled_decode.step_inputs
+
+    def recording(metadata, num_groups):
+        inputs = step_inputs(metadata, num_groups)
+        seen.append(any(bool((t == null).any()) for t in inputs[: num_groups - 1]))
+        return inputs
+
+    monkeypatch.setattr(compiled_decode, "step_inputs", recording)
+    before = runner.steps
+    assert generate_ids(compiled, PROMPTS) == reference
+    assert runner.steps >= before + NEW_TOKENS - 1  # decodes ran on the library
+    assert any(seen), "no windowed block was freed during a compiled step"
+    for prompt, expected in zip(PROMPTS[:2], reference[:2], strict=True):
+        assert generate_ids(compiled, [prompt]) == [expected]
+    assert runner.steps >= before + 3 * (NEW_TOKENS - 1)
+    eager = engine(gemma3, enforce_eager=True)
+    assert eager.engine.executor.runner.graph_runner is None
+    assert generate_ids(eager, PROMPTS) == reference
+
+
+@needs_compiler
+def test_a_library_takes_each_shared_cache_once_and_its_key_names_the_groups(
+    compiled, gemma3, monkeypatch
+):
+    runner = compiled.engine.executor.runner.graph_runner
+    caches = cache_inputs(runner.attn_layers)
+    # Two page positions: K and V of each, once, though three layers read each.
+    assert len(caches.caches) == 4 and len({id(t) for t in caches.caches}) == 4
+    assert caches.layer_caches == ((0, 1), (2, 3), (0, 1), (0, 1), (2, 3), (2, 3))
+    # One shared table (graph runners' old layout): a library of its own, 6 cache pairs.
+    monkeypatch.setenv("TESSELLM_CPU_COMPILE", "0")
+    shared = engine(gemma3, disable_hybrid_kv_cache_manager=True)
+    one_table = shared.engine.executor.runner.graph_runner
+    assert one_table.num_groups == 1 and len(one_table._kv_caches()) == 12
+    assert cache_inputs(one_table.attn_layers).layout_facts(one_table.attn_layers) is None
+    assert one_table.cache_key((1, 16)) != runner.cache_key((1, 16))
+
+
+def test_a_platform_without_group_support_leaves_such_models_eager(gemma3, monkeypatch, caplog):
+    monkeypatch.setenv("TESSELLM_CPU_COMPILE", "0")
+    monkeypatch.setattr(CpuPlatform, "graph_runner_serves_kv_groups", False)
+    with caplog.at_level(logging.INFO, logger="tessellm.engine.model_runner"):
+        llm = engine(gemma3)
+    assert llm.engine.executor.runner.graph_runner is None
+    assert "graph runner serves one KV block table" in caplog.text
+    assert "3 KV groups" in caplog.text
