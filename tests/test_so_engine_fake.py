@@ -3,8 +3,9 @@
 of an allowed string; EOS once the text is one). It exercises what any backend plugin
 relies on: compiles off the step loop (requests parked meanwhile, others running), the
 compile cache, the bitmask reaching the sampler (padding columns included), matchers fed
-the sampled tokens, n > 1, the serial and overlapped loops, errors attributed to their
-request, and the model's vocabulary wider than the tokenizer's.
+the sampled tokens, n > 1, the serial and overlapped loops, and the model's vocabulary
+wider than the tokenizer's. Errors attributed to their request are in
+``test_so_engine_errors``.
 
 ``byte_level_model`` and ``SO_CORPUS`` are shared with the other ``test_so_engine_*``
 files: tests need a tokenizer that can spell JSON, which the word-level test tokenizer
@@ -13,7 +14,6 @@ cannot."""
 from __future__ import annotations
 
 import threading
-import time
 import types
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,7 @@ import pytest
 import torch
 
 from tessellm import LLM, SamplingParams, hookimpl
-from tessellm.engine.step_recovery import FailedRequestOutput, RequestFailedError
-from tessellm.errors import ConfigError, InvalidRequestError
+from tessellm.errors import InvalidRequestError
 from tessellm.interfaces.structured_output import (
     CompiledGrammar,
     GrammarMatcher,
@@ -262,64 +261,11 @@ def test_compile_cache_and_failures_are_not_cached(llm):
     assert llm.generate("A", choice(temperature=0))[0].outputs[0].text in CHOICES
 
 
-def test_compile_failure_of_a_request_added_directly_finishes_it_with_the_error(llm):
-    engine = llm.engine
-    engine.add_request("bad", "A", choice(["x", ""]))
-    engine.add_request("good", "A", choice(temperature=0))
-    outs = {}
-    while engine.has_unfinished_requests():
-        outs.update((o.request_id, o) for o in engine.step())
-    assert isinstance(outs["bad"], FailedRequestOutput)
-    assert isinstance(outs["bad"].error, InvalidRequestError)
-    assert "empty string" in str(outs["bad"].error) and outs["bad"].finished
-    assert outs["good"].outputs[0].text in CHOICES
-
-
-def test_unknown_backend_and_unsupported_kind(llm, tiny_llama):
-    with pytest.raises(InvalidRequestError, match=r"unknown structured_outputs.backend 'nope'"):
-        llm.generate("A", SamplingParams(structured_outputs=StructuredOutputsParams(
-            choice=["a"], backend="nope")))  # fmt: skip
-    with pytest.raises(InvalidRequestError, match="cannot compile 'regex'"):
-        llm.generate(
-            "A",
-            SamplingParams(
-                structured_outputs=StructuredOutputsParams(regex="a+", backend="fake_choice")
-            ),
-        )
-    with pytest.raises(ConfigError, match="structured_outputs_backend 'nope'"):
-        LLM(model=str(tiny_llama), device="cpu", structured_outputs_backend="nope")
-
-
-@pytest.mark.parametrize("where", ["fill", "accept"])
-def test_a_failing_matcher_fails_its_request_alone(llm, where):
-    engine = llm.engine
-    FAULTS["boom"] = where
-    engine.add_request("bad", "A", choice(["boom", "bang"], temperature=0))
-    engine.add_request("good", "A", choice(temperature=0))
-    engine.add_request("plain", "A", SamplingParams(temperature=0, max_tokens=5))
-    outs = {}
-    while engine.has_unfinished_requests():
-        outs.update((o.request_id, o) for o in engine.step())
-    assert isinstance(outs["bad"], FailedRequestOutput)
-    assert isinstance(outs["bad"].error, RequestFailedError)
-    assert "matcher fault" in str(outs["bad"].error)
-    assert outs["good"].outputs[0].text in CHOICES
-    assert len(outs["plain"].outputs[0].token_ids) == 5
-    assert not engine.structured.matchers
-
-
 def test_grammar_end_under_ignore_eos_stops_the_request(llm):
     out = llm.generate("A", choice(temperature=0, ignore_eos=True, max_tokens=30))[0]
     c = out.outputs[0]
     assert c.text in CHOICES and c.finish_reason == "stop"
     assert c.token_ids[-1] == EOS
-
-
-def test_a_grammar_min_tokens_cannot_satisfy_fails_the_request_clearly(llm):
-    out = llm.generate("A", choice(["a"], temperature=0, min_tokens=5, max_tokens=8))[0]
-    assert isinstance(out, FailedRequestOutput)
-    assert "grammar does not allow it" in str(out.error)
-    assert llm.generate("A", choice(temperature=0))[0].outputs[0].text in CHOICES
 
 
 def test_abort_of_a_parked_request(llm):
@@ -379,40 +325,3 @@ def test_prepare_structured_raises_before_the_request_is_added(llm):
             await asyncio.to_thread(front._thread.join)
 
     asyncio.run(main())
-
-
-def test_backend_choice_and_the_errors_without_one():
-    from tessellm.config import EngineArgs
-    from tessellm.engine.structured_output import StructuredOutputManager
-    from tessellm.plugins import PluginSet, Registration
-
-    def manager(names: list[str], default: str = "auto") -> StructuredOutputManager:
-        plugins = PluginSet()
-        plugins.registries["structured_output_backends"] = {
-            n: Registration("structured_output_backends", n, Broken, "test") for n in names
-        }
-        args = EngineArgs(structured_outputs_backend=default)
-        return StructuredOutputManager(plugins, None, 64, [2], args)
-
-    class Broken(ChoiceBackend):
-        def __init__(self, *args: Any) -> None:
-            raise OSError("no vocabulary")
-
-    so = StructuredOutputsParams(choice=["a"])
-    with pytest.raises(InvalidRequestError, match="install tessellm-structured-xgrammar"):
-        manager([]).backend_name(so)
-    with pytest.raises(ConfigError, match="no structured output backend is installed"):
-        manager([], default="xgrammar")
-    assert manager(["zz", "llguidance"]).backend_name(so) == "llguidance"
-    assert manager(["zz", "llguidance", "xgrammar"]).backend_name(so) == "xgrammar"
-    assert manager(["zz"]).backend_name(so) == "zz"
-    assert manager(["zz", "xgrammar"], default="zz").backend_name(so) == "zz"
-    broken = manager(["zz"])
-    error = broken.submit(so).exception(timeout=10)
-    assert isinstance(error, RequestFailedError) and "no vocabulary" in str(error)
-    for _ in range(100):  # the future's callbacks run just after its waiters wake
-        if not broken.compiler._cache:
-            break
-        time.sleep(0.01)
-    assert not broken.compiler._cache  # a failure is not cached
-    broken.shutdown()
