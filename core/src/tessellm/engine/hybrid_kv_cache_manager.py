@@ -12,7 +12,9 @@ Prefix caching: a page is published under its block hash and its group, so two g
 never share a page. A hit of ``P`` blocks needs the first ``P`` blocks of each full group
 and, of each windowed group, the blocks the window before position ``P * block_size``
 covers; the longest such ``P`` wins. Models with recurrent layers have no prefix cache (a
-state at a block boundary is not kept), and each running request holds a state slot.
+state at a block boundary is not kept), and each running request holds a state slot; the
+samples of an ``n > 1`` request are forked from the one that computes the prompt instead
+(``fork``, ``engine/sample_fork.py``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class HybridKVCacheManager(KVCacheManager):
         full_groups = sum(w is None for w in self.windows) or 1
         self.num_blocks = max(1, (num_blocks - null - others) // full_groups)
         self.free_slots = list(range(layout.num_state_slots - 1, -1, -1))
+        # Without a prefix cache for its state, a sample of an n > 1 request is forked from
+        # its leader (the scheduler asks; a test sets it False for the recompute path).
+        self.supports_sample_forks = layout.has_state
         # request id -> per group, the first table index not yet freed (windowed groups)
         self._live_from: dict[str, list[int]] = {}
 
@@ -146,6 +151,30 @@ class HybridKVCacheManager(KVCacheManager):
             for g, table in enumerate(tables):
                 if table[i] != self.null_block:
                     self.pool.cache(table[i], self._key(g, request.block_hashes[i]))
+
+    def fork(self, leader: Request, sample: Request) -> bool:
+        """Give ``sample`` (nothing computed) what ``leader`` holds once this step computes
+        its prompt: a state slot, the leader's full blocks (one more reference each) and a
+        fresh block for a last partial one, per group; the runner copies the leader's slot
+        and partial blocks into these after the step's forward. False, holding nothing,
+        where no slot or too few blocks are free (the sample then computes the prompt)."""
+        if not self.free_slots:
+            return False
+        tables = self._tables(leader)
+        full, partial = divmod(leader.num_prompt_tokens, self.block_size)
+        copied = [g for g, t in enumerate(tables) if partial and len(t) > full]
+        if len(copied) > self.pool.num_free_blocks:
+            return False
+        sample.state_slot = self.free_slots.pop()
+        own = self._tables(sample)
+        for table, mine in zip(tables, own, strict=True):
+            mine[:] = table[:full]
+            self.pool.touch(b for b in mine if b != self.null_block)
+        for g, block in zip(copied, self.pool.allocate(len(copied)), strict=True):
+            own[g].append(block)
+        if (live := self._live_from.get(leader.request_id)) is not None:
+            self._live_from[sample.request_id] = list(live)
+        return True
 
     def publish_filled(self, request: Request) -> None:
         index = self._unpublished.pop(request.request_id, None)

@@ -15,6 +15,7 @@ from tessellm.engine import cache_binding
 from tessellm.engine.pending_step import PendingStep, feed_sampled_tokens
 from tessellm.engine.profile_run import profile_forward
 from tessellm.engine.runner_sleep import sleep_runner, wake_runner
+from tessellm.engine.sample_fork import SampleForks
 from tessellm.engine.sampler import Sampler, compute_prompt_logprobs
 from tessellm.engine.spec_verify import verify_drafts
 from tessellm.engine.transfer import to_device
@@ -309,6 +310,10 @@ class ModelRunner:
         previous: tuple[SchedulerOutput, PendingStep] | None,
         defer_sampling: bool = False,
     ) -> PendingStep:
+        # Samples forked from their prompt's leader compute nothing (engine/sample_fork.py).
+        forks = SampleForks.split(plan) if self.cache_layout.has_state else None
+        if forks is not None and not (plan := forks.forward).seqs:
+            return PendingStep(StepResult([]))  # a re-run part holding forks alone
         input_ids, positions, metadata, sample_rows = self.prepare_inputs(plan)
         if previous is not None:
             feed_sampled_tokens(plan, input_ids, *previous)
@@ -333,6 +338,8 @@ class ModelRunner:
         if self.hidden_states_sink is not None:
             self.hidden_states_sink(plan, hidden)
         prompt_logprobs = compute_prompt_logprobs(hidden, plan, self.model.compute_logits)
+        if forks is not None:  # after the forward wrote the leaders' states and pages
+            plan, sample_rows = forks.plan, forks.apply(self, sample_rows)
         sampled = [s for s in plan.seqs if s.sample]
         if not sampled:
             return PendingStep(StepResult([], prompt_logprobs=prompt_logprobs))

@@ -19,7 +19,8 @@ import bisect
 import itertools
 from dataclasses import dataclass, field, fields
 
-from tessellm.engine.scheduler_results import StepResultsMixin
+from tessellm.engine.sample_fork import fork_sample
+from tessellm.engine.scheduler_results import SchedulerCounters, StepResultsMixin
 from tessellm.errors import InvalidRequestError
 from tessellm.interfaces import engine as seams
 from tessellm.interfaces.engine import (
@@ -38,17 +39,6 @@ _SEQ_FIELDS = (
 )
 if " ".join(f.name for f in fields(ScheduledSeq)[: _SEQ_FIELDS.count(" ") + 1]) != _SEQ_FIELDS:
     raise ImportError("ScheduledSeq's fields changed: update Scheduler._to_seq")
-
-
-@dataclass(slots=True)
-class SchedulerCounters:
-    num_preemptions: int = 0
-    prefix_cache_queried_tokens: int = 0  # tokens of requests admitted (resumes included)
-    prefix_cache_hit_tokens: int = 0  # of those, tokens found in the prefix cache
-    num_computed_prompt_tokens: int = 0  # prompt positions computed (recomputes included)
-    num_scheduled_tokens: int = 0
-    num_scheduled_steps: int = 0
-    last_step_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -228,13 +218,17 @@ class Scheduler(StepResultsMixin, seams.Scheduler):
         # The samples of an n > 1 request share its prompt without waiting rules: the
         # leader ranks first, a step has budget left after it only once its chunk reaches
         # the prompt's end, and by then its full blocks are published for the siblings.
-        while self.waiting and draft.budget > 0 and len(self.running) < self.max_running:
+        # Without a prefix cache for recurrent state they are forked then (no budget).
+        while self.waiting and len(self.running) < self.max_running:
             if len(draft.scheduled) >= draft.max_seqs:
                 return
-            if self.pipelined and self._in_flight(self.waiting[0]):
-                return  # preempted while its token is computed: it resumes once it is in
-            if not self._try_admit(self.waiting[0], draft):
-                return
+            if not fork_sample(self, self.waiting[0], draft):
+                if draft.budget <= 0:
+                    return
+                if self.pipelined and self._in_flight(self.waiting[0]):
+                    return  # preempted while its token is computed: it resumes once it is in
+                if not self._try_admit(self.waiting[0], draft):
+                    return
             self.waiting.pop(0)
             draft.admitted_any = True
 
@@ -369,6 +363,8 @@ class Scheduler(StepResultsMixin, seams.Scheduler):
         )
         if drafts:
             seq.draft_token_ids = drafts
+        elif not token_ids:  # a sample forked from its prompt's leader (sample_fork.py)
+            seq.fork_of = request.prompt_leader_id
         if request.lora_request is not None:
             seq.lora_request = request.lora_request
         if request.group_block_ids:  # a layout with several KV groups (cache_layout.py)

@@ -5,6 +5,7 @@ first), progress advances by what was computed, and requests that stop are finis
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tessellm.interfaces.engine import (
@@ -18,6 +19,19 @@ from tessellm.interfaces.engine import (
 
 if TYPE_CHECKING:
     from tessellm.engine.scheduler import Scheduler
+
+
+@dataclass(slots=True)
+class SchedulerCounters:
+    """The default scheduler's running totals (its ``stats()``)."""
+
+    num_preemptions: int = 0
+    prefix_cache_queried_tokens: int = 0  # tokens of requests admitted (resumes included)
+    prefix_cache_hit_tokens: int = 0  # of those, tokens found in the prefix cache
+    num_computed_prompt_tokens: int = 0  # prompt positions computed (recomputes included)
+    num_scheduled_tokens: int = 0
+    num_scheduled_steps: int = 0
+    last_step_tokens: int = 0
 
 
 def _applied(changed: list[Request], errors: dict[str, Exception]) -> list[Request]:

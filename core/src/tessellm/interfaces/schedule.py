@@ -94,6 +94,11 @@ class ScheduledSeq:
     # The request's images whose placeholder positions this chunk covers, wholly or in
     # part (tessellm.interfaces.multimodal.ImageInput).
     mm_inputs: list[Any] = field(default_factory=list)
+    # A sample of an ``n > 1`` request forked from its prompt's leader, the seq of this
+    # request id in the same plan (``engine/sample_fork.py``): no ``token_ids``; after the
+    # forward it gets a copy of the leader's recurrent state (and of the KV pages where
+    # their tables differ), and samples its first token from the leader's last row.
+    fork_of: str | None = None
 
 
 @dataclass(slots=True)
