@@ -11,6 +11,12 @@ from contextlib import contextmanager
 import pytest
 
 from tessellm import LLM, SamplingParams
+from tessellm.engine.cache_layout import build_layout
+from tessellm.engine.hybrid_kv_cache_manager import HybridKVCacheManager
+from tessellm.engine.sample_fork import SampleForks
+from tessellm.interfaces.cache_spec import FullAttentionSpec, RecurrentStateSpec
+from tessellm.interfaces.request import Request
+from tessellm.interfaces.schedule import ScheduledSeq, SchedulerOutput
 from tessellm.testing import hf_greedy, tiny_model
 from tessellm.testing.reference import encode_prompts
 
@@ -47,15 +53,27 @@ PROMPTS = [
 MAX_TOKENS = 10
 
 
-@pytest.fixture(scope="module", params=["mamba2", "bamba"])
-def model(request, tmp_path_factory):
-    arch, config = {
-        "mamba2": ("Mamba2ForCausalLM", MAMBA2),
-        "bamba": ("BambaForCausalLM", BAMBA),
-    }[request.param]
-    path = tiny_model(arch, tmp_path_factory.mktemp(request.param) / "m", **config)
-    prompt_ids = encode_prompts(path, PROMPTS)
-    return path, prompt_ids, hf_greedy(path, prompt_ids, MAX_TOKENS)
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    built = {}
+
+    def get(name):
+        if name not in built:
+            arch, config = {
+                "mamba2": ("Mamba2ForCausalLM", MAMBA2),
+                "bamba": ("BambaForCausalLM", BAMBA),
+            }[name]
+            path = tiny_model(arch, tmp_path_factory.mktemp(name) / "m", **config)
+            prompt_ids = encode_prompts(path, PROMPTS)
+            built[name] = path, prompt_ids, hf_greedy(path, prompt_ids, MAX_TOKENS)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(params=["mamba2", "bamba"])
+def model(request, models):
+    return models(request.param)
 
 
 @contextmanager
@@ -125,3 +143,50 @@ def test_forks_under_chunked_prefill_preemption_and_schedule_ahead(model):
         assert stats["num_preemptions"] > 0
         # Some samples were forked: fewer prompt positions than every sample computing it.
         assert stats["num_computed_prompt_tokens"] < 2 * sum(len(p) for p in prompt_ids)
+
+
+def test_forks_through_a_worker_process(models):
+    """The fork seqs and the copies cross to an mp worker, which runs the model."""
+    path, prompt_ids, expected = models("bamba")
+    with engine(path, forks=False) as llm:
+        want, _ = run(llm, prompt_ids, SEEDED)
+    with engine(path, distributed_executor_backend="mp") as llm:
+        assert type(llm.engine.executor).__name__ == "MultiprocExecutor"
+        got, stats = run(llm, prompt_ids, SEEDED)
+        greedy, _ = run(llm, prompt_ids, GREEDY)
+    assert got == want
+    assert greedy == [[e] * 3 for e in expected]
+    assert stats["num_computed_prompt_tokens"] == sum(len(p) for p in prompt_ids)
+
+
+def test_fork_shares_full_blocks_copies_the_partial_one_and_gives_all_back():
+    layout = build_layout([RecurrentStateSpec(((4, 3),)), FullAttentionSpec()], num_state_slots=2)
+    kv = HybridKVCacheManager(10, 4, True, layout=layout)
+    leader = Request("r#0", list(range(10)), SamplingParams())
+    sample = Request("r#1", list(range(10)), SamplingParams(), prompt_leader_id="r#0")
+    kv.allocate(leader, 10)
+    assert kv.fork(leader, sample)
+    assert sample.block_ids[:2] == leader.block_ids[:2]  # full blocks: shared
+    assert sample.block_ids[2] != leader.block_ids[2]  # the partial one: its own copy
+    assert sample.state_slot not in (-1, leader.state_slot)
+    third = Request("r#2", list(range(10)), SamplingParams(), prompt_leader_id="r#0")
+    assert not kv.fork(leader, third)  # no slot left: it computes the prompt
+    assert third.state_slot == -1 and not third.block_ids
+    # The runner copies the slot and the differing page, and samples from the leader's row.
+    seqs = [
+        ScheduledSeq("x", [5], 3, [7], True, SamplingParams()),
+        ScheduledSeq("r#0", list(range(10)), 0, leader.block_ids, True, SamplingParams()),
+        ScheduledSeq("r#1", [], 10, sample.block_ids, True, SamplingParams()),
+        ScheduledSeq("q#1", [], 4, [8], True, SamplingParams()),  # its leader is not here
+    ]
+    seqs[1].state_slot, seqs[2].state_slot = leader.state_slot, sample.state_slot
+    seqs[2].fork_of, seqs[3].fork_of = "r#0", "q#0"
+    forks = SampleForks.split(SchedulerOutput(seqs, 11))
+    assert [s.request_id for s in forks.forward.seqs] == ["x", "r#0"]
+    assert [s.request_id for s in forks.plan.seqs] == ["x", "r#0", "r#1"]
+    assert forks.rows == [0, 1, 1]
+    assert forks.state_copies == [(leader.state_slot, sample.state_slot)]
+    assert forks.page_copies == [(leader.block_ids[2], sample.block_ids[2])]
+    kv.free(leader)
+    kv.free(sample)
+    assert kv.pool.num_free_blocks == kv.pool.num_blocks and len(kv.free_slots) == 2
