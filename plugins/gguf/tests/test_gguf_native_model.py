@@ -165,11 +165,13 @@ def test_bf16_kernel_path_agrees_with_dense_bf16(tiny_gguf):
     assert same >= 0.95 * sum(len(x) for x in dense)
 
 
-def test_native_model_holds_no_dense_copy(tiny_gguf):
-    """Quantized layers keep only their codes: the model's bytes shrink by about the
-    dense linear weights' fp32 size less the codes' size."""
+def test_native_model_holds_no_dense_copy_when_told(tiny_gguf, monkeypatch):
+    """With ``TESSELLM_GGUF_CPU_DENSE=off`` quantized layers keep only their codes: the
+    model's bytes shrink by about the dense linear weights' fp32 size less the codes'
+    size. (By default a model this small keeps dense copies for many-row calls.)"""
     from tessellm.model_loader import model_bytes
 
+    monkeypatch.setenv("TESSELLM_GGUF_CPU_DENSE", "off")
     _, native = _greedy(tiny_gguf, "float32", quantization="gguf")
     _, dense = _greedy(tiny_gguf, "float32", quantization="none")
     native_model = native.engine.executor.runner.model

@@ -24,7 +24,12 @@ from tessellm.interfaces.quantization import (
     set_weight_attrs,
 )
 from tessellm_gguf.blocks import DENSE_TYPES, QT, bytes_per_row, decode, dense_rows
-from tessellm_gguf.runtime import INT4_KERNEL_DTYPES, GGUFLinearRuntime
+from tessellm_gguf.runtime import (
+    INT4_KERNEL_DTYPES,
+    DenseCopyBudget,
+    GGUFLinearRuntime,
+    dense_copy_dtype,
+)
 
 # What ``checkpoint_tensors`` writes: llama.cpp's near-lossless 8-bit type.
 REFERENCE_TYPE = QT.Q8_0
@@ -58,6 +63,11 @@ class GGUFNative(QuantizationMethod):
         if str(method).lower() != "gguf":
             raise ValueError(f"reads GGUF files' own quantized weights, not {method!r}")
         return cls()
+
+    def __init__(self) -> None:
+        # One model's dense copies on the CPU (runtime.py): built with the method, so that
+        # each model loaded in a process draws from its own budget.
+        self.dense_budget = DenseCopyBudget()
 
     def create_weights(
         self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype
@@ -100,7 +110,7 @@ class GGUFNative(QuantizationMethod):
             else:
                 parts.append(decode(raw, qtype, in_features))
         device = layer.qweight_type.device
-        layer.gguf_runtime = GGUFLinearRuntime(parts, device, layer.gguf_dtype)
+        layer.gguf_runtime = GGUFLinearRuntime(parts, device, layer.gguf_dtype, self.dense_budget)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = layer.gguf_runtime.forward(x)
@@ -126,7 +136,8 @@ class GGUFNative(QuantizationMethod):
     def process_model_after_loading(self, model: nn.Module) -> None:
         """On the CPU in bf16, the LM head (dense: the format dequantizes embeddings) gets
         an 8-bit copy for small batches where its weights lie on a Q8_0 grid, as the CPU's
-        ``woq_grid`` method does."""
+        ``woq_grid`` method does, and an fp32 copy for many rows within the dense-copy
+        budget (runtime.py)."""
         from tessellm.layers.embedding import ParallelLMHead
         from tessellm_quant_int4.cpu_int4 import Int8GroupLogitsMatmul, pack_int8_groups
 
@@ -137,8 +148,15 @@ class GGUFNative(QuantizationMethod):
             if weight.device.type != "cpu" or weight.dtype not in INT4_KERNEL_DTYPES:
                 continue
             packed = _pack_rows_in_chunks(weight.data, pack_int8_groups)
-            if packed is not None:
-                module.logits_matmul = Int8GroupLogitsMatmul(weight.data, packed)
+            if packed is None:
+                continue
+            copy_dtype = dense_copy_dtype(weight.dtype)
+            dense = None
+            if copy_dtype != weight.dtype and self.dense_budget.take(
+                weight.numel() * copy_dtype.itemsize
+            ):
+                dense = weight.data.to(copy_dtype)
+            module.logits_matmul = Int8GroupLogitsMatmul(weight.data, packed, dense)
 
 
 # Rows packed at a time: the packer's fp32 temporaries of a whole 50k-262k vocabulary

@@ -20,6 +20,17 @@ checkpoint matrices of one kind are merged into one segment):
 - ``TritonSegment`` (CUDA, ``triton_matmul.py``): the codes, scales and zeros read by a
   Triton dequantize-and-multiply kernel.
 - ``DenseSegment``: matrices the file stores unquantized (F32/F16/BF16).
+
+On the CPU a quantized segment may also keep a *dense copy* (``DenseCopyBudget``): the
+dequantized matrix, multiplied instead of the codes when a call has more than
+``DENSE_COPY_MAX_PACKED_ROWS`` rows (prefill chunks, large decode batches). The int4
+kernel's cost grows about linearly with the rows while a dense GEMM's grows slower
+(2-core Zen 2, SmolLM2's matrices, bf16 int4 kernel against an fp32 GEMM: the kernel 1.2x
+faster at 1 row and ~1.3x at 8, the GEMM 1.2x faster at 16 rows and 1.3-1.7x at 24-64),
+so serving steps that carry a prompt or 17+ sequences run at dense speed while one
+sequence still reads 4-bit weights. The copy is fp32 on CPUs without AVX-512 (their bf16
+GEMMs are emulated) and the run dtype on AVX-512 ones, and costs memory: 4 (or 2) bytes a
+weight, kept only within the budget (``TESSELLM_GGUF_CPU_DENSE``).
 """
 
 from __future__ import annotations
@@ -48,6 +59,52 @@ def kernel_dtype(run_dtype: torch.dtype) -> torch.dtype | None:
     if run_dtype == torch.float32 and os.environ.get(FP32_KERNEL_ENV, "") == "bf16":
         return torch.bfloat16
     return None
+
+
+# Calls with more rows than this use a segment's dense copy (compiled decode steps split
+# their batch ranges at the same point: tessellm_cpu.compiled_decode.BATCH_RANGES).
+DENSE_COPY_MAX_PACKED_ROWS = 16
+# ``auto`` (default): dense copies while the model's copies total at most
+# DENSE_COPY_AUTO_BYTES (a small model's prefill and big batches at dense speed, a large
+# model's memory left to the KV cache); ``on``: every quantized CPU segment; ``off``: none.
+DENSE_COPY_ENV = "TESSELLM_GGUF_CPU_DENSE"
+DENSE_COPY_AUTO_BYTES = 1 << 30
+
+
+def dense_copy_dtype(run_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a CPU dense copy: GEMMs in bf16/fp16 are emulated without AVX-512."""
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return run_dtype
+    return torch.float32
+
+
+class DenseCopyBudget:
+    """How many bytes of dense copies one model may still keep (see the module docstring);
+    the quantization method holds one per model, its layers draw from it in load order."""
+
+    def __init__(self, setting: str | None = None) -> None:
+        setting = (setting or os.environ.get(DENSE_COPY_ENV, "auto")).strip().lower()
+        if setting not in ("auto", "on", "off"):
+            raise ValueError(f"{DENSE_COPY_ENV} must be auto, on or off, not {setting!r}")
+        self.left = {"auto": DENSE_COPY_AUTO_BYTES, "on": 1 << 62, "off": 0}[setting]
+        self.used = 0
+
+    def take(self, nbytes: int) -> bool:
+        if nbytes > self.left:
+            self.left = 0  # later layers would fit unevenly: stop at the first refusal
+            return False
+        self.left -= nbytes
+        self.used += nbytes
+        return True
+
+
+def rows_of(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() else 0
+
+
+def dense_copy_linear(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``x @ dense.T`` in the copy's dtype, rounded once to ``x``'s."""
+    return F.linear(x.to(dense.dtype), dense).to(x.dtype)
 
 
 # A DequantSegment's temporary dense weight stays under this many elements per chunk.
@@ -109,8 +166,9 @@ def _dequant_linear_shape(x, codes, scale, zero, group, nibbles, chunk_rows):
 
 
 class DequantSegment(nn.Module):
-    def __init__(self, g: GroupedCodes) -> None:
+    def __init__(self, g: GroupedCodes, dense: torch.Tensor | None = None) -> None:
         super().__init__()
+        self.register_buffer("dense", dense)
         self.out_features, self.in_features = g.codes.shape
         self.group, self.nibbles = g.group, g.bits <= 4
         codes = pack_nibbles(g.codes) if self.nibbles else g.codes
@@ -120,6 +178,8 @@ class DequantSegment(nn.Module):
         self.chunk_rows = max(1, DEQUANT_CHUNK_ELEMENTS // self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None and rows_of(x) > DENSE_COPY_MAX_PACKED_ROWS:
+            return dense_copy_linear(x, self.dense)
         return torch.ops.tessellm_gguf.dequant_linear(
             x, self.codes, self.scale, self.zero, self.group, self.nibbles, self.chunk_rows
         )
@@ -136,8 +196,11 @@ def int4_kernel_fits(g: GroupedCodes, dtype: torch.dtype) -> bool:
 
 
 class Int4KernelSegment(nn.Module):
-    def __init__(self, g: GroupedCodes, dtype: torch.dtype) -> None:
+    def __init__(
+        self, g: GroupedCodes, dtype: torch.dtype, dense: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
+        self.register_buffer("dense", dense)
         self.out_features, self.in_features = g.codes.shape
         s, z = g.scale, g.zero
         if g.bits <= 4:
@@ -160,6 +223,8 @@ class Int4KernelSegment(nn.Module):
         self.register_buffer("scales_zeros", scales_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None and rows_of(x) > DENSE_COPY_MAX_PACKED_ROWS:
+            return dense_copy_linear(x, self.dense)
         if x.dim() == 2 and self.halves == 1 and x.dtype == self.scales_zeros.dtype:
             # The decode step's case, kept lean: one kernel call.
             return INT4_MM(x.contiguous(), self.packed, KERNEL_GROUP, self.scales_zeros)
@@ -181,25 +246,33 @@ def segment_kind(part: GroupedCodes | torch.Tensor, device: torch.device, dtype)
     return ("dequant", part.group, part.bits <= 4)
 
 
-def build_segment(part: GroupedCodes | torch.Tensor, kind: tuple, dtype) -> nn.Module:
+def build_segment(
+    part: GroupedCodes | torch.Tensor, kind: tuple, dtype, budget: DenseCopyBudget | None
+) -> nn.Module:
     if kind[0] == "dense":
         return DenseSegment(part.to(dtype))
-    if kind[0] == "int4":
-        if int4_kernel_fits(part, dtype):  # merged rows still fit (a multiple of 16)
-            return Int4KernelSegment(part, kernel_dtype(dtype))
-        return DequantSegment(part)
     if kind[0] == "triton":
         from tessellm_gguf.triton_matmul import TritonSegment
 
         return TritonSegment(part)
-    return DequantSegment(part)
+    dense = None
+    copy_dtype = dense_copy_dtype(dtype)
+    if budget is not None and budget.take(part.codes.numel() * copy_dtype.itemsize):
+        dense = part.dequantize().to(copy_dtype)  # exact scales: the kernel's are rounded
+    if kind[0] == "int4" and int4_kernel_fits(part, dtype):  # merged rows still fit
+        return Int4KernelSegment(part, kernel_dtype(dtype), dense)
+    return DequantSegment(part, dense)
 
 
 class GGUFLinearRuntime(nn.Module):
     """The segments of one linear layer, applied in output order."""
 
     def __init__(
-        self, parts: list[GroupedCodes | torch.Tensor], device: torch.device, dtype
+        self,
+        parts: list[GroupedCodes | torch.Tensor],
+        device: torch.device,
+        dtype,
+        dense_budget: DenseCopyBudget | None = None,
     ) -> None:
         super().__init__()
         runs: list[tuple[tuple, list]] = []
@@ -215,7 +288,8 @@ class GGUFLinearRuntime(nn.Module):
                 merged = torch.cat(members)
             else:
                 merged = GroupedCodes.cat(members) if len(members) > 1 else members[0]
-            segments.append(build_segment(merged, kind, dtype))
+            budget = dense_budget if device.type == "cpu" else None
+            segments.append(build_segment(merged, kind, dtype, budget))
         self.segments = nn.ModuleList(segments)
         self.kinds = [type(s).__name__ for s in segments]
         # Bound forwards, called without nn.Module's per-call machinery (decode steps

@@ -163,14 +163,24 @@ def pack_int8_groups(
 
 class Int8GroupLogitsMatmul:
     """The LM head with 8-bit weights per group of 32 (small batches) or its dense
-    weight (large batches); see :func:`pack_int8_groups`."""
+    weight (large batches); see :func:`pack_int8_groups`. ``dense_copy``: the weight in a
+    dtype whose GEMM beats the packed kernel past 16 rows where the weight's own does not
+    (fp32 on CPUs without AVX-512), used from 17 rows."""
 
-    def __init__(self, weight: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        packed: tuple[torch.Tensor, torch.Tensor],
+        dense_copy: torch.Tensor | None = None,
+    ) -> None:
         self.weight = weight  # shared with the embedding when tied: not copied
         self.packed, self.scales_zeros = packed
+        self.dense_copy = dense_copy
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         rows = hidden.reshape(-1, hidden.shape[-1])
+        if self.dense_copy is not None and rows.shape[0] >= DENSE_FROM_ROWS:
+            return F.linear(hidden.to(self.dense_copy.dtype), self.dense_copy).to(hidden.dtype)
         if rows.shape[0] > PACKED_MAX_ROWS[rows.dtype]:
             return F.linear(hidden, self.weight)
         doubled = torch.cat((rows, rows), dim=1)
