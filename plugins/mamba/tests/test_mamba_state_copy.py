@@ -9,11 +9,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import pytest
+import torch
 
 from tessellm import LLM, SamplingParams
 from tessellm.engine.cache_layout import build_layout
 from tessellm.engine.hybrid_kv_cache_manager import HybridKVCacheManager
-from tessellm.engine.sample_fork import SampleForks
+from tessellm.engine.sample_fork import SampleForks, _copy_rows
 from tessellm.interfaces.cache_spec import FullAttentionSpec, RecurrentStateSpec
 from tessellm.interfaces.request import Request
 from tessellm.interfaces.schedule import ScheduledSeq, SchedulerOutput
@@ -190,3 +191,10 @@ def test_fork_shares_full_blocks_copies_the_partial_one_and_gives_all_back():
     kv.free(leader)
     kv.free(sample)
     assert kv.pool.num_free_blocks == kv.pool.num_blocks and len(kv.free_slots) == 2
+
+
+def test_copies_read_every_source_before_writing_and_take_fp8_caches():
+    for dtype in (torch.float32, torch.float8_e4m3fn):
+        pages = torch.arange(8.0).view(4, 2).to(dtype)
+        _copy_rows([pages], [(0, 1), (1, 2)], torch.device("cpu"))  # 1 is read, then written
+        assert pages.float().tolist() == [[0, 1], [0, 1], [2, 3], [6, 7]]

@@ -116,4 +116,6 @@ def _copy_rows(
     src = to_device(torch.tensor([a for a, _ in pairs]), device)
     dst = to_device(torch.tensor([b for _, b in pairs]), device)
     for tensor in tensors:
+        if tensor.dtype.itemsize == 1:  # fp8 KV caches: no index_copy_ for them on the CPU
+            tensor = tensor.view(torch.uint8)
         tensor.index_copy_(0, dst, tensor.index_select(0, src))
