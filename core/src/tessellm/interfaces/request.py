@@ -42,7 +42,8 @@ class Request:
     priority: int = 0  # lower runs first under the "priority" policy, as in vLLM
     arrival_time: float = field(default_factory=time.monotonic)
     # For the samples of an ``n > 1`` request: the sibling that computes the shared prompt
-    # (and its prompt logprobs); the others take its blocks as prefix hits.
+    # (and its prompt logprobs); the others take its blocks as prefix hits, or, where
+    # recurrent state has no prefix cache, are forked from it (engine/sample_fork.py).
     prompt_leader_id: str | None = None
     # Mixed into the first block's hash: requests with different salts never share KV.
     cache_salt: str | None = None
