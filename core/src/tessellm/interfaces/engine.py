@@ -266,7 +266,9 @@ def check_implementation(cls: object, base: type, what: str) -> None:
     """Raise ``PluginError`` unless ``cls`` is a concrete subclass of ``base`` that has
     the members its capability attributes promise. ``what`` names it in the message
     (e.g. ``executor 'fast' from plugin 'tessellm-fast'``)."""
-    where = f"{base.__module__}.{base.__qualname__}"
+    # A seam is named where plugins import it from (Executor's own module is interfaces.executor).
+    module = __name__ if globals().get(base.__name__) is base else base.__module__
+    where = f"{module}.{base.__qualname__}"
     if not (isinstance(cls, type) and issubclass(cls, base)):
         declared = sorted(base.__abstractmethods__)  # type: ignore[attr-defined]
         lacking = [m for m in declared if not isinstance(cls, type) or m not in dir(cls)]
