@@ -149,7 +149,7 @@ def _install_plugin(site, name: str, source: str) -> None:
             def register_models(register):
                 register("VForCausalLM", "vplug_a:Nothing")
             """,
-            "supports tessellm plugin API >=2.0,<3, but this tessellm provides 1.3.0",
+            "supports tessellm plugin API >=2.0,<3, but this tessellm provides 1.4.0",
         ),
         (
             """

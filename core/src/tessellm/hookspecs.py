@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 
-PLUGIN_API_VERSION = "1.3.0"
+PLUGIN_API_VERSION = "1.4.0"
 """The version of the plugin API: these hooks and the seams in ``tessellm.interfaces``.
 
 Semantic versioning: a minor release may add hooks, interface members with defaults and

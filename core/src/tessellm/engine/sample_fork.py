@@ -33,7 +33,7 @@ def fork_sample(scheduler: Scheduler, request: Request, draft: _StepDraft) -> bo
     """Admit waiting ``request`` as a fork of its prompt leader, when the leader's chunk in
     ``draft`` reaches its prompt's end (a fork takes no token budget); False otherwise."""
     leader_id = request.prompt_leader_id
-    if leader_id is None or not getattr(scheduler.kv, "supports_sample_forks", False):
+    if leader_id is None or not scheduler.kv.supports_sample_forks:
         return False
     if request.status is not RequestStatus.WAITING or request.num_computed_tokens:
         return False

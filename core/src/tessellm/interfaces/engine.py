@@ -81,6 +81,12 @@ class KVCacheManager(ABC):
     and recurrent-state slots (``Request.group_block_ids``, ``Request.state_slot``). A
     manager without it serves plain layouts only; the engine refuses other models with it."""
 
+    supports_sample_forks: bool = False
+    """Whether ``fork`` serves ``n > 1``: the samples of a request take copies of the
+    leader's recurrent state and share its blocks instead of computing the prompt again
+    (``engine/sample_fork.py``). Without it they compute it (through prefix hits where the
+    cache has them)."""
+
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.num_blocks = num_blocks
         """Blocks in the pool (the executor's cache was sized for this many)."""
@@ -120,6 +126,15 @@ class KVCacheManager(ABC):
         """Forget every cached prefix (the KV it pointed to is gone: engine sleep). Only
         while no request holds blocks; returns whether it did. The default: False (the
         engine then refuses to sleep)."""
+        return False
+
+    def fork(self, leader: Request, sample: Request) -> bool:
+        """``supports_sample_forks`` only: give ``sample`` (nothing computed) what
+        ``leader`` will hold once the coming step computes its prompt (a state slot, the
+        leader's full blocks with one more reference each, a fresh block for a partial
+        last one); the runner copies the leader's state and partial blocks after the
+        step's forward. Return False holding nothing where it cannot (the sample then
+        computes the prompt). The default: False."""
         return False
 
     def publish_filled(self, request: Request) -> None:  # noqa: B027 - optional hook
