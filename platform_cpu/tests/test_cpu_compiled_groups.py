@@ -3,19 +3,23 @@ layers keeps its windowed layers in tables of their own (the hybrid KV cache man
 default) and still decodes on its AOTInductor library, one block table per group; greedy
 tokens equal the eager run's and transformers' fp32 ones, with contexts past the window
 so that windowed groups' tables point at the null page while the library runs. One tiny
-model, one library (1-16 sequences), built once for the module."""
+model, one library (1-16 sequences), built once for the module; verification steps
+(speculative decoding) padded over every group's table, on the traced step run eagerly."""
 
 from __future__ import annotations
 
 import logging
 
 import pytest
+import torch
 
 from tessellm import LLM, SamplingParams
 from tessellm.testing import hf_greedy, tiny_model
+from tessellm.testing.conformance.speculative import REPEATING_PROMPTS
 from tessellm_cpu import background_build, compiled_decode
 from tessellm_cpu.compiled_decode import CompiledDecodeRunner, compiler_missing
 from tessellm_cpu.decode_groups import cache_inputs
+from tessellm_cpu.decode_step import DecodeStep
 from tessellm_cpu.platform import CpuPlatform
 
 WINDOW = 8
@@ -157,3 +161,41 @@ def test_a_platform_without_group_support_leaves_such_models_eager(gemma3, monke
     assert llm.engine.executor.runner.graph_runner is None
     assert "graph runner serves one KV block table" in caplog.text
     assert "3 KV groups" in caplog.text
+
+
+class EagerTracedVerifier:
+    """Stands in for a verification library: the step module it is exported from, run
+    eagerly with the attention on its traced path (what the library computes)."""
+
+    def __init__(self, runner: CompiledDecodeRunner) -> None:
+        self.runner = runner
+        self.step = DecodeStep(runner.model, runner.attn_layers, runner.verify.query_len)
+        self.group_inputs: list[int] = []
+
+    def boxed_run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        ids, positions, slots, tables, seq_lens = inputs[:5]
+        groups = inputs[5 + len(self.runner._static) :]
+        half = len(groups) // 2
+        self.group_inputs.append(len(groups))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.compiler, "is_compiling", lambda: True)
+            kv, weights = self.runner._kv_caches(), self.runner.weights
+            hidden = self.step(
+                ids, positions, slots, tables, seq_lens, kv, weights, groups[:half], groups[half:]
+            )
+        return [hidden]
+
+
+def test_verification_steps_pad_every_groups_slots(gemma3, monkeypatch):
+    monkeypatch.setenv("TESSELLM_CPU_COMPILE", "0")  # no build: the stand-in library runs
+    spec = {"method": "ngram", "num_speculative_tokens": 3}
+    llm = engine(gemma3, speculative_config=spec)
+    runner = llm.engine.executor.runner.graph_runner
+    assert isinstance(runner, CompiledDecodeRunner) and runner.verify.query_len == 4
+    verifier = EagerTracedVerifier(runner)
+    runner.verify.add(1, 16, verifier)
+    expected = hf_greedy(gemma3, REPEATING_PROMPTS, NEW_TOKENS, attn_implementation="eager")
+    assert generate_ids(llm, REPEATING_PROMPTS) == expected
+    assert runner.verify_steps > 0
+    assert set(verifier.group_inputs) == {4}  # two further groups: tables, slot mappings
+    assert llm.engine.stats()["spec_decode_num_accepted_tokens"] > 0

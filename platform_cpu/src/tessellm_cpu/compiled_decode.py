@@ -94,8 +94,6 @@ class CompiledDecodeRunner:
         self.attn_layers, _, self.weights = decode_inputs(model)
         # Windowed layers in KV groups of their own: a block table per group (decode_groups).
         self.num_groups = cache_inputs(self.attn_layers).num_groups
-        if self.num_groups > 1:
-            self.verify.turn_off(f"{self.num_groups} KV groups (windowed layers' own tables)")
         # Every library this runner uses: the decode ones first (every step takes them).
         self.shapes: list[Shape] = [
             *self.batch_ranges,
@@ -169,7 +167,7 @@ class CompiledDecodeRunner:
             logger.warning("CPU decode steps run eagerly: %s", self.failure)
             return
         if not self.verify.query_len:
-            self.verify.log_eager(self.verify.off_reason or f"{VERIFY_ENV}=0")
+            self.verify.log_eager(f"{VERIFY_ENV}=0")
         self._static = pytree.tree_leaves((self._kv_caches(), self.weights))
         missing = []
         for shape in self.shapes:
@@ -369,7 +367,7 @@ class CompiledDecodeRunner:
             self._adopt()
         n = input_ids.shape[0]
         if metadata.max_query_len != 1:  # several tokens per sequence: drafts to verify?
-            return self.verify.run(input_ids, positions, metadata, self._static)
+            return self.verify.run(input_ids, positions, metadata, self._static, self.num_groups)
         if n != metadata.num_seqs:
             return None
         groups = step_inputs(metadata, self.num_groups) if self.num_groups > 1 else []

@@ -72,6 +72,7 @@ class PaddedStep:
     slot_mapping: torch.Tensor  # [B·Q]
     seq_lens: torch.Tensor  # [B], start + Q
     real_rows: torch.Tensor | None  # rows of the real tokens in the output; None: all
+    group_slots: list[torch.Tensor]  # [B·Q] each: KV groups 1..'s slots (decode_groups)
 
 
 class NotCovered(Exception):
@@ -91,13 +92,15 @@ def pad_step(
     block_size: int,
     max_model_len: int,
     length_limits: tuple[int, ...] = (),
+    group_tables: tuple[torch.Tensor, ...] = (),
 ) -> PaddedStep:
     """The step's inputs padded to ``query_len`` tokens per sequence (host arrays, a few
     microseconds each); raises :class:`NotCovered` when it cannot be.
 
     ``length_limits``: sequence lengths the model's forward branches at (LongRoPE's
     original context: its frequencies follow ``seq_lens``); a sequence the padding would
-    take past one is not padded."""
+    take past one is not padded. ``group_tables``: the block tables of KV groups 1..,
+    whose slots for the padded positions come back in ``group_slots``."""
     starts_loc = metadata.query_start_loc_cpu.numpy()
     counts = np.diff(starts_loc)
     if int(counts.max()) > query_len:
@@ -118,28 +121,34 @@ def pad_step(
     padded_positions = starts[:, None] + offsets
     if not np.array_equal(positions.numpy()[source][real], padded_positions[real]):
         raise NotCovered("positions that do not follow seq_lens")
-    table = metadata.block_tables.numpy()
-    width = table.shape[1]
     columns = padded_positions // block_size
-    blocks = np.take_along_axis(table, np.minimum(columns, width - 1), axis=1)
     # Past the block of the last real token, a column is the sequence's only if the table
     # has it: rows are padded with 0, so a 0 there (block 0 or padding) is not trusted.
     beyond = columns > ((seq_lens - 1) // block_size)[:, None]
-    if np.any(beyond & ((columns >= width) | (blocks == 0))):
-        raise NotCovered(
-            f"a sequence's KV blocks do not reach {query_len} positions past its start "
-            "(no lookahead slots reserved for it)"
-        )
-    slots = blocks.astype(np.int64) * block_size + padded_positions % block_size
+
+    def slots_in(table: np.ndarray) -> torch.Tensor:
+        width = table.shape[1]
+        blocks = np.take_along_axis(table, np.minimum(columns, width - 1), axis=1)
+        if np.any(beyond & ((columns >= width) | (blocks == 0))):
+            raise NotCovered(
+                f"a sequence's KV blocks do not reach {query_len} positions past its start "
+                "(no lookahead slots reserved for it)"
+            )
+        slots = blocks.astype(np.int64) * block_size + padded_positions % block_size
+        return torch.from_numpy(slots.ravel())
+
+    slot_mapping = slots_in(metadata.block_tables.numpy())
+    group_slots = [slots_in(table.numpy()) for table in group_tables]
     real_rows = None
     if not real.all():
         real_rows = torch.from_numpy(np.flatnonzero(real.ravel()))
     return PaddedStep(
         input_ids=torch.from_numpy(input_ids.numpy()[source].ravel()),
         positions=torch.from_numpy(padded_positions.ravel()),
-        slot_mapping=torch.from_numpy(slots.ravel()),
+        slot_mapping=slot_mapping,
         seq_lens=torch.from_numpy((starts + query_len).astype(np.int32)),
         real_rows=real_rows,
+        group_slots=group_slots,
     )
 
 
@@ -153,7 +162,6 @@ class VerificationSteps:
     ) -> None:
         self.speculating = spec.max_draft_tokens > 0
         self.query_len = 1 + spec.max_draft_tokens if self.speculating and verify_enabled() else 0
-        self.off_reason = ""  # why verification steps run eagerly, when not VERIFY_ENV
         self.ranges: list[tuple[int, int]] = []
         if self.query_len:
             split = verify_batch_ranges(decode_ranges, self.query_len)
@@ -166,11 +174,6 @@ class VerificationSteps:
         self.libraries: list[tuple[int, int, Any]] = []  # (fewest, most sequences, library)
         self.steps = 0  # run compiled
         self._logged: set[str] = set()
-
-    def turn_off(self, reason: str) -> None:
-        """No verification libraries: such steps run eagerly (``reason`` is logged)."""
-        if self.query_len:
-            self.query_len, self.ranges, self.off_reason = 0, [], reason
 
     def add(self, fewest: int, most: int, library: Any) -> None:
         # Replaced whole, never edited in place: a step may be reading the list.
@@ -188,12 +191,16 @@ class VerificationSteps:
         positions: torch.Tensor,
         metadata: AttentionMetadata,
         static: list[torch.Tensor],
+        num_groups: int = 1,
     ) -> torch.Tensor | None:
         """The hidden states of the step's tokens from its verification library, padded
         to Q tokens per sequence; None where the step has no library or cannot be padded
-        (it then runs eagerly)."""
+        (it then runs eagerly). ``num_groups``: the model's KV groups, whose tables and
+        padded slot mappings the library takes after ``static``."""
         if not self.query_len:
             return None  # logged at capture (switched off, or no compiled steps at all)
+        if len(metadata.kv_groups) != num_groups - 1:
+            return None  # not the model's groups: eager
         n = metadata.num_seqs
         library = next((lib for lo, hi, lib in self.libraries if lo <= n <= hi), None)
         if library is None:
@@ -210,6 +217,7 @@ class VerificationSteps:
                 self.block_size,
                 self.max_model_len,
                 self.length_limits,
+                tuple(g.block_tables for g in metadata.kv_groups),
             )
         except NotCovered as reason:
             if reason.verification:
@@ -222,6 +230,8 @@ class VerificationSteps:
             metadata.block_tables,
             padded.seq_lens,
             *static,
+            *(g.block_tables for g in metadata.kv_groups),
+            *padded.group_slots,
         ]
         self.steps += 1
         hidden = library.boxed_run(inputs)[0]
