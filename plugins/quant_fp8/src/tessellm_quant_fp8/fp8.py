@@ -31,6 +31,23 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 MIN_TOKEN_SCALE = 1.0 / (FP8_MAX * 512.0)
 # torch._scaled_mm (cuBLASLt / CUTLASS) needs K and N to be multiples of 16.
 SCALED_MM_ALIGN = 16
+# Per-token activation scales are ``amax * (1/448)`` with this float32 constant, never
+# ``amax / 448``: CUDA computes a tensor divided by a Python number as a product with the
+# number's float32 reciprocal, the CPU as a true division, and the two differ by an ulp in
+# about half the rows. With bf16 inputs (8-bit mantissas) ``x / scale`` then often lands
+# exactly on a midpoint between two e4m3 values, which that ulp tips one way on the GPU
+# and the other on the CPU: one activation a whole fp8 step apart in ~2% of the rows (row
+# errors of 0.021 at K = 48 between an H100's _scaled_mm and the CPU emulation). A product
+# with a float32 constant, like a division by a scale tensor, is the same IEEE operation
+# on every device, and costs no kernel of its own.
+FP8_MAX_RECIPROCAL = float(torch.tensor(1.0 / FP8_MAX, dtype=torch.float32))
+
+
+def activation_scale_of_amax(amax: torch.Tensor) -> torch.Tensor:
+    """``amax / 448`` as float32, rounded the same on every device (see
+    ``FP8_MAX_RECIPROCAL``), so that activations quantized with it are the same fp8 bits
+    on the CPU and the GPU."""
+    return amax.float() * FP8_MAX_RECIPROCAL
 
 
 def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +56,11 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
     scale 1)."""
     w = weight.detach().float()
     amax = w.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # A true division by a tensor (not by the Python number: see FP8_MAX_RECIPROCAL), the
+    # same on every device and equal to ``amax / 448`` as checkpoint writers compute it on
+    # the CPU; weights are quantized once, so the divisor's tensor costs nothing per step.
+    divided = amax / amax.new_full((1, 1), FP8_MAX)
+    scale = torch.where(amax > 0, divided, torch.ones_like(amax))
     q = (w / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
@@ -58,7 +79,7 @@ def quantize_activations(
     xf = x.float()
     if input_scale is None:
         amax = xf.abs().amax(dim=1, keepdim=True)
-        scale = (amax / FP8_MAX).clamp_(min=MIN_TOKEN_SCALE)
+        scale = activation_scale_of_amax(amax).clamp_(min=MIN_TOKEN_SCALE)
     else:
         scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
     x_q = (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
@@ -91,12 +112,17 @@ def emulated_linear(
     scale: torch.Tensor,
     bias: torch.Tensor | None,
     input_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """W8A8 as ``_scaled_mm`` computes it, in float32: ``(x_q @ q.T) * s_x * s_w``. The
-    products of two fp8 values are exact in float32, so this differs from the GPU only in
-    the order of the float32 sums and the output's rounding."""
+    """W8A8 as ``_scaled_mm`` computes it, in float32: ``(x_q @ q.T) * s_x * s_w``, rounded
+    to ``out_dtype`` (what ``_scaled_mm`` writes, see :func:`scaled_mm_out_dtype`; default
+    ``x``'s dtype) before the bias is added in ``x``'s dtype. The products of two fp8 values
+    are exact in float32, so this differs from the GPU only in the order of the float32
+    sums (a few float32 ulps, which can tip the output's rounding by one of its ulps)."""
     x_q, x_scale = quantize_activations(x, input_scale)
     y = F.linear(x_q.float(), q.float()) * x_scale * scale.float()
+    if out_dtype is not None:
+        y = y.to(out_dtype)
     return _finish(y, x.dtype, bias)
 
 
