@@ -124,7 +124,21 @@ def _stacked_rows(rows: list[torch.Tensor]) -> torch.Tensor:
     """The rows as one ``[len(rows), words]`` tensor: a view of the buffer they already lie
     in one after another (the engine fills them so), else a copy."""
     first = rows[0]
-    storage, start, step = first.untyped_storage(), first.storage_offset(), first.numel()
+    base, start, step = first._base, first.storage_offset(), first.numel()
+    if (
+        base is not None  # the engine's rows: views of one [rows, words] buffer's rows
+        and base.dim() == 2
+        and base.is_contiguous()
+        and base.storage_offset() == 0
+        and base.shape[-1] == step
+        and start % step == 0
+        # rows are all one width (ScheduledSeq.token_bitmask): where each starts suffices
+        and all(
+            r._base is base and r.storage_offset() == start + i * step for i, r in enumerate(rows)
+        )
+    ):
+        return base[start // step : start // step + len(rows)]
+    storage = first.untyped_storage()
     if first.is_contiguous() and all(
         r.untyped_storage().data_ptr() == storage.data_ptr()
         and r.storage_offset() == start + i * step

@@ -37,6 +37,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from tessellm.config import EngineArgs
@@ -71,9 +72,13 @@ def compile_timeout_error(seconds: float) -> InvalidRequestError:
 def _fill_by_class(matchers: list[GrammarMatcher], buffer: torch.Tensor) -> dict[int, Exception]:
     """Fill ``buffer[i]`` for each ``matchers[i]``, one batched call per matcher class;
     the rows whose matcher raised, with the error."""
+    first = type(matchers[0])
     by_class: dict[type[GrammarMatcher], list[int]] = {}
-    for row, matcher in enumerate(matchers):
-        by_class.setdefault(type(matcher), []).append(row)
+    if all(type(m) is first for m in matchers):  # one backend: the usual step
+        by_class[first] = list(range(len(matchers)))
+    else:
+        for row, matcher in enumerate(matchers):
+            by_class.setdefault(type(matcher), []).append(row)
     errors: dict[int, Exception] = {}
     for cls, rows in by_class.items():
         whole = len(rows) == len(matchers)
@@ -142,6 +147,7 @@ class StructuredOutputManager:
         # Requests to fail at the next update: a matcher raised while filling a bitmask.
         self.failed: dict[str, Exception] = {}
         self._buffer = torch.empty(0, bitmask_words(vocab_size), dtype=torch.int32)
+        self._rows: tuple[torch.Tensor, ...] = ()
         # A step scheduled ahead whose sampling waits for its bitmasks (``defer_bitmasks``).
         self.deferred: tuple[SchedulerOutput, Any, Any] | None = None
 
@@ -229,43 +235,59 @@ class StructuredOutputManager:
             return
         seqs: list[ScheduledSeq] = []
         matchers: list[GrammarMatcher] = []
+        by_id = self.matchers
+        failed = self.failed
         for seq in plan.seqs:
-            matcher = self.matchers.get(seq.request_id) if seq.sample else None
+            if not seq.sample:
+                continue
+            matcher = by_id.get(seq.request_id)
             if matcher is None:
                 continue
-            if scheduled_ahead and (seq.request_id in self.failed or _ended(matcher)):
+            if scheduled_ahead and (seq.request_id in failed or _ended(matcher)):
                 seq.token_bitmask = None
                 continue
             seqs.append(seq)
             matchers.append(matcher)
         if not seqs:
             return
-        buffer = self._bitmask_rows(len(seqs))
+        buffer, rows = self._bitmask_rows(len(seqs))
         errors = _fill_by_class(matchers, buffer)
-        # numpy: torch's reduction would wake its thread pool for 64 small rows.
-        allows_some = buffer.numpy().any(axis=1).tolist()
+        # An empty row is one whose words OR to 0 (as int64: half the elements); numpy,
+        # since torch's reduction would wake its thread pool for 64 small rows.
+        words = buffer.numpy()
+        if words.shape[1] % 2 == 0:
+            words = words.view(np.int64)
+        some = np.bitwise_or.reduce(words, axis=1)
+        if not errors and some.all():
+            for seq, row in zip(seqs, rows, strict=False):
+                seq.token_bitmask = row
+            return
+        empty = set(np.flatnonzero(some == 0).tolist())
         for row, seq in enumerate(seqs):
             seq.token_bitmask = None  # unconstrained this step if it fails below
             if row in errors:
                 exc = errors[row]
-                self.failed[seq.request_id] = RequestFailedError(
+                failed[seq.request_id] = RequestFailedError(
                     f"the grammar matcher failed: {type(exc).__name__}: {exc}"
                 )
-            elif not allows_some[row]:
+            elif row in empty:
                 # The vocabulary cannot spell what the grammar needs next (a regex over
                 # characters no token holds): the request's own constraint, a 400.
-                self.failed[seq.request_id] = InvalidRequestError(
+                failed[seq.request_id] = InvalidRequestError(
                     "structured outputs: no token of this model's vocabulary can continue "
                     f"the grammar after {seq.num_output_tokens} output tokens"
                 )
             else:
-                seq.token_bitmask = buffer[row]
+                seq.token_bitmask = rows[row]
 
-    def _bitmask_rows(self, count: int) -> torch.Tensor:
+    def _bitmask_rows(self, count: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The buffer's first ``count`` rows, and a view of each: the views are made once per
+        buffer (64 tensor indexings a step cost as much as a third of the fills)."""
         if self._buffer.shape[0] < count:
-            rows = max(count, 2 * self._buffer.shape[0])
-            self._buffer = torch.empty(rows, bitmask_words(self.vocab_size), dtype=torch.int32)
-        return self._buffer[:count]
+            size = max(count, 2 * self._buffer.shape[0])
+            self._buffer = torch.empty(size, bitmask_words(self.vocab_size), dtype=torch.int32)
+            self._rows = self._buffer.unbind(0)
+        return self._buffer[:count], self._rows
 
     def accept(self, changed: list[Request]) -> tuple[list[str], dict[str, Exception]]:
         """Feed each request's newest token to its matcher. Returns the ids whose grammar
@@ -274,8 +296,9 @@ class StructuredOutputManager:
         ended: list[str] = []
         matchers = self.matchers
         for request in changed:
-            matcher = matchers.get(request.request_id)
-            if matcher is None or request.request_id in failed:
+            request_id = request.request_id
+            matcher = matchers.get(request_id)
+            if matcher is None or request_id in failed:
                 continue
             token = request.output_token_ids[-1]
             try:
