@@ -1,12 +1,13 @@
-"""The GPU's ``_scaled_mm`` path run on the CPU (torch's CPU ``_scaled_mm``, torch >= 2.10):
-the layers of ``test_fp8_gpu.py`` with the same data and bound (``quant_fp8_gemm_cases``),
-through the same kernel function (``scaled_mm_linear``) the GPU runs, against the float32
-emulation; the bound shown to catch scale and rounding mistakes; and the engine along one
-set of sequences with ``_scaled_mm`` writing bf16, as CUTLASS's row-wise kernel does.
+"""The GPU's ``_scaled_mm`` path run on the CPU, through torch's CPU ``_scaled_mm`` (skipped
+where this torch has none): the layers of ``test_fp8_gpu.py`` with the same data and
+bound (``quant_fp8_gemm_cases``), through the same kernel function (``scaled_mm_linear``)
+the GPU runs, against the float32 emulation; the bound shown to catch scale and rounding
+mistakes; and the engine scored along one set of sequences with ``_scaled_mm`` writing
+bf16 for a float32 model, as CUTLASS's row-wise kernel does.
 
-What only a GPU shows: cuBLASLt/CUTLASS's own summation order and epilogue, and CUDA's
-elementwise arithmetic (the activation quantizer is written so that it rounds the same
-there: ``tessellm_quant_fp8.fp8.FP8_MAX_RECIPROCAL``)."""
+What only a GPU shows: cuBLASLt/CUTLASS's own summation and epilogue, and CUDA's
+elementwise arithmetic (the quantizers are written so that they round the same there:
+``tessellm_quant_fp8.fp8.FP8_MAX_RECIPROCAL``; ``test_fp8_gpu.py`` checks the bits)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ from quant_fp8_gemm_cases import (
     STATIC_INPUT_SCALE,
     assert_within_one_output_ulp,
     case_activations,
+    case_row_bounds,
     case_weights,
     emulate,
     fp8_layer,
-    row_bounds,
     row_errors,
 )
 
@@ -73,7 +74,7 @@ def test_scaled_mm_layer_equals_the_emulation_within_the_rounding_bound(dtype, c
         em = emulate(x, q, scale, bias, input_scale, torch.bfloat16)
         errors, bounds = (
             row_errors(y, em.ref),
-            row_bounds(em.unbiased, em.ref, torch.bfloat16, dtype),
+            case_row_bounds(em, torch.bfloat16, dtype),
         )
         assert bool((errors <= bounds).all()), (m, errors.max(), bounds.min())
         assert_within_one_output_ulp(y, em, torch.bfloat16, dtype)
@@ -109,7 +110,7 @@ def test_the_bound_catches_scale_and_rounding_mistakes(monkeypatch):
     case_activations(g, 1, k, dtype)  # the GPU test's one-row draw comes first
     x = case_activations(g, 7, k, dtype)
     em = emulate(x, q, scale, bias, None, dtype)
-    bounds = row_bounds(em.unbiased, em.ref, dtype, dtype)
+    bounds = case_row_bounds(em, dtype, dtype)
     assert bool((row_errors(layer(x), em.ref) <= bounds).all())
     for what, name, mistake in _scale_mistakes():
         with monkeypatch.context() as patch:
