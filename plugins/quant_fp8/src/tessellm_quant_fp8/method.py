@@ -84,7 +84,8 @@ class Fp8Method(QuantizationMethod):
     (else dense ones, quantized after loading); ``activation_scheme``: ``"static"`` loads
     an ``input_scale`` per matrix; ``kernel``: ``"auto"`` (``_scaled_mm`` where it runs,
     else the reference), or forced: ``"scaled_mm"``, ``"emulate"`` (W8A8 rounding in
-    float32, as a check of the GPU's numbers on any device), ``"reference"``."""
+    float32, as a check of the GPU's numbers on any device; where ``_scaled_mm`` runs, its
+    output rounded to the dtype ``_scaled_mm`` writes there), ``"reference"``."""
 
     name = "fp8"
     capabilities = QuantCapabilities(
