@@ -6,7 +6,9 @@ in Python and fills a step's rows in one call; each must give what the slower pa
 from __future__ import annotations
 
 import json
+from typing import Any
 
+import jsonschema
 import pytest
 import torch
 
@@ -108,3 +110,62 @@ def test_a_matcher_ended_behind_the_flag_still_fills_the_end_row(grammar):
     matcher.fill_bitmask(row, 0)
     assert matcher.is_terminated()
     assert int(row[0].ne(0).sum()) == 1 and (int(row[0, 0]) >> EOS) & 1
+
+
+# -- the engine: the same tokens as the row-by-row path -------------------------------------
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "n": {"type": "integer", "minimum": 0, "maximum": 999},
+        "tags": {"type": "array", "items": {"enum": ["a", "bc"]}, "maxItems": 3},
+    },
+    "required": ["name", "n"],
+    "additionalProperties": False,
+}
+
+
+def test_engine_tokens_equal_those_of_the_row_by_row_path(tmp_path, monkeypatch):
+    """12 constrained requests (greedy and seeded) in one batch, with the batched fill and
+    the sampler's view of the rows, then with each row filled alone and the rows stacked
+    by copy: the same tokens."""
+    pytest.importorskip("xgrammar")
+    from tessellm import LLM, SamplingParams
+    from tessellm.engine import sampler
+    from tessellm.interfaces.structured_output import GrammarMatcher
+    from tessellm.sampling_params import StructuredOutputsParams
+    from tessellm_structured_xgrammar import backend as backend_module
+    from tessellm_structured_xgrammar.backend import XgrammarMatcher
+
+    llm = LLM(
+        "random:tiny-llama",
+        download_dir=str(tmp_path),
+        device="cpu",
+        dtype="float32",
+        max_num_seqs=12,
+    )
+    so = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+    params = [
+        SamplingParams(
+            max_tokens=60, structured_outputs=so, temperature=0.0 if i % 3 == 0 else 1.0, seed=i
+        )
+        for i in range(12)
+    ]
+    prompts = [f"request {i}:" + " x" * i for i in range(12)]
+
+    def run() -> list[Any]:
+        return [o.outputs[0] for o in llm.generate(prompts, params)]
+
+    calls = []
+    batch = backend_module._batch
+    monkeypatch.setattr(backend_module, "_batch", lambda: calls.append(1) or batch())
+    fast = run()
+    assert calls  # the one-call fill ran
+    monkeypatch.setattr(XgrammarMatcher, "fill_bitmasks", GrammarMatcher.__dict__["fill_bitmasks"])
+    monkeypatch.setattr(sampler, "_stacked_rows", lambda rows: torch.stack(rows))
+    slow = run()
+    assert [list(c.token_ids) for c in fast] == [list(c.token_ids) for c in slow]
+    stopped = [c for c in fast if c.finish_reason == "stop"]
+    assert stopped
+    for completion in stopped:
+        jsonschema.validate(json.loads(completion.text), SCHEMA)

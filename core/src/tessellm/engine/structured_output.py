@@ -148,6 +148,7 @@ class StructuredOutputManager:
         self.failed: dict[str, Exception] = {}
         self._buffer = torch.empty(0, bitmask_words(vocab_size), dtype=torch.int32)
         self._rows: tuple[torch.Tensor, ...] = ()
+        self._firsts: dict[int, torch.Tensor] = {}  # count -> the buffer's first rows
         # A step scheduled ahead whose sampling waits for its bitmasks (``defer_bitmasks``).
         self.deferred: tuple[SchedulerOutput, Any, Any] | None = None
 
@@ -281,13 +282,19 @@ class StructuredOutputManager:
                 seq.token_bitmask = rows[row]
 
     def _bitmask_rows(self, count: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """The buffer's first ``count`` rows, and a view of each: the views are made once per
-        buffer (64 tensor indexings a step cost as much as a third of the fills)."""
+        """The buffer's first ``count`` rows, and a view of each. Views are made once per
+        buffer (64 tensor indexings a step cost as much as a third of the fills), and the
+        same ``count`` gets the same tensor, which a backend may recognise (llguidance
+        checks a new bitmask's layout in every matcher)."""
         if self._buffer.shape[0] < count:
             size = max(count, 2 * self._buffer.shape[0])
             self._buffer = torch.empty(size, bitmask_words(self.vocab_size), dtype=torch.int32)
             self._rows = self._buffer.unbind(0)
-        return self._buffer[:count], self._rows
+            self._firsts.clear()
+        first = self._firsts.get(count)
+        if first is None:
+            first = self._firsts[count] = self._buffer[:count]
+        return first, self._rows
 
     def accept(self, changed: list[Request]) -> tuple[list[str], dict[str, Exception]]:
         """Feed each request's newest token to its matcher. Returns the ids whose grammar
