@@ -18,7 +18,7 @@ from tessellm.testing import hf_greedy, tiny_model
 from tessellm.testing.conformance.speculative import REPEATING_PROMPTS
 from tessellm_cpu import background_build, compiled_decode
 from tessellm_cpu.compiled_decode import CompiledDecodeRunner, compiler_missing
-from tessellm_cpu.decode_groups import cache_inputs
+from tessellm_cpu.decode_groups import layout_facts, write_check
 from tessellm_cpu.decode_step import DecodeStep
 from tessellm_cpu.platform import CpuPlatform
 
@@ -136,20 +136,36 @@ def test_windowed_groups_decode_compiled_with_eager_and_hf_tokens(
 
 
 @needs_compiler
-def test_a_library_takes_each_shared_cache_once_and_its_key_names_the_groups(
+def test_shared_caches_are_written_in_place_and_the_key_names_the_groups(
     compiled, gemma3, monkeypatch
 ):
     runner = compiled.engine.executor.runner.graph_runner
-    caches = cache_inputs(runner.attn_layers)
-    # Two page positions: K and V of each, once, though three layers read each.
-    assert len(caches.caches) == 4 and len({id(t) for t in caches.caches}) == 4
-    assert caches.layer_caches == ((0, 1), (2, 3), (0, 1), (0, 1), (2, 3), (2, 3))
-    # One shared table (graph runners' old layout): a library of its own, 6 cache pairs.
+    caches = runner._kv_caches()
+    # One input pair per layer: layers 0, 2 and 3 (position 0 of their groups) share K.
+    assert len(caches) == 12 and len({id(t) for t in caches}) == 4
+    assert caches[0] is caches[4] is caches[6] and caches[0] is not caches[2]
+    assert layout_facts(runner.attn_layers) == [1, 1, 0, 2, 2, 0]
+    # The library writes each aliased input in place: every group's keys reach its pages
+    # (checked when it was loaded; once more here on scratch caches).
+    library = runner._libraries[0][2]
+    assert write_check(library, runner.attn_layers, runner.weights, 1, 2) is None
+
+    # A library that writes nothing (as one writing through copies would lose pages).
+    class Silent:
+        def boxed_run(self, inputs):
+            return [torch.zeros(1, 64)]
+
+    reason = write_check(Silent(), runner.attn_layers, runner.weights, 1, 2)
+    assert reason == "layer 0's keys are missing from its group's pages"
+    before = list(runner._libraries)
+    runner._add_library((1, 16), Silent())
+    assert runner._libraries == before  # not taken: such steps stay on what they had
+    # One shared table (graph runners' old layout): a library of its own.
     monkeypatch.setenv("TESSELLM_CPU_COMPILE", "0")
     shared = engine(gemma3, disable_hybrid_kv_cache_manager=True)
     one_table = shared.engine.executor.runner.graph_runner
-    assert one_table.num_groups == 1 and len(one_table._kv_caches()) == 12
-    assert cache_inputs(one_table.attn_layers).layout_facts(one_table.attn_layers) is None
+    assert one_table.num_groups == 1 and layout_facts(one_table.attn_layers) is None
+    assert len({id(t) for t in one_table._kv_caches()}) == 12
     assert one_table.cache_key((1, 16)) != runner.cache_key((1, 16))
 
 

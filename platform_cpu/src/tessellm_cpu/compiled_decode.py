@@ -59,7 +59,7 @@ from tessellm_cpu.compile_plan import (  # noqa: F401 - compiler_missing etc. re
     query_len_of,
     range_label,
 )
-from tessellm_cpu.decode_groups import cache_inputs, step_inputs
+from tessellm_cpu.decode_groups import layout_facts, num_kv_groups, step_inputs, write_check
 from tessellm_cpu.decode_key import (  # noqa: F401 - re-exported
     VERSIONED_PACKAGES,
     library_key,
@@ -93,7 +93,7 @@ class CompiledDecodeRunner:
         self.verify = VerificationSteps(model, spec, self.batch_ranges)
         self.attn_layers, _, self.weights = decode_inputs(model)
         # Windowed layers in KV groups of their own: a block table per group (decode_groups).
-        self.num_groups = cache_inputs(self.attn_layers).num_groups
+        self.num_groups = num_kv_groups(self.attn_layers)
         # Every library this runner uses: the decode ones first (every step takes them).
         self.shapes: list[Shape] = [
             *self.batch_ranges,
@@ -121,18 +121,17 @@ class CompiledDecodeRunner:
         return self.verify.steps
 
     def _kv_caches(self) -> list[torch.Tensor]:
-        return cache_inputs(self.attn_layers).caches
+        return [t for layer in self.attn_layers for t in (layer.k_cache, layer.v_cache)]
 
     def cache_key(self, shape: Shape) -> str:
-        caches = cache_inputs(self.attn_layers)
         return library_key(
             self.model,
             self.weights,
-            caches.caches,
+            self._kv_caches(),
             shape[:2],
             self._sources_digest,
             query_len_of(shape),
-            kv_layout=caches.layout_facts(self.attn_layers),
+            kv_layout=layout_facts(self.attn_layers),
         )
 
     def library_path(self, shape: Shape) -> Path:
@@ -186,7 +185,16 @@ class CompiledDecodeRunner:
             self.wait_ready()
 
     def _add_library(self, shape: Shape, library: Any) -> None:
-        """Into the list its step kind reads (replaced whole: a step may be reading it)."""
+        """Into the list its step kind reads (replaced whole: a step may be reading it).
+        A library over several KV groups is checked first (decode_groups.write_check)."""
+        if self.num_groups > 1:
+            config = getattr(self.model, "config", None)
+            token = getattr(config, "bos_token_id", None) or 1  # not padding: a zero embedding
+            wrong = write_check(library, self.attn_layers, self.weights, query_len_of(shape), token)
+            if wrong:
+                self.failure = self.failure or wrong
+                logger.warning("the CPU %s runs eagerly: %s", describe_shape(shape), wrong)
+                return
         if query_len_of(shape) > 1:
             self.verify.add(shape[0], shape[1], library)
         else:

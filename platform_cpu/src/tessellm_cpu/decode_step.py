@@ -25,7 +25,13 @@ from torch import nn
 from tessellm.interfaces.attention import AttentionMetadata
 from tessellm.layers.attention import Attention
 from tessellm_cpu import cache_store
-from tessellm_cpu.decode_groups import cache_inputs, example_inputs, group_metadata
+from tessellm_cpu.background_build import KV_EXAMPLE_BLOCKS
+from tessellm_cpu.decode_groups import (
+    distinct_example_caches,
+    example_inputs,
+    group_metadata,
+    num_kv_groups,
+)
 
 
 class DecodeStep(nn.Module):
@@ -38,7 +44,6 @@ class DecodeStep(nn.Module):
         super().__init__()
         self.model = model
         self._attn_layers = attn_layers
-        self._caches = cache_inputs(attn_layers)
         self.query_len = query_len
 
     def forward(
@@ -53,7 +58,8 @@ class DecodeStep(nn.Module):
         group_tables: list[torch.Tensor] | None = None,
         group_slots: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        self._caches.bind(self._attn_layers, kv_caches)
+        for i, layer in enumerate(self._attn_layers):
+            layer.bind_kv_cache(kv_caches[2 * i], kv_caches[2 * i + 1])
         # query_len tokens per sequence. The host-side fields are not read under tracing
         # (a traced backend uses tensors only); they get the device tensors.
         query_start_loc = (
@@ -76,10 +82,11 @@ class DecodeStep(nn.Module):
 
 
 def decode_inputs(model: nn.Module) -> tuple[list[Attention], list[torch.Tensor], dict]:
-    """The attention layers, their KV caches (K, V per layer; a tensor that layers of
-    several KV groups share, once) and the weights, in the order the library takes them."""
+    """The attention layers, their KV caches (K, V per layer: layers of several KV
+    groups share tensors, decode_groups.py) and the weights, in the order the library
+    takes them."""
     attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
-    kv_caches = cache_inputs(attn_layers).caches
+    kv_caches = [t for layer in attn_layers for t in (layer.k_cache, layer.v_cache)]
     weights = {
         **dict(model.named_parameters(remove_duplicate=False)),
         **dict(model.named_buffers(remove_duplicate=False)),
@@ -110,6 +117,7 @@ def export_decode_step(
     (dynamic batch, block-table width and cache block count; a range of one size has it
     static). Leaves the model as it found it."""
     attn_layers, kv_caches, weights = decode_inputs(model)
+    kv_caches = distinct_example_caches(kv_caches, KV_EXAMPLE_BLOCKS)
     batch, width = example_batch(batch_range, query_len), 3
     tokens = batch * query_len
     args: tuple = (
@@ -136,7 +144,7 @@ def export_decode_step(
         [{0: blocks}] * len(kv_caches),
         dict.fromkeys(weights),
     )
-    num_groups = cache_inputs(attn_layers).num_groups
+    num_groups = num_kv_groups(attn_layers)
     if num_groups > 1:  # each further KV group's block table and slot mapping
         taken = {0, 1, width, batch, tokens, *_TAKEN_EXAMPLE_SIZES}
         taken |= {int(c.shape[0]) for c in kv_caches}
