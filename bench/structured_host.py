@@ -9,8 +9,8 @@ bitmask rows as the sampler does (``_stacked_rows``, one copy as to a device) an
 for a constrained row, a token drawn uniformly from the ones its grammar allows (what the
 argmax of random logits under the mask is), for an unconstrained row any ordinary token.
 
-The stand-in's token draw (unpacking 64 rows of 151,936 bits on the host, a device's work
-on a GPU) is timed apart and subtracted: ``host_ms`` is the engine thread's CPU time per
+The stand-in's token draw (reading 64 rows of 151,936 bits on the host, a device's work on
+a GPU) is timed apart and subtracted: ``host_ms`` is the engine thread's CPU time per
 step without it. CPU time, not wall time, because the machine is shared; rounds alternate
 plain and constrained (and as many rounds as ``--rounds``), and the report gives medians
 and the spread over rounds, with each phase (matchers advanced, bitmasks filled) apart.
@@ -51,7 +51,7 @@ from structured_outputs import long_schema
 
 
 class Clock:
-    """The stand-in's token draws (thread CPU seconds), subtracted from the step's time."""
+    """The stand-in's token draws (CPU and wall seconds), subtracted from the step's."""
 
     device_seconds = 0.0
     device_wall_seconds = 0.0
@@ -138,7 +138,11 @@ class StandInExecutor(Executor):
         # Uniform over the allowed tokens without unpacking the row: a word by its count
         # of set bits, then a set bit of that word.
         words = row.numpy().view(np.uint32)
-        counts = np.cumsum(np.bitwise_count(words))
+        if hasattr(np, "bitwise_count"):
+            counts = np.cumsum(np.bitwise_count(words))
+        else:  # numpy < 2
+            bits = np.unpackbits(words.view(np.uint8), bitorder="little").reshape(-1, 32)
+            counts = np.cumsum(bits.sum(axis=1))
         pick = int(self.rng.integers(int(counts[-1])))
         index = int(np.searchsorted(counts, pick, side="right"))
         word = int(words[index])
