@@ -43,6 +43,56 @@ BLOCK_N_EXPAND = 64
 NUM_WARPS = 4
 
 
+# Set-up shared by the kernels (inlined by Triton): which tokens and columns a program
+# owns, and where its slot's matrix starts.
+@triton.jit
+def _segment_tile(starts_ptr, num_n, SLOT_AXIS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A segment program's slot, first row in ``order``, the end of its slot's rows and
+    its column tile; rows from ``first`` on past ``end`` are none of its tokens."""
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
+    slot = tl.program_id(SLOT_AXIS)
+    start = tl.load(starts_ptr + slot)
+    end = tl.load(starts_ptr + slot + 1)
+    return slot, start + pid_m * BLOCK_M, end, pid_n
+
+
+@triton.jit
+def _segment_tokens(order_ptr, first, end, BLOCK_M: tl.constexpr):
+    """The token ids of rows ``first ..`` of the sorted order, and which rows are real."""
+    rows = first + tl.arange(0, BLOCK_M)
+    m_ok = rows < end
+    tokens = tl.load(order_ptr + rows, mask=m_ok, other=0).to(tl.int64)
+    return tokens, m_ok
+
+
+@triton.jit
+def _token_slot(slots_ptr):
+    """A per-token program's token (axis 0) and its slot (-1: no adapter)."""
+    token = tl.program_id(0).to(tl.int64)
+    return token, tl.load(slots_ptr + token)
+
+
+@triton.jit
+def _columns(pid_n, n, BLOCK_N: tl.constexpr):
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return cols, cols < n
+
+
+@triton.jit
+def _k_split(split, k_per_split, K, BLOCK_K: tl.constexpr):
+    """The shrink's reduction range for split-K program ``split``: offsets within a step,
+    its first column and its end."""
+    k_begin = split * k_per_split
+    return tl.arange(0, BLOCK_K), k_begin, tl.minimum(k_begin + k_per_split, K)
+
+
+@triton.jit
+def _slot_matrix(ptr, slot, stride_s):
+    # int64: slot * stride can pass int32 with many slots of large matrices.
+    return ptr + slot.to(tl.int64) * stride_s
+
+
 @triton.jit
 def _shrink_segment_kernel(
     x_ptr,
@@ -64,28 +114,16 @@ def _shrink_segment_kernel(
     ATOMIC: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    num_n = tl.cdiv(R, BLOCK_N)
-    pid_m = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) % num_n
-    split = tl.program_id(1)
-    slot = tl.program_id(2)
-    start = tl.load(starts_ptr + slot)
-    end = tl.load(starts_ptr + slot + 1)
-    first = start + pid_m * BLOCK_M
+    slot, first, end, pid_n = _segment_tile(starts_ptr, tl.cdiv(R, BLOCK_N), 2, BLOCK_M)
     if first >= end:
         return
-    rows = first + tl.arange(0, BLOCK_M)
-    m_ok = rows < end
-    tokens = tl.load(order_ptr + rows, mask=m_ok, other=0).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = cols < R
-    ks = tl.arange(0, BLOCK_K)
-    k_begin = split * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
+    tokens, m_ok = _segment_tokens(order_ptr, first, end, BLOCK_M)
+    cols, n_ok = _columns(pid_n, R, BLOCK_N)
+    ks, k_begin, k_end = _k_split(tl.program_id(1), k_per_split, K, BLOCK_K)
     x_ptrs = x_ptr + tokens[:, None] * stride_xm + (k_begin + ks)[None, :]
     # A's tile transposed ([BLOCK_K, BLOCK_N]) for x A^T.
     a_ptrs = (
-        a_ptr + slot.to(tl.int64) * stride_as + cols[None, :] * stride_ar + (k_begin + ks)[:, None]
+        _slot_matrix(a_ptr, slot, stride_as) + cols[None, :] * stride_ar + (k_begin + ks)[:, None]
     )
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(k_begin, k_end, BLOCK_K):
@@ -125,20 +163,14 @@ def _shrink_token_kernel(
     BLOCK_K: tl.constexpr,
     ATOMIC: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    pid_n = tl.program_id(2)
-    slot = tl.load(slots_ptr + token)
+    token, slot = _token_slot(slots_ptr)
     if slot < 0:
         return
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = cols < R
-    ks = tl.arange(0, BLOCK_K)
-    k_begin = split * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
+    cols, n_ok = _columns(tl.program_id(2), R, BLOCK_N)
+    ks, k_begin, k_end = _k_split(tl.program_id(1), k_per_split, K, BLOCK_K)
     x_ptrs = x_ptr + token * stride_xm + k_begin + ks
     a_ptrs = (
-        a_ptr + slot.to(tl.int64) * stride_as + cols[:, None] * stride_ar + (k_begin + ks)[None, :]
+        _slot_matrix(a_ptr, slot, stride_as) + cols[:, None] * stride_ar + (k_begin + ks)[None, :]
     )
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k in range(k_begin, k_end, BLOCK_K):
@@ -175,29 +207,19 @@ def _expand_segment_kernel(
     BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = tl.program_id(0) // num_n
-    pid_n = tl.program_id(0) % num_n
-    slot = tl.program_id(1)
-    start = tl.load(starts_ptr + slot)
-    end = tl.load(starts_ptr + slot + 1)
-    first = start + pid_m * BLOCK_M
+    slot, first, end, pid_n = _segment_tile(starts_ptr, tl.cdiv(N, BLOCK_N), 1, BLOCK_M)
     if first >= end:
         return
-    rows = first + tl.arange(0, BLOCK_M)
-    m_ok = rows < end
-    tokens = tl.load(order_ptr + rows, mask=m_ok, other=0).to(tl.int64)
-    ks = tl.arange(0, BLOCK_K)
-    k_ok = ks < R
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = cols < N
+    tokens, m_ok = _segment_tokens(order_ptr, first, end, BLOCK_M)
+    ks, k_ok = _columns(0, R, BLOCK_K)
+    cols, n_ok = _columns(pid_n, N, BLOCK_N)
     u = tl.load(
         u_ptr + tokens[:, None] * stride_um + ks[None, :],
         mask=m_ok[:, None] & k_ok[None, :],
         other=0.0,
     )
     b = tl.load(
-        b_ptr + slot.to(tl.int64) * stride_bs + cols[None, :] * stride_bn + ks[:, None],
+        _slot_matrix(b_ptr, slot, stride_bs) + cols[None, :] * stride_bn + ks[:, None],
         mask=k_ok[:, None] & n_ok[None, :],
         other=0.0,
     )
@@ -228,17 +250,13 @@ def _expand_token_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    slot = tl.load(slots_ptr + token)
+    token, slot = _token_slot(slots_ptr)
     if slot < 0:
         return
-    ks = tl.arange(0, BLOCK_K)
-    k_ok = ks < R
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = cols < N
+    ks, k_ok = _columns(0, R, BLOCK_K)
+    cols, n_ok = _columns(tl.program_id(1), N, BLOCK_N)
     b = tl.load(
-        b_ptr + slot.to(tl.int64) * stride_bs + cols[:, None] * stride_bn + ks[None, :],
+        _slot_matrix(b_ptr, slot, stride_bs) + cols[:, None] * stride_bn + ks[None, :],
         mask=n_ok[:, None] & k_ok[None, :],
         other=0.0,
     )
