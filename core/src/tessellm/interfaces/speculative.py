@@ -157,3 +157,49 @@ class Proposer(ABC):
     def describe(self) -> dict[str, str]:
         """What it proposes with, for logs and benchmark reports."""
         return {"speculative_method": self.config.method}
+
+
+class BatchedProposer(Proposer):
+    """A proposer that runs a model (a draft model, an EAGLE head) over batches of requests.
+
+    ``propose`` asks ``draft_limit`` how many drafts each request can take, then hands the
+    requests that can take some to ``propose_batch``, in order, at most ``max_batch`` at a
+    time: ``max_num_seqs``, or ``disable_by_batch_size`` where that is smaller (the engine
+    asks for no drafts while more requests than that run). A batch's slot ``i`` is stable
+    within one ``propose_batch`` call, so per-slot resources (scratch KV blocks past the
+    target's ids) can be sized ``max_batch`` times one slot's share."""
+
+    @property
+    def max_batch(self) -> int:
+        """The most requests one ``propose_batch`` call gets."""
+        limit = self.config.disable_by_batch_size
+        max_num_seqs = self.context.args.max_num_seqs
+        return min(max_num_seqs, limit) if limit else max_num_seqs
+
+    def propose(self, requests: Sequence[Request], max_drafts: Sequence[int]) -> list[list[int]]:
+        drafts: list[list[int]] = [[] for _ in requests]
+        chosen: list[tuple[int, int]] = []  # (index in requests, drafts it can take)
+        for index, (request, wanted) in enumerate(zip(requests, max_drafts, strict=False)):
+            limit = self.draft_limit(request, wanted)
+            if limit > 0:
+                chosen.append((index, limit))
+        max_batch = self.max_batch
+        for first in range(0, len(chosen), max_batch):
+            batch = chosen[first : first + max_batch]
+            batch_drafts = self.propose_batch(
+                [requests[index] for index, _ in batch], [limit for _, limit in batch]
+            )
+            for (index, _), row in zip(batch, batch_drafts, strict=True):
+                drafts[index] = row
+        return drafts
+
+    def draft_limit(self, request: Request, wanted: int) -> int:
+        """How many drafts ``request`` can take this step, at most ``wanted`` (what the
+        engine asks for); 0 or less leaves it out of every batch. Override to keep drafts
+        within the model's length or the request's KV blocks. Default: ``wanted``."""
+        return wanted
+
+    @abstractmethod
+    def propose_batch(self, requests: Sequence[Request], limits: Sequence[int]) -> list[list[int]]:
+        """Drafts for one batch: at most ``limits[i]`` (at least 1) tokens for
+        ``requests[i]``, one list per request in order; ``len(requests) <= max_batch``."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from tessellm.interfaces.request import Request
 from tessellm.interfaces.schedule import ScheduledSeq
-from tessellm.interfaces.speculative import Proposer, ProposerContext, SpeculativeConfig
+from tessellm.interfaces.speculative import BatchedProposer, ProposerContext, SpeculativeConfig
 from tessellm.sampling_params import SamplingParams
 from tessellm_spec_draft.draft_runner import DraftRunner
 
@@ -48,7 +48,7 @@ class _DraftState:
 class _Row:
     """One request's share of a propose round."""
 
-    index: int  # in the requests given to propose
+    index: int  # in the batch: its slot
     limit: int  # drafts wanted
     num_tokens: int
     table: list[int]  # its blocks, then its scratch blocks
@@ -58,7 +58,7 @@ class _Row:
     start: int = 0  # the first position the round's catch-up writes
 
 
-class DraftModelProposer(Proposer):
+class DraftModelProposer(BatchedProposer):
     """``{"method": "draft_model", "model": ..., "num_speculative_tokens": k,
     "quantization": ...}`` (vLLM's fields): the draft runs on the target's platform and
     dtype, with the given quantization (None: the platform's default for the dtype)."""
@@ -73,10 +73,6 @@ class DraftModelProposer(Proposer):
         # catch-up padded to 1 + k tokens (a compiled step's shape) reaches one further:
         # k + 1 positions, which may straddle one more block boundary.
         self.scratch_per_request = -(-(k + 1) // self.block_size) + 1
-        limit = config.disable_by_batch_size
-        self.max_batch = (
-            min(context.args.max_num_seqs, limit) if limit else context.args.max_num_seqs
-        )
         self.num_blocks = 0  # the target's; scratch blocks follow
         self._states: dict[str, _DraftState] = {}
         # Block id -> the prefix-cache hash of the full block of known tokens whose KV the
@@ -109,30 +105,26 @@ class DraftModelProposer(Proposer):
     def describe(self) -> dict[str, str]:
         return {"speculative_method": "draft_model", **self.draft.describe()}
 
-    def propose(self, requests: Sequence[Request], max_drafts: Sequence[int]) -> list[list[int]]:
-        if not self.num_blocks:
-            raise RuntimeError("initialize_cache must be called before propose")
-        drafts: list[list[int]] = [[] for _ in requests]
-        rows = [r for r in map(self._row, range(len(requests)), requests, max_drafts) if r]
-        for first in range(0, len(rows), self.max_batch):
-            batch = rows[first : first + self.max_batch]
-            self._draft_batch(requests, batch)
-            for row in batch:
-                drafts[row.index] = row.drafts
-        return drafts
-
     # -- one round -----------------------------------------------------------------------
-    def _row(self, index: int, request: Request, wanted: int) -> _Row | None:
-        """The request's share of this round, or None when it gets no drafts."""
+    def draft_limit(self, request: Request, wanted: int) -> int:
+        """Drafts the request can take this round (0: none)."""
         num_tokens = request.num_tokens
         # Each draft input sits at a position the draft (and the target) can hold.
         limit = min(wanted, self.draft.max_model_len - num_tokens)
         # ... and within its blocks and its scratch blocks (always so while the target's
         # blocks cover its computed tokens, as the scheduler keeps them).
         limit = min(limit, self.reach(request.block_ids) - num_tokens + 1)
-        if limit <= 0 or not request.block_ids:
-            return None
-        return _Row(index, limit, num_tokens, [], [])
+        return limit if request.block_ids else 0
+
+    def propose_batch(self, requests: Sequence[Request], limits: Sequence[int]) -> list[list[int]]:
+        if not self.num_blocks:
+            raise RuntimeError("initialize_cache must be called before propose")
+        rows = [
+            _Row(slot, limit, request.num_tokens, [], [])
+            for slot, (request, limit) in enumerate(zip(requests, limits, strict=True))
+        ]
+        self._draft_batch(requests, rows)
+        return [row.drafts for row in rows]
 
     def reach(self, blocks: list[int]) -> int:
         """Positions a request's table can hold: its blocks and its scratch blocks."""

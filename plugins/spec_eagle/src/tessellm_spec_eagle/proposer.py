@@ -31,7 +31,7 @@ import torch
 
 from tessellm.interfaces.request import Request
 from tessellm.interfaces.schedule import ScheduledSeq
-from tessellm.interfaces.speculative import Proposer, ProposerContext, SpeculativeConfig
+from tessellm.interfaces.speculative import BatchedProposer, ProposerContext, SpeculativeConfig
 from tessellm.sampling_params import SamplingParams
 from tessellm_spec_eagle.head import EagleRunner
 from tessellm_spec_eagle.stash import HiddenStash, fill_rows
@@ -60,7 +60,7 @@ class _HeadState:
 class _Row:
     """One request's share of a propose round."""
 
-    index: int  # in the requests given to propose
+    index: int  # in the batch: its slot
     limit: int  # guesses wanted
     num_tokens: int
     table: list[int] = field(default_factory=list)  # its blocks, then its scratch blocks
@@ -69,7 +69,7 @@ class _Row:
     state: _HeadState | None = None
 
 
-class EagleProposer(Proposer):
+class EagleProposer(BatchedProposer):
     """``{"method": "eagle", "model": <head>, "num_speculative_tokens": k}``: the head runs
     on the target's device and dtype, sharing its embedding and LM head."""
 
@@ -82,8 +82,6 @@ class EagleProposer(Proposer):
         # boundary on; a round writes guesses 1 .. k - 1 at positions n - 1 .. n + k - 3.
         self.scratch_per_request = max(1, -(-(k - 1) // bs))
         args = context.args
-        limit = config.disable_by_batch_size
-        self.max_batch = min(args.max_num_seqs, limit) if limit else args.max_num_seqs
         step_rows = max(args.max_num_batched_tokens or 8192, context.max_model_len)
         self.stash = HiddenStash(max(MIN_STASH_ROWS, 2 * step_rows))
         self.num_blocks = 0  # the target's; scratch blocks follow
@@ -121,29 +119,28 @@ class EagleProposer(Proposer):
     def describe(self) -> dict[str, str]:
         return {"speculative_method": "eagle", **self.head.describe()}
 
-    def propose(self, requests: Sequence[Request], max_drafts: Sequence[int]) -> list[list[int]]:
-        if not self.num_blocks:
-            raise RuntimeError("initialize_cache must be called before propose")
-        drafts: list[list[int]] = [[] for _ in requests]
-        rows = [r for r in map(self._row, range(len(requests)), requests, max_drafts) if r]
-        for first in range(0, len(rows), self.max_batch):
-            batch = rows[first : first + self.max_batch]
-            self._draft_batch(requests, batch)
-            for row in batch:
-                drafts[row.index] = row.drafts
-        return drafts
-
     # -- one round -----------------------------------------------------------------------
-    def _row(self, index: int, request: Request, wanted: int) -> _Row | None:
-        """The request's share of this round, or None when it gets no guesses."""
+    def draft_limit(self, request: Request, wanted: int) -> int:
+        """Guesses the request can take this round (0: none)."""
         n = request.num_tokens
         blocks = request.block_ids
         reach = (len(blocks) + self.scratch_per_request) * self.block_size
         # Guesses sit at positions n .. n + limit - 1; the round writes up to n + limit - 3.
         limit = min(wanted, self.head.max_model_len - n, reach - n + 2)
-        if limit <= 0 or n < 2 or n - 1 > len(blocks) * self.block_size:
-            return None
-        return _Row(index, limit, n)
+        # The first guess reads the target's state at n - 2: it must exist, in the blocks.
+        if n < 2 or n - 1 > len(blocks) * self.block_size:
+            return 0
+        return limit
+
+    def propose_batch(self, requests: Sequence[Request], limits: Sequence[int]) -> list[list[int]]:
+        if not self.num_blocks:
+            raise RuntimeError("initialize_cache must be called before propose")
+        rows = [
+            _Row(slot, limit, request.num_tokens)
+            for slot, (request, limit) in enumerate(zip(requests, limits, strict=True))
+        ]
+        self._draft_batch(requests, rows)
+        return [row.drafts for row in rows]
 
     def _state(self, request: Request, num_tokens: int) -> _HeadState:
         """The request's state, new when its blocks are no longer the ones the head wrote
