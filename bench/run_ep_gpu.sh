@@ -15,15 +15,8 @@ TESSELLM="python3 -m tessellm.cli.app"
 MODEL=/tmp/random-$SHAPE
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TESSELLM_CACHE=${TESSELLM_CACHE:-/tmp/tessellm-cache}
 
-step() {  # step NAME TIMEOUT_S COMMAND...
-    local name=$1 limit=$2
-    shift 2
-    echo "=== $name ($(date +%T)): $*"
-    local t0=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-    echo "=== $name rc=$? in $((SECONDS - t0)) s"
-    grep -v -e "it/s]" "$OUT/$name.log" | tail -n 8
-}
+# shellcheck source=bench/step.sh
+. "$(dirname "$0")/step.sh"
 
 # Config fields from each model's config.json on the Hugging Face hub (shapes only).
 python3 - "$SHAPE" "$MODEL" <<'EOF' || exit 1

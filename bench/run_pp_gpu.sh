@@ -13,15 +13,8 @@ mkdir -p "$OUT"
 TESSELLM="python3 -m tessellm.cli.app"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TESSELLM_CACHE=${TESSELLM_CACHE:-/tmp/tessellm-cache}
 
-step() {  # step NAME TIMEOUT_S COMMAND...
-    local name=$1 limit=$2
-    shift 2
-    echo "=== $name ($(date +%T)): $*"
-    local t0=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-    echo "=== $name rc=$? in $((SECONDS - t0)) s"
-    grep -v -e "it/s]" "$OUT/$name.log" | tail -n 8
-}
+# shellcheck source=bench/step.sh
+. "$(dirname "$0")/step.sh"
 
 sizes() {  # sizes MODE -> "--tensor-parallel-size T -e pipeline_parallel_size=P"
     local tp=1 pp=1

@@ -15,15 +15,9 @@ MODEL=random:llama-3-8b
 GPTQ=/tmp/llama-3-8b-gptq
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TESSELLM_CACHE=${TESSELLM_CACHE:-/tmp/tessellm-cache}
 
-step() {  # step NAME TIMEOUT_S COMMAND...
-    local name=$1 limit=$2
-    shift 2
-    echo "=== $name ($(date +%T)): $*"
-    local t0=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-    echo "=== $name rc=$? in $((SECONDS - t0)) s"
-    grep -v -e "it/s]" "$OUT/$name.log" | tail -n 14
-}
+STEP_TAIL_LINES=14
+# shellcheck source=bench/step.sh
+. "$(dirname "$0")/step.sh"
 
 gptq_checkpoint() {
     [ -f "$GPTQ/config.json" ] || step write_gptq 120 python3 bench/quantized_checkpoint.py \
