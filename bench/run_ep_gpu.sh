@@ -52,17 +52,19 @@ print(write_random_model(shapes[sys.argv[1]], Path(sys.argv[2])))
 EOF
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-for mode in tp ep; do
-    extra=()
+run_bench() {  # run_bench KIND TIMEOUT_S MODE ARGS...: `tessellm bench KIND` at TP=2, MODE tp or ep
+    local kind=$1 limit=$2 mode=$3
+    shift 3
+    local extra=()
     [ "$mode" = ep ] && extra=(-e enable_expert_parallel=true)
-    step "${SHAPE}_${mode}2_throughput" 280 $TESSELLM bench throughput --model "$MODEL" \
-        --dtype bfloat16 --tensor-parallel-size 2 --num-prompts 256 --input-len 512 --output-len 256 \
-        --max-model-len 2048 --output-json "$OUT/${SHAPE}_${mode}2_throughput.json" "${extra[@]}"
+    step "${SHAPE}_${mode}2_$kind" "$limit" $TESSELLM bench "$kind" --model "$MODEL" \
+        --dtype bfloat16 --tensor-parallel-size 2 "$@" \
+        --max-model-len 2048 --output-json "$OUT/${SHAPE}_${mode}2_$kind.json" "${extra[@]}"
+}
+
+for mode in tp ep; do
+    run_bench throughput 280 "$mode" --num-prompts 256 --input-len 512 --output-len 256
 done
 for mode in tp ep; do
-    extra=()
-    [ "$mode" = ep ] && extra=(-e enable_expert_parallel=true)
-    step "${SHAPE}_${mode}2_latency" 200 $TESSELLM bench latency --model "$MODEL" \
-        --dtype bfloat16 --tensor-parallel-size 2 --input-len 512 --output-len 128 --num-iters 3 \
-        --max-model-len 2048 --output-json "$OUT/${SHAPE}_${mode}2_latency.json" "${extra[@]}"
+    run_bench latency 200 "$mode" --input-len 512 --output-len 128 --num-iters 3
 done
