@@ -88,6 +88,22 @@ def _k_split(split, k_per_split, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _write_shrunk(y_ptrs, y, mask, ATOMIC: tl.constexpr):
+    # Split-K partials add up in the zeroed fp32 output; one split owns its values.
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, y, mask=mask)
+    else:
+        tl.store(y_ptrs, y, mask=mask)
+
+
+@triton.jit
+def _add_in_place(o_ptrs, delta, mask):
+    """``o += delta`` summed in fp32, stored in ``o``'s dtype."""
+    o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(o_ptrs, (o + delta).to(o_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _slot_matrix(ptr, slot, stride_s):
     # int64: slot * stride can pass int32 with many slots of large matrices.
     return ptr + slot.to(tl.int64) * stride_s
@@ -138,11 +154,7 @@ def _shrink_segment_kernel(
         a_ptrs += BLOCK_K
     acc = acc * scale
     y_ptrs = y_ptr + tokens[:, None] * stride_ym + cols[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=mask)
-    else:
-        tl.store(y_ptrs, acc, mask=mask)
+    _write_shrunk(y_ptrs, acc, m_ok[:, None] & n_ok[None, :], ATOMIC)
 
 
 @triton.jit
@@ -182,10 +194,7 @@ def _shrink_token_kernel(
         a_ptrs += BLOCK_K
     y = tl.sum(acc, axis=1) * scale
     y_ptrs = y_ptr + token * stride_ym + cols
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, y, mask=n_ok)
-    else:
-        tl.store(y_ptrs, y, mask=n_ok)
+    _write_shrunk(y_ptrs, y, n_ok, ATOMIC)
 
 
 @triton.jit
@@ -229,9 +238,7 @@ def _expand_segment_kernel(
     else:
         delta = tl.dot(u, b)
     o_ptrs = out_ptr + tokens[:, None] * stride_om + offset + cols[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(o_ptrs, (o + delta).to(out_ptr.dtype.element_ty), mask=mask)
+    _add_in_place(o_ptrs, delta, m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -263,9 +270,7 @@ def _expand_token_kernel(
     u = tl.load(u_ptr + token * stride_um + ks, mask=k_ok, other=0.0)
     u = u.to(b.dtype).to(tl.float32)
     delta = tl.sum(b.to(tl.float32) * u[None, :], axis=1)
-    o_ptrs = out_ptr + token * stride_om + offset + cols
-    o = tl.load(o_ptrs, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(o_ptrs, (o + delta).to(out_ptr.dtype.element_ty), mask=n_ok)
+    _add_in_place(out_ptr + token * stride_om + offset + cols, delta, n_ok)
 
 
 def _pow2_at_least_16(n: int) -> int:
