@@ -106,7 +106,7 @@ def write_check(
 ) -> str | None:
     """Run ``library`` once on scratch caches shared as the real ones are (one sequence of
     ``query_len`` tokens, each group in pages of its own) and check that every layer's
-    keys reached its group's pages: a library that wrote a shared cache through a copy
+    keys and values reached its group's pages: a library that wrote a shared cache through a copy
     would have put back stale pages of the other groups. None when they all did, else
     what went wrong."""
     groups = num_kv_groups(attn_layers)
@@ -145,7 +145,8 @@ def write_check(
     except Exception as exc:  # any failure means: do not use it
         return f"{type(exc).__name__}: {exc}"
     for index, layer in enumerate(attn_layers):
-        keys = caches[2 * index].flatten(0, 1)[slots[layer.kv_group]]
-        if not bool(keys.ne(0).any(dim=-1).any(dim=-1).all()):
-            return f"layer {index}'s keys are missing from its group's pages"
+        for which, cache in (("keys", caches[2 * index]), ("values", caches[2 * index + 1])):
+            written = cache.flatten(0, 1)[slots[layer.kv_group]]
+            if not bool(written.ne(0).any(dim=-1).any(dim=-1).all()):
+                return f"layer {index}'s {which} are missing from its group's pages"
     return None

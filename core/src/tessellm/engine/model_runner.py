@@ -193,13 +193,12 @@ class ModelRunner:
         )
         if self.step_runner is None and not self.args.enforce_eager and not graphs_fit:
             logger.info(
-                "steps run eagerly: the %s platform's graph runner serves one KV block table "
-                "and no recurrent state (this model: %d KV groups%s)",
-                self.platform_choice.chosen,
-                len(layout.groups),
-                ", recurrent state"
+                "steps run eagerly: %s",
+                "graph runners keep no recurrent state"
                 if layout.has_state
-                else "; disable_hybrid_kv_cache_manager=True puts them in one",
+                else f"the {self.platform_choice.chosen} platform's graph runner reads one KV "
+                f"block table, this model has {len(layout.groups)} KV groups "
+                "(disable_hybrid_kv_cache_manager=True puts them in one)",
             )
         if self.step_runner is None and not self.args.enforce_eager and graphs_fit:
             spec = GraphSpec(
