@@ -12,9 +12,10 @@ The compiled step (:class:`DecodeStep`) takes ``B`` one-token sequences and a bl
 table ``W`` columns wide, both dynamic: one library serves every decode batch of 1-16
 sequences (int4 linears) and every context length, another 17-64 (dense linears).
 Weights and KV caches are inputs, not constants: the library holds only code, shares the
-model's tensors, and does not depend on the weights' values. Libraries are cached under
-``<cache>/compiled/`` (:mod:`tessellm_cpu.cache_store`, bounded, least recently used
-first out), keyed by everything that shapes them (:mod:`tessellm_cpu.decode_key`).
+model's tensors, and does not depend on the weights' values. Windowed layers in KV groups
+of their own read their group's table (:mod:`tessellm_cpu.decode_groups`). Libraries are
+cached under ``<cache>/compiled/`` (:mod:`tessellm_cpu.cache_store`, bounded, least
+recently used first out), keyed by everything that shapes them (:mod:`tessellm_cpu.decode_key`).
 
 A cached library loads in milliseconds when the runner is captured. A missing one is
 built in a child process (:mod:`tessellm_cpu.background_build`) while the engine serves
