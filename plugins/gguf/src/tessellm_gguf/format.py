@@ -23,6 +23,7 @@ import torch
 from tessellm.errors import ModelLoadError
 from tessellm.interfaces.weights import WeightFormat
 from tessellm_gguf.conversion_cache import cached_config, cached_tokenizer, cached_weights
+from tessellm_gguf.metadata_once import forget, read_once
 from tessellm_gguf.native_weights import iter_native_weights, supports_native
 
 GGUF_QUANTIZATION = {"quant_method": "gguf"}
@@ -104,7 +105,8 @@ class GGUFFormat(WeightFormat):
 
         folder, name = _split(path)
         try:
-            config = AutoConfig.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+            with read_once():
+                config = AutoConfig.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
         except Exception as exc:
             raise _load_error(path, "metadata", exc) from None
         if not getattr(config, "architectures", None):
@@ -119,9 +121,14 @@ class GGUFFormat(WeightFormat):
 
         folder, name = _split(path)
         try:
-            return AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+            with read_once():
+                return AutoTokenizer.from_pretrained(
+                    folder, gguf_file=name, trust_remote_code=False
+                )
         except Exception as exc:
             raise _load_error(path, "tokenizer", exc) from None
+        finally:
+            forget()  # the config, converted first, has had its share
 
     def iter_weights(
         self, path: Path, config, dtype: torch.dtype
