@@ -10,6 +10,8 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from test_mamba_bamba import BAMBA
+from test_mamba_parity import MAMBA2
 
 from tessellm import LLM, SamplingParams
 from tessellm.engine.cache_layout import build_layout
@@ -21,31 +23,6 @@ from tessellm.interfaces.schedule import ScheduledSeq, SchedulerOutput
 from tessellm.testing import hf_greedy, tiny_model
 from tessellm.testing.reference import encode_prompts
 
-MAMBA2 = dict(
-    hidden_size=64,
-    expand=2,
-    num_heads=8,
-    head_dim=16,
-    n_groups=2,
-    state_size=16,
-    conv_kernel=4,
-    chunk_size=8,
-    num_hidden_layers=2,
-)
-BAMBA = dict(
-    hidden_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    num_hidden_layers=4,
-    attn_layer_indices=[1, 3],
-    mamba_n_heads=8,
-    mamba_d_head=16,
-    mamba_n_groups=2,
-    mamba_d_state=16,
-    mamba_chunk_size=8,
-    mamba_d_conv=4,
-)
 PROMPTS = [
     "the quick brown fox jumps over the lazy dog and runs far away into the woods",
     "hello",
