@@ -39,11 +39,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def one_round(cache: Path, env_extra: dict[str, str], max_tokens: int) -> dict[str, float]:
+def one_round(
+    cache: Path, env_extra: dict[str, str], max_tokens: int, model: str, serve_args: list[str]
+) -> dict[str, float]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "TESSELLM_CACHE": str(cache), **env_extra}
-    cmd = [shutil.which("tessellm") or "tessellm", "serve", "--port", str(port)]
+    cmd = [shutil.which("tessellm") or "tessellm", "serve", model, "--port", str(port), *serve_args]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -56,7 +58,7 @@ def one_round(cache: Path, env_extra: dict[str, str], max_tokens: int) -> dict[s
                     healthy = time.perf_counter() - start
             except httpx.TransportError:
                 time.sleep(0.05)
-        body = {"model": DEFAULT_MODEL, "prompt": "The capital of France is",
+        body = {"model": model, "prompt": "The capital of France is",
                 "max_tokens": max_tokens, "temperature": 0}  # fmt: skip
         response = httpx.post(url + "/v1/completions", json=body, timeout=600)
         response.raise_for_status()
@@ -71,25 +73,27 @@ def one_round(cache: Path, env_extra: dict[str, str], max_tokens: int) -> dict[s
     return {"healthy_s": round(healthy, 2), "first_completion_s": round(completed, 2)}
 
 
-def prepare_warm(cache: Path) -> None:
+def prepare_warm(cache: Path, model: str, serve_args: list[str]) -> None:
     """One serve whose compiled steps are built before it serves (a user's first day)."""
-    one_round(cache, {"TESSELLM_CPU_COMPILE": "wait"}, 8)
+    one_round(cache, {"TESSELLM_CPU_COMPILE": "wait"}, 8, model, serve_args)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--serve-arg", action="append", default=[], help="passed to serve")
     args = parser.parse_args()
     rows: dict[str, list[dict[str, float]]] = {"cold": [], "warm": []}
     with tempfile.TemporaryDirectory(prefix="tessellm-startup-") as tmp:
         warm_cache = Path(tmp) / "warm"
-        prepare_warm(warm_cache)
+        prepare_warm(warm_cache, args.model, args.serve_arg)
         for k in range(args.rounds):
             # Alternated, so that a change in the machine's load shows in both.
             cold_cache = Path(tmp) / f"cold{k}"
             for mode, cache in (("cold", cold_cache), ("warm", warm_cache)):
-                row = one_round(cache, {}, args.max_tokens)
+                row = one_round(cache, {}, args.max_tokens, args.model, args.serve_arg)
                 rows[mode].append(row)
                 print(json.dumps({"mode": mode, "round": k, **row}), flush=True)
             shutil.rmtree(cold_cache, ignore_errors=True)

@@ -17,11 +17,17 @@
 # so its "ready" time includes a build whenever the tree's sources changed.
 #   ROUNDS=2 TESSELLM_CONFIGS="tessellm:;tessellm-fp32:--dtype float32" \
 #       bash bench/serve_vs_transformers.sh OUT_DIR 1 2 4
+# On a GPU both serve one HF folder (MODEL, also the tokenizer the prompts are drawn from),
+# with the workload's shape in INPUT_LEN, OUTPUT_LEN and NUM_PROMPTS, e.g.
+#   MODEL=/tmp/llama1b HF_MODEL=/tmp/llama1b HF_ARGS="--device cuda --dtype bfloat16" \
+#       INPUT_LEN=256 OUTPUT_LEN=128 NUM_PROMPTS=128 bash bench/serve_vs_transformers.sh OUT 4 16
 set -u
 OUT=$1
 shift
 RATES=("$@")
 HF_MODEL=${HF_MODEL:-/tmp/smol_hf}
+MODEL=${MODEL:-smollm2-135m-instruct}  # what tessellm serves, and the prompts' tokenizer
+INPUT_LEN=${INPUT_LEN:-32} OUTPUT_LEN=${OUTPUT_LEN:-64} NUM_PROMPTS=${NUM_PROMPTS:-32}
 PORT=${PORT:-8010}  # tessellm configurations on PORT, PORT+1, ...; transformers after them
 ROUNDS=${ROUNDS:-1}
 TESSELLM_CONFIGS=${TESSELLM_CONFIGS:-"tessellm:"}  # name:extra serve args;name:args...
@@ -31,9 +37,10 @@ TESSELLM_CONFIGS=${TESSELLM_CONFIGS:-"tessellm:"}  # name:extra serve args;name:
 HF_ARGS=${HF_ARGS:-"--cb-block-size 32 --cb-num-blocks 512"}
 mkdir -p "$OUT"
 
-wait_ready() {  # wait_ready URL: until it answers 200, at most 1,800 s (a build under load)
+wait_ready() {  # wait_ready URL PID: until it answers 200, at most 1,800 s (a build under load)
     for _ in $(seq 3600); do
         curl -sf "$1" >/dev/null && return 0
+        kill -0 "$2" 2>/dev/null || break
         sleep 0.5
     done
     echo "server at $1 never became ready" >&2
@@ -43,8 +50,8 @@ wait_ready() {  # wait_ready URL: until it answers 200, at most 1,800 s (a build
 bench() {  # bench URL MODEL ARGS...
     local url=$1 model=$2
     shift 2
-    tessellm bench serve --base-url "$url" --model "$model" --input-len 32 --text-prompts \
-        --tokenizer smollm2-135m-instruct --no-ignore-eos "$@"
+    tessellm bench serve --base-url "$url" --model "$model" --input-len "$INPUT_LEN" \
+        --text-prompts --tokenizer "$MODEL" --no-ignore-eos "$@"
 }
 
 names=() ports=() extras=()
@@ -65,19 +72,19 @@ run_server() {  # run_server INDEX ROUND: start it, warm it up, measure every ra
             >>"$OUT/transformers_serve.log" 2>&1 &
         model=$HF_MODEL health=$url/v1/models
     else
-        TESSELLM_CPU_COMPILE=${TESSELLM_CPU_COMPILE:-wait} tessellm serve --port "${ports[$i]}" \
-            "${extra[@]}" >>"$OUT/${name}_serve.log" 2>&1 &
-        model=smollm2-135m-instruct health=$url/health
+        TESSELLM_CPU_COMPILE=${TESSELLM_CPU_COMPILE:-wait} tessellm serve "$MODEL" \
+            --port "${ports[$i]}" "${extra[@]}" >>"$OUT/${name}_serve.log" 2>&1 &
+        model=$MODEL health=$url/health
     fi
     pid=$!
     local t0=$SECONDS
-    if wait_ready "$health"; then
+    if wait_ready "$health" "$pid"; then
         echo "$name ready in $((SECONDS - t0)) s (round $round)"
         # Warm-up, not recorded: transformers serve loads the model on its first request.
         bench "$url/v1" "$model" --num-prompts 2 --output-len 8 --request-rate 1 >/dev/null
         for rate in "${RATES[@]}"; do
             echo "$name r$rate round$round before: $(date -u +%H:%M:%S) $(cat /proc/loadavg)" >>"$OUT/load.txt"
-            bench "$url/v1" "$model" --num-prompts 32 --output-len 64 --request-rate "$rate" \
+            bench "$url/v1" "$model" --num-prompts "$NUM_PROMPTS" --output-len "$OUTPUT_LEN" --request-rate "$rate" \
                 --output-json "$OUT/serve_${name}_r${rate}_round${round}.json" |
                 tail -1 | sed "s/^tessellm-server/$name r$rate round$round/"
             echo "$name r$rate round$round after: $(date -u +%H:%M:%S) $(cat /proc/loadavg)" >>"$OUT/load.txt"

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Issue 16's GPU measurements: `tessellm serve` against `transformers serve
+# --continuous-batching` on one bf16 HF folder of random weights in a real shape
+# (Llama-3.2-1B), and the server's start-up time (to healthy, to the first completion) with
+# an empty and a used cache. Run from the repository root on a CUDA machine after
+# `. .whl/setup.sh` (or an install):
+#   bash bench/run_serve_gpu.sh checkpoint startup serve
+# Logs and JSON go to $OUT (default ./bench-out).
+set -u
+OUT=${OUT:-./bench-out}
+mkdir -p "$OUT"
+CKPT=${CKPT:-/tmp/llama-3.2-1b-hf}
+RATES=${RATES:-"4 16 64"}
+export PYTHONUNBUFFERED=1 TESSELLM_CACHE=${TESSELLM_CACHE:-/tmp/tessellm-cache}
+# shellcheck source=bench/step.sh
+. "$(dirname "$0")/step.sh"
+
+for phase in "$@"; do
+    case "$phase" in
+    checkpoint)  # the random: preset's config and tokenizer, dense bf16 weights as HF saves them
+        step checkpoint 120 python3 - "$CKPT" <<'PY'
+import os, shutil, sys
+from pathlib import Path
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from tessellm.model_loader import resolve_model
+from tessellm.plugins import get_plugins
+from tessellm.sources.random_weights import MARKER_FILE
+
+target = Path(sys.argv[1])
+cache = Path(os.environ["TESSELLM_CACHE"])
+source = resolve_model(get_plugins(), "random:llama-3.2-1b", cache).path
+shutil.copytree(source, target, dirs_exist_ok=True)
+(target / MARKER_FILE).unlink(missing_ok=True)
+torch.manual_seed(0)
+config = AutoConfig.from_pretrained(target)
+with torch.device("cuda"):
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+model.save_pretrained(target)
+print(sorted(p.name for p in target.iterdir()))
+PY
+        ;;
+    startup)
+        step startup 240 python3 bench/serve_startup.py --rounds 2 --model "$CKPT"
+        ;;
+    serve)
+        transformers serve --help >"$OUT/transformers_serve_help.log" 2>&1
+        # shellcheck disable=SC2086
+        MODEL=$CKPT HF_MODEL=$CKPT HF_ARGS="--device cuda --dtype bfloat16" INPUT_LEN=256 \
+            OUTPUT_LEN=128 NUM_PROMPTS=${NUM_PROMPTS:-128} TESSELLM_CPU_COMPILE=off \
+            step serve 330 bash bench/serve_vs_transformers.sh "$OUT/serve" $RATES
+        ;;
+    esac
+done
