@@ -15,7 +15,9 @@ ENABLE_ENV = "TESSELLM_CPU_COMPILE"
 def compile_mode() -> str:
     """``off``, ``wait`` or ``background``, from ``TESSELLM_CPU_COMPILE``."""
     raw = os.environ.get(ENABLE_ENV, "1").strip().lower()
-    return {"0": "off", "wait": "wait"}.get(raw, "background")
+    if raw in ("0", "off", "false", "no"):
+        return "off"
+    return "wait" if raw == "wait" else "background"
 
 
 def compile_enabled() -> bool:
@@ -52,3 +54,21 @@ def describe_shape(shape: Shape) -> str:
         return f"decode step for {range_label(shape)} sequences"
     tokens = query_len_of(shape)
     return f"verification step ({tokens} tokens a sequence) for {range_label(shape)} sequences"
+
+
+def describe_pending(pending: list[Shape], verify_query_len: int) -> str:
+    """``the CPU decode steps for 1-16 and 17-64 sequences`` (and the verification
+    steps'), for messages."""
+    decode = [range_label(shape) for shape in pending if query_len_of(shape) == 1]
+    verify = [range_label(shape) for shape in pending if query_len_of(shape) > 1]
+    parts = []
+    if decode:
+        parts.append(
+            f"decode step{'s' if len(decode) > 1 else ''} for {' and '.join(decode)} sequences"
+        )
+    if verify:
+        parts.append(
+            f"verification step{'s' if len(verify) > 1 else ''} ({verify_query_len} "
+            f"tokens a sequence) for {' and '.join(verify)} sequences"
+        )
+    return "the CPU " + " and ".join(parts)

@@ -55,6 +55,7 @@ from tessellm_cpu.compile_plan import (  # noqa: F401 - compiler_missing etc. re
     compile_enabled,
     compile_mode,
     compiler_missing,
+    describe_pending,
     describe_shape,
     library_shape,
     query_len_of,
@@ -115,6 +116,10 @@ class CompiledDecodeRunner:
         self._paths: dict[Shape, Path] = {}
         self.failure: str | None = None
         self.steps = 0  # decode steps run compiled
+        # The engine's intra-op threads, and how many its steps use while a background
+        # build holds a core (see yield_core).
+        self.threads = torch.get_num_threads()
+        self.threads_while_building = max(1, self.threads - 1)
 
     @property
     def verify_steps(self) -> int:
@@ -233,7 +238,7 @@ class CompiledDecodeRunner:
             ],
         }
         self.pending = [shape for shape, _ in missing]
-        what = self._describe_pending()
+        what = describe_pending(self.pending, self.verify.query_len)
         logger.warning(
             "building %s of %s %s into %s (once for this model and tessellm version)",
             what,
@@ -254,23 +259,6 @@ class CompiledDecodeRunner:
             f"{what} of {self.model_name}",
         )
         weakref.finalize(self, self._build.kill)
-
-    def _describe_pending(self) -> str:
-        """``the CPU decode steps for 1-16 and 17-64 sequences`` (and the verification
-        steps'), for messages."""
-        decode = [range_label(shape) for shape in self.pending if query_len_of(shape) == 1]
-        verify = [range_label(shape) for shape in self.pending if query_len_of(shape) > 1]
-        parts = []
-        if decode:
-            parts.append(
-                f"decode step{'s' if len(decode) > 1 else ''} for {' and '.join(decode)} sequences"
-            )
-        if verify:
-            parts.append(
-                f"verification step{'s' if len(verify) > 1 else ''} ({self.verify.query_len} "
-                f"tokens a sequence) for {' and '.join(verify)} sequences"
-            )
-        return "the CPU " + " and ".join(parts)
 
     # -- progress (the build's reader thread) ------------------------------------------
     def _on_event(self, event: dict) -> None:
@@ -369,11 +357,26 @@ class CompiledDecodeRunner:
                     logger.warning("cannot load %s: %s; its batches stay eager", path, exc)
 
     # -- running -----------------------------------------------------------------------
+    def yield_core(self) -> None:
+        """One thread fewer for the engine's steps while a background build runs.
+
+        The build (export, then a C++ compiler) keeps one core busy; OpenMP steps that
+        still ask for every core wait at each op's barrier for a thread the scheduler gave
+        to the build: a 30-token prefill of the default model took 1.2 s instead of ~0.1 s
+        on 2 cores with the build running (bench/RESULTS.md, 2026-12-06). Called in the
+        engine's thread (OpenMP's thread count belongs to the thread that sets it)."""
+        building = self._build is not None and self.pending and self._build.running()
+        wanted = self.threads_while_building if building else self.threads
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor | None:
         if self._arrived:  # a library finished building: switch between two steps
             self._adopt()
+        if self._build is not None:
+            self.yield_core()
         n = input_ids.shape[0]
         if metadata.max_query_len != 1:  # several tokens per sequence: drafts to verify?
             return self.verify.run(input_ids, positions, metadata, self._static, self.num_groups)
