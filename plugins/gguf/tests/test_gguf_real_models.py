@@ -9,6 +9,7 @@ this method there too).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -57,6 +58,7 @@ def test_fp32_answer_equals_the_dense_load():
     assert native == dense
 
 
+@functools.cache  # a load takes ~7 s; two tests measure the same codes-only load
 def _load_peak(dtype: str, quantization: str, dense_copies: str = "off") -> dict:
     script = Path(__file__).with_name("load_memory.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TESSELLM_GGUF_CPU_DENSE": dense_copies}

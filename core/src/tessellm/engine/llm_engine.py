@@ -21,6 +21,7 @@ from tessellm.engine.engine_setup import (
     scheduler_config,
     tune_garbage_collector,
 )
+from tessellm.engine.engine_sleep import EngineSleep
 from tessellm.engine.output_processor import OutputProcessor, child_id
 from tessellm.engine.pipeline_loop import PipelineLoop, check_pipelining
 from tessellm.engine.pooling import check_generative
@@ -32,7 +33,7 @@ from tessellm.engine.speculative import (
 )
 from tessellm.engine.step_recovery import apply_result, fail_unprocessed, is_fatal, recover_step
 from tessellm.engine.validation import RequestValidation
-from tessellm.errors import ConfigError, EngineSleepingError, InvalidRequestError
+from tessellm.errors import EngineSleepingError, InvalidRequestError
 from tessellm.interfaces.engine import (
     Executor,
     KVCacheManager,
@@ -52,7 +53,7 @@ from tessellm.sampling_params import MAX_SEED, SamplingParams
 logger = logging.getLogger(__name__)
 
 
-class LLMEngine(RequestValidation):
+class LLMEngine(RequestValidation, EngineSleep):
     def __init__(self, args: EngineArgs, plugins: PluginSet | None = None) -> None:
         self.args = args
         self.plugins = plugins = plugins or get_plugins()
@@ -220,39 +221,6 @@ class LLMEngine(RequestValidation):
                 outputs.append(out)
         self.structured.sweep(self.output_processor)
         return outputs
-
-    # -- sleep (vLLM's names) --------------------------------------------------------------
-    def sleep(self, level: int = 1) -> float:
-        """Give the device's memory back while idle: level 1 frees the KV cache and moves
-        the weights to host memory, level 2 frees both. Requests are refused
-        (``EngineSleepingError``) until ``wake_up``. Returns the seconds it took."""
-        if level not in (1, 2):
-            raise InvalidRequestError(f"sleep level must be 1 or 2, got {level!r}")
-        if self.sleep_level:
-            return 0.0
-        if self.has_unfinished_requests():
-            raise InvalidRequestError("requests are running; the engine sleeps only when idle")
-        if not self.executor.supports_sleep:
-            raise ConfigError(f"the {type(self.executor).__name__} executor cannot sleep")
-        start = time.monotonic()
-        self.structured.sweep(self.output_processor)
-        if not self.kv_cache_manager.reset_prefix_cache():
-            raise ConfigError(
-                f"{type(self.kv_cache_manager).__name__} cannot forget its prefix cache, "
-                "which sleep needs (the KV it points to is freed)"
-            )
-        self.executor.sleep(level)
-        self.sleep_level = level
-        return time.monotonic() - start
-
-    def wake_up(self) -> float:
-        """Restore what ``sleep`` freed; returns the seconds it took."""
-        if not self.sleep_level:
-            return 0.0
-        start = time.monotonic()
-        self.executor.wake_up()
-        self.sleep_level = 0
-        return time.monotonic() - start
 
     def has_unfinished_requests(self) -> bool:
         return (
