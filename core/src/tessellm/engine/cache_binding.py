@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import mmap
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -84,14 +86,30 @@ def state_bytes(runner: ModelRunner) -> int:
     return per_slot * layout.num_state_slots
 
 
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor; in host memory one whose pages the kernel zeroes on first touch.
+
+    ``torch.zeros`` writes every byte of a host tensor up front: the CPU's default 4 GiB
+    KV cache took 3.1 s of a 12 s server start (2-core EPYC) and was all resident before
+    the first request. An anonymous mapping reads as zeros and costs nothing until used."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    anonymous = getattr(mmap, "MAP_ANONYMOUS", None)
+    if nbytes < mmap.PAGESIZE or anonymous is None:
+        return torch.zeros(shape, dtype=dtype)
+    # Private: a forked child gets copy-on-write pages, as with any other host memory.
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | anonymous)  # kept by the tensor
+    return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)
+
+
 def bind_caches(runner: ModelRunner, num_pages: int) -> None:
     """Allocate the page tensors and state slots and bind them to the layers."""
     layout, dtype, device = runner.cache_layout, runner.kv_cache_dtype, runner.device
     tensors = []
     for h, d in _position_shapes(runner):
         shape = (num_pages, runner.block_size, h, d)
-        k = torch.zeros(shape, dtype=dtype, device=device)
-        tensors.append((k, torch.zeros(shape, dtype=dtype, device=device)))
+        tensors.append((zeroed(shape, dtype, device), zeroed(shape, dtype, device)))
     if layout.plain:
         for layer, (k, v) in zip(runner.attn_layers, tensors, strict=True):
             layer.bind_kv_cache(k, v)
@@ -102,10 +120,7 @@ def bind_caches(runner: ModelRunner, num_pages: int) -> None:
     for layer, spec in zip(runner.stateful_layers, layout.state_specs, strict=True):
         state_dtype = spec.dtype or runner.dtype
         layer.bind_state(
-            [
-                torch.zeros((layout.num_state_slots, *shape), dtype=state_dtype, device=device)
-                for shape in spec.shapes
-            ]
+            [zeroed((layout.num_state_slots, *shape), state_dtype, device) for shape in spec.shapes]
         )
 
 
