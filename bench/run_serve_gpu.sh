@@ -44,9 +44,14 @@ PY
         step startup 240 python3 bench/serve_startup.py --rounds 2 --model "$CKPT"
         ;;
     serve)
+        # Options of the image's transformers (older than this machine's) where it has them.
         transformers serve --help >"$OUT/transformers_serve_help.log" 2>&1
+        hf_args=""
+        for option in "--device cuda" "--dtype bfloat16"; do
+            grep -q -- "${option%% *}" "$OUT/transformers_serve_help.log" && hf_args="$hf_args $option"
+        done
         # shellcheck disable=SC2086
-        MODEL=$CKPT HF_MODEL=$CKPT HF_ARGS="--device cuda --dtype bfloat16" INPUT_LEN=256 \
+        MODEL=$CKPT HF_MODEL=$CKPT HF_ARGS="$hf_args" INPUT_LEN=256 \
             OUTPUT_LEN=128 NUM_PROMPTS=${NUM_PROMPTS:-128} TESSELLM_CPU_COMPILE=off \
             step serve 330 bash bench/serve_vs_transformers.sh "$OUT/serve" $RATES
         ;;
