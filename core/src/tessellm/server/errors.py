@@ -7,6 +7,7 @@ and the engine's ``InvalidRequestError`` becomes 400 too. Only a bug gives a 500
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -81,18 +82,57 @@ def to_api_error(exc: BaseException) -> APIError:
     return APIError(500, "internal server error", error_type="server_error")
 
 
+# Pydantic names the member of a union it tried (``constrained-str``,
+# ``list[function-before[...]]``) inside an error's location; field names never look so.
+_UNION_MEMBER = re.compile(r"[\[\]-]|^(str|int|float|bool|list|dict|none)$")
+
+
+def _is_union_member(part: Any) -> bool:
+    return isinstance(part, str) and bool(_UNION_MEMBER.search(part))
+
+
+def _readable_errors(details: list[dict]) -> list[tuple[list[str], str]]:
+    """(location, message) per error, a union's members left out of locations and only
+    the members of the value's own kind kept: ``"prompt": ""`` says the string is empty,
+    not also that it is not a list of strings, of token ids and of token-id lists."""
+    fields: dict[tuple, list[tuple[Any, list, dict]]] = {}
+    order: list[tuple] = []
+    for item in details:
+        loc = [x for x in item.get("loc", ()) if x != "body"]
+        cut = next((i for i, part in enumerate(loc) if _is_union_member(part)), None)
+        key = tuple(loc) if cut is None else tuple(loc[:cut])
+        if key not in fields:
+            order.append(key)
+        member = None if cut is None else loc[cut]
+        fields.setdefault(key, []).append((member, [] if cut is None else loc[cut + 1 :], item))
+    readable: list[tuple[list[str], str]] = []
+    for key in order:
+        entries = fields[key]
+        # The field's own value: an error at the member's top has it as its input.
+        values = [item.get("input") for member, rest, item in entries if member and not rest]
+        if values and all(member for member, _, _ in entries):
+            is_list = isinstance(values[0], list)
+            same_kind = [e for e in entries if str(e[0]).startswith("list[") == is_list]
+            entries = same_kind or entries
+        for _, rest, item in entries:
+            line = (
+                [str(x) for x in key] + [str(x) for x in rest],
+                item.get("msg", "invalid value"),
+            )
+            if line not in readable:
+                readable.append(line)
+    return readable
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
     details = exc.errors()
     if not details:
         return bad_request("invalid request body")
     if details[0].get("type") == "json_invalid":
         return _json_error(details[0], exc.body)
-    parts = []
-    for item in details[:5]:
-        loc = [str(x) for x in item.get("loc", ()) if x != "body"]
-        where = ".".join(loc) or "body"
-        parts.append(f"{where}: {item.get('msg', 'invalid value')}")
-    first_loc = [str(x) for x in details[0].get("loc", ()) if x != "body"]
+    readable = _readable_errors(list(details))
+    parts = [f"{'.'.join(loc) or 'body'}: {message}" for loc, message in readable[:5]]
+    first_loc = readable[0][0]
     param = first_loc[0] if first_loc else None
     return bad_request("; ".join(parts), param=param)
 
