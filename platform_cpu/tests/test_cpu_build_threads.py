@@ -29,7 +29,7 @@ def threads():
 
 def runner_with(build: FakeBuild | None, pending: list) -> CompiledDecodeRunner:
     runner = CompiledDecodeRunner.__new__(CompiledDecodeRunner)  # only yield_core's state
-    runner.threads, runner.threads_while_building = 3, 2
+    runner.threads = 3
     runner._build, runner.pending = build, pending
     return runner
 
@@ -55,7 +55,7 @@ def test_a_finished_build_with_nothing_pending_keeps_every_thread(threads) -> No
 def test_one_core_never_goes_below_one_thread(threads) -> None:
     torch.set_num_threads(1)
     runner = runner_with(FakeBuild(), [(1, 16)])
-    runner.threads, runner.threads_while_building = 1, 1
+    runner.threads = 1
     runner.yield_core()
     assert torch.get_num_threads() == 1
 

@@ -116,10 +116,7 @@ class CompiledDecodeRunner:
         self._paths: dict[Shape, Path] = {}
         self.failure: str | None = None
         self.steps = 0  # decode steps run compiled
-        # The engine's intra-op threads, and how many its steps use while a background
-        # build holds a core (see yield_core).
-        self.threads = torch.get_num_threads()
-        self.threads_while_building = max(1, self.threads - 1)
+        self.threads = torch.get_num_threads()  # one fewer while a build runs (yield_core)
 
     @property
     def verify_steps(self) -> int:
@@ -362,11 +359,11 @@ class CompiledDecodeRunner:
 
         The build (export, then a C++ compiler) keeps one core busy; OpenMP steps that
         still ask for every core wait at each op's barrier for a thread the scheduler gave
-        to the build: a 30-token prefill of the default model took 1.2 s instead of ~0.1 s
+        to the build: a 30-token prefill of the default model took 2.9 s instead of 0.2 s
         on 2 cores with the build running (bench/RESULTS.md, 2026-12-06). Called in the
         engine's thread (OpenMP's thread count belongs to the thread that sets it)."""
         building = self._build is not None and self.pending and self._build.running()
-        wanted = self.threads_while_building if building else self.threads
+        wanted = max(1, self.threads - 1) if building else self.threads
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
 

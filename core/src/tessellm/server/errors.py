@@ -95,23 +95,19 @@ def _readable_errors(details: list[dict]) -> list[tuple[list[str], str]]:
     """(location, message) per error, a union's members left out of locations and only
     the members of the value's own kind kept: ``"prompt": ""`` says the string is empty,
     not also that it is not a list of strings, of token ids and of token-id lists."""
-    fields: dict[tuple, list[tuple[Any, list, dict]]] = {}
-    order: list[tuple] = []
+    fields: dict[tuple, list[tuple[Any, list, dict]]] = {}  # in the errors' order
     for item in details:
         loc = [x for x in item.get("loc", ()) if x != "body"]
         cut = next((i for i, part in enumerate(loc) if _is_union_member(part)), None)
         key = tuple(loc) if cut is None else tuple(loc[:cut])
-        if key not in fields:
-            order.append(key)
         member = None if cut is None else loc[cut]
         fields.setdefault(key, []).append((member, [] if cut is None else loc[cut + 1 :], item))
     readable: list[tuple[list[str], str]] = []
-    for key in order:
-        entries = fields[key]
+    for key, entries in fields.items():
         # The field's own value: an error at the member's top has it as its input.
-        values = [item.get("input") for member, rest, item in entries if member and not rest]
-        if values and all(member for member, _, _ in entries):
-            is_list = isinstance(values[0], list)
+        tops = [item for member, rest, item in entries if member and not rest]
+        if tops and all(member for member, _, _ in entries):
+            is_list = isinstance(tops[0].get("input"), list)
             same_kind = [e for e in entries if str(e[0]).startswith("list[") == is_list]
             entries = same_kind or entries
         for _, rest, item in entries:
