@@ -53,7 +53,8 @@ PY
         # shellcheck disable=SC2086
         MODEL=$CKPT HF_MODEL=$CKPT HF_ARGS="$hf_args" INPUT_LEN=256 \
             OUTPUT_LEN=128 NUM_PROMPTS=${NUM_PROMPTS:-128} TESSELLM_CPU_COMPILE=off \
-            step serve 330 bash bench/serve_vs_transformers.sh "$OUT/serve" $RATES
+            step serve "${SERVE_LIMIT:-330}" bash bench/serve_vs_transformers.sh "$OUT/serve" $RATES
+        tail -n 15 "$OUT/serve/transformers_serve.log"
         ;;
     esac
 done

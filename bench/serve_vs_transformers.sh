@@ -30,7 +30,8 @@ MODEL=${MODEL:-smollm2-135m-instruct}  # what tessellm serves, and the prompts' 
 INPUT_LEN=${INPUT_LEN:-32} OUTPUT_LEN=${OUTPUT_LEN:-64} NUM_PROMPTS=${NUM_PROMPTS:-32}
 PORT=${PORT:-8010}  # tessellm configurations on PORT, PORT+1, ...; transformers after them
 ROUNDS=${ROUNDS:-1}
-TESSELLM_CONFIGS=${TESSELLM_CONFIGS:-"tessellm:"}  # name:extra serve args;name:args...
+# name:extra serve args;name:args... (set and empty: the peer alone)
+TESSELLM_CONFIGS=${TESSELLM_CONFIGS-"tessellm:"}
 # transformers' own KV cache sizing took ~14 GiB of this 24 GiB machine (and was killed for
 # memory once, next to other processes); 512 blocks of 32 tokens hold 16k tokens, over 5
 # times what 32 requests of 32 + 64 tokens can need at once.
@@ -68,8 +69,11 @@ run_server() {  # run_server INDEX ROUND: start it, warm it up, measure every ra
     local -a extra
     read -ra extra <<<"${extras[$i]}"
     if [ "$name" = hf ]; then
-        transformers serve --continuous-batching --port "${ports[$i]}" "${extra[@]}" \
-            >>"$OUT/transformers_serve.log" 2>&1 &
+        # Its /v1/models lists the Hub cache and answers 500 where that folder is missing
+        # (a fresh GPU image): an empty one of its own, as the model is a local folder.
+        mkdir -p "$OUT/hf-hub-cache"
+        HF_HUB_CACHE=$OUT/hf-hub-cache transformers serve --continuous-batching --port "${ports[$i]}" \
+            "${extra[@]}" >>"$OUT/transformers_serve.log" 2>&1 &
         model=$HF_MODEL health=$url/v1/models
     else
         TESSELLM_CPU_COMPILE=${TESSELLM_CPU_COMPILE:-wait} tessellm serve "$MODEL" \

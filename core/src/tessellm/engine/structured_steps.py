@@ -13,6 +13,7 @@ step with a constrained sampling seq is not scheduled ahead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tessellm.engine import step_recovery
@@ -88,14 +89,19 @@ def defer_bitmasks(engine: LLMEngine, plan: SchedulerOutput) -> bool:
     )
 
 
-def sample_deferred(engine: LLMEngine) -> None:
+def sample_deferred(
+    engine: LLMEngine, build_outputs: Callable[[], list[RequestOutput]]
+) -> list[RequestOutput]:
     """Once the matchers have this step's tokens: fill the bitmasks of the step scheduled
-    ahead and let it sample (its forward pass ran meanwhile)."""
+    ahead (its forward pass ran meanwhile) and let it sample; and ``build_outputs``, this
+    step's outputs. With many constrained rows the outputs are built in a second thread
+    while this one fills (the backend's fill releases the GIL), so the fill is off the
+    host's critical path, which a small model's large batch is bound by on a GPU."""
     manager = engine.structured
     if manager.deferred is None:
-        return
+        return build_outputs()
     (plan, pending, previous), manager.deferred = manager.deferred, None
-    manager.fill_bitmasks(plan, scheduled_ahead=True)
+    outputs = manager.fill_bitmasks(plan, scheduled_ahead=True, beside=build_outputs)
     try:
         pending.sample()
     except Exception as exc:
@@ -106,6 +112,9 @@ def sample_deferred(engine: LLMEngine) -> None:
         if engine._in_flight is not None and engine._in_flight[1] is pending:
             engine._in_flight = None
         engine._failed_launch = (plan, previous, exc)
+    if outputs is None:  # filled alone: the outputs now, recovering a failed sample last
+        return build_outputs()
+    return outputs + engine.recover_failed_launch()
 
 
 def fail_parents(engine: LLMEngine, errors: dict[str, Exception]) -> list[RequestOutput]:
