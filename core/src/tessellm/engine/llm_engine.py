@@ -278,11 +278,10 @@ class LLMEngine(RequestValidation, EngineSleep):
             self.speculator.record(plan, result, changed)
         # Before the next launch: its bitmasks depend on this step's tokens.
         admitted += failed + so_steps.advance_matchers(self, changed)
+        so_steps.sample_deferred(self)
         if self.overlap_steps and not ahead:
             self._launch_next(None)
-        return so_steps.sample_deferred(
-            self, lambda: self.step_outputs(plan, result, changed, admitted)
-        )
+        return self.step_outputs(plan, result, changed, admitted)
 
     def step_outputs(
         self,
@@ -314,17 +313,10 @@ class LLMEngine(RequestValidation, EngineSleep):
             c["generation_tokens"] += sum(result.num_accepted_drafts)
         c["computed_tokens"] += plan.num_batched_tokens
         c["batched_seqs_max"] = max(c["batched_seqs_max"], len(plan.seqs))
-        outputs += self.recover_failed_launch()
-        self.structured.sweep(self.output_processor)
-        return outputs
-
-    def recover_failed_launch(self) -> list[RequestOutput]:
-        """The outputs of recovering a step whose launch (or deferred sampling) raised."""
-        if self._failed_launch is None:
-            return []
-        failed, previous, exc = self._failed_launch
-        self._failed_launch = None
-        outputs = recover_step(self, failed, previous, exc)
+        if self._failed_launch is not None:
+            failed, previous, exc = self._failed_launch
+            self._failed_launch = None
+            outputs += recover_step(self, failed, previous, exc)
         self.structured.sweep(self.output_processor)
         return outputs
 

@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,11 +61,6 @@ logger = logging.getLogger(__name__)
 # must not park a request forever. The compile itself cannot be stopped; it finishes in
 # its worker and stays cached.
 COMPILE_TIMEOUT_S = 60.0
-# From this many constrained rows a deferred step's fill runs beside the previous step's
-# outputs (``fill_bitmasks(beside=...)``); below it the thread hand-off (tens of µs) costs
-# more than the fill it would hide.
-OVERLAP_MIN_ROWS = 8
-T = TypeVar("T")
 
 
 def compile_timeout_error(seconds: float) -> InvalidRequestError:
@@ -156,7 +151,6 @@ class StructuredOutputManager:
         self._firsts: dict[int, torch.Tensor] = {}  # count -> the buffer's first rows
         # A step scheduled ahead whose sampling waits for its bitmasks (``defer_bitmasks``).
         self.deferred: tuple[SchedulerOutput, Any, Any] | None = None
-        self._side_thread: ThreadPoolExecutor | None = None  # runs ``beside`` work
 
     def backend_name(self, so: StructuredOutputsParams) -> str:
         """The registered backend that compiles ``so`` (``InvalidRequestError`` if none)."""
@@ -226,12 +220,7 @@ class StructuredOutputManager:
             wait([p.grammar for p in self.parked], timeout, FIRST_COMPLETED)
 
     # -- the step ------------------------------------------------------------------------
-    def fill_bitmasks(
-        self,
-        plan: SchedulerOutput,
-        scheduled_ahead: bool = False,
-        beside: Callable[[], T] | None = None,
-    ) -> T | None:
+    def fill_bitmasks(self, plan: SchedulerOutput, scheduled_ahead: bool = False) -> None:
         """Give each constrained sampling seq of ``plan`` its row of allowed tokens.
 
         The rows are views of one buffer, reused from step to step (a step's rows are read
@@ -242,13 +231,9 @@ class StructuredOutputManager:
 
         ``scheduled_ahead``: ``plan`` was scheduled before the last tokens were known, so
         it may hold requests that those tokens ended (a matcher terminated) or failed:
-        their token will be dropped, and their matchers are not asked.
-
-        ``beside``: work run in a second thread while this one fills at least
-        ``OVERLAP_MIN_ROWS`` rows (a backend's fill runs in C++ without the GIL); returns
-        its result, or None where it did not run (too few rows: run it after)."""
+        their token will be dropped, and their matchers are not asked."""
         if not self.matchers:
-            return None
+            return
         seqs: list[ScheduledSeq] = []
         matchers: list[GrammarMatcher] = []
         by_id = self.matchers
@@ -265,31 +250,9 @@ class StructuredOutputManager:
             seqs.append(seq)
             matchers.append(matcher)
         if not seqs:
-            return None
+            return
         buffer, rows = self._bitmask_rows(len(seqs))
-        side: Future[T] | None = None
-        if beside is not None and len(seqs) >= OVERLAP_MIN_ROWS:
-            if self._side_thread is None:
-                self._side_thread = ThreadPoolExecutor(1, thread_name_prefix="tessellm-beside")
-            side = self._side_thread.submit(beside)
-        try:
-            self._apply_rows(seqs, rows, buffer, _fill_by_class(matchers, buffer))
-        except BaseException:
-            if side is not None:
-                wait([side])  # it works on the engine's state: not left running
-            raise
-        return None if side is None else side.result()
-
-    def _apply_rows(
-        self,
-        seqs: list[ScheduledSeq],
-        rows: tuple[torch.Tensor, ...],
-        buffer: torch.Tensor,
-        errors: dict[int, Exception],
-    ) -> None:
-        """Give each seq its filled row, or fail its request (its matcher raised, or its
-        row allows no token)."""
-        failed = self.failed
+        errors = _fill_by_class(matchers, buffer)
         # An empty row is one whose words OR to 0 (as int64: half the elements); numpy,
         # since torch's reduction would wake its thread pool for 64 small rows.
         words = buffer.numpy()
@@ -375,8 +338,6 @@ class StructuredOutputManager:
 
     def shutdown(self) -> None:
         self.compiler.shutdown()
-        if self._side_thread is not None:
-            self._side_thread.shutdown(wait=False)
         self.parked.clear()
         self.deferred = None
         self.matchers.clear()

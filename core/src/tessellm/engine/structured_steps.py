@@ -13,7 +13,6 @@ step with a constrained sampling seq is not scheduled ahead.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tessellm.engine import step_recovery
@@ -89,19 +88,14 @@ def defer_bitmasks(engine: LLMEngine, plan: SchedulerOutput) -> bool:
     )
 
 
-def sample_deferred(
-    engine: LLMEngine, build_outputs: Callable[[], list[RequestOutput]]
-) -> list[RequestOutput]:
+def sample_deferred(engine: LLMEngine) -> None:
     """Once the matchers have this step's tokens: fill the bitmasks of the step scheduled
-    ahead (its forward pass ran meanwhile) and let it sample; and ``build_outputs``, this
-    step's outputs. With many constrained rows the outputs are built in a second thread
-    while this one fills (the backend's fill releases the GIL), so the fill is off the
-    host's critical path, which a small model's large batch is bound by on a GPU."""
+    ahead and let it sample (its forward pass ran meanwhile)."""
     manager = engine.structured
     if manager.deferred is None:
-        return build_outputs()
+        return
     (plan, pending, previous), manager.deferred = manager.deferred, None
-    outputs = manager.fill_bitmasks(plan, scheduled_ahead=True, beside=build_outputs)
+    manager.fill_bitmasks(plan, scheduled_ahead=True)
     try:
         pending.sample()
     except Exception as exc:
@@ -112,9 +106,6 @@ def sample_deferred(
         if engine._in_flight is not None and engine._in_flight[1] is pending:
             engine._in_flight = None
         engine._failed_launch = (plan, previous, exc)
-    if outputs is None:  # filled alone: the outputs now, recovering a failed sample last
-        return build_outputs()
-    return outputs + engine.recover_failed_launch()
 
 
 def fail_parents(engine: LLMEngine, errors: dict[str, Exception]) -> list[RequestOutput]:

@@ -194,8 +194,7 @@ def _batch() -> xgr.BatchGrammarMatcher:
     one process may step in threads of their own."""
     batch = getattr(_PER_THREAD, "batch", None)
     if batch is None:
-        threads = int(os.environ.get("TESSELLM_XGRAMMAR_FILL_THREADS", "1"))
-        batch = _PER_THREAD.batch = xgr.BatchGrammarMatcher(max_threads=threads)
+        batch = _PER_THREAD.batch = xgr.BatchGrammarMatcher(max_threads=1)
     return batch
 
 
