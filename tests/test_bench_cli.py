@@ -80,6 +80,12 @@ def test_serve_against_a_running_server(tiny_server):
         assert metrics[f"{name}_p50_ms"] is not None
         assert metrics[f"{name}_p99_ms"] >= metrics[f"{name}_p50_ms"]
     assert metrics["output_tok_s"] > 0
+    # One record a request, placed in the run, agreeing with the percentiles.
+    records = report["requests"]
+    assert len(records) == 6 and all(r["ok"] and r["output_tokens"] > 0 for r in records)
+    assert all(0 <= r["sent_s"] <= report["rows"][0]["metrics"]["elapsed_s"] for r in records)
+    assert max(r["ttft_ms"] for r in records) == pytest.approx(metrics["ttft_p99_ms"], abs=1e-2)
+    assert all(r["e2e_ms"] >= r["ttft_ms"] for r in records)
 
 
 def test_serve_with_text_prompts_for_servers_without_token_ids(tiny_server, tiny_llama):

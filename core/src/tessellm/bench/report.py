@@ -41,6 +41,7 @@ class BenchReport:
     started: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
+    requests: list[dict[str, Any]] = field(default_factory=list)  # serve: one per request
 
     def record_engine(self, engine_info: dict[str, str]) -> None:
         """Keep the engine's description, and describe the machine by the device it chose."""

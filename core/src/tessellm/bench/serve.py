@@ -42,6 +42,7 @@ class ServeSettings:
 @dataclass(slots=True)
 class RequestTiming:
     ok: bool
+    sent: float = 0.0  # seconds after the run's start
     ttft: float = 0.0
     e2e: float = 0.0
     itls: list[float] = field(default_factory=list)
@@ -55,12 +56,26 @@ class RequestTiming:
             return None
         return (self.e2e - self.ttft) / (self.output_tokens - 1)
 
+    def record(self) -> dict[str, Any]:
+        """This request in the report: when it was sent and what it took, so a percentile's
+        outliers can be placed in the run (the first requests, or a burst)."""
+        return {
+            "sent_s": round(self.sent, 4),
+            "ok": self.ok,
+            "ttft_ms": round(self.ttft * 1e3, 3) if self.ok else None,
+            "e2e_ms": round(self.e2e * 1e3, 3) if self.ok else None,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            **({"error": self.error} if self.error else {}),
+        }
+
 
 async def one_request(
-    client: Any, model: str, req: BenchRequest, ignore_eos: bool = True
+    client: Any, model: str, req: BenchRequest, run_start: float, ignore_eos: bool = True
 ) -> RequestTiming:
+    """One streamed completion, timed (``run_start``: the run's ``perf_counter`` origin)."""
     start = time.perf_counter()
-    timing = RequestTiming(ok=False, input_tokens=req.input_len)
+    timing = RequestTiming(ok=False, sent=start - run_start, input_tokens=req.input_len)
     last = None
     chunks = 0
     try:
@@ -155,7 +170,7 @@ async def _run(settings: ServeSettings, requests: list[BenchRequest]) -> BenchRe
 
     async def limited(req: BenchRequest) -> RequestTiming:
         async with limit:
-            result = await one_request(client, model, req, settings.ignore_eos)
+            result = await one_request(client, model, req, start, settings.ignore_eos)
         bar.update(1)
         return result
 
@@ -170,6 +185,7 @@ async def _run(settings: ServeSettings, requests: list[BenchRequest]) -> BenchRe
     bar.close()
     await client.close()
     report.add("tessellm-server", summarize(timings, elapsed))
+    report.requests = [t.record() for t in timings]
     errors = sorted({t.error for t in timings if not t.ok})
     if errors:
         report.rows[-1].note = "errors: " + "; ".join(errors[:3])
