@@ -84,7 +84,8 @@ def _gguf_gemv_kernel(
     tl.store(out_ptr + row * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-@triton.jit
+# M (the step's token count) changes every step: not specialised (see tessellm_quant_int4).
+@triton.jit(do_not_specialize=["M"])
 def _gguf_mm_kernel(
     x_ptr,
     codes_ptr,

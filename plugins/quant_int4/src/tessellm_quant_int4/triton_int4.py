@@ -32,7 +32,9 @@ GEMV_BLOCK_WORDS = 16
 GEMV_TARGET_PROGRAMS = 512
 
 
-@triton.jit
+# M (the step's token count) changes every step: not specialised, so one compiled variant
+# serves every count instead of one per class (1, a multiple of 16, other).
+@triton.jit(do_not_specialize=["M"])
 def _int4_gemm_kernel(
     x_ptr,
     qw_ptr,

@@ -23,7 +23,8 @@ import triton.language as tl
 from .common import attend_keys, kv_cache_args, next_pow2, precision_for, tile_shape
 
 
-@triton.jit
+# An eager step's block-table width changes with its longest sequence (see _prefill_kernel).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
     out_ptr,
     part_acc_ptr,

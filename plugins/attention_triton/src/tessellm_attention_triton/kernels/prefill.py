@@ -32,7 +32,9 @@ def _find_seq(qsl_ptr, tile_id, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# The batch's sequence count and block-table width change from step to step; specialised
+# (==1, a multiple of 16, other) each class would compile its own variant while serving.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(
     out_ptr,
     q_ptr,
