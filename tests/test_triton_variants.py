@@ -73,10 +73,13 @@ def test_prefill_attention_compiles_once_for_any_batch():
     assert variants(_prefill_kernel, shapes) == 1
 
 
-def test_decode_attention_compiles_once_for_any_block_table_width():
-    from tessellm_attention_triton.kernels.decode import _decode_kernel
+def test_decode_attention_compiles_once_for_any_block_table_width_and_split_count():
+    from tessellm_attention_triton.kernels.decode import _decode_kernel, _reduce_kernel
 
-    assert variants(_decode_kernel, {"stride_bt": [1, 3, 16, 17, 20]}) == 1
+    # The split count's power-of-two bound (SPLITS_P) is a constexpr, held at 1 here.
+    shapes = {"num_splits": [2, 3, 16, 17], "stride_bt": [1, 3, 16, 17, 20]}
+    assert variants(_decode_kernel, shapes) == 1
+    assert variants(_reduce_kernel, {"num_splits": [2, 3, 16, 17]}) == 1
 
 
 @pytest.mark.parametrize(

@@ -23,8 +23,9 @@ import triton.language as tl
 from .common import attend_keys, kv_cache_args, next_pow2, precision_for, tile_shape
 
 
-# An eager step's block-table width changes with its longest sequence (see _prefill_kernel).
-@triton.jit(do_not_specialize=["stride_bt"])
+# An eager step's block-table width and split count change with its sequences (see
+# _prefill_kernel).
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_kernel(
     out_ptr,
     part_acc_ptr,
@@ -208,7 +209,7 @@ def _merge_rows(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _reduce_kernel(
     out_ptr,
     part_acc_ptr,
