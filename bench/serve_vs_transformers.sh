@@ -39,9 +39,17 @@ HF_ARGS=${HF_ARGS:-"--cb-block-size 32 --cb-num-blocks 512"}
 mkdir -p "$OUT"
 
 wait_ready() {  # wait_ready URL PID: until it answers 200, at most 1,800 s (a build under load)
+    local code errors=0
     for _ in $(seq 3600); do
-        curl -sf "$1" >/dev/null && return 0
+        code=$(curl -s -o /dev/null -w '%{http_code}' "$1")
+        [ "$code" = 200 ] && return 0
         kill -0 "$2" 2>/dev/null || break
+        # Up but answering 5xx for 30 s is broken, not loading (a GPU call's time is scarce).
+        if [ "${code:0:1}" = 5 ]; then errors=$((errors + 1)); else errors=0; fi
+        if [ "$errors" -ge 60 ]; then
+            echo "server at $1 answers $code for 30 s: giving up" >&2
+            return 1
+        fi
         sleep 0.5
     done
     echo "server at $1 never became ready" >&2
