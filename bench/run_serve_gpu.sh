@@ -56,5 +56,31 @@ PY
             step serve "${SERVE_LIMIT:-330}" bash bench/serve_vs_transformers.sh "$OUT/serve" $RATES
         tail -n 15 "$OUT/serve/transformers_serve.log"
         ;;
+    triton_ab)
+        # tessellm alone, each run with an empty Triton cache (as a fresh deployment): the
+        # tree as it is, then with the eager-path kernels' do_not_specialize lists removed
+        # (every per-step integer specialised again, as before 0d6402a).
+        # Every compile is logged (bench/triton_compile_log) to triton_compiles_<side>.log.
+        kernels=plugins/attention_triton/src/tessellm_attention_triton/kernels
+        for side in ${TRITON_SIDES:-unspecialised specialised}; do
+            if [ "$side" = specialised ]; then
+                for f in "$kernels"/decode.py "$kernels"/prefill.py; do cp "$f" "$f.orig"; done
+                sed -i 's/@triton.jit(do_not_specialize=\[[^]]*\])/@triton.jit/' \
+                    "$kernels"/decode.py "$kernels"/prefill.py
+                grep -c do_not_specialize "$kernels"/decode.py "$kernels"/prefill.py
+            fi
+            rm -rf "/tmp/triton-$side"
+            PYTHONPATH=bench/triton_compile_log:${PYTHONPATH:-} \
+                TRITON_COMPILE_LOG=$OUT/triton_compiles_$side.log \
+                TRITON_CACHE_DIR=/tmp/triton-$side MODEL=$CKPT PEER= INPUT_LEN=256 OUTPUT_LEN=128 \
+                NUM_PROMPTS=${NUM_PROMPTS:-128} TESSELLM_CPU_COMPILE=off \
+                step "triton_$side" "${SERVE_LIMIT:-200}" bash bench/serve_vs_transformers.sh \
+                "$OUT/triton_$side" $RATES
+            echo "compiled variants: $(find "/tmp/triton-$side" -name '*.cubin' | wc -l) cubins"
+        done
+        for f in "$kernels"/decode.py "$kernels"/prefill.py; do
+            if [ -f "$f.orig" ]; then mv "$f.orig" "$f"; fi
+        done
+        ;;
     esac
 done

@@ -32,6 +32,7 @@ PORT=${PORT:-8010}  # tessellm configurations on PORT, PORT+1, ...; transformers
 ROUNDS=${ROUNDS:-1}
 # name:extra serve args;name:args... (set and empty: the peer alone)
 TESSELLM_CONFIGS=${TESSELLM_CONFIGS-"tessellm:"}
+PEER=${PEER-hf}  # set and empty: tessellm's configurations alone
 # transformers' own KV cache sizing took ~14 GiB of this 24 GiB machine (and was killed for
 # memory once, next to other processes); 512 blocks of 32 tokens hold 16k tokens, over 5
 # times what 32 requests of 32 + 64 tokens can need at once.
@@ -70,7 +71,9 @@ for config in "${configs[@]}"; do
     names+=("${config%%:*}") ports+=("$port") extras+=("${config#*:}")
     port=$((port + 1))
 done
-names+=(hf) ports+=("$port") extras+=("$HF_ARGS")
+if [ -n "$PEER" ]; then
+    names+=(hf) ports+=("$port") extras+=("$HF_ARGS")
+fi
 
 run_server() {  # run_server INDEX ROUND: start it, warm it up, measure every rate, stop it
     local i=$1 round=$2 name=${names[$1]} url=http://127.0.0.1:${ports[$1]} model health pid

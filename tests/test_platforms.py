@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessellm import LLM
+from tessellm import LLM, SamplingParams
 from tessellm.engine.profile_run import profile_batch, scheduled_token_budget
 from tessellm.plugins import get_plugins
 from tessellm.selection import choose_platform
@@ -161,3 +161,40 @@ def test_runner_hands_the_profiling_pass_to_the_platform(tiny_llama):
     assert runner.attn_layers[0].k_cache is k_before  # and the real cache is back
     # The CPU platform's runner compiles nothing while TESSELLM_CPU_COMPILE=0 (conftest).
     assert runner.graph_runner is not None and runner.graph_runner.failure is not None
+
+
+def test_platforms_that_compile_per_shape_warm_the_eager_steps(tiny_llama, monkeypatch):
+    """A platform with ``warm_eager_steps`` runs one eager step per power-of-two class of the
+    longest query after its graph capture, writing nothing to the KV cache."""
+    from tessellm.engine import model_runner
+    from tessellm_cpu.platform import CpuPlatform
+
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    plain = LLM(model=str(tiny_llama), device="cpu", dtype="float32", max_num_seqs=4)
+    expected = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    assert plain.engine.executor.runner.platform.warm_eager_steps is False
+
+    warmed = []
+    real_warm = model_runner.warm_eager_steps
+
+    def recording_warm(runner):
+        caches = [layer.k_cache.clone() for layer in runner.attn_layers]
+
+        def record(module, args):
+            warmed.append((args[2].max_query_len, args[2].num_seqs, int(args[2].slot_mapping.max())))
+
+        hook = runner.model.register_forward_pre_hook(record)
+        try:
+            lengths = real_warm(runner)
+        finally:
+            hook.remove()
+        for layer, before in zip(runner.attn_layers, caches, strict=True):
+            assert torch.equal(layer.k_cache, before)
+        return lengths
+
+    monkeypatch.setattr(CpuPlatform, "warm_eager_steps", True)
+    monkeypatch.setattr(model_runner, "warm_eager_steps", recording_warm)
+    llm = LLM(model=str(tiny_llama), device="cpu", dtype="float32", max_num_seqs=4)
+    assert warmed == [(n, 1, -1) for n in (2, 4, 8, 16, 32, 64)]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected

@@ -38,6 +38,7 @@ class CudaPlatform(Platform):
     priority = 10
     distributed_backend = "nccl"
     attention_backends: ClassVar[tuple[str, ...]] = ("triton", "torch")
+    warm_eager_steps: ClassVar[bool] = True  # Triton kernels compile per shape class
 
     def __init__(self) -> None:
         self._peak_bytes: int | None = None

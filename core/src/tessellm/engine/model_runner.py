@@ -13,7 +13,7 @@ from tessellm import model_loader as ml
 from tessellm.config import EngineArgs
 from tessellm.engine import cache_binding
 from tessellm.engine.pending_step import PendingStep, feed_sampled_tokens
-from tessellm.engine.profile_run import profile_forward
+from tessellm.engine.profile_run import profile_forward, warm_eager_steps
 from tessellm.engine.runner_sleep import sleep_runner, wake_runner
 from tessellm.engine.sample_fork import SampleForks
 from tessellm.engine.sampler import Sampler, compute_prompt_logprobs
@@ -214,6 +214,8 @@ class ModelRunner:
             self.graph_runner = self.platform.graph_runner(self.model, self.attention, spec)
             if self.graph_runner is not None:
                 self.graph_runner.capture()
+                if self.platform.warm_eager_steps:
+                    warm_eager_steps(self)
 
     # -- one step ------------------------------------------------------------------------
     def prepare_inputs(

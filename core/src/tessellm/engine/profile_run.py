@@ -1,14 +1,19 @@
-"""The profiling forward pass: the largest step the scheduler may form, on a scratch cache.
+"""Start-up forward passes: the profiling step on a scratch cache, and the eager warm-up.
 
 Platforms that size the KV cache from free device memory (CUDA) need the peak memory of
 a step before the cache exists. This builds such a step (``max_num_batched_tokens``
 prompt tokens spread over up to ``max_num_seqs`` sequences), runs the model, the LM head
 and a sort over the probabilities (the sampler's largest temporary) on it, and leaves
 the model as it was. Every slot is ``-1``, so the scratch cache is never written.
+
+The eager warm-up runs one small step per power-of-two class of the longest query, so
+kernels that specialise on it compile before the server takes requests (see
+``warm_eager_steps``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -81,3 +86,33 @@ def profile_forward(runner: ModelRunner) -> None:
     finally:
         for layer, (k_cache, v_cache) in zip(runner.attn_layers, bound, strict=True):
             layer.bind_kv_cache(k_cache, v_cache)
+
+
+# Powers of two up to the widest query tile a kernel is known to pick (Triton prefill:
+# 64 query rows over the GQA group); longer queries share the largest class.
+EAGER_WARM_QUERY_LENS = (2, 4, 8, 16, 32, 64)
+
+
+@torch.inference_mode()
+def warm_eager_steps(runner: ModelRunner) -> list[int]:
+    """Run one one-sequence eager step per query length of ``EAGER_WARM_QUERY_LENS``.
+
+    JIT kernels choose compile-time tile shapes from the step's longest query (Triton's
+    prefill attention: its next power of two, capped), and compile each variant the first
+    time a step needs it: on an H100 0.3-0.5 s each, paid by the requests of the first
+    mixed step with a short longest query (a prompt's last chunk, a prefix-cache hit,
+    a speculative verification) after start-up. Slots are ``-1``: nothing is written to
+    the KV cache. Returns the query lengths run.
+    """
+    limit = min(scheduled_token_budget(runner.args, runner.max_model_len), runner.max_model_len)
+    lengths = [n for n in EAGER_WARM_QUERY_LENS if n <= limit]
+    for num_tokens in lengths:
+        input_ids, positions, metadata = profile_batch(
+            num_tokens, 1, runner.max_model_len, runner.block_size, runner.device
+        )
+        # Every KV group reads the same (unwritten) block.
+        groups = len(runner.cache_layout.groups)
+        metadata.kv_groups = tuple(dataclasses.replace(metadata) for _ in range(groups - 1))
+        runner.attention.prepare(metadata)
+        runner.model(input_ids, positions, metadata)
+    return lengths

@@ -89,6 +89,11 @@ class Platform(ABC):
     # block table per group, ``AttentionMetadata.kv_groups``: engine/cache_layout.py);
     # otherwise models with windowed layers in groups of their own run eagerly.
     graph_runner_serves_kv_groups: ClassVar[bool] = False
+    # True where eager steps run kernels compiled on first use per shape class (Triton):
+    # after ``graph_runner``'s capture the engine then runs one small eager step per class
+    # of the longest query (engine/profile_run.py ``warm_eager_steps``), so no request's
+    # step waits for a compile.
+    warm_eager_steps: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
