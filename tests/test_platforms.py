@@ -182,7 +182,10 @@ def test_platforms_that_compile_per_shape_warm_the_eager_steps(tiny_llama, monke
         caches = [layer.k_cache.clone() for layer in runner.attn_layers]
 
         def record(module, args):
-            warmed.append((args[2].max_query_len, args[2].num_seqs, int(args[2].slot_mapping.max())))
+            metadata = args[2]
+            warmed.append(
+                (metadata.max_query_len, metadata.num_seqs, int(metadata.slot_mapping.max()))
+            )
 
         hook = runner.model.register_forward_pre_hook(record)
         try:
