@@ -89,15 +89,22 @@ def test_serve_against_a_running_server(tiny_server):
 
 
 def test_serve_with_text_prompts_for_servers_without_token_ids(tiny_server, tiny_llama):
-    from tessellm.bench.serve import ServeSettings, run_serve
+    from tessellm.bench.serve import ServeSettings, _tokenizer, run_serve, text_of_length
 
     settings = ServeSettings(
-        base_url=tiny_server.base_url, num_prompts=3, input_len=LengthRange(6, 6),
+        base_url=tiny_server.base_url, num_prompts=3, input_len=LengthRange(24, 24),
         output_len=LengthRange(3, 3), tokenizer=str(tiny_llama), text_prompts=True,
         ignore_eos=False,
     )  # fmt: skip
-    metrics = run_serve(settings).rows[0].metrics
+    report = run_serve(settings)
+    metrics = report.rows[0].metrics
     assert metrics["completed"] == 3 and metrics["failed"] == 0
+    # The prompts' length is the server's count (usage), about the length asked for.
+    assert all(22 <= r["input_tokens"] <= 25 for r in report.requests)
+    tokenizer = _tokenizer(str(tiny_llama))
+    ids = list(range(40, 80))  # the tiny vocabulary has 256 ids
+    text = text_of_length(tokenizer, ids)
+    assert len(ids) - 2 <= len(tokenizer.encode(text, add_special_tokens=False)) <= len(ids)
     with pytest.raises(ConfigError, match="--text-prompts needs --tokenizer"):
         run_serve(ServeSettings(base_url=tiny_server.base_url, text_prompts=True))
 

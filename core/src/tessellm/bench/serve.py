@@ -99,6 +99,8 @@ async def one_request(
                 last = now
             if getattr(chunk, "usage", None):
                 timing.output_tokens = chunk.usage.completion_tokens
+                # The server's own count: a text prompt's tokenization is the server's.
+                timing.input_tokens = chunk.usage.prompt_tokens or timing.input_tokens
     except Exception as exc:  # a failed request is counted, not fatal to the run
         timing.error = f"{type(exc).__name__}: {exc}"
         return timing
@@ -202,6 +204,24 @@ def _tokenizer(name: str):
     return ml.weight_format(plugins, resolved).load_tokenizer(resolved.path)
 
 
+def text_of_length(tokenizer: Any, token_ids: list[int]) -> str:
+    """Text that the tokenizer encodes to about ``len(token_ids)`` tokens.
+
+    Random ids decoded do not encode back to as many tokens: Llama 3's byte-level pieces
+    out of context re-encode to ~7 times as many (256 ids gave 1,839 tokens). So the
+    decoded text is encoded, cut to the wanted count and decoded again, a few times
+    (each round's cut can merge differently at the new end).
+    """
+    want = len(token_ids)
+    text = tokenizer.decode(token_ids)
+    for _ in range(4):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) <= want:
+            break
+        text = tokenizer.decode(ids[:want])
+    return text
+
+
 def prompt_token_ids(settings: ServeSettings) -> list[int]:
     if settings.tokenizer is None:
         # Low ids of most vocabularies hold special and byte tokens; skip them.
@@ -222,7 +242,7 @@ def run_serve(settings: ServeSettings) -> BenchReport:
     if settings.text_prompts:
         tokenizer = _tokenizer(settings.tokenizer)
         requests = [
-            dataclasses.replace(req, prompt_text=tokenizer.decode(req.prompt_token_ids))
+            dataclasses.replace(req, prompt_text=text_of_length(tokenizer, req.prompt_token_ids))
             for req in requests
         ]
     return asyncio.run(_run(settings, requests))
