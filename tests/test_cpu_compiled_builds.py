@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import live_descendants, save_tiny_model, tiny_llama_config
 from test_cpu_compiled_decode import (  # noqa: F401 - fixtures
     BUILD_TIMEOUT_S,
@@ -36,6 +37,10 @@ from tessellm.interfaces.platform import GraphSpec
 from tessellm.plugins import get_plugins, register_plugin
 from tessellm_cpu import background_build
 from tessellm_cpu.compiled_decode import CompiledDecodeRunner
+
+# Alone, not beside other tests (the README's command runs these after the parallel
+# part): they bound how long a shutdown or a switch may take.
+pytestmark = pytest.mark.serial
 
 OUTSIDE_PLUGIN = textwrap.dedent(
     """

@@ -28,6 +28,10 @@ from tessellm.errors import ConfigError, WorkerError
 from tessellm.executors.ray import bundle_resources, interface_holding, placement_strategy
 from tessellm.executors.worker import free_port
 
+# Alone, not beside other tests (the README's command runs these after the parallel
+# part): Ray places its actors on a loaded machine late or not at all.
+pytestmark = pytest.mark.serial
+
 psutil = pytest.importorskip("psutil")
 
 NODE_B_IP = "127.0.0.2"  # another loopback address: node B's raylet binds its ports there

@@ -23,6 +23,10 @@ from tessellm.executors.start_method import START_METHOD_ENV
 from tessellm.executors.worker import RaisedInStep
 from tessellm.sampling_params import SamplingParams
 
+# Alone, not beside other tests (the README's command runs these after the parallel
+# part): Ray places its actors on a loaded machine late or not at all.
+pytestmark = pytest.mark.serial
+
 # Seeds that make the patched workers fail (the patch is inherited by forked workers); far
 # apart, since the samples of an n > 1 request get seed + i.
 RAISE_ON_EVERY_RANK = 1000  # the sampler raises on every rank (data-dependent)

@@ -18,6 +18,10 @@ from tessellm.server.errors import APIError
 from tessellm.server.models_config import ModelSpec
 from tessellm.server.router import ModelRouter
 
+# Alone, not beside other tests (the README's command runs these after the parallel
+# part): they bound how long a shutdown or a switch may take.
+pytestmark = pytest.mark.serial
+
 MiB = 2**20
 
 

@@ -32,6 +32,10 @@ from tessellm.model_loader import resolve_model
 from tessellm.plugins import get_plugins
 from tessellm.testing.models import tiny_model
 
+# Alone, not beside other tests (the README's command runs these after the parallel
+# part): Ray places its actors on a loaded machine late or not at all.
+pytestmark = pytest.mark.serial
+
 NEW_TOKENS = 10
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 FAMILIES = {

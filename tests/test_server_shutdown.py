@@ -17,6 +17,10 @@ from server_harness import ServerProcess, start_server
 
 from tessellm.server.shutdown import GracefulShutdown, GracefulShutdownMiddleware
 
+# Alone, not beside other tests (the README's command runs these after the parallel
+# part): they bound how long a shutdown or a switch may take.
+pytestmark = pytest.mark.serial
+
 SSE_HEADERS = [(b"content-type", b"text/event-stream")]
 
 

@@ -23,6 +23,10 @@ from tessellm.executors.base import check_tensor_parallel_fit
 from tessellm.executors.start_method import START_METHOD_ENV, choose_start_method, line_is_guarded
 from tessellm.interfaces.schedule import ScheduledSeq, SchedulerOutput
 
+# Alone, not beside other tests (the README's command runs these after the parallel
+# part): Ray places its actors on a loaded machine late or not at all.
+pytestmark = pytest.mark.serial
+
 NEW_TOKENS = 12
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2)
 

@@ -245,7 +245,8 @@ def serve(
     text_prompts: Annotated[
         bool,
         typer.Option(
-            help="Send prompts as text decoded by --tokenizer (servers that take no token ids)."
+            help="Send prompts as text of --input-len tokens of --tokenizer (servers that "
+            "take no token ids)."
         ),
     ] = False,
     ignore_eos: Annotated[
