@@ -338,3 +338,30 @@ def test_gpu_lora_decode_steps_replay_graphs(lora_model):
     replays = counting_lora_replays(graphs)
     assert mixed_generate(llm, loras, 12) == want
     assert len(replays) >= 10  # the mixed batch's decode steps
+
+
+def test_eager_warm_up_runs_the_lora_kernels_at_each_row_tile(
+    lora_model, cpu_kernel_engine, monkeypatch
+):
+    """The start-up warm-up of eager steps (CUDA's ``Platform.warm_eager_steps``) runs each
+    query length again through the LoRA kernels, a slot's token count that length (so
+    each row tile compiles), and leaves no step layout behind; generation is unchanged."""
+    from tessellm.engine.profile_run import warm_eager_steps
+
+    _, loras = lora_model
+    llm, _ = cpu_kernel_engine
+    runner = llm.engine.executor.runner
+    before = mixed_generate(llm, loras, 3)
+    seen = []
+    shrink = ALL_OPS["lora_shrink"]
+
+    def recording(x, a, tokens, scale):
+        seen.append((x.shape[0], tokens.max_tokens_per_slot))
+        return shrink(x, a, tokens, scale)
+
+    monkeypatch.setitem(ALL_OPS, "lora_shrink", recording)
+    lengths = warm_eager_steps(runner)
+    assert lengths == [2, 4, 8, 16, 32, 64]
+    assert sorted(set(seen)) == [(n, n) for n in lengths]
+    assert runner.lora.step.tokens is None and not runner.lora.step.every_layer
+    assert mixed_generate(llm, loras, 3) == before

@@ -20,6 +20,7 @@ import torch
 
 from tessellm.config import EngineArgs
 from tessellm.interfaces.attention import AttentionMetadata
+from tessellm.lora.graph_inputs import LoRAGraphInputs
 
 if TYPE_CHECKING:
     from tessellm.engine.model_runner import ModelRunner
@@ -106,6 +107,11 @@ def warm_eager_steps(runner: ModelRunner) -> list[int]:
     """
     limit = min(scheduled_token_budget(runner.args, runner.max_model_len), runner.max_model_len)
     lengths = [n for n in EAGER_WARM_QUERY_LENS if n <= limit]
+    # With LoRA kernels, an adapted step's row tile follows a slot's token count: each
+    # length runs again with every layer's kernels over tokens of no adapter (no change).
+    lora = LoRAGraphInputs.of(runner.model, max(lengths), runner.device) if lengths else None
+    if runner.lora is not None:
+        runner.lora.clear()  # the plain runs: no adapter (a former step's layout is stale)
     for num_tokens in lengths:
         input_ids, positions, metadata = profile_batch(
             num_tokens, 1, runner.max_model_len, runner.block_size, runner.device
@@ -115,4 +121,7 @@ def warm_eager_steps(runner: ModelRunner) -> list[int]:
         metadata.kv_groups = tuple(dataclasses.replace(metadata) for _ in range(groups - 1))
         runner.attention.prepare(metadata)
         runner.model(input_ids, positions, metadata)
+        if lora is not None:
+            with lora.capturing(num_tokens):
+                runner.model(input_ids, positions, metadata)
     return lengths
