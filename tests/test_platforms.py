@@ -163,15 +163,29 @@ def test_runner_hands_the_profiling_pass_to_the_platform(tiny_llama):
     assert runner.graph_runner is not None and runner.graph_runner.failure is not None
 
 
-def test_platforms_that_compile_per_shape_warm_the_eager_steps(tiny_llama, monkeypatch):
+@pytest.mark.parametrize("windowed_groups", [False, True])
+def test_platforms_that_compile_per_shape_warm_the_eager_steps(
+    tiny_llama, tmp_path, monkeypatch, windowed_groups
+):
     """A platform with ``warm_eager_steps`` runs one eager step per power-of-two class of the
-    longest query after its graph capture, writing nothing to the KV cache."""
+    longest query after its graph capture, writing nothing to the KV cache (also for a
+    model whose windowed layers have KV groups of their own)."""
     from tessellm.engine import model_runner
+    from tessellm.testing import tiny_model
     from tessellm_cpu.platform import CpuPlatform
 
+    model = str(tiny_llama)
+    if windowed_groups:
+        layer_types = ["sliding_attention", "full_attention"] * 2
+        config = {"sliding_window": 8, "layer_types": layer_types}
+        gemma3 = tiny_model(
+            "Gemma3ForCausalLM", tmp_path / "g3", num_hidden_layers=len(layer_types), **config
+        )
+        model = str(gemma3)
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
     params = SamplingParams(max_tokens=6, temperature=0.0)
-    plain = LLM(model=str(tiny_llama), device="cpu", dtype="float32", max_num_seqs=4)
+    plain = LLM(model=model, device="cpu", dtype="float32", max_num_seqs=4)
+    assert (len(plain.engine.executor.runner.cache_layout.groups) > 1) == windowed_groups
     expected = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
     assert plain.engine.executor.runner.platform.warm_eager_steps is False
 
@@ -198,6 +212,6 @@ def test_platforms_that_compile_per_shape_warm_the_eager_steps(tiny_llama, monke
 
     monkeypatch.setattr(CpuPlatform, "warm_eager_steps", True)
     monkeypatch.setattr(model_runner, "warm_eager_steps", recording_warm)
-    llm = LLM(model=str(tiny_llama), device="cpu", dtype="float32", max_num_seqs=4)
+    llm = LLM(model=model, device="cpu", dtype="float32", max_num_seqs=4)
     assert warmed == [(n, 1, -1) for n in (2, 4, 8, 16, 32, 64)]
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected

@@ -112,14 +112,17 @@ def warm_eager_steps(runner: ModelRunner) -> list[int]:
     lora = LoRAGraphInputs.of(runner.model, max(lengths), runner.device) if lengths else None
     if runner.lora is not None:
         runner.lora.clear()  # the plain runs: no adapter (a former step's layout is stale)
+    num_groups = len(runner.cache_layout.groups)
     for num_tokens in lengths:
         input_ids, positions, metadata = profile_batch(
             num_tokens, 1, runner.max_model_len, runner.block_size, runner.device
         )
-        # Every KV group reads the same (unwritten) block.
-        groups = len(runner.cache_layout.groups)
-        metadata.kv_groups = tuple(dataclasses.replace(metadata) for _ in range(groups - 1))
-        runner.attention.prepare(metadata)
+        # Every KV group reads the same (unwritten) block; each planned on its own, as
+        # cache_binding.add_layout_metadata plans a step's groups.
+        groups = [dataclasses.replace(metadata, extra={}) for _ in range(num_groups - 1)]
+        for group in (metadata, *groups):
+            runner.attention.prepare(group)
+        metadata.kv_groups = tuple(groups)
         runner.model(input_ids, positions, metadata)
         if lora is not None:
             with lora.capturing(num_tokens):
