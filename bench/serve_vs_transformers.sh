@@ -106,6 +106,10 @@ run_server() {  # run_server INDEX ROUND: start it, warm it up, measure every ra
         done
     fi
     kill -INT "$pid"
+    # transformers serve (5.17, on a GPU) logged its shutdown and then never exited: its
+    # continuous-batching thread kept the process up until the call's limit.
+    for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL "$pid" 2>/dev/null
     wait "$pid"
 }
 
