@@ -16,7 +16,6 @@ from test_kv_cache_fp8 import (
     PROMPT,
     TRITON_FORMATS,
     fp8_batch,
-    llama,  # noqa: F401 - the fixture
     triton_backend,
 )
 
@@ -86,8 +85,12 @@ def test_gpu_write_kv_rounds_as_torch_casts(fp8):
     assert torch.equal(caches[0].view(rows, 1, 128).view(torch.uint8), want)
 
 
-def test_gpu_engine_fp8_cache_with_cuda_graphs(llama):  # noqa: F811 - the fixture
+def test_gpu_engine_fp8_cache_with_cuda_graphs(tmp_path):
     from tessellm.engine.llm_engine import LLMEngine
+    from tessellm.testing import tiny_model
+
+    # Head size 32: the Triton backend serves 32 and up (the CPU tests' tiny model has 16).
+    llama = tiny_model("LlamaForCausalLM", tmp_path / "llama", hidden_size=128, head_dim=32)
 
     def generate(kv_cache_dtype: str, eager: bool) -> tuple[list[int], float]:
         args = EngineArgs(

@@ -163,6 +163,26 @@ def test_runner_hands_the_profiling_pass_to_the_platform(tiny_llama):
     assert runner.graph_runner is not None and runner.graph_runner.failure is not None
 
 
+def test_profiling_pass_runs_a_model_with_windowed_kv_groups(tmp_path):
+    """Windowed layers read their metadata from ``kv_groups``: the profiling step (on
+    CUDA, before the cache exists) must carry one per group (an IndexError on an H100)."""
+    from tessellm.testing import tiny_model
+
+    layer_types = ["sliding_attention", "full_attention"] * 2
+    gemma3 = tiny_model(
+        "Gemma3ForCausalLM",
+        tmp_path / "g3",
+        num_hidden_layers=len(layer_types),
+        sliding_window=8,
+        layer_types=layer_types,
+    )
+    llm = LLM(model=str(gemma3), device="cpu", dtype="float32", max_num_seqs=2)
+    runner = llm.engine.executor.runner
+    assert len(runner.cache_layout.groups) > 1
+    runner.platform.measure_peak_memory = lambda run_profile: run_profile()
+    assert runner.available_blocks() > 0
+
+
 @pytest.mark.parametrize("windowed_groups", [False, True])
 def test_platforms_that_compile_per_shape_warm_the_eager_steps(
     tiny_llama, tmp_path, monkeypatch, windowed_groups

@@ -62,6 +62,21 @@ def profile_batch(
     return input_ids, positions.to(device), metadata
 
 
+def prepare_every_group(runner: ModelRunner, metadata: AttentionMetadata) -> None:
+    """Plan ``metadata`` for the backend, and a copy of it for each further KV group.
+
+    A synthetic step's groups all read the same (unwritten) block; each is planned on its
+    own, as ``cache_binding.add_layout_metadata`` plans a real step's groups, since layers
+    of a windowed group look their metadata up in ``kv_groups``.
+    """
+    groups = [
+        dataclasses.replace(metadata, extra={}) for _ in range(len(runner.cache_layout.groups) - 1)
+    ]
+    for group in (metadata, *groups):
+        runner.attention.prepare(group)
+    metadata.kv_groups = tuple(groups)
+
+
 @torch.inference_mode()
 def profile_forward(runner: ModelRunner) -> None:
     """Run the largest step once on a one-block scratch cache, then rebind what was bound."""
@@ -79,7 +94,7 @@ def profile_forward(runner: ModelRunner) -> None:
             scratch[key] = torch.zeros(shape, dtype=runner.dtype, device=runner.device)
         layer.bind_kv_cache(scratch[key], scratch[key])
     try:
-        runner.attention.prepare(metadata)
+        prepare_every_group(runner, metadata)
         hidden = runner.model(input_ids, positions, metadata)
         last_rows = metadata.query_start_loc[1:].long() - 1
         probs = runner.model.compute_logits(hidden[last_rows]).float().softmax(dim=-1)
@@ -112,17 +127,11 @@ def warm_eager_steps(runner: ModelRunner) -> list[int]:
     lora = LoRAGraphInputs.of(runner.model, max(lengths), runner.device) if lengths else None
     if runner.lora is not None:
         runner.lora.clear()  # the plain runs: no adapter (a former step's layout is stale)
-    num_groups = len(runner.cache_layout.groups)
     for num_tokens in lengths:
         input_ids, positions, metadata = profile_batch(
             num_tokens, 1, runner.max_model_len, runner.block_size, runner.device
         )
-        # Every KV group reads the same (unwritten) block; each planned on its own, as
-        # cache_binding.add_layout_metadata plans a step's groups.
-        groups = [dataclasses.replace(metadata, extra={}) for _ in range(num_groups - 1)]
-        for group in (metadata, *groups):
-            runner.attention.prepare(group)
-        metadata.kv_groups = tuple(groups)
+        prepare_every_group(runner, metadata)
         runner.model(input_ids, positions, metadata)
         if lora is not None:
             with lora.capturing(num_tokens):
