@@ -13,10 +13,16 @@ real rows, so no logits are computed for padding and the graphs' memory stays sm
 
 With LoRA kernels (``enable_lora``), each size also gets a graph with the adapters'
 shrink and expand in it, which serves every mix of adapters (``tessellm.lora.graph_inputs``).
+
+A model whose windowed layers keep their KV in groups of their own (Gemma 2/3, Qwen with
+windows: ``engine/cache_layout.py``) has a block table and slot mapping per group
+(``AttentionMetadata.kv_groups``): each group gets static buffers of its own, captured in
+the graphs' metadata as the eager step carries them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -25,6 +31,7 @@ from torch import nn
 
 from tessellm.interfaces.attention import AttentionBackend, AttentionMetadata
 from tessellm.interfaces.platform import GraphSpec
+from tessellm.layers.attention import Attention
 from tessellm.lora.graph_inputs import LoRAGraphInputs
 
 logger = logging.getLogger(__name__)
@@ -77,6 +84,16 @@ class CudaGraphRunner:
             self.seq_lens = torch.zeros(n, dtype=torch.int32)
             self.query_start_loc = torch.arange(n + 1, dtype=torch.int32)
             self.block_tables = torch.zeros((n, width), dtype=torch.int32)
+            # Groups 1..: the windowed layers' tables and slots (group 0 uses the above).
+            groups = max(
+                (m.kv_group for m in model.modules() if isinstance(m, Attention)), default=0
+            )
+            self.group_slot_mappings = [
+                torch.full((n,), -1, dtype=torch.int64) for _ in range(groups)
+            ]
+            self.group_block_tables = [
+                torch.zeros((n, width), dtype=torch.int32) for _ in range(groups)
+            ]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.lora = LoRAGraphInputs.of(model, n, device)
@@ -85,8 +102,9 @@ class CudaGraphRunner:
         self.serves_lora = self.lora is not None
 
     def _metadata(self, size: int) -> AttentionMetadata:
-        """Metadata over the static buffers, planned for the longest possible context."""
-        return AttentionMetadata(
+        """Metadata over the static buffers, planned for the longest possible context (each
+        KV group's planned on its own, as a step's are)."""
+        metadata = AttentionMetadata(
             query_start_loc=self.query_start_loc[: size + 1],
             seq_lens=self.seq_lens[:size],
             block_tables=self.block_tables[:size],
@@ -96,6 +114,16 @@ class CudaGraphRunner:
             query_start_loc_cpu=torch.arange(size + 1, dtype=torch.int32),
             seq_lens_cpu=torch.full((size,), self.spec.max_model_len, dtype=torch.int32),
         )
+        groups = tuple(
+            dataclasses.replace(
+                metadata, block_tables=table[:size], slot_mapping=slots[:size], extra={}
+            )
+            for table, slots in zip(self.group_block_tables, self.group_slot_mappings, strict=True)
+        )
+        for group in (metadata, *groups):
+            self.attention.prepare(group)
+        metadata.kv_groups = groups
+        return metadata
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -107,7 +135,6 @@ class CudaGraphRunner:
         self.query_start_loc.copy_(torch.arange(self.max_size + 1, dtype=torch.int32))
         for size in sorted(self.sizes, reverse=True):
             metadata = self._metadata(size)
-            self.attention.prepare(metadata)
             self.graphs[size] = self._capture_one(size, metadata)
             if self.lora is not None:
                 with self.lora.capturing(size):
@@ -151,8 +178,10 @@ class CudaGraphRunner:
         graphs = self.lora_graphs if adapted else self.graphs
         if size is None or size not in graphs:
             return None
-        width = metadata.block_tables.shape[1]
-        if width > self.block_tables.shape[1]:
+        tables = [metadata.block_tables, *(g.block_tables for g in metadata.kv_groups)]
+        if len(tables) != 1 + len(self.group_block_tables) or any(
+            t.shape[1] > self.block_tables.shape[1] for t in tables
+        ):
             return None
         graph, hidden = graphs[size]
         if adapted:
@@ -161,10 +190,15 @@ class CudaGraphRunner:
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slot_mapping[:n].copy_(metadata.slot_mapping, non_blocking=True)
         self.seq_lens[:n].copy_(metadata.seq_lens, non_blocking=True)
-        self.block_tables[:n, :width].copy_(metadata.block_tables, non_blocking=True)
+        static_tables = [self.block_tables, *self.group_block_tables]
+        for static, table in zip(static_tables, tables, strict=True):
+            static[:n, : table.shape[1]].copy_(table, non_blocking=True)
+        for static, group in zip(self.group_slot_mappings, metadata.kv_groups, strict=True):
+            static[:n].copy_(group.slot_mapping, non_blocking=True)
         self.query_start_loc[: n + 1].copy_(metadata.query_start_loc, non_blocking=True)
         if size > n:
-            self.slot_mapping[n:size].fill_(-1)
+            for slots in (self.slot_mapping, *self.group_slot_mappings):
+                slots[n:size].fill_(-1)
             self.seq_lens[n:size].zero_()
             self.query_start_loc[n + 1 : size + 1].fill_(n)
         graph.replay()

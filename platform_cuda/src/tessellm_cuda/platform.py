@@ -39,6 +39,7 @@ class CudaPlatform(Platform):
     distributed_backend = "nccl"
     attention_backends: ClassVar[tuple[str, ...]] = ("triton", "torch")
     warm_eager_steps: ClassVar[bool] = True  # Triton kernels compile per shape class
+    graph_runner_serves_kv_groups: ClassVar[bool] = True  # a static table per group
 
     def __init__(self) -> None:
         self._peak_bytes: int | None = None
