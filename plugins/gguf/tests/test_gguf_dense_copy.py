@@ -128,3 +128,50 @@ def test_exported_steps_follow_the_branch_of_their_batch_range(low, high, dense)
     assert uses_kernel != dense
     x = _x(high)
     assert torch.equal(program.module()(x), layer(x))
+
+
+def test_blocked_copies_take_what_the_budget_left_and_serve_eager_calls_only(monkeypatch):
+    """``add_onednn_copies``: each dense copy also in oneDNN's blocked layout while the
+    budget lasts; eager calls past 16 rows use it (the same product up to summation
+    order), a trace the plain copy (the blocked one can be neither exported nor pickled)."""
+    import pickle
+
+    from tessellm_gguf.runtime import add_onednn_copies
+
+    per_copy = ROWS * COLS * dense_copy_dtype(torch.bfloat16).itemsize
+    monkeypatch.setattr(runtime, "DENSE_COPY_AUTO_BYTES", 3 * per_copy)
+    budget = DenseCopyBudget("auto")
+    layers = torch.nn.ModuleList(
+        GGUFLinearRuntime([_codes(QT.Q4_1, seed)], CPU, torch.bfloat16, budget) for seed in (1, 2)
+    )
+    assert add_onednn_copies(layers, budget) == 1  # two dense copies, room for one more
+    first, second = (layer.segments[0] for layer in layers)
+    assert first.onednn.weight is not None and second.onednn is None
+    assert budget.left == 0
+
+    x = _x(LIMIT + 7)
+    calls = []
+    blocked_linear = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(
+        torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or blocked_linear(*a)
+    )
+    blocked = layers[0](x)
+    assert calls == [1]
+    plain = _dense_product(x, _codes(QT.Q4_1, 1))
+    torch.testing.assert_close(blocked, plain, rtol=0.01, atol=0.01)  # bf16 outputs
+    assert torch.equal(
+        layers[0](_x(LIMIT)),
+        GGUFLinearRuntime([_codes(QT.Q4_1, 1)], CPU, torch.bfloat16, DenseCopyBudget("off"))(
+            _x(LIMIT)
+        ),
+    )
+
+    rows = torch.export.Dim("rows", min=LIMIT + 1, max=64)
+    program = torch.export.export(layers[0], (x,), dynamic_shapes=({0: rows},))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("mkldnn" in t for t in targets)
+    assert torch.equal(program.module()(x), plain)
+
+    copied = pickle.loads(pickle.dumps(layers[0]))
+    assert copied.segments[0].onednn.weight is None
+    assert torch.equal(copied(x), plain)

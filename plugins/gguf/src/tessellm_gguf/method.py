@@ -28,6 +28,7 @@ from tessellm_gguf.runtime import (
     INT4_KERNEL_DTYPES,
     DenseCopyBudget,
     GGUFLinearRuntime,
+    add_onednn_copies,
     dense_copy_dtype,
 )
 
@@ -137,7 +138,8 @@ class GGUFNative(QuantizationMethod):
         """On the CPU in bf16, the LM head (dense: the format dequantizes embeddings) gets
         an 8-bit copy for small batches where its weights lie on a Q8_0 grid, as the CPU's
         ``woq_grid`` method does, and an fp32 copy for many rows within the dense-copy
-        budget (runtime.py)."""
+        budget; then the linear layers' dense copies get blocked copies for eager calls
+        with what the budget has left (runtime.py)."""
         from tessellm.layers.embedding import ParallelLMHead
         from tessellm_quant_int4.cpu_int4 import Int8GroupLogitsMatmul, pack_int8_groups
 
@@ -157,6 +159,7 @@ class GGUFNative(QuantizationMethod):
             ):
                 dense = weight.data.to(copy_dtype)
             module.logits_matmul = Int8GroupLogitsMatmul(weight.data, packed, dense)
+        add_onednn_copies(model, self.dense_budget)
 
 
 # Rows packed at a time: the packer's fp32 temporaries of a whole 50k-262k vocabulary
