@@ -33,11 +33,9 @@ GEMMs are emulated) and the run dtype on AVX-512 ones, and costs memory: 4 (or 2
 weight, kept only within the budget (``TESSELLM_GGUF_CPU_DENSE``).
 
 Eager calls multiply the copy in oneDNN's blocked layout (``OneDnnWeight``, made once
-at load from what the budget has left after every dense copy: ``add_onednn_copies``): a
-plain GEMM re-packs the weight at every call, which for a 30-row prefill of SmolLM2 cost
-a third of its GEMM time (2-core Zen 2: a 30-token prefill 150 -> 110 ms). Traces (the
-CPU's compiled decode libraries take the weights as inputs) keep the plain copy; the
-two differ in summation order only.
+at load from what the budget has left after every dense copy: ``add_onednn_copies``);
+traces (the CPU's compiled decode libraries take the weights as inputs) keep the plain
+copy.
 """
 
 from __future__ import annotations
@@ -51,6 +49,7 @@ from torch import nn
 from tessellm_gguf.blocks import GroupedCodes
 from tessellm_quant_int4.cpu_int4 import GROUP_SIZE as KERNEL_GROUP
 from tessellm_quant_int4.cpu_int4 import INT4_MM, int4_matmul
+from tessellm_quant_int4.onednn_weight import OneDnnWeight, dense_linear
 
 # Run dtypes in which the CPU uses the int4 kernel (its fp32 path is scalar code).
 INT4_KERNEL_DTYPES = (torch.bfloat16,)
@@ -109,41 +108,12 @@ def rows_of(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.dim() else 0
 
 
-# oneDNN picks its blocking for a batch size: the prefill chunks and batches this serves.
-ONEDNN_BATCH_HINT = 32
-
-
-class OneDnnWeight:
-    """A dense copy in oneDNN's blocked layout, for eager calls only: not a buffer (a
-    trace or a pickled model for a background build gets None; blocked tensors cannot be
-    exported or pickled)."""
-
-    def __init__(self, dense: torch.Tensor | None) -> None:
-        self.weight = None
-        if dense is not None:
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(dense, ONEDNN_BATCH_HINT)
-
-    def __reduce__(self):
-        return (OneDnnWeight, (None,))
-
-    @staticmethod
-    def fits(dense: torch.Tensor) -> bool:
-        return (
-            torch.backends.mkldnn.is_available()
-            and dense.device.type == "cpu"
-            and dense.dtype in (torch.float32, torch.bfloat16)
-        )
-
-
 def dense_copy_linear(
     x: torch.Tensor, dense: torch.Tensor, onednn: OneDnnWeight | None = None
 ) -> torch.Tensor:
-    """``x @ dense.T`` in the copy's dtype, rounded once to ``x``'s."""
-    if onednn is not None and onednn.weight is not None and not torch.compiler.is_compiling():
-        rows = x.reshape(-1, x.shape[-1]).to(dense.dtype)
-        out = torch.ops.mkldnn._linear_pointwise(rows, onednn.weight, None, "none", [], "")
-        return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
-    return F.linear(x.to(dense.dtype), dense).to(x.dtype)
+    """``x @ dense.T`` in the copy's dtype (blocked where it has one), rounded once to
+    ``x``'s."""
+    return dense_linear(x, dense, onednn)
 
 
 # A DequantSegment's temporary dense weight stays under this many elements per chunk.

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tessellm_quant_int4.onednn_weight import OneDnnWeight
+
 GROUP_SIZE = 32
 
 
@@ -175,12 +177,19 @@ class Int8GroupLogitsMatmul:
     ) -> None:
         self.weight = weight  # shared with the embedding when tied: not copied
         self.packed, self.scales_zeros = packed
+        # The head is never traced: where oneDNN takes it, the copy is kept blocked only.
+        self.blocked = None
+        if dense_copy is not None and OneDnnWeight.fits(dense_copy):
+            self.blocked, dense_copy = OneDnnWeight(dense_copy), None
         self.dense_copy = dense_copy
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         rows = hidden.reshape(-1, hidden.shape[-1])
-        if self.dense_copy is not None and rows.shape[0] >= DENSE_FROM_ROWS:
-            return F.linear(hidden.to(self.dense_copy.dtype), self.dense_copy).to(hidden.dtype)
+        if rows.shape[0] >= DENSE_FROM_ROWS:
+            if self.blocked is not None and self.blocked.usable():
+                return self.blocked.linear(hidden)
+            if self.dense_copy is not None:
+                return F.linear(hidden.to(self.dense_copy.dtype), self.dense_copy).to(hidden.dtype)
         if rows.shape[0] > PACKED_MAX_ROWS[rows.dtype]:
             return F.linear(hidden, self.weight)
         doubled = torch.cat((rows, rows), dim=1)
