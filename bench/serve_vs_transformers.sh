@@ -96,11 +96,17 @@ run_server() {  # run_server INDEX ROUND: start it, warm it up, measure every ra
     if wait_ready "$health" "$pid"; then
         echo "$name ready in $((SECONDS - t0)) s (round $round)"
         # Warm-up, not recorded: transformers serve loads the model on its first request.
-        bench "$url/v1" "$model" --num-prompts 2 --output-len 8 --request-rate 1 >/dev/null
+        # Every measurement draws prompts of its own (seed by round and rate, the same for
+        # every server): with one seed, each rate repeated the previous rate's prompts and
+        # tessellm's prefix cache served most of them (all results before 2026-12-06 10:50).
+        bench "$url/v1" "$model" --num-prompts 2 --output-len 8 --request-rate 1 \
+            --seed $((round * 100)) >/dev/null
+        local k=0
         for rate in "${RATES[@]}"; do
+            k=$((k + 1))
             echo "$name r$rate round$round before: $(date -u +%H:%M:%S) $(cat /proc/loadavg)" >>"$OUT/load.txt"
             bench "$url/v1" "$model" --num-prompts "$NUM_PROMPTS" --output-len "$OUTPUT_LEN" --request-rate "$rate" \
-                --output-json "$OUT/serve_${name}_r${rate}_round${round}.json" |
+                --seed $((round * 100 + k)) --output-json "$OUT/serve_${name}_r${rate}_round${round}.json" |
                 tail -1 | sed "s/^tessellm-server/$name r$rate round$round/"
             echo "$name r$rate round$round after: $(date -u +%H:%M:%S) $(cat /proc/loadavg)" >>"$OUT/load.txt"
         done
