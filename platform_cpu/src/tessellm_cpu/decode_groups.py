@@ -28,11 +28,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from tessellm.interfaces.attention import AttentionMetadata
-from tessellm.layers.attention import Attention
-
-
-def num_kv_groups(attn_layers: list[Attention]) -> int:
-    return 1 + max((layer.kv_group for layer in attn_layers), default=0)
+from tessellm.layers.attention import Attention, num_kv_groups
 
 
 def layout_facts(attn_layers: list[Attention]) -> list[int] | None:

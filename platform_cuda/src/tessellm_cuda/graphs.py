@@ -31,7 +31,7 @@ from torch import nn
 
 from tessellm.interfaces.attention import AttentionBackend, AttentionMetadata
 from tessellm.interfaces.platform import GraphSpec
-from tessellm.layers.attention import Attention
+from tessellm.layers.attention import Attention, num_kv_groups
 from tessellm.lora.graph_inputs import LoRAGraphInputs
 
 logger = logging.getLogger(__name__)
@@ -85,9 +85,7 @@ class CudaGraphRunner:
             self.query_start_loc = torch.arange(n + 1, dtype=torch.int32)
             self.block_tables = torch.zeros((n, width), dtype=torch.int32)
             # Groups 1..: the windowed layers' tables and slots (group 0 uses the above).
-            groups = max(
-                (m.kv_group for m in model.modules() if isinstance(m, Attention)), default=0
-            )
+            groups = num_kv_groups([m for m in model.modules() if isinstance(m, Attention)]) - 1
             self.group_slot_mappings = [
                 torch.full((n,), -1, dtype=torch.int64) for _ in range(groups)
             ]

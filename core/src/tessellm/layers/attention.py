@@ -129,6 +129,12 @@ class Attention(nn.Module):
         return out.reshape(q.shape[0], self.num_heads * self.head_size)
 
 
+def num_kv_groups(attn_layers: list[Attention]) -> int:
+    """How many KV groups (block tables) a step carries for these layers
+    (``Attention.kv_group``: 0 is the step's own table, 1.. its ``kv_groups``)."""
+    return 1 + max((layer.kv_group for layer in attn_layers), default=0)
+
+
 # Checkpoint names of per-layer KV cache scales, under the attention block's prefix.
 _KV_SCALE_NAME = re.compile(r"^(?P<prefix>.+)\.(?P<which>k|v|kv)_scale$")
 

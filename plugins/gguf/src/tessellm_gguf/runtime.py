@@ -108,14 +108,6 @@ def rows_of(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.dim() else 0
 
 
-def dense_copy_linear(
-    x: torch.Tensor, dense: torch.Tensor, onednn: OneDnnWeight | None = None
-) -> torch.Tensor:
-    """``x @ dense.T`` in the copy's dtype (blocked where it has one), rounded once to
-    ``x``'s."""
-    return dense_linear(x, dense, onednn)
-
-
 # A DequantSegment's temporary dense weight stays under this many elements per chunk.
 DEQUANT_CHUNK_ELEMENTS = 1 << 20
 
@@ -189,7 +181,7 @@ class DequantSegment(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and rows_of(x) > DENSE_COPY_MAX_PACKED_ROWS:
-            return dense_copy_linear(x, self.dense, self.onednn)
+            return dense_linear(x, self.dense, self.onednn)
         return torch.ops.tessellm_gguf.dequant_linear(
             x, self.codes, self.scale, self.zero, self.group, self.nibbles, self.chunk_rows
         )
@@ -235,7 +227,7 @@ class Int4KernelSegment(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and rows_of(x) > DENSE_COPY_MAX_PACKED_ROWS:
-            return dense_copy_linear(x, self.dense, self.onednn)
+            return dense_linear(x, self.dense, self.onednn)
         if x.dim() == 2 and self.halves == 1 and x.dtype == self.scales_zeros.dtype:
             # The decode step's case, kept lean: one kernel call.
             return INT4_MM(x.contiguous(), self.packed, KERNEL_GROUP, self.scales_zeros)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tessellm_quant_int4.onednn_weight import OneDnnWeight
+from tessellm_quant_int4.onednn_weight import OneDnnWeight, dense_linear
 
 GROUP_SIZE = 32
 
@@ -185,11 +185,9 @@ class Int8GroupLogitsMatmul:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         rows = hidden.reshape(-1, hidden.shape[-1])
-        if rows.shape[0] >= DENSE_FROM_ROWS:
-            if self.blocked is not None and self.blocked.usable():
-                return self.blocked.linear(hidden)
-            if self.dense_copy is not None:
-                return F.linear(hidden.to(self.dense_copy.dtype), self.dense_copy).to(hidden.dtype)
+        blocked = self.blocked is not None and self.blocked.usable()
+        if rows.shape[0] >= DENSE_FROM_ROWS and (blocked or self.dense_copy is not None):
+            return dense_linear(hidden, self.dense_copy, self.blocked)
         if rows.shape[0] > PACKED_MAX_ROWS[rows.dtype]:
             return F.linear(hidden, self.weight)
         doubled = torch.cat((rows, rows), dim=1)

@@ -23,7 +23,7 @@ class OneDnnWeight:
     """``dense`` ([out, in], fp32 or bf16, CPU) reordered once; None after unpickling."""
 
     def __init__(self, dense: torch.Tensor | None) -> None:
-        self.weight = None
+        self.weight = self.dtype = None
         if dense is not None:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(dense, BATCH_HINT)
             self.dtype = dense.dtype
