@@ -104,6 +104,11 @@ class CpuPlatform(Platform):
         if not os.environ.get("OMP_NUM_THREADS"):
             torch.set_num_threads(physical_cores())
 
+    def bind_step_thread(self) -> None:
+        from tessellm_cpu.thread_binding import bind_step_thread
+
+        bind_step_thread()
+
     def default_quantization(self, dtype: torch.dtype) -> str | None:
         # Weights already on a 4-bit grid (GGUF Q4_1) keep their 4 bits in memory: batch-1
         # decode reads a quarter of the bytes. fp32 runs stay dense: they are the exact

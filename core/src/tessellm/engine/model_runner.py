@@ -298,6 +298,7 @@ class ModelRunner:
 
         ``defer_sampling``: queue the forward pass only; ``sample()`` on what returns
         samples (the engine fills grammar bitmasks in between)."""
+        self.platform.enter_step_thread()
         if plan.empty:
             return PendingStep(StepResult([]))
         if self.step_runner is not None:

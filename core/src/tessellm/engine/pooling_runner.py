@@ -135,6 +135,7 @@ class PoolingRunner:
 
     def forward(self, prompts: list[list[int]]) -> torch.Tensor:
         """Token states ``[sum of lengths, hidden]`` of ``prompts``, packed in order."""
+        self.platform.enter_step_thread()
         lens = torch.tensor([len(p) for p in prompts], dtype=torch.int32)
         cu = torch.zeros(len(prompts) + 1, dtype=torch.int32)
         torch.cumsum(lens, 0, out=cu[1:])

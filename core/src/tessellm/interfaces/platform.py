@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -122,6 +123,20 @@ class Platform(ABC):
 
     def set_up_process(self) -> None:  # noqa: B027 - optional hook
         """Per-process set-up (threads, allocator settings) before the model is built."""
+
+    def bind_step_thread(self) -> None:  # noqa: B027 - optional hook
+        """Per-thread set-up on a thread that runs steps, before its first step and again
+        when its intra-op thread count changes (the CPU gives the thread and its OpenMP
+        workers a core each)."""
+
+    def enter_step_thread(self) -> None:
+        """Runners call this at every step; it calls ``bind_step_thread`` when needed."""
+        # Thread-local, not keyed by thread id: a finished thread's id is reused.
+        state = self.__dict__.setdefault("_step_thread", threading.local())
+        threads = torch.get_num_threads()
+        if getattr(state, "threads", None) != threads:
+            state.threads = threads
+            self.bind_step_thread()
 
     def measure_peak_memory(self, run_profile: Callable[[], None]) -> None:  # noqa: B027
         """Platforms that size the KV cache from the memory a forward pass at the largest
