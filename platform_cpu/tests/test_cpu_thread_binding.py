@@ -40,6 +40,8 @@ def in_new_thread(fn, threads: int):
             result["workers"] = {tid: os.sched_getaffinity(tid) for tid in gained}
         except BaseException as error:
             result["error"] = error
+        finally:  # libgomp's default for threads started later is process-wide
+            torch.set_num_threads(previous)
 
     worker = threading.Thread(target=body)
     worker.start()
