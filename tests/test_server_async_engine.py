@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -148,3 +149,37 @@ def test_shutdown_ends_streams_still_running():
 
     asyncio.run(main())
     assert engine.shut_down
+
+
+class GilHoldingEngine(ScriptedEngine):
+    """Each step first holds the GIL for ~20 ms in one C call, as the CPU's compiled decode
+    library does, and records when it started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step_started: list[float] = []
+
+    def step(self) -> list[RequestOutput]:
+        self.step_started.append(time.perf_counter())
+        sum(range(1_500_000))  # one C call: no GIL switch inside it
+        return super().step()
+
+
+def test_each_steps_outputs_reach_the_stream_before_the_next_step():
+    engine = GilHoldingEngine()
+    received: list[float] = []
+
+    async def main():
+        runner = AsyncLLMEngine(engine)
+        runner.start()
+        stream = runner.new_stream()
+        await stream.add("r0", [1], SamplingParams(max_tokens=6))
+        while not stream.finished:
+            await stream.next_outputs()
+            received.append(time.perf_counter())
+        await runner.shutdown()
+
+    asyncio.run(main())
+    assert len(received) == 6 and len(engine.step_started) == 6
+    # Token k was with its reader before step k + 1 began (else it waited out that step).
+    assert all(got < nxt for got, nxt in zip(received, engine.step_started[1:], strict=False))

@@ -3,7 +3,8 @@
 The HTTP server handles many clients on one event loop; the engine is synchronous and not
 thread-safe. So a single background thread owns the engine: it runs queued commands (add,
 abort, tokenize ...) between steps, then calls ``step()`` while there is work, and hands
-each step's outputs to the event loop in one ``call_soon_threadsafe``. Requests from all
+each step's outputs to the event loop in one ``call_soon_threadsafe``, waiting (briefly)
+until the loop has sent them before it starts the next step. Requests from all
 clients therefore share the same steps (continuous batching across clients) and the event
 loop never waits on a forward pass.
 
@@ -36,6 +37,10 @@ from tessellm.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Longest the engine thread waits for the event loop to send a step's outputs: the loop's
+# share of a step (a few streams' SSE chunks) takes well under a millisecond; a loop busy
+# for longer does not hold steps back.
+HAND_OVER_WAIT_S = 0.002
 Command = tuple[Callable[[LLMEngine], Any], "asyncio.Future[Any] | None"]
 
 
@@ -324,7 +329,7 @@ class AsyncLLMEngine(RequestSinks):
                 if self.engine.has_unfinished_requests():
                     outputs = [_snapshot(o) for o in self.engine.step()]
                     if outputs:
-                        loop.call_soon_threadsafe(self._dispatch, outputs)
+                        self._hand_over(loop, outputs)
                 else:
                     self._wakeup.wait()
                     self._wakeup.clear()  # commands queued meanwhile run on the next pass
@@ -336,6 +341,21 @@ class AsyncLLMEngine(RequestSinks):
             error = EngineDeadError(f"the engine stopped: {exc!r}")
             loop.call_soon_threadsafe(self._fail_all, error)
             self._drain_commands(loop, error)
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop, outputs: list[RequestOutput]) -> None:
+        """Give a step's outputs to the event loop and let it send them before the next
+        step, waiting at most ``HAND_OVER_WAIT_S``. Without the wait this thread took the
+        GIL straight back for the next step, and a step that holds it throughout (the
+        CPU's compiled decode call) kept every token from its client for one more step:
+        TTFT +12-17 ms on 2 cores (bench/RESULTS.md, 2026-12-06)."""
+        sent = threading.Event()
+
+        def dispatch() -> None:
+            self._dispatch(outputs)
+            loop.call_soon(sent.set)  # after the streams woken here have written
+
+        loop.call_soon_threadsafe(dispatch)
+        sent.wait(HAND_OVER_WAIT_S)
 
     def _run_commands(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
