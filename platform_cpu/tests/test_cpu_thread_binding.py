@@ -17,7 +17,13 @@ from tessellm_cpu.thread_binding import (
     bind_step_thread,
     one_cpu_per_core,
     parse_cpu_list,
+    read_setting,
 )
+
+
+def bind_as_set() -> list[int]:
+    return bind_step_thread(read_setting())
+
 
 ALLOWED = sorted(os.sched_getaffinity(0))
 needs_two_cpus = pytest.mark.skipif(len(ALLOWED) < 2, reason="binding a team needs 2 CPUs")
@@ -71,7 +77,7 @@ def test_a_step_thread_and_its_worker_get_a_core_each(monkeypatch) -> None:
     cores = one_cpu_per_core(set(ALLOWED))
     if len(cores) < 2:
         pytest.skip("one physical core")
-    out = in_new_thread(bind_step_thread, threads=2)
+    out = in_new_thread(bind_as_set, threads=2)
     assert out["value"] == cores[:2]
     assert out["own"] == {cores[0]}
     # Its OpenMP worker (torch may start other threads of its own meanwhile).
@@ -82,19 +88,19 @@ def test_a_step_thread_and_its_worker_get_a_core_each(monkeypatch) -> None:
 
 def test_auto_leaves_the_main_thread_and_single_threads_alone(monkeypatch) -> None:
     monkeypatch.setenv(BIND_ENV, "auto")
-    assert bind_step_thread() == []
+    assert bind_as_set() == []
     assert sorted(os.sched_getaffinity(0)) == ALLOWED
-    out = in_new_thread(bind_step_thread, threads=1)
+    out = in_new_thread(bind_as_set, threads=1)
     assert out["value"] == [] and sorted(out["own"]) == ALLOWED
 
 
 @needs_two_cpus
 def test_nobind_and_an_explicit_list(monkeypatch) -> None:
     monkeypatch.setenv(BIND_ENV, "nobind")
-    out = in_new_thread(bind_step_thread, threads=2)
+    out = in_new_thread(bind_as_set, threads=2)
     assert out["value"] == [] and sorted(out["own"]) == ALLOWED
     monkeypatch.setenv(BIND_ENV, f"{ALLOWED[1]},{ALLOWED[0]}")
-    out = in_new_thread(bind_step_thread, threads=2)
+    out = in_new_thread(bind_as_set, threads=2)
     assert out["value"] == [ALLOWED[1], ALLOWED[0]]
     assert out["own"] == {ALLOWED[1]}
     assert {ALLOWED[0]} in out["workers"].values()
@@ -102,14 +108,21 @@ def test_nobind_and_an_explicit_list(monkeypatch) -> None:
 
 def test_more_threads_than_cpus_binds_nothing(monkeypatch) -> None:
     monkeypatch.setenv(BIND_ENV, str(ALLOWED[0]))
-    out = in_new_thread(bind_step_thread, threads=2)
+    out = in_new_thread(bind_as_set, threads=2)
     assert out["value"] == [] and sorted(out["own"]) == ALLOWED
 
 
-def test_a_bad_setting_is_a_config_error(monkeypatch) -> None:
+def test_a_bad_setting_stops_the_process_set_up(monkeypatch) -> None:
     monkeypatch.setenv(BIND_ENV, "cores please")
     with pytest.raises(ConfigError, match=BIND_ENV):
-        bind_step_thread()
+        read_setting()
+    with pytest.raises(ConfigError, match=BIND_ENV):
+        CpuPlatform().set_up_process()
+    monkeypatch.setenv(BIND_ENV, f"{ALLOWED[0]},{max(ALLOWED) + 1}")
+    with pytest.raises(ConfigError, match=f"may not use: \\[{max(ALLOWED) + 1}\\]"):
+        read_setting()
+    monkeypatch.setenv(BIND_ENV, " NoBind ")
+    assert read_setting() == "nobind"
 
 
 def test_the_platform_binds_once_per_thread_and_thread_count(monkeypatch) -> None:

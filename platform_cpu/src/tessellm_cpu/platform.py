@@ -82,6 +82,8 @@ class CpuPlatform(Platform):
     attention_backends = ("cpu", "torch")
     # Compiled decode steps take one block table per KV group (decode_groups.py).
     graph_runner_serves_kv_groups = True
+    # TESSELLM_CPU_OMP_THREADS_BIND as set_up_process read it (thread_binding.py).
+    thread_binding: str | list[int] = "auto"
 
     @classmethod
     def is_available(cls) -> bool:
@@ -101,13 +103,16 @@ class CpuPlatform(Platform):
         return torch.float32
 
     def set_up_process(self) -> None:
+        from tessellm_cpu.thread_binding import read_setting
+
+        self.thread_binding = read_setting()
         if not os.environ.get("OMP_NUM_THREADS"):
             torch.set_num_threads(physical_cores())
 
     def bind_step_thread(self) -> None:
         from tessellm_cpu.thread_binding import bind_step_thread
 
-        bind_step_thread()
+        bind_step_thread(self.thread_binding)
 
     def default_quantization(self, dtype: torch.dtype) -> str | None:
         # Weights already on a 4-bit grid (GGUF Q4_1) keep their 4 bits in memory: batch-1

@@ -63,10 +63,31 @@ def _thread_ids() -> set[int]:
     return {int(name) for name in os.listdir(_TASKS)}
 
 
-def bind_step_thread() -> list[int]:
-    """Bind the calling thread and its OpenMP workers to a CPU each, as the environment
-    says; the CPUs used (master first), or [] where nothing was bound."""
+def read_setting() -> str | list[int]:
+    """``TESSELLM_CPU_OMP_THREADS_BIND`` as ``"auto"``, ``"nobind"`` or a CPU list; a
+    ConfigError naming the variable for anything else (read at process set-up, so a
+    typo stops the start, not a request)."""
     setting = os.environ.get(BIND_ENV, "auto").strip().lower() or "auto"
+    if setting in ("auto", "nobind"):
+        return setting
+    from tessellm.errors import ConfigError
+
+    try:
+        cpus = parse_cpu_list(setting)
+    except ValueError:
+        raise ConfigError(
+            f"{BIND_ENV} must be auto, nobind or a CPU list such as 0-3, got {setting!r}"
+        ) from None
+    outside = sorted(set(cpus) - os.sched_getaffinity(0))
+    if outside:
+        raise ConfigError(f"{BIND_ENV} names CPUs this process may not use: {outside}")
+    return cpus
+
+
+def bind_step_thread(setting: str | list[int]) -> list[int]:
+    """Bind the calling thread and its OpenMP workers to a CPU each as ``setting``
+    (:func:`read_setting`) says; the CPUs used (master first), or [] where nothing was
+    bound."""
     if setting == "nobind" or not hasattr(os, "sched_setaffinity") or not _TASKS.is_dir():
         return []
     if setting == "auto":
@@ -74,14 +95,7 @@ def bind_step_thread() -> list[int]:
             return []
         cpus = one_cpu_per_core(os.sched_getaffinity(0))
     else:
-        try:
-            cpus = parse_cpu_list(setting)
-        except ValueError:
-            from tessellm.errors import ConfigError
-
-            raise ConfigError(
-                f"{BIND_ENV} must be auto, nobind or a CPU list such as 0-3, got {setting!r}"
-            ) from None
+        cpus = list(setting)
     # Said where the user named the CPUs; an automatic binding that cannot happen is routine.
     level = logging.DEBUG if setting == "auto" else logging.WARNING
     team = torch.get_num_threads()
