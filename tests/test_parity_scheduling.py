@@ -147,3 +147,27 @@ def test_priority_policy_runs_the_most_urgent_first(tiny_llama, reference):
     # One sequence at a time: priority 0 first, then 1, then 5.
     ttft = [o.metrics["time_to_first_token"] for o in outs]
     assert ttft[1] < ttft[2] < ttft[0]
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_arrivals_between_steps_mixed_or_not(tiny_llama, reference, mixed):
+    # Requests join while others decode and a prompt is chunked (budget 16): with mixed
+    # batches their prompts share steps with the decodes, without they run alone first.
+    llm = make_llm(tiny_llama, max_num_batched_tokens=16, enable_mixed_batches=mixed)
+    engine = llm.engine
+    tokens: dict[str, list[int]] = {}
+    prompts = {f"r{i}": p for i, p in enumerate(LONG)}
+    plans = []
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: plans.append(schedule()) or plans[-1]
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, greedy())
+        for _ in range(3):
+            for out in engine.step():
+                tokens[out.request_id] = out.outputs[0].token_ids
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id] = out.outputs[0].token_ids
+    assert [tokens[r] for r in prompts] == [reference[tuple(p)] for p in LONG]
+    decoding = [{s.num_output_tokens > 0 for s in plan.seqs} for plan in plans]
+    assert any(len(kinds) == 2 for kinds in decoding) is mixed

@@ -1,4 +1,4 @@
-"""Diagnostic: log each Triton kernel variant a process compiles, with wall-clock times.
+"""Diagnostic: log each Triton kernel variant a process compiles; optionally, slow steps.
 
 With this folder first on PYTHONPATH and TRITON_COMPILE_LOG naming a file, every Python
 process appends one line per kernel-cache miss ("miss", before the compile or the disk-cache
@@ -7,6 +7,7 @@ description of the variant (kernel, options, each argument's specialisation). Li
 a server's ready time are compiles some request waited for.
 """
 
+import contextlib
 import os
 import time
 
@@ -34,3 +35,44 @@ if _LOG:
         knobs.runtime.jit_cache_hook = _hook("miss")
         if hasattr(knobs.runtime, "jit_post_compile_hook"):
             knobs.runtime.jit_post_compile_hook = _hook("compiled")
+
+
+# With TESSELLM_STEP_LOG naming a file, a tessellm process also logs each engine step that
+# took longer than TESSELLM_STEP_LOG_MS (default 50): its end (epoch s), duration, and the
+# plan launched in it (sequences, tokens, sequences with more than one token), with the
+# scheduler's running and waiting counts. A stall then shows what the step held.
+_STEP_LOG = os.environ.get("TESSELLM_STEP_LOG")
+
+
+def _log_slow_steps() -> None:
+    from tessellm.engine.llm_engine import LLMEngine
+
+    slow_ms = float(os.environ.get("TESSELLM_STEP_LOG_MS", "50"))
+    step, launch = LLMEngine.step, LLMEngine._launch
+    plans: list[str] = []
+
+    def logged_launch(self, plan, *args, **kwargs):
+        prefills = sum(len(s.token_ids) > 1 for s in plan.seqs)
+        plans.append(f"seqs={len(plan.seqs)} tokens={plan.num_batched_tokens} multi={prefills}")
+        return launch(self, plan, *args, **kwargs)
+
+    def logged_step(self):
+        plans.clear()
+        start = time.perf_counter()
+        outputs = step(self)
+        ms = (time.perf_counter() - start) * 1000
+        if ms >= slow_ms:
+            queue = f"running={len(self.scheduler.running)} waiting={len(self.scheduler.waiting)}"
+            try:
+                with open(_STEP_LOG, "a") as log:
+                    log.write(f"{time.time():.3f} step {ms:.1f}ms {queue} {' | '.join(plans)}\n")
+            except OSError:
+                pass
+        return outputs
+
+    LLMEngine.step, LLMEngine._launch = logged_step, logged_launch
+
+
+if _STEP_LOG:
+    with contextlib.suppress(ImportError):  # not a tessellm environment
+        _log_slow_steps()

@@ -35,6 +35,10 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # Whether a step that computes prompt tokens also gives the running requests their
+    # decode tokens (docs/scheduling.md). None: the platform's choice (Platform.mixed_batches;
+    # the CPU runs prompt work alone, first).
+    enable_mixed_batches: bool | None = None
     scheduling_policy: str = "fcfs"
     tensor_parallel_size: int = 1
     # Decoder layers split over this many stages (tessellm.interfaces.pipeline), each of

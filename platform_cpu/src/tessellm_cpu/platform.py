@@ -82,6 +82,10 @@ class CpuPlatform(Platform):
     attention_backends = ("cpu", "torch")
     # Compiled decode steps take one block table per KV group (decode_groups.py).
     graph_runner_serves_kv_groups = True
+    # A few cores are compute-bound from a handful of rows on: a decode token costs as much
+    # in a prefill step as in its own, so prompts run alone and first (at 4 req/s on 2
+    # cores: TTFT p99 900 -> ~500 ms, TPOT p50 ~4 % longer; bench/RESULTS.md).
+    mixed_batches = False
     # TESSELLM_CPU_OMP_THREADS_BIND as set_up_process read it (thread_binding.py).
     thread_binding: str | list[int] = "auto"
 

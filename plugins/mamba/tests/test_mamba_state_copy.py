@@ -111,7 +111,11 @@ def test_forks_under_chunked_prefill_preemption_and_schedule_ahead(model):
     # pool too small for every sample at full length: samples are preempted (they
     # recompute) and resume with the same tokens.
     longest = max(len(p) for p in prompt_ids) + MAX_TOKENS
-    small = dict(max_num_batched_tokens=6, num_gpu_blocks_override=-(-longest // 4) + 6)
+    small = dict(
+        max_num_batched_tokens=6,
+        num_gpu_blocks_override=-(-longest // 4) + 6,
+        enable_mixed_batches=True,  # the chunks beside decodes (the CPU's default runs them alone)
+    )
     for ahead in (False, True):
         with engine(path, ahead=ahead, **small) as llm:
             got, stats = run(llm, prompt_ids, params)

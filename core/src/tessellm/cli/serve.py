@@ -134,6 +134,15 @@ def serve(
         bool,
         typer.Option("--enable-prefix-caching/--no-enable-prefix-caching", rich_help_panel=ENGINE),
     ] = True,
+    enable_mixed_batches: Annotated[
+        bool | None,
+        typer.Option(
+            "--enable-mixed-batches/--no-enable-mixed-batches",
+            help="Decode tokens in steps with prompt work (default: the platform's choice).",
+            rich_help_panel=ENGINE,
+            show_default=False,
+        ),
+    ] = None,
     block_size: Annotated[int, typer.Option(rich_help_panel=ENGINE)] = 16,
     tensor_parallel_size: Annotated[
         int, typer.Option("--tensor-parallel-size", "-tp", min=1, rich_help_panel=ENGINE)
@@ -294,6 +303,7 @@ def serve(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching,
+            enable_mixed_batches=enable_mixed_batches,
             block_size=block_size,
             tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size,

@@ -74,9 +74,12 @@ def fit_max_model_len(num_blocks: int, block_size: int, max_model_len: int) -> i
     return max_model_len
 
 
-def scheduler_config(args: EngineArgs, max_model_len: int, executor: Executor) -> SchedulerConfig:
+def scheduler_config(
+    args: EngineArgs, max_model_len: int, executor: Executor, plugins: PluginSet
+) -> SchedulerConfig:
     """The scheduler's limits from the engine arguments (a prompt must fit one step
-    without chunked prefill; speculation reserves its drafts' slots)."""
+    without chunked prefill; speculation reserves its drafts' slots; mixed batches as
+    the platform prefers unless the arguments say)."""
     batched = args.max_num_batched_tokens or max(8192, args.max_num_seqs)
     if not args.enable_chunked_prefill:
         batched = max(batched, max_model_len)
@@ -86,8 +89,19 @@ def scheduler_config(args: EngineArgs, max_model_len: int, executor: Executor) -
         max_num_batched_tokens=batched,
         max_model_len=max_model_len,
         enable_chunked_prefill=args.enable_chunked_prefill,
+        mixed_batches=mixed_batches(args, plugins),
         policy=args.scheduling_policy,
         num_lookahead_slots=spec.num_speculative_tokens if spec else 0,
         max_loras=args.max_loras if args.enable_lora else 0,
         max_concurrent_batches=int(executor.max_concurrent_batches),
     )
+
+
+def mixed_batches(args: EngineArgs, plugins: PluginSet) -> bool:
+    """``enable_mixed_batches``, or the platform's preference when it is unset."""
+    if args.enable_mixed_batches is not None:
+        return args.enable_mixed_batches
+    from tessellm.selection import choose_platform
+
+    platform, _ = choose_platform(plugins, args.device)
+    return bool(platform.mixed_batches)

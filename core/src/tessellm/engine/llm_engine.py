@@ -100,7 +100,7 @@ class LLMEngine(RequestValidation, EngineSleep):
         self.max_model_len = fit_max_model_len(num_blocks, args.block_size, self.max_model_len)
         self.executor.initialize_cache(num_blocks)
         kv = cache_layout.make_kv_cache_manager(kv_cls, num_blocks, args, layout)
-        sched_config = scheduler_config(args, self.max_model_len, self.executor)
+        sched_config = scheduler_config(args, self.max_model_len, self.executor, plugins)
         self.scheduler: Scheduler = scheduler_cls(sched_config, kv)
         self.speculator = build_speculator(self, proposer, num_blocks)
         self.kv_cache_manager: KVCacheManager = kv

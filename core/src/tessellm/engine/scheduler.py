@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
 from tessellm.engine.sample_fork import fork_sample
@@ -140,11 +141,45 @@ class Scheduler(StepResultsMixin, seams.Scheduler):
                 - request.num_computed_tokens
             )
             (chunks if left > 1 else decodes).append(request)
-        kv = self.kv
-        running = RequestStatus.RUNNING
         if self.pipelined:
             self._share_out(draft)
-        for request in itertools.chain(decodes, chunks):
+        # Unmixed (``mixed_batches`` False): prompt work first and alone; the decodes only
+        # when there is none this step can plan (no blocks or room for a waiting request).
+        unmixed = not self.config.mixed_batches and not self.pipelined
+        if unmixed and (chunks or (self.waiting and len(self.running) < self.max_running)):
+            self._plan_running(draft, chunks)
+            if not draft.preempted:
+                self._admit_waiting(draft)
+            if not draft.scheduled:
+                self._plan_running(draft, decodes)
+        else:
+            self._plan_running(draft, itertools.chain(decodes, chunks))
+            # Admitting new work while the running set is short of blocks only thrashes.
+            if not draft.preempted:
+                self._admit_waiting(draft)
+
+        seqs = []
+        total = computed_prompt = 0
+        for request, num_new in draft.scheduled.values():
+            start = request.num_computed_tokens
+            num_prompt = len(request.prompt_token_ids)
+            if start < num_prompt:
+                computed_prompt += min(start + num_new, num_prompt) - start
+            total += num_new
+            seqs.append(self._to_seq(request, num_new, draft.drafts.get(request.request_id)))
+        c = self.counters
+        c.num_computed_prompt_tokens += computed_prompt
+        c.last_step_tokens = total
+        c.num_scheduled_tokens += total
+        c.num_scheduled_steps += 1 if seqs else 0
+        return SchedulerOutput(seqs, total, draft.preempted)
+
+    def _plan_running(self, draft: _StepDraft, requests: Iterable[Request]) -> None:
+        """Give running ``requests`` (in this order) their next tokens while the budget
+        lasts, preempting the lowest-ranked where blocks run out."""
+        kv = self.kv
+        running = RequestStatus.RUNNING
+        for request in requests:
             if draft.budget <= 0 or len(draft.scheduled) >= draft.max_seqs:
                 break
             if request.status is not running:  # an earlier one preempted it
@@ -163,26 +198,6 @@ class Scheduler(StepResultsMixin, seams.Scheduler):
                 kv.allocate(request, num_new + self._lookahead(request, num_new))
                 draft.scheduled[request.request_id] = (request, num_new)
                 draft.budget -= num_new
-
-        # Admitting new work while the running set is short of blocks only thrashes.
-        if not draft.preempted:
-            self._admit_waiting(draft)
-
-        seqs = []
-        total = computed_prompt = 0
-        for request, num_new in draft.scheduled.values():
-            start = request.num_computed_tokens
-            num_prompt = len(request.prompt_token_ids)
-            if start < num_prompt:
-                computed_prompt += min(start + num_new, num_prompt) - start
-            total += num_new
-            seqs.append(self._to_seq(request, num_new, draft.drafts.get(request.request_id)))
-        c = self.counters
-        c.num_computed_prompt_tokens += computed_prompt
-        c.last_step_tokens = total
-        c.num_scheduled_tokens += total
-        c.num_scheduled_steps += 1 if seqs else 0
-        return SchedulerOutput(seqs, total, draft.preempted)
 
     def _lookahead(self, request: Request, num_new: int) -> int:
         """KV slots to reserve past a decode's tokens this step (``num_lookahead_slots``,

@@ -95,6 +95,12 @@ class Platform(ABC):
     # of the longest query (engine/profile_run.py ``warm_eager_steps``), so no request's
     # step waits for a compile.
     warm_eager_steps: ClassVar[bool] = False
+    # Whether a step with prompt work also carries the running requests' decode tokens
+    # (``enable_mixed_batches`` when the user leaves it unset). Where a step's time is its
+    # memory traffic (a GPU), decode tokens ride along in a prefill step almost free; where
+    # it is compute (a CPU), each costs the same in any step, and mixing only delays the
+    # waiting requests' first tokens: False runs prompt work alone, first.
+    mixed_batches: ClassVar[bool] = True
 
     @classmethod
     @abstractmethod

@@ -34,6 +34,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192  # tokens computed in one step, prompts included
     max_model_len: int = 4096  # prompt + output tokens of one request
     enable_chunked_prefill: bool = True  # a prompt may be split over several steps
+    # False: a step with prompt work to plan (a running request's next chunk, or a waiting
+    # request that can join) plans that alone, and decodes wait for a step without any.
+    mixed_batches: bool = True
     policy: str = "fcfs"  # or "priority"
     # Speculative decoding: KV positions to reserve after a speculating request's last
     # token (num_speculative_tokens), whether or not it has that many drafts this step, so
