@@ -5,6 +5,7 @@ the copies stay within the model's budget."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -142,7 +143,9 @@ def test_exported_steps_follow_the_branch_of_their_batch_range(low, high, dense)
 def test_blocked_copies_take_what_the_budget_left_and_serve_eager_calls_only(monkeypatch):
     """``add_onednn_copies``: each dense copy also in oneDNN's blocked layout while the
     budget lasts; eager calls past 16 rows use it (the same product up to summation
-    order), a trace the plain copy (the blocked one can be neither exported nor pickled)."""
+    order); a trace calls ``blocked_linear`` on the plain copy, which finds the blocked one
+    in this process and not in a pickled copy's (the blocked one can be neither exported
+    nor pickled)."""
     import pickle
 
     from tessellm_gguf.runtime import add_onednn_copies
@@ -178,9 +181,61 @@ def test_blocked_copies_take_what_the_budget_left_and_serve_eager_calls_only(mon
     rows = torch.export.Dim("rows", min=LIMIT + 1, max=64)
     program = torch.export.export(layers[0], (x,), dynamic_shapes=({0: rows},))
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert "tessellm_quant_int4.blocked_linear.default" in targets
     assert not any("mkldnn" in t for t in targets)
-    assert torch.equal(program.module()(x), plain)
+    assert torch.equal(program.module()(x), blocked)
+    unblocked = torch.export.export(layers[1], (x,), dynamic_shapes=({0: rows},))
+    assert not any("blocked_linear" in str(node.target) for node in unblocked.graph.nodes)
 
     copied = pickle.loads(pickle.dumps(layers[0]))
     assert copied.segments[0].onednn.weight is None
     assert torch.equal(copied(x), plain)
+
+
+def test_blocked_linear_finds_a_live_weights_copy_only():
+    from tessellm_quant_int4 import onednn_weight
+    from tessellm_quant_int4.onednn_weight import OneDnnWeight
+
+    weight = torch.randn(40, COLS, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(20, COLS, generator=torch.Generator().manual_seed(6))
+    op = torch.ops.tessellm_quant_int4.blocked_linear
+    assert torch.equal(op(x, weight), F.linear(x, weight))  # no copy: the plain product
+    copy = OneDnnWeight(weight)
+    assert torch.equal(op(x, weight), copy.linear(x))
+    assert torch.equal(op(x, weight.clone()), F.linear(x, weight))  # another tensor's storage
+    entries = len(onednn_weight._BLOCKED)
+    del weight
+    assert len(onednn_weight._BLOCKED) == entries - 1  # gone with the plain weight
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++")), reason="no C++ compiler")
+def test_a_compiled_library_multiplies_through_this_process_blocked_copy(tmp_path, monkeypatch):
+    """The CPU's decode libraries take the plain weight as an input and reach
+    ``blocked_linear`` through torch's dispatcher: the copy it finds is this process's.
+    Swapping the registered copy for one of twice the weight shows the library used it."""
+    from tessellm_quant_int4 import onednn_weight
+    from tessellm_quant_int4.onednn_weight import OneDnnWeight, dense_linear
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    weight = torch.randn(48, COLS, generator=torch.Generator().manual_seed(7))
+    copy = OneDnnWeight(weight)
+
+    class Linear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.onednn = copy
+
+        def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return dense_linear(x, w, self.onednn)
+
+    x = torch.randn(30, COLS, generator=torch.Generator().manual_seed(8))
+    rows = torch.export.Dim("rows", min=LIMIT + 1, max=64)
+    program = torch.export.export(Linear(), (x, weight), dynamic_shapes=({0: rows}, None))
+    path = torch._inductor.aoti_compile_and_package(
+        program, package_path=str(tmp_path / "linear.pt2")
+    )
+    library = torch._inductor.aoti_load_package(path)
+    torch.testing.assert_close(library(x, weight), copy.linear(x))
+    key = onednn_weight._key(weight)
+    monkeypatch.setitem(onednn_weight._BLOCKED, key, OneDnnWeight(2 * weight).weight)
+    torch.testing.assert_close(library(x, weight), 2 * copy.linear(x))

@@ -52,7 +52,9 @@ def test_fp32_answer_equals_the_dense_load():
     # Named: unasked, an fp32 run dequantizes GGUF weights (faster there).
     text, native, llm = _answer("float32", quantization="gguf")
     assert llm.engine.executor.runner.quantization == "gguf"
-    del llm
+    head = llm.engine.executor.runner.model.lm_head.logits_matmul  # its blocked copy
+    assert head is not None and head.__self__.weight is not None
+    del llm, head
     _, dense, _ = _answer("float32", quantization="none")
     assert "Paris" in text
     assert native == dense
