@@ -80,6 +80,8 @@ def test_serve_against_a_running_server(tiny_server):
         assert metrics[f"{name}_p50_ms"] is not None
         assert metrics[f"{name}_p99_ms"] >= metrics[f"{name}_p50_ms"]
     assert metrics["output_tok_s"] > 0
+    # The client's own event-loop lag, measured beside the requests.
+    assert 0 <= metrics["client_lag_p99_ms"] <= metrics["client_lag_max_ms"]
     # One record a request, placed in the run, agreeing with the percentiles.
     records = report["requests"]
     assert len(records) == 6 and all(r["ok"] and r["output_tokens"] > 0 for r in records)

@@ -146,6 +146,18 @@ def summarize(timings: list[RequestTiming], elapsed: float) -> dict[str, float |
     return metrics
 
 
+LAG_PROBE_S = 0.005
+
+
+async def _watch_loop_lag(lags: list[float]) -> None:
+    """Append how late each ``LAG_PROBE_S`` sleep of this event loop wakes (seconds)."""
+    lags.append(0.0)
+    while True:
+        before = time.perf_counter()
+        await asyncio.sleep(LAG_PROBE_S)
+        lags.append(max(0.0, time.perf_counter() - before - LAG_PROBE_S))
+
+
 async def _run(settings: ServeSettings, requests: list[BenchRequest]) -> BenchReport:
     from openai import AsyncOpenAI
 
@@ -176,6 +188,8 @@ async def _run(settings: ServeSettings, requests: list[BenchRequest]) -> BenchRe
         bar.update(1)
         return result
 
+    lags: list[float] = []
+    watch = asyncio.create_task(_watch_loop_lag(lags))
     start = time.perf_counter()
     tasks = []
     for req in requests:
@@ -184,9 +198,15 @@ async def _run(settings: ServeSettings, requests: list[BenchRequest]) -> BenchRe
             await asyncio.sleep(rng.expovariate(settings.request_rate))
     timings = await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - start
+    watch.cancel()
     bar.close()
     await client.close()
-    report.add("tessellm-server", summarize(timings, elapsed))
+    metrics = summarize(timings, elapsed)
+    # The client's own event loop, late by this much: a client too busy reading streams
+    # delays sends and reads, and every latency above includes that.
+    lag = _percentiles(lags)
+    metrics["client_lag_p99_ms"], metrics["client_lag_max_ms"] = lag["p99"], max(lags) * 1e3
+    report.add("tessellm-server", metrics)
     report.requests = [t.record() for t in timings]
     errors = sorted({t.error for t in timings if not t.ok})
     if errors:
