@@ -4,7 +4,9 @@ Every step each running request advances by some number of tokens: one decode to
 the next chunk of its prompt (or of its recompute after a preemption). Decodes are served
 first and prompt chunks take the budget left, so a long prompt never stalls the requests
 already generating. Waiting requests join when budget, ``max_num_seqs`` and blocks allow,
-starting from whatever prefix the cache already holds.
+starting from whatever prefix the cache already holds. Unmixed (``mixed_batches`` False,
+the CPU's default) a step with prompt work to plan plans only that, and the decodes wait
+for a step without any: where compute is the bottleneck that gives first tokens sooner.
 
 When the KV pool runs dry the running request that ranks last (latest arrival; under the
 ``priority`` policy the largest ``priority`` value, then latest arrival) is preempted: its
