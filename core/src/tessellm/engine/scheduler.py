@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
 from tessellm.engine.sample_fork import fork_sample
+from tessellm.engine.scheduler_drafts import SpeculativePlanningMixin
 from tessellm.engine.scheduler_results import SchedulerCounters, StepResultsMixin
 from tessellm.errors import InvalidRequestError
 from tessellm.interfaces import engine as seams
@@ -57,7 +58,7 @@ class _StepDraft:
     drafts: dict[str, list[int]] = field(default_factory=dict)
 
 
-class Scheduler(StepResultsMixin, seams.Scheduler):
+class Scheduler(SpeculativePlanningMixin, StepResultsMixin, seams.Scheduler):
     """The default scheduler (this module's docstring says how it plans a step)."""
 
     supports_schedule_ahead = True
@@ -147,18 +148,17 @@ class Scheduler(StepResultsMixin, seams.Scheduler):
             self._share_out(draft)
         # Unmixed (``mixed_batches`` False): prompt work first and alone; the decodes only
         # when there is none this step can plan (no blocks or room for a waiting request).
-        unmixed = not self.config.mixed_batches and not self.pipelined
-        if unmixed and (chunks or (self.waiting and len(self.running) < self.max_running)):
-            self._plan_running(draft, chunks)
-            if not draft.preempted:
-                self._admit_waiting(draft)
-            if not draft.scheduled:
-                self._plan_running(draft, decodes)
-        else:
-            self._plan_running(draft, itertools.chain(decodes, chunks))
-            # Admitting new work while the running set is short of blocks only thrashes.
-            if not draft.preempted:
-                self._admit_waiting(draft)
+        prompts_alone = (
+            not self.config.mixed_batches
+            and not self.pipelined
+            and bool(chunks or (self.waiting and len(self.running) < self.max_running))
+        )
+        self._plan_running(draft, chunks if prompts_alone else itertools.chain(decodes, chunks))
+        # Admitting new work while the running set is short of blocks only thrashes.
+        if not draft.preempted:
+            self._admit_waiting(draft)
+        if prompts_alone and not draft.scheduled:
+            self._plan_running(draft, decodes)
 
         seqs = []
         total = computed_prompt = 0
@@ -200,36 +200,6 @@ class Scheduler(StepResultsMixin, seams.Scheduler):
                 kv.allocate(request, num_new + self._lookahead(request, num_new))
                 draft.scheduled[request.request_id] = (request, num_new)
                 draft.budget -= num_new
-
-    def _lookahead(self, request: Request, num_new: int) -> int:
-        """KV slots to reserve past a decode's tokens this step (``num_lookahead_slots``,
-        speculative decoding): a compiled verification step pads every decode of the step,
-        drafts or not, to ``1 + k`` tokens within its own blocks. Only where free blocks
-        allow: a reserve never preempts anyone."""
-        slots = self.config.num_lookahead_slots
-        if not slots or request.num_computed_tokens + num_new < request.num_tokens:
-            return 0  # off, or a prompt chunk
-        want = min(1 + slots - num_new, self.max_model_len - request.num_computed_tokens - num_new)
-        if want <= 0 or not self.kv.can_allocate(request, num_new + want):
-            return 0
-        return want
-
-    def _take_drafts(self, request: Request, draft: _StepDraft) -> int:
-        """Take a decoding request's speculative drafts into this step, as many as the
-        budget, the context, ``max_tokens`` and free blocks allow; return how many."""
-        drafts, request.spec_token_ids = request.spec_token_ids, []
-        num_tokens = request.num_tokens
-        if request.num_computed_tokens != num_tokens - 1:
-            return 0  # not decoding (a stale guess)
-        room = min(draft.budget - 1, self.max_model_len - num_tokens)
-        if request.params.max_tokens is not None:
-            room = min(room, request.params.max_tokens - len(request.output_token_ids) - 1)
-        drafts = drafts[: max(room, 0)]
-        # Drafts never preempt anyone: without blocks for them the step decodes one token.
-        if not drafts or not self.kv.can_allocate(request, 1 + len(drafts)):
-            return 0
-        draft.drafts[request.request_id] = drafts
-        return len(drafts)
 
     def _admit_waiting(self, draft: _StepDraft) -> None:
         # The samples of an n > 1 request share its prompt without waiting rules: the
