@@ -119,13 +119,20 @@ def test_max_num_seqs_caps_the_running_set():
     assert len(sched.waiting) == 2
 
 
-def test_long_prompt_is_chunked_and_decodes_keep_running():
-    sched = make_scheduler(budget=8)
-    runner = FakeRunner(sched)
+def decoding_then_a_long_prompt(sched: Scheduler, runner: FakeRunner) -> Request:
+    """A short request past its prompt, then a 40-token prompt ("long") waiting; the
+    short one."""
     short = make_request("short", [5, 6, 7], max_tokens=20)
     sched.add_request(short)
     step(sched, runner)
     sched.add_request(make_request("long", range(3, 43), max_tokens=2))
+    return short
+
+
+def test_long_prompt_is_chunked_and_decodes_keep_running():
+    sched = make_scheduler(budget=8)
+    runner = FakeRunner(sched)
+    short = decoding_then_a_long_prompt(sched, runner)
     chunks = []
     while sched.requests["long"].num_computed_tokens < 40:
         before = len(short.output_token_ids)

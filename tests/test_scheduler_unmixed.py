@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from test_scheduler import (
     FakeRunner,
+    decoding_then_a_long_prompt,
     make_request,
     make_scheduler,
     reference_output,
@@ -54,10 +55,7 @@ def test_mixed_batches_carry_the_decodes_with_the_prompt():
 def test_a_chunked_prompt_runs_its_chunks_first():
     sched = make_scheduler(budget=8, mixed_batches=False)
     runner = FakeRunner(sched)
-    short = make_request("short", [5, 6, 7], max_tokens=20)
-    sched.add_request(short)
-    step(sched, runner)
-    sched.add_request(make_request("long", range(3, 43), max_tokens=2))
+    short = decoding_then_a_long_prompt(sched, runner)
     chunks = []
     while sched.requests["long"].num_computed_tokens < 40:
         plan = step(sched, runner)

@@ -65,8 +65,13 @@ class OneDnnWeight:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ dense.T`` in the weight's dtype, rounded once to ``x``'s."""
         rows = x.reshape(-1, x.shape[-1]).to(self.dtype)
-        out = torch.ops.mkldnn._linear_pointwise(rows, self.weight, None, "none", [], "")
+        out = _blocked_product(rows, self.weight)
         return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+
+def _blocked_product(rows: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    """``rows`` ([n, in]) times a weight reordered by ``_reorder_linear_weight``."""
+    return torch.ops.mkldnn._linear_pointwise(rows, blocked, None, "none", [], "")
 
 
 @torch.library.custom_op("tessellm_quant_int4::blocked_linear", mutates_args=())
@@ -74,9 +79,7 @@ def blocked_linear(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """``x`` ([rows, in], ``dense``'s dtype) ``@ dense.T`` through its blocked copy if this
     process made one, else through ``dense``."""
     blocked = _BLOCKED.get(_key(dense))
-    if blocked is None:
-        return F.linear(x, dense)
-    return torch.ops.mkldnn._linear_pointwise(x, blocked, None, "none", [], "")
+    return F.linear(x, dense) if blocked is None else _blocked_product(x, blocked)
 
 
 @blocked_linear.register_fake
