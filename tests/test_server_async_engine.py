@@ -183,3 +183,49 @@ def test_each_steps_outputs_reach_the_stream_before_the_next_step():
     assert len(received) == 6 and len(engine.step_started) == 6
     # Token k was with its reader before step k + 1 began (else it waited out that step).
     assert all(got < nxt for got, nxt in zip(received, engine.step_started[1:], strict=False))
+
+
+class CountingTokenizer:
+    """Encodes text to its words' lengths; remembers the threads that used it."""
+
+    def __init__(self) -> None:
+        self.threads: set[int] = set()
+
+    def encode(self, text: str) -> list[int]:
+        self.threads.add(threading.get_ident())
+        return [len(word) for word in text.split()]
+
+
+def test_tokenizing_does_not_wait_for_the_step_in_flight():
+    engine = ScriptedEngine()
+    engine.tokenizer = CountingTokenizer()
+    in_step, release = threading.Event(), threading.Event()
+    plain_step = engine.step
+
+    def slow_step():
+        in_step.set()
+        release.wait(10)  # a long forward pass
+        return plain_step()
+
+    engine.step = slow_step
+
+    async def main():
+        runner = AsyncLLMEngine(engine)
+        runner.start()
+        stream = runner.new_stream()
+        await stream.add("busy", [1], SamplingParams(max_tokens=2))
+        await asyncio.to_thread(in_step.wait, 10)
+        start = time.perf_counter()
+        ids, front = await runner.front_call(lambda f: (f.tokenize("one three"), f.tokenizer))
+        waited = time.perf_counter() - start
+        stepping = not release.is_set()
+        release.set()
+        await drain(stream)
+        await runner.shutdown()
+        return ids, front, waited, stepping
+
+    ids, front, waited, stepping = asyncio.run(main())
+    assert ids == [3, 5] and stepping and waited < 5
+    # The routes' copy, used off the engine thread; the engine's own was not touched.
+    assert front is not engine.tokenizer and not engine.tokenizer.threads
+    assert front.threads and not front.threads & engine.thread_ids

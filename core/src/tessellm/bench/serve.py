@@ -191,6 +191,8 @@ async def _run(settings: ServeSettings, requests: list[BenchRequest]) -> BenchRe
     lags: list[float] = []
     watch = asyncio.create_task(_watch_loop_lag(lags))
     start = time.perf_counter()
+    # sent_s + this epoch places a request against server-side logs (step times, /metrics).
+    report.settings["run_start_epoch_s"] = round(time.time(), 4)
     tasks = []
     for req in requests:
         tasks.append(asyncio.create_task(limited(req)))

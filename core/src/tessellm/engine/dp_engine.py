@@ -212,6 +212,10 @@ class DataParallelEngine(RequestSinks):
         self._check_alive()
         return await asyncio.get_running_loop().run_in_executor(self._calls, fn, self.engine)
 
+    async def front_call(self, fn: Callable[[Any], T]) -> T:
+        """As ``AsyncLLMEngine.front_call``: this front's tokenizer is its own already."""
+        return await self.call(fn)
+
     def post(self, fn: Callable[[Any], Any]) -> None:
         self._calls.submit(fn, self.engine)
 

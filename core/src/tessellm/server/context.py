@@ -140,7 +140,7 @@ class ServerContext:
 
     async def completion_prompts(self, prompt: Any) -> list[Prompt]:
         """The prompts of a completions request: text, a list of texts, token ids, or a list
-        of token-id lists. Tokenizing runs on the engine thread, which owns the tokenizer."""
+        of token-id lists. Tokenizing runs on the engine's front thread (``front_call``)."""
         if isinstance(prompt, str):
             items: list[str | list[int]] = [prompt]
         elif prompt and isinstance(prompt[0], int):
@@ -157,7 +157,7 @@ class ServerContext:
                     out.append(Prompt(None, list(item)))
             return out
 
-        prompts = await self.engine.call(prepare)
+        prompts = await self.engine.front_call(prepare)
         for p in prompts:
             if not p.token_ids:
                 raise bad_request("the prompt is empty", param="prompt")
@@ -172,7 +172,7 @@ class ServerContext:
                     p.text = engine.tokenizer.decode(p.token_ids)
                 p.first_piece = engine.tokenizer.decode(p.token_ids[:1])
 
-        await self.engine.call(decode)
+        await self.engine.front_call(decode)
 
     async def chat_prompt(
         self,
@@ -194,7 +194,7 @@ class ServerContext:
                 message = f"the chat template rejected the messages: {exc}"
                 raise InvalidRequestError(message) from None
 
-        ids = await self.engine.call(render)
+        ids = await self.engine.front_call(render)
         if not ids:
             raise bad_request("the messages render to an empty prompt", param="messages")
         return ids
