@@ -18,16 +18,16 @@ lost): it marks the engine dead, fails every request and calls the ``on_dead`` c
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any, TypeVar
 
 from tessellm.config import EngineArgs
+from tessellm.engine.front_thread import FrontThread, TokenizerFront
 from tessellm.engine.llm_engine import LLMEngine
 from tessellm.engine.step_recovery import FailedRequestOutput
 from tessellm.engine.structured_output import compile_timeout_error
@@ -47,21 +47,6 @@ Command = tuple[Callable[[LLMEngine], Any], "asyncio.Future[Any] | None"]
 
 class EngineDeadError(TessellmError):
     """The engine thread stopped (shut down, or a step failed); no request can run."""
-
-
-class TokenizerFront:
-    """What ``front_call(fn)`` hands to ``fn``: a tokenizer of the routes' own.
-
-    A copy of the engine's: the engine thread detokenizes with its tokenizer while the
-    front thread encodes and renders templates, and an HF fast tokenizer used from two
-    threads at once can fail ("Already borrowed") when one call changes its settings.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = copy.deepcopy(tokenizer)
-
-    def tokenize(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt)
 
 
 def _snapshot(out: RequestOutput) -> RequestOutput:
@@ -268,8 +253,7 @@ class AsyncLLMEngine(RequestSinks):
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._thread: threading.Thread | None = None
-        self._front: TokenizerFront | None = None
-        self._front_thread = ThreadPoolExecutor(1, thread_name_prefix="tessellm-front")
+        self._front = FrontThread(engine.tokenizer)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> AsyncLLMEngine:
@@ -293,7 +277,7 @@ class AsyncLLMEngine(RequestSinks):
         await asyncio.to_thread(self._thread.join)
         self._thread = None
         self._fail_all(EngineDeadError("the server is shutting down"))
-        self._front_thread.shutdown(wait=False)
+        self._front.shutdown()
         self.engine.shutdown()
 
     @property
@@ -314,20 +298,10 @@ class AsyncLLMEngine(RequestSinks):
         return await future
 
     async def front_call(self, fn: Callable[[TokenizerFront], T]) -> T:
-        """Run ``fn(front)`` (tokenizing, detokenizing, chat templates) on the routes' own
-        thread with its own tokenizer. Run as an engine ``call`` it waited for the step in
-        flight to end, and the request's add then for the next one: a text prompt reached
-        the scheduler up to two steps after it arrived (~100-240 ms at 4 req/s on two
-        cores, bench/RESULTS.md 2026-12-06)."""
+        """Run ``fn(front)`` (tokenizing, detokenizing, chat templates) with the routes' own
+        tokenizer on their own thread: it does not wait for a step (``front_thread.py``)."""
         self._check_alive()
-        return await asyncio.get_running_loop().run_in_executor(
-            self._front_thread, self._in_front, fn
-        )
-
-    def _in_front(self, fn: Callable[[TokenizerFront], T]) -> T:
-        if self._front is None:  # on the front thread: the copy takes ~0.1 s
-            self._front = TokenizerFront(self.tokenizer)
-        return fn(self._front)
+        return await self._front.call(fn)
 
     async def prepare_structured(self, params: SamplingParams) -> None:
         """Compile ``params``' grammar (if it has one) without blocking the event loop:
