@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tessellm.errors import ConfigError
-from tessellm_cpu.platform import CpuPlatform
+from tessellm_cpu import thread_binding
+from tessellm_cpu.platform import CpuPlatform, physical_cores
 from tessellm_cpu.thread_binding import (
     BIND_ENV,
     bind_step_thread,
@@ -139,3 +140,18 @@ def test_the_platform_binds_once_per_thread_and_thread_count(monkeypatch) -> Non
     in_new_thread(platform.enter_step_thread, threads=1)
     in_new_thread(platform.enter_step_thread, threads=2)
     assert len(calls) == 3 and calls[1][1] == 1 and calls[2][1] == 2
+
+
+def test_hyper_threads_of_one_core_count_once(monkeypatch, tmp_path) -> None:
+    # CPUs 0 and 1: two hyper-threads of core 0; CPU 2: core 1; CPU 3 is not allowed.
+    for cpu, core in ((0, 0), (1, 0), (2, 1), (3, 2)):
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text("0\n")
+        (topology / "core_id").write_text(f"{core}\n")
+    monkeypatch.setattr(thread_binding, "CPU_SYSFS", tmp_path)
+    assert one_cpu_per_core({0, 1, 2}) == [0, 2]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert physical_cores() == 1  # the thread count torch gets: one per core it may use
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert physical_cores() == 2

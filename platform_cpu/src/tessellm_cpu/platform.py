@@ -12,6 +12,7 @@ from tessellm.config import default_cache_dir
 from tessellm.interfaces.attention import AttentionBackend
 from tessellm.interfaces.ops import FusedOps
 from tessellm.interfaces.platform import GraphRunner, GraphSpec, Platform
+from tessellm_cpu.thread_binding import one_cpu_per_core
 
 # Most a CPU KV cache takes by default, whatever the machine's memory: beyond this a
 # laptop would start swapping before the cache fills. TESSELLM_CPU_KVCACHE_SPACE (GiB, as
@@ -46,21 +47,12 @@ def cpu_flags() -> frozenset[str]:
 
 
 def physical_cores() -> int:
-    """Distinct (socket, core) pairs: hyper-threads share a core's vector units."""
-    cores: set[tuple[str, str]] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            socket = ""
-            for line in f:
-                if line.startswith("physical id"):
-                    socket = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    cores.add((socket, line.split(":")[1].strip()))
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
-    usable = usable or os.cpu_count() or 1
-    return max(1, min(len(cores), usable) if cores else usable)
+    """The physical cores this process may run on: hyper-threads share a core's vector
+    units. Counted among the allowed CPUs, as the thread binding picks them (two
+    hyper-threads of one core allowed are one core, however many the machine has)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return os.cpu_count() or 1
+    return max(1, len(one_cpu_per_core(os.sched_getaffinity(0))))
 
 
 def mem_available_bytes() -> int:

@@ -26,6 +26,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 BIND_ENV = "TESSELLM_CPU_OMP_THREADS_BIND"
+CPU_SYSFS = Path("/sys/devices/system/cpu")
 _TASKS = Path("/proc/self/task")
 # Elements enough that at::parallel_for splits the op over every thread (its grain is 32768).
 _PARALLEL_NUMEL = 1 << 18
@@ -47,7 +48,7 @@ def one_cpu_per_core(allowed: set[int]) -> list[int]:
     """The allowed CPUs, one per physical core (hyper-threads share a core's vector units)."""
     chosen: dict[tuple[str, str], int] = {}
     for cpu in sorted(allowed):
-        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        topology = CPU_SYSFS / f"cpu{cpu}" / "topology"
         try:
             key = (
                 (topology / "physical_package_id").read_text().strip(),
