@@ -135,3 +135,16 @@ def test_latency_reports_speculative_acceptance(tiny_llama):
     metrics = json.loads(stdout)["rows"][0]["metrics"]
     assert 0 <= metrics["spec_decode_acceptance_rate"] <= 1
     assert metrics["spec_decode_proposer_ms_per_step"] >= 0
+
+
+def test_serve_counts_a_refused_request_with_the_servers_message(tiny_server):
+    from tessellm.bench.serve import ServeSettings, run_serve
+
+    settings = ServeSettings(
+        base_url=tiny_server.base_url, model="no-such-model", num_prompts=2,
+        input_len=LengthRange(4, 4), output_len=LengthRange(2, 2), vocab_size=200,
+    )  # fmt: skip
+    report = run_serve(settings)
+    assert report.rows[0].metrics["completed"] == 0 and report.rows[0].metrics["failed"] == 2
+    errors = {r["error"] for r in report.requests}
+    assert len(errors) == 1 and errors.pop().startswith("HTTP 404: ")

@@ -268,8 +268,8 @@ def serve(
     """Online serving: streamed completions with Poisson arrivals; TTFT, TPOT, ITL."""
     import importlib.util
 
-    if importlib.util.find_spec("openai") is None:
-        fail("bench serve needs the openai client: pip install openai")
+    if importlib.util.find_spec("httpx") is None:
+        fail("bench serve needs httpx: pip install httpx")
     from tessellm.bench.serve import ServeSettings, run_serve
     from tessellm.bench.workload import LengthRange
 
