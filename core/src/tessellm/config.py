@@ -16,6 +16,9 @@ def default_cache_dir() -> Path:
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# The server's request-body bound (tessellm serve --max-request-bytes): room for a
+# long-context prompt as text (128k tokens are well under 1 MiB) and inline base64 images.
+DEFAULT_MAX_REQUEST_BYTES = 64 << 20
 # vLLM's kv_cache_dtype values (tessellm.interfaces.attention.KV_CACHE_DTYPES maps them).
 KV_CACHE_DTYPE_NAMES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 

@@ -22,7 +22,7 @@ from tessellm.cli.common import (
     start_async_engine,
 )
 from tessellm.cli.serve_http import draining_server, serve_several_models
-from tessellm.config import DEFAULT_MODEL
+from tessellm.config import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MODEL
 
 ENGINE = "Engine"
 SERVER = "Server"
@@ -113,6 +113,15 @@ def serve(
             rich_help_panel=SERVER,
         ),
     ] = 30,
+    max_request_bytes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Largest request body accepted, in bytes; a larger one gets a 413 before it "
+            "is read (inline base64 images count).",
+            rich_help_panel=SERVER,
+        ),
+    ] = DEFAULT_MAX_REQUEST_BYTES,
     max_model_len: Annotated[
         int | None,
         typer.Option(min=2, help="Context length (default: the model's).", rich_help_panel=ENGINE),
@@ -340,6 +349,7 @@ def serve(
         serve_several_models(
             specs, host, port, api_key, log_level, shutdown_timeout, tool_call_parser,
             enable_auto_tool_choice, max_loaded_models, models_memory_budget, model_load_timeout,
+            max_request_bytes,
         )  # fmt: skip
         return
     app = build_app(
@@ -349,6 +359,7 @@ def serve(
         api_key=api_key,
         shutdown_timeout=shutdown_timeout,
         lora_modules=adapters,
+        max_request_bytes=max_request_bytes,
     )
     from tessellm.server.tool_setup import configure_tool_calling
 

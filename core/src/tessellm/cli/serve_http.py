@@ -30,6 +30,7 @@ def serve_several_models(
     max_loaded_models: int | None,
     models_memory_budget: int | None,
     model_load_timeout: float,
+    max_request_bytes: int,
 ) -> None:
     """Several models on one port: the first loads now, the others on first use."""
     from tessellm.server.app import build_app
@@ -44,7 +45,13 @@ def serve_several_models(
         tool_call_parser=tool_call_parser,
         enable_auto_tool_choice=enable_auto_tool_choice,
     )
-    app = build_app(router, router.model_names, api_key=api_key, shutdown_timeout=shutdown_timeout)
+    app = build_app(
+        router,
+        router.model_names,
+        api_key=api_key,
+        shutdown_timeout=shutdown_timeout,
+        max_request_bytes=max_request_bytes,
+    )
     progress_note(
         f"tessellm serve: {', '.join(repr(s.name) for s in specs)} on http://{host}:{port}/v1 "
         f"(loading {specs[0].name!r} now, the others on first use)"

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tessellm.config import DEFAULT_MAX_REQUEST_BYTES
 from tessellm.engine.async_engine import AsyncLLMEngine
 from tessellm.server import (
     routes_chat,
@@ -22,6 +23,7 @@ from tessellm.server import (
     routes_sleep,
 )
 from tessellm.server.auth import APIKeyMiddleware, require_api_key
+from tessellm.server.body_limit import BodyLimitMiddleware
 from tessellm.server.context import ServerContext, get_context
 from tessellm.server.errors import install_error_handlers
 from tessellm.server.protocol import ModelCard, ModelList
@@ -83,11 +85,13 @@ def build_app(
     api_key: str | None = None,
     shutdown_timeout: float = 30.0,
     lora_modules: list[tuple[str, str]] | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """An app serving ``engine``; the engine thread starts and stops with the app.
 
     ``app.state.shutdown`` (a :class:`GracefulShutdown`) is what the server's stop signal
     drives: no new requests, then in-flight ones get up to ``shutdown_timeout`` seconds.
+    A body over ``max_request_bytes`` gets a 413 before it is read (``body_limit.py``).
 
     Several models: ``engine`` is a ``ModelRouter``, which requests route through;
     ``app.state.ctx`` is then the router (it holds the server's ``api_key`` and
@@ -136,7 +140,9 @@ def build_app(
     install_error_handlers(app)
     if router is not None:  # the models a request routed to are held until it ends
         app.add_middleware(ModelLeaseMiddleware, router=router)
-    # The last added runs first: count everything, then refuse while draining, then auth.
+    # The last added runs first: count everything, then refuse while draining, then auth,
+    # then the body's size.
+    app.add_middleware(BodyLimitMiddleware, limit=max_request_bytes)
     app.add_middleware(APIKeyMiddleware, api_key=api_key)
     app.add_middleware(GracefulShutdownMiddleware, shutdown=shutdown)
     app.add_middleware(HTTPMetricsMiddleware, counter=ctx.metrics.http_requests)
