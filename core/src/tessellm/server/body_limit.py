@@ -9,8 +9,7 @@ body, once what has arrived passes the bound (the route never sees it).
 
 from __future__ import annotations
 
-from typing import Any
-
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tessellm.server.errors import APIError
@@ -39,41 +38,42 @@ class BodyLimitMiddleware:
         if declared is not None and declared > self.limit:
             await body_too_large(self.limit, declared).response()(scope, receive, send)
             return
-        state: dict[str, Any] = {"received": 0, "refused": False, "started": False}
+        received = 0
+        refused = started = False
 
         async def limited_receive() -> Message:
-            if state["refused"]:
+            nonlocal received, refused
+            if refused:
                 return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
-                state["received"] += len(message.get("body", b""))
-                if state["received"] > self.limit:
-                    state["refused"] = True
-                    if not state["started"]:
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    refused = True
+                    if not started:
                         await body_too_large(self.limit).response()(scope, receive, send)
                     return {"type": "http.disconnect"}
             return message
 
         async def guarded_send(message: Message) -> None:
-            if state["refused"]:
+            nonlocal started
+            if refused:
                 return  # the 413 went out; the route's own answer to the cut body does not
             if message["type"] == "http.response.start":
-                state["started"] = True
+                started = True
             await send(message)
 
         try:
             await self.app(scope, limited_receive, guarded_send)
         except Exception:
-            if not state["refused"]:
+            if not refused:
                 raise
             # The route saw its body cut off (starlette's ClientDisconnect): answered already.
 
 
 def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers") or ():
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
+    value = Headers(scope=scope).get("content-length")
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
